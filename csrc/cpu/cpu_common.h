@@ -1,0 +1,48 @@
+// Helpers shared by the CPU op implementations: input checks and the
+// deterministic block layout used for sums over tokens.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace mars_kernels {
+namespace cpu {
+
+// Tokens per block for sums over T. Each block writes its own partial row and
+// the partials are added in block order, so the result does not depend on
+// the number of threads.
+constexpr int64_t kTokenBlock = 128;
+
+inline at::ScalarType routing_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_logits(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must be a 2-D [T, E] tensor, got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_same_shape(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_k(int64_t k, int64_t E) {
+  TORCH_CHECK(k >= 1 && k <= E, "k must be in [1, E=", E, "], got ", k);
+}
+
+// Sums partial[nblocks, E] over blocks in block order into a fresh [E] tensor.
+template <typename acc_t>
+inline at::Tensor sum_blocks(const std::vector<acc_t>& partial, int64_t nblocks, int64_t E,
+                             at::ScalarType dtype) {
+  at::Tensor out = at::zeros({E}, at::TensorOptions().dtype(dtype));
+  acc_t* o = out.data_ptr<acc_t>();
+  for (int64_t b = 0; b < nblocks; ++b)
+    for (int64_t e = 0; e < E; ++e) o[e] += partial[b * E + e];
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace mars_kernels

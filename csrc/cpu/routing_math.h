@@ -1,0 +1,107 @@
+// Scalar building blocks shared by the CPU routing kernels and the C++ unit
+// tests: the ranking rule (descending, ties to the lower index, NaN as +inf),
+// top-m selection, and a few numerically stable functions.
+// Header-only and free of torch so the ctest executable can use it directly.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace mars_kernels {
+namespace cpu {
+
+// The value a logit ranks by: NaN ranks as +inf, everything else as itself.
+template <typename acc_t>
+inline acc_t rank_value(acc_t v) {
+  return std::isnan(v) ? std::numeric_limits<acc_t>::infinity() : v;
+}
+
+// Up to this many selected experts an insertion buffer beats a partial sort.
+constexpr int64_t kInsertionSelectMax = 16;
+
+// Indices of the m largest of row[0..E) in rank order, written to idx[0..m).
+// `val` is scratch of length >= m; `order` is scratch of length >= E, only
+// used when m > kInsertionSelectMax. Row elements are converted with
+// static_cast<acc_t>. Requires 1 <= m <= E.
+template <typename acc_t, typename scalar_t>
+inline void select_topk(const scalar_t* row, int64_t E, int64_t m, int64_t* idx, acc_t* val,
+                        int64_t* order) {
+  if (m > kInsertionSelectMax) {
+    std::iota(order, order + E, int64_t{0});
+    auto before = [row](int64_t a, int64_t b) {
+      const acc_t va = rank_value(static_cast<acc_t>(row[a]));
+      const acc_t vb = rank_value(static_cast<acc_t>(row[b]));
+      return va > vb || (va == vb && a < b);
+    };
+    std::partial_sort(order, order + m, order + E, before);
+    std::copy(order, order + m, idx);
+    return;
+  }
+  // Insertion into a sorted buffer. A later element displaces an earlier one
+  // only when strictly larger, which is the lower-index tie rule.
+  int64_t filled = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t v = rank_value(static_cast<acc_t>(row[e]));
+    int64_t p;
+    if (filled < m) {
+      p = filled++;
+    } else if (v > val[m - 1]) {
+      p = m - 1;
+    } else {
+      continue;
+    }
+    while (p > 0 && val[p - 1] < v) {
+      val[p] = val[p - 1];
+      idx[p] = idx[p - 1];
+      --p;
+    }
+    val[p] = v;
+    idx[p] = e;
+  }
+}
+
+// log(sum_j exp(v[j])) over n values, shifted by their maximum. NaN or +inf
+// anywhere gives NaN, as torch.logsumexp does for NaN (and softmax for +inf).
+template <typename acc_t, typename Get>
+inline acc_t log_sum_exp(int64_t n, Get get) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  bool has_nan = false;
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t v = get(j);
+    has_nan |= std::isnan(v);
+    mx = v > mx ? v : mx;
+  }
+  if (has_nan) return std::numeric_limits<acc_t>::quiet_NaN();
+  // All -inf: exp(-inf - -inf) is NaN, matching softmax of an all -inf row.
+  acc_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += std::exp(get(j) - mx);
+  return mx + std::log(sum);
+}
+
+template <typename acc_t>
+inline acc_t softplus(acc_t x) {
+  return std::max(x, acc_t(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+template <typename acc_t>
+inline acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+}
+
+// Standard normal CDF and density.
+template <typename acc_t>
+inline acc_t normal_cdf(acc_t z) {
+  return acc_t(0.5) * std::erfc(-z * acc_t(0.70710678118654752440));
+}
+
+template <typename acc_t>
+inline acc_t normal_pdf(acc_t z) {
+  return acc_t(0.39894228040143267794) * std::exp(acc_t(-0.5) * z * z);
+}
+
+}  // namespace cpu
+}  // namespace mars_kernels

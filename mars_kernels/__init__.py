@@ -1,0 +1,41 @@
+"""mars_kernels: fused Triton, CUDA and CPU kernels for sparse mixture-of-experts
+routing, each with a pure-PyTorch reference twin (:mod:`mars_kernels.reference`).
+
+>>> import torch, mars_kernels as mk
+>>> weights, indices = mk.topk_gating(torch.randn(16, 8), k=2)
+"""
+from . import backend, reference
+from .backend import extension_available
+from .ops import (
+    cv_squared,
+    expert_counts,
+    noisy_balance_loss,
+    noisy_topk_gating,
+    router_stats,
+    router_z_loss,
+    switch_balance_loss,
+    topk_gating,
+)
+
+if extension_available():
+    from ._autograd import register_op_autograd
+    from ._fake import register_fakes
+
+    register_fakes()
+    register_op_autograd()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend",
+    "reference",
+    "extension_available",
+    "topk_gating",
+    "noisy_topk_gating",
+    "router_stats",
+    "expert_counts",
+    "switch_balance_loss",
+    "router_z_loss",
+    "cv_squared",
+    "noisy_balance_loss",
+]

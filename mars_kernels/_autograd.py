@@ -1,0 +1,149 @@
+"""One ``torch.autograd.Function`` per op family, shared by the compiled
+backends (cpu, cuda, triton): forward calls ``<backend>.<op>_fwd``, backward
+``<backend>.<op>_bwd`` (contracts in csrc/ops.cpp). The same setup/backward
+helpers are registered as the autograd formulas of the ``torch.ops``
+themselves, so the raw ops are differentiable too (opcheck tests that).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backend as _backend
+
+# --------------------------------------------------------------------------- top-k
+
+
+def _topk_setup(ctx, inputs, output):
+    logits, k, softmax_first, renormalize = inputs[:4]
+    weights, indices, lse = output
+    ctx.save_for_backward(logits, weights, indices, lse)
+    ctx.flags = (softmax_first, renormalize)
+    ctx.mark_non_differentiable(indices, lse)
+
+
+def _topk_backward(ctx, kern, grad_weights):
+    logits, weights, indices, lse = ctx.saved_tensors
+    if grad_weights is None:
+        return None
+    return kern.topk_gating_bwd(grad_weights.contiguous(), logits, weights, indices, lse, *ctx.flags)
+
+
+class TopKGating(torch.autograd.Function):
+    """(logits [T,E], k, softmax_first, renormalize, backend) -> weights, indices, lse."""
+
+    @staticmethod
+    def forward(ctx, logits, k, softmax_first, renormalize, backend):
+        out = _backend.kernels(backend).topk_gating_fwd(logits, k, softmax_first, renormalize)
+        _topk_setup(ctx, (logits, k, softmax_first, renormalize), out)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_indices, _grad_lse):
+        grad = _topk_backward(ctx, _backend.kernels(ctx.backend), grad_weights)
+        return grad, None, None, None, None
+
+
+# --------------------------------------------------------------------------- noisy top-k
+
+
+def _noisy_setup(ctx, inputs, output):
+    clean, raw, noise, k, noise_eps = inputs[:5]
+    weights, indices, threshold_index, _importance, _load = output
+    ctx.save_for_backward(clean, raw, noise, weights, indices, threshold_index)
+    ctx.noise_eps = noise_eps
+    ctx.mark_non_differentiable(indices, threshold_index)
+
+
+def _noisy_backward(ctx, kern, grad_weights, grad_importance, grad_load):
+    clean, raw, noise, weights, indices, threshold_index = ctx.saved_tensors
+    E = clean.shape[1]
+
+    def dense(g, like):
+        return torch.zeros_like(like) if g is None else g.contiguous()
+
+    vec = weights.new_zeros(E)
+    return kern.noisy_topk_gating_bwd(
+        dense(grad_weights, weights),
+        dense(grad_importance, vec),
+        dense(grad_load, vec),
+        clean,
+        raw,
+        noise,
+        weights,
+        indices,
+        threshold_index,
+        ctx.noise_eps,
+    )
+
+
+class NoisyTopKGating(torch.autograd.Function):
+    """(clean [T,E], noise_logits [T,E], noise [T,E], k, noise_eps, backend) ->
+    weights, indices, threshold_index, importance, load (training mode)."""
+
+    @staticmethod
+    def forward(ctx, clean, raw, noise, k, noise_eps, backend):
+        out = _backend.kernels(backend).noisy_topk_gating_fwd(clean, raw, noise, k, noise_eps)
+        _noisy_setup(ctx, (clean, raw, noise, k, noise_eps), out)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_weights, _gi, _gt, grad_importance, grad_load):
+        kern = _backend.kernels(ctx.backend)
+        grad_clean, grad_raw = _noisy_backward(ctx, kern, grad_weights, grad_importance, grad_load)
+        return grad_clean, grad_raw, None, None, None, None
+
+
+# --------------------------------------------------------------------------- router stats
+
+
+def _stats_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _stats_backward(ctx, kern, grad_lse, grad_prob_sum):
+    logits, lse = ctx.saved_tensors
+    if grad_lse is None and grad_prob_sum is None:
+        return None
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
+    grad_prob_sum = lse.new_zeros(logits.shape[1]) if grad_prob_sum is None else grad_prob_sum.contiguous()
+    return kern.router_stats_bwd(grad_lse, grad_prob_sum, logits, lse)
+
+
+class RouterStats(torch.autograd.Function):
+    """(logits [T,E], backend) -> lse [T], prob_sum [E]."""
+
+    @staticmethod
+    def forward(ctx, logits, backend):
+        out = _backend.kernels(backend).router_stats_fwd(logits)
+        _stats_setup(ctx, (logits,), out)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_prob_sum):
+        return _stats_backward(ctx, _backend.kernels(ctx.backend), grad_lse, grad_prob_sum), None
+
+
+# --------------------------------------------------------------------------- torch.ops registration
+
+
+def register_op_autograd() -> None:
+    """Give the fwd ops of torch.ops.mars_kernels their autograd formulas."""
+    ops = torch.ops.mars_kernels
+    torch.library.register_autograd(
+        "mars_kernels::topk_gating_fwd",
+        lambda ctx, gw, _gi, _gl: (_topk_backward(ctx, ops, gw), None, None, None),
+        setup_context=_topk_setup,
+    )
+    torch.library.register_autograd(
+        "mars_kernels::noisy_topk_gating_fwd",
+        lambda ctx, gw, _gi, _gt, gimp, gload: (*_noisy_backward(ctx, ops, gw, gimp, gload), None, None, None),
+        setup_context=_noisy_setup,
+    )
+    torch.library.register_autograd(
+        "mars_kernels::router_stats_fwd",
+        lambda ctx, gl, gp: (_stats_backward(ctx, ops, gl, gp),),
+        setup_context=_stats_setup,
+    )

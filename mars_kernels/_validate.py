@@ -1,0 +1,73 @@
+"""Argument checks shared by the public ops. Each error names the argument,
+what it got and what was expected."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def float_matrix(t, name: str) -> torch.Tensor:
+    """A 2-D floating tensor (float16, bfloat16, float32 or float64)."""
+    tensor(t, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def logits(t, name: str = "logits") -> torch.Tensor:
+    """Router logits [T, E] with E >= 1."""
+    float_matrix(t, name)
+    if t.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one expert column [T, E>=1], got shape {tuple(t.shape)}")
+    return t
+
+
+def top_k(k, num_experts: int, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"{name} must be in [1, E={num_experts}], got {k}")
+    return k
+
+
+def same_device(named: dict[str, torch.Tensor]) -> None:
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def shape(t: torch.Tensor, expected: tuple[int, ...], name: str, meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def positive_float(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def flag(v, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v
+
+
+def no_nan_or_posinf(t: torch.Tensor, name: str) -> None:
+    """Raise if ``t`` holds NaN or +inf (-inf, a masked expert, is allowed)."""
+    bad = torch.isnan(t) | torch.isposinf(t)
+    if bool(bad.any()):
+        row = int(bad.any(dim=-1).nonzero()[0, 0])
+        raise ValueError(f"{name} holds NaN or +inf (first in row {row}); only finite values or -inf are allowed")
