@@ -1,0 +1,63 @@
+"""Shared test utilities: per-dtype tolerances (written once), the backends
+that can run here, and input makers."""
+from __future__ import annotations
+
+import torch
+
+import mars_kernels as mk
+
+# (atol, rtol) for values produced in a given dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, what: str = ""):
+    """Compare at the tolerance of ``dtype`` (default: ``actual``'s dtype)."""
+    atol, rtol = TOLERANCES[dtype or actual.dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def compiled_backends(device: str = "cpu") -> list[str]:
+    """Compiled backends to test against the reference on ``device``."""
+    if device == "cuda":
+        return ["cuda", "triton"]
+    return ["cpu", "triton"]
+
+
+def backend_supports(backend: str, dtype: torch.dtype) -> bool:
+    """The Triton interpreter cannot compute in bfloat16 reliably (DESIGN 5)."""
+    return not (backend == "triton" and mk.backend.triton_interpreting() and dtype == torch.bfloat16)
+
+
+def make_logits(T: int, E: int, dtype=torch.float32, device="cpu", seed: int = 0, ties: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if ties:
+        # Few distinct values, exactly representable in every dtype: many ties.
+        x = torch.randint(-3, 4, (T, E), generator=g).to(torch.float32) / 2
+    else:
+        x = torch.randn(T, E, generator=g) * 2
+    return x.to(dtype=dtype, device=device)
+
+
+def backend_params():
+    """(device, backend) pairs: the CPU tier here, the GPU tier marked ``gpu``."""
+    import pytest
+
+    cpu = [pytest.param("cpu", b, id=f"cpu-{b}") for b in compiled_backends("cpu")]
+    gpu = [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.gpu) for b in compiled_backends("cuda")]
+    return cpu + gpu
+
+
+def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
+    import pytest
+
+    if not backend_supports(backend, dtype):
+        pytest.skip(f"{backend} under TRITON_INTERPRET cannot compute in {dtype}")

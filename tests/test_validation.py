@@ -1,0 +1,105 @@
+"""Bad input gets a clear error naming the argument; backend selection rules."""
+import pytest
+import torch
+
+import mars_kernels as mk
+from mars_kernels import backend as be
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_topk_gating_rejects_bad_input(backend):
+    x = torch.randn(4, 6)
+    cases = [
+        (dict(logits=x, k=0), ValueError, r"k must be in \[1, E=6\], got 0"),
+        (dict(logits=x, k=7), ValueError, r"k must be in \[1, E=6\], got 7"),
+        (dict(logits=x, k=2.0), TypeError, "k must be an int"),
+        (dict(logits=x, k=True), TypeError, "k must be an int"),
+        (dict(logits=x[0], k=1), ValueError, r"logits must be 2-D, got shape \(6,\)"),
+        (dict(logits=x[None], k=1), ValueError, "logits must be 2-D"),
+        (dict(logits=x.long(), k=1), TypeError, "logits must be float16, bfloat16, float32 or float64, got torch.int64"),
+        (dict(logits=x[:, :0], k=1), ValueError, "at least one expert"),
+        (dict(logits=[[1.0]], k=1), TypeError, "logits must be a torch.Tensor"),
+        (dict(logits=x, k=2, mode="softmax"), ValueError, "mode must be one of"),
+        (dict(logits=x, k=2, renormalize=1), TypeError, "renormalize must be a bool"),
+    ]
+    for kwargs, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            mk.topk_gating(**kwargs, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_noisy_gating_rejects_bad_input(backend):
+    x, wg, wn = torch.randn(5, 3), torch.randn(3, 4), torch.randn(3, 4)
+
+    def call(**over):
+        args = dict(x=x, w_gate=wg, w_noise=wn, k=2, training=True, backend=backend) | over
+        return mk.noisy_topk_gating(**args)
+
+    with pytest.raises(ValueError, match=r"w_gate must have shape \[D=3, E>=1\]"):
+        call(w_gate=torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"w_noise must have shape \[D, E\] like w_gate = \(3, 4\), got \(3, 5\)"):
+        call(w_noise=torch.randn(3, 5))
+    with pytest.raises(TypeError, match="w_gate must have the dtype of x"):
+        call(w_gate=wg.double())
+    with pytest.raises(ValueError, match=r"noise must have shape \[T, E\] = \(5, 4\)"):
+        call(noise=torch.randn(5, 3))
+    with pytest.raises(ValueError, match="noise_eps must be a finite number > 0"):
+        call(noise_eps=0.0)
+    with pytest.raises(TypeError, match="training must be a bool"):
+        call(training=None)
+    with pytest.raises(ValueError, match=r"k must be in \[1, E=4\], got 5"):
+        call(k=5)
+    with pytest.raises(ValueError, match="tensors must be on one device, got x on cpu, w_gate on meta"):
+        call(w_gate=wg.to("meta"))
+
+
+def test_backend_names_and_environment(monkeypatch):
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mk.topk_gating(x, 1, backend="gpu")
+    monkeypatch.setenv("MARS_KERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MARS_KERNELS_BACKEND must be one of"):
+        mk.topk_gating(x, 1)
+    monkeypatch.setenv("MARS_KERNELS_BACKEND", "reference")
+    assert be.resolve(None, x.device) == "reference"
+    assert be.resolve("cpu", x.device) == "cpu"  # the per-call choice wins over the variable
+    monkeypatch.delenv("MARS_KERNELS_BACKEND")
+    assert be.resolve(None, x.device) == "cpu"
+    assert be.resolve("auto", x.device) == "cpu"
+
+
+def test_backend_device_mismatch():
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors, got tensors on cpu"):
+        be.resolve("cuda", cpu)
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        be.resolve("cpu", torch.device("cuda"))
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
+        be.resolve("triton", torch.device("cpu"))
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(be, "_extension_error", "No module named 'mars_kernels._C'")
+    monkeypatch.setattr(be, "_warned", set())
+    x = torch.randn(3, 4)
+    with pytest.warns(RuntimeWarning, match="using the pure-PyTorch reference path"):
+        assert be.resolve(None, x.device) == "reference"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert be.resolve(None, x.device) == "reference"  # no second warning
+    with pytest.raises(RuntimeError, match="backend='cpu' needs the compiled extension"):
+        be.resolve("cpu", x.device)
+
+
+def test_switch_loss_rejects_bad_indices():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"indices must be an int32/int64 \[T=4, k\] tensor"):
+        mk.switch_balance_loss(x, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match=r"indices must be an int32/int64 \[T=4, k\]"):
+        mk.switch_balance_loss(x, torch.zeros(3, 2, dtype=torch.long))
