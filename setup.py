@@ -24,7 +24,7 @@ def _flag(name: str) -> bool:
 
 def _extension():
     sources = ["csrc/module.cpp", "csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]
     march = os.environ.get("MARS_KERNELS_MARCH", "native" if platform.machine() in ("x86_64", "AMD64") else "")
     if march:
         cxx.append(f"-march={march}")
@@ -45,4 +45,15 @@ def _extension():
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+class BuildWithoutStaleExtension(BuildExtension.with_options(use_ninja=True)):
+    """Removes a previously built in-place mars_kernels/_C*.so first, so a
+    failed optional build falls back to the reference path instead of
+    silently loading old kernels."""
+
+    def run(self):
+        for stale in glob.glob(os.path.join("mars_kernels", "_C*.so")) + glob.glob(os.path.join("mars_kernels", "_C*.pyd")):
+            os.remove(stale)
+        super().run()
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildWithoutStaleExtension})

@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_fwd(const at::Tensor&
         int64_t* idx = I + t * k;
         select_topk<acc_t>(row, E, k, idx, val.data(), order.data());
         const acc_t norm =
-            dense ? log_sum_exp<acc_t>(E, [row](int64_t e) { return static_cast<acc_t>(row[e]); })
+            dense ? row_log_sum_exp<acc_t>(row, E)
                   : log_sum_exp<acc_t>(k, [row, idx](int64_t j) { return static_cast<acc_t>(row[idx[j]]); });
         S[t] = norm;
         for (int64_t j = 0; j < k; ++j) W[t * k + j] = std::exp(static_cast<acc_t>(row[idx[j]]) - norm);
@@ -80,7 +80,7 @@ at::Tensor topk_gating_bwd(const at::Tensor& grad_weights, const at::Tensor& log
         if (dense) {
           // d/dl_e of p_idx[j] = p_idx[j] ([e == idx_j] - p_e)
           const scalar_t* row = L + t * E;
-          for (int64_t e = 0; e < E; ++e) buf[e] = -s * std::exp(static_cast<acc_t>(row[e]) - S[t]);
+          row_scaled_exp<false>(row, E, S[t], -s, buf.data());
           for (int64_t j = 0; j < k; ++j) buf[idx[j]] += w[j] * g[j];
         } else {
           // The weights are a softmax over the k selected logits only.
@@ -113,10 +113,9 @@ std::tuple<at::Tensor, at::Tensor> router_stats_fwd(const at::Tensor& logits) {
         acc_t* part = partial.data() + b * E;
         for (int64_t t = b * kTokenBlock; t < std::min(T, (b + 1) * kTokenBlock); ++t) {
           const scalar_t* row = L + t * E;
-          const acc_t norm =
-              log_sum_exp<acc_t>(E, [row](int64_t e) { return static_cast<acc_t>(row[e]); });
+          const acc_t norm = row_log_sum_exp<acc_t>(row, E);
           S[t] = norm;
-          for (int64_t e = 0; e < E; ++e) part[e] += std::exp(static_cast<acc_t>(row[e]) - norm);
+          row_scaled_exp<true>(row, E, norm, acc_t(1), part);
         }
       }
     });
@@ -144,13 +143,10 @@ at::Tensor router_stats_bwd(const at::Tensor& grad_lse, const at::Tensor& grad_p
       std::vector<acc_t> p(E);
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* row = L + t * E;
-        acc_t dot = 0;
-        for (int64_t e = 0; e < E; ++e) {
-          p[e] = std::exp(static_cast<acc_t>(row[e]) - S[t]);
-          dot += GP[e] * p[e];
-        }
+        row_scaled_exp<false>(row, E, S[t], acc_t(1), p.data());
+        const acc_t gp_dot_p = dot(GP, p.data(), E);
         for (int64_t e = 0; e < E; ++e)
-          out[t * E + e] = static_cast<scalar_t>(p[e] * (GL[t] + GP[e] - dot));
+          out[t * E + e] = static_cast<scalar_t>(p[e] * (GL[t] + GP[e] - gp_dot_p));
       }
     });
   });

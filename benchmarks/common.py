@@ -1,0 +1,91 @@
+"""Timing, environment capture and JSON output shared by the benchmark scripts.
+
+CPU timings use ``torch.utils.benchmark.Timer.adaptive_autorange`` (warm-up,
+then repeated blocks until the median is stable); GPU timings use
+``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). Every
+figure a script prints is a ratio against a peer measured in the same run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def median_seconds(fn, device: torch.device, min_run_time: float = 0.3) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up (first-call allocations, lazy init)
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return m.adaptive_autorange(min_run_time=min_run_time).median
+
+
+def peak_memory_bytes(fn, device: torch.device) -> int | None:
+    """Peak device memory of one call of ``fn`` (CUDA only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = f"cpu ({os.cpu_count()} cores visible, {torch.get_num_threads()} threads)"
+    return env
+
+
+def write_results(name: str, env: dict, rows: list[dict], out: str | None = None) -> Path:
+    """Write ``{"environment": env, "results": rows}`` to benchmarks/results/."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if "cuda" in env else "cpu"
+    path = Path(out) if out else RESULTS_DIR / f"{name}_{tag}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _width(header: str) -> int:
+    return max(len(header), 9)
+
+
+def print_header(columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec)."""
+    print("  ".join(h.rjust(_width(h)) for _, h, _ in columns), flush=True)
+
+
+def print_rows(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    for r in rows:
+        cells = ("-" if r.get(k) is None else format(r[k], f) for k, _, f in columns)
+        print("  ".join(c.rjust(_width(h)) for c, (_, h, _) in zip(cells, columns)), flush=True)
