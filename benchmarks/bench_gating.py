@@ -1,6 +1,8 @@
 """Benchmark the fused gating ops against the pure-PyTorch reference.
 
-For each shape it times, in the same run: the reference path, every compiled
+For each shape it times, in the same run: the reference path (exact ties via a
+stable sort), a plain torch eager router (softmax + topk + renormalise, what
+most MoE code does; topk only), every compiled
 backend for the device (cpu; or cuda and triton), and a plain copy of the
 logits tensor (the memory-bandwidth ceiling). It prints the time, the speed-up
 over the reference, the achieved GB/s and the fraction of the copy bandwidth,
@@ -45,7 +47,12 @@ def _workload(op: str, T: int, E: int, k: int, dtype, device, backward: bool):
         logits = torch.randn(T, E, device=device, dtype=dtype, generator=g).requires_grad_(backward)
 
         def run(backend):
-            w, _ = mk.topk_gating(logits, k, backend=backend)
+            if backend == "eager":  # what most MoE code does; ties are not exact
+                p = torch.softmax(logits.float(), dim=-1)
+                w, _ = p.topk(k, dim=-1)
+                w = w / w.sum(dim=-1, keepdim=True)
+            else:
+                w, _ = mk.topk_gating(logits, k, backend=backend)
             if backward:
                 w.sum().backward()
 
@@ -72,15 +79,19 @@ def bench_shape(op, T, E, k, dtype, device, backends, backward, min_run_time):
     t_copy = common.median_seconds(lambda: copy_dst.copy_(copy_src), device, min_run_time)
     copy_gbs = 2 * T * E * elem / t_copy / 1e9
     t_ref = common.median_seconds(lambda: run("reference"), device, min_run_time)
+    peers = ["reference", "eager"] if op == "topk" else ["reference"]
+    t_eager = common.median_seconds(lambda: run("eager"), device, min_run_time) if op == "topk" else None
     rows = []
-    for backend in ["reference", *backends]:
-        t = t_ref if backend == "reference" else common.median_seconds(lambda: run(backend), device, min_run_time)
+    for backend in [*peers, *backends]:
+        known = {"reference": t_ref, "eager": t_eager}
+        t = known.get(backend) or common.median_seconds(lambda: run(backend), device, min_run_time)
         gbs = _bytes_moved(op, T, E, k, elem) / t / 1e9
         rows.append(
             dict(
                 op=f"{op}_gating" + ("_fwd_bwd" if backward else "_fwd"),
                 T=T, E=E, k=k, dtype=str(dtype).replace("torch.", ""), backend=backend,
-                median_ms=t * 1e3, speedup_vs_reference=t_ref / t, gbps=gbs,
+                median_ms=t * 1e3, speedup_vs_reference=t_ref / t,
+                speedup_vs_eager=None if t_eager is None else t_eager / t, gbps=gbs,
                 copy_ms=t_copy * 1e3, copy_gbps=copy_gbs, fraction_of_copy=gbs / copy_gbs,
                 peak_mem_mb=(lambda b: None if b is None else b / 2**20)(
                     common.peak_memory_bytes(lambda: run(backend), device)
@@ -117,7 +128,8 @@ def main(argv=None):
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | dtype {a.dtype}", flush=True)
     columns = [
         ("op", "op", ""), ("T", "T", "d"), ("E", "E", "d"), ("k", "k", "d"), ("backend", "backend", ""),
-        ("median_ms", "ms", ".3f"), ("speedup_vs_reference", "x ref", ".2f"), ("gbps", "GB/s", ".1f"),
+        ("median_ms", "ms", ".3f"), ("speedup_vs_reference", "x ref", ".2f"),
+        ("speedup_vs_eager", "x eager", ".2f"), ("gbps", "GB/s", ".1f"),
         ("copy_gbps", "copy GB/s", ".1f"), ("fraction_of_copy", "of copy", ".0%"),
     ]
     common.print_header(columns)

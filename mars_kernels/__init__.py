@@ -6,6 +6,7 @@ routing, each with a pure-PyTorch reference twin (:mod:`mars_kernels.reference`)
 """
 from . import backend, reference
 from .backend import extension_available
+from .layers import NoisyTopKRouter, Routing, TopKRouter
 from .ops import (
     cv_squared,
     expert_counts,
@@ -30,6 +31,9 @@ __all__ = [
     "backend",
     "reference",
     "extension_available",
+    "Routing",
+    "TopKRouter",
+    "NoisyTopKRouter",
     "topk_gating",
     "noisy_topk_gating",
     "router_stats",
