@@ -16,6 +16,9 @@ Shared semantics (DESIGN section 2):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from .meta import MoEMeta, max_blocks
 
 __all__ = [
     "compute_dtype",
@@ -27,7 +30,17 @@ __all__ = [
     "cv_squared",
     "noisy_balance_loss",
     "router_z_loss",
+    "ACTIVATIONS",
+    "activation",
+    "apply_capacity",
+    "moe_align",
+    "permute",
+    "unpermute",
+    "grouped_mlp",
+    "moe_loop",
 ]
+
+ACTIVATIONS = ("gelu", "silu", "swiglu")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,3 +176,150 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if lse.numel() == 0:
         return lse.sum()
     return (lse**2).mean()
+
+
+# --------------------------------------------------------------------------- dispatch and experts
+
+
+def activation(h: torch.Tensor, name: str) -> torch.Tensor:
+    """gelu (exact, erf), silu, or swiglu: h = [gate | up] -> silu(gate) * up."""
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "silu":
+        return F.silu(h)
+    if name == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def apply_capacity(
+    indices: torch.Tensor, weights: torch.Tensor, num_experts: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep at most ``capacity`` assignments per expert.
+
+    Priority: every token's first choice before any second choice, and within
+    a choice rank, earlier tokens first (GShard / Switch). indices [T, k],
+    weights [T, k] -> (indices with dropped assignments set to the sentinel
+    ``num_experts``, weights with dropped ones zeroed, number dropped (int64
+    scalar tensor)). Kept weights are not renormalised.
+    """
+    T, k = indices.shape
+    prio = indices.t().reshape(-1).long()  # position p = j * T + t
+    order = torch.sort(prio, stable=True).indices
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=prio.device).index_add_(0, prio, torch.ones_like(prio))
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(prio.numel(), device=prio.device) - starts[prio[order]]
+    keep = (rank < capacity).view(k, T).t()
+    kept_indices = torch.where(keep, indices.long(), torch.full_like(indices.long(), num_experts))
+    return kept_indices, weights * keep, (~keep).sum()
+
+
+def moe_align(indices: torch.Tensor, num_experts: int, block_size: int) -> MoEMeta:
+    """Dispatch metadata for indices [T, k] with values in [0, E] (E: dropped)."""
+    T, k = indices.shape
+    E, bs = num_experts, block_size
+    flat = indices.reshape(-1).long()
+    S = flat.numel()
+    dev = flat.device
+    permutation = torch.sort(flat, stable=True).indices
+    inverse = torch.empty_like(permutation)
+    inverse[permutation] = torch.arange(S, device=dev)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).index_add_(0, flat, torch.ones_like(flat))[:E]
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    blocks = (counts + bs - 1) // bs
+    block_end = torch.cumsum(blocks, 0)
+    b = torch.arange(max_blocks(S, E, bs), device=dev)
+    owner = torch.searchsorted(block_end, b, right=True)
+    valid = owner < E
+    e = owner.clamp(max=E - 1)
+    start = offsets[e] + (b - (block_end[e] - blocks[e])) * bs
+    return MoEMeta(
+        num_experts=E,
+        top_k=k,
+        block_size=bs,
+        counts=counts,
+        offsets=offsets,
+        permutation=permutation,
+        inverse=inverse,
+        block_expert=torch.where(valid, owner, torch.full_like(owner, -1)),
+        block_start=torch.where(valid, start, offsets[E].expand_as(start)),
+    )
+
+
+def permute(x: torch.Tensor, meta: MoEMeta) -> torch.Tensor:
+    """x [T, D] -> x_sorted [S, D]: row s is the token of sorted slot s."""
+    return x.index_select(0, meta.permutation // meta.top_k)
+
+
+def unpermute(y_sorted: torch.Tensor, meta: MoEMeta, weights: torch.Tensor) -> torch.Tensor:
+    """y_sorted [S, D], weights [T, k] -> y [T, D] = sum_j weights[t, j] * y_sorted[inverse[t*k + j]].
+
+    Summed in float32 (float64 for float64) in the order j = 0..k-1; returned in
+    y_sorted's dtype.
+    """
+    T, k = weights.shape
+    ct = compute_dtype(y_sorted.dtype)
+    rows = y_sorted.index_select(0, meta.inverse).view(T, k, -1).to(ct)
+    return (rows * weights.to(ct).unsqueeze(-1)).sum(1).to(y_sorted.dtype)
+
+
+def grouped_mlp(
+    x_sorted: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    meta: MoEMeta,
+    activation_name: str,
+) -> torch.Tensor:
+    """Each expert's MLP on its rows: x_sorted [S, D] -> y_sorted [S, D].
+
+    w1 [E, D, H1], b1 [E, H1], w2 [E, H, D], b2 [E, D] with H1 = 2H for swiglu
+    (first half gate, second half up) and H otherwise. Rows of dropped
+    assignments (slots from offsets[E] on) give zeros.
+    """
+    offsets = meta.offsets.tolist()
+    pieces = []
+    for e in range(meta.num_experts):
+        lo, hi = offsets[e], offsets[e + 1]
+        if lo == hi:
+            continue
+        h = x_sorted[lo:hi] @ w1[e]
+        if b1 is not None:
+            h = h + b1[e]
+        y = activation(h, activation_name) @ w2[e]
+        if b2 is not None:
+            y = y + b2[e]
+        pieces.append(y)
+    pieces.append(x_sorted.new_zeros(x_sorted.shape[0] - offsets[-1], w2.shape[2]))
+    return torch.cat(pieces)
+
+
+def moe_loop(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation_name: str,
+) -> torch.Tensor:
+    """The naive per-expert loop (what most MoE code does): for each expert,
+    find its tokens, run its MLP, and index_add the gate-weighted result.
+    x [T, D], weights/indices [T, k] -> y [T, D] (indices equal to E are skipped)."""
+    out = torch.zeros(x.shape[0], w2.shape[2], dtype=compute_dtype(x.dtype), device=x.device)
+    for e in range(w1.shape[0]):
+        tok, j = (indices == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = x[tok] @ w1[e]
+        if b1 is not None:
+            h = h + b1[e]
+        y = activation(h, activation_name) @ w2[e]
+        if b2 is not None:
+            y = y + b2[e]
+        out = out.index_add(0, tok, y.to(out.dtype) * weights[tok, j, None].to(out.dtype))
+    return out.to(x.dtype)
