@@ -168,3 +168,17 @@ def test_gpu_int64_offsets(backend):
     logits[-2, 63] = 5.0
     w, i = mk.topk_gating(logits, 1, backend=backend)
     assert int(i[-1, 0]) == 17 and int(i[-2, 0]) == 63 and int(i[0, 0]) == 0
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_router_stats_non_finite_rows_follow_torch(device, backend):
+    logits = make_logits(5, 6, torch.float32, device)
+    logits[1, 2] = float("inf")
+    logits[2, 0] = float("nan")
+    logits[3, :] = float("-inf")
+    for rows in ([0], [0, 1], [0, 2], [0, 3], [0, 1, 2, 3, 4]):
+        part = logits[rows]
+        lse, ps = mk.router_stats(part, backend=backend)
+        lse_ref, ps_ref = mk.router_stats(part, backend="reference")
+        torch.testing.assert_close(lse, lse_ref, equal_nan=True, msg=f"lse rows {rows}")
+        torch.testing.assert_close(ps, ps_ref, equal_nan=True, msg=f"prob_sum rows {rows}")

@@ -129,6 +129,19 @@ inline acc_t dot(const acc_t* w, const acc_t* p, int64_t n) {
   return sum;
 }
 
+// torch.logsumexp of a row for which row_log_sum_exp gave NaN: NaN if the row
+// holds NaN, else +inf if it holds +inf, else -inf (every entry -inf).
+template <typename acc_t, typename scalar_t>
+inline acc_t torch_log_sum_exp_nonfinite(const scalar_t* row, int64_t n) {
+  bool pos_inf = false;
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(row[j]);
+    if (v != v) return std::numeric_limits<acc_t>::quiet_NaN();
+    pos_inf |= v == std::numeric_limits<acc_t>::infinity();
+  }
+  return pos_inf ? std::numeric_limits<acc_t>::infinity() : -std::numeric_limits<acc_t>::infinity();
+}
+
 // The same over n gathered values get(j) (the k selected logits).
 template <typename acc_t, typename Get>
 inline acc_t log_sum_exp(int64_t n, Get get) {

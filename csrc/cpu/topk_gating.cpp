@@ -114,6 +114,12 @@ std::tuple<at::Tensor, at::Tensor> router_stats_fwd(const at::Tensor& logits) {
         for (int64_t t = b * kTokenBlock; t < std::min(T, (b + 1) * kTokenBlock); ++t) {
           const scalar_t* row = L + t * E;
           const acc_t norm = row_log_sum_exp<acc_t>(row, E);
+          if (std::isnan(norm)) {
+            // As torch: logsumexp is NaN, +inf or -inf; the softmax row is all NaN.
+            S[t] = torch_log_sum_exp_nonfinite<acc_t>(row, E);
+            for (int64_t e = 0; e < E; ++e) part[e] = std::numeric_limits<acc_t>::quiet_NaN();
+            continue;
+          }
           S[t] = norm;
           row_scaled_exp<true>(row, E, norm, acc_t(1), part);
         }

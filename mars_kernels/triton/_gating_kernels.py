@@ -508,7 +508,9 @@ def router_stats_fwd_kernel(
     s = tl.sum(e, axis=1)
     lse = m + tl.log(s)
     tl.store(lse_ptr + rows64, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
-    p = tl.where(mask, e / s[:, None], 0.0)
+    # as torch.softmax: a row whose log-sum-exp is not finite (NaN, +inf, all -inf) is all NaN
+    finite = (lse == lse) & (tl.abs(lse) < float("inf"))
+    p = tl.where(mask, tl.where(finite[:, None], e / s[:, None], float("nan")), 0.0)
     tl.store(prob_part_ptr + pid.to(tl.int64) * E + lane1, tl.sum(p, axis=0), mask=lane1 < E)
 
 

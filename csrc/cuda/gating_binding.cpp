@@ -1,0 +1,348 @@
+// CUDA implementations of the routing / gating ops declared in csrc/ops.cpp:
+// topk_gating_fwd/bwd, noisy_topk_gating_fwd/bwd, router_stats_fwd/bwd.
+//
+// This file only validates arguments, allocates outputs with torch and calls
+// the plain launchers of gating.cu (declared in gating.cuh) on the current
+// CUDA stream of the input's device. It is compiled by the host compiler and
+// built only when torch has CUDA.
+//
+// Argument policy: the primary inputs (logits, noise, saved forward outputs)
+// must be contiguous tensors of the documented dtype on one CUDA device;
+// incoming gradients are made contiguous here (autograd may hand over
+// expanded or strided gradients) but must still have the documented dtype.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gating.cuh"
+
+namespace {
+
+using at::Tensor;
+namespace mk = mars_kernels::cuda;
+
+// Launch grids use one warp (of a 4-warp block) per token row.
+constexpr int64_t kMaxTokens = 4 * static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+// Expert ids are int32 inside the kernels (selection keys hold 32 bits of index);
+// 2^30 leaves headroom for the lane-strided loop counters.
+constexpr int64_t kMaxExperts = int64_t{1} << 30;
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+/// Calls f(TypeTag<scalar_t>{}) with the CUDA element type of `st`.
+template <typename F>
+void dispatch_logits_type(at::ScalarType st, const char* op, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(TypeTag<float>{});
+      break;
+    case at::kHalf:
+      f(TypeTag<__half>{});
+      break;
+    case at::kBFloat16:
+      f(TypeTag<__nv_bfloat16>{});
+      break;
+    case at::kDouble:
+      f(TypeTag<double>{});
+      break;
+    default:
+      TORCH_CHECK(false, "mars_kernels.", op, ": unsupported logits dtype ", st,
+                  " (expected float16, bfloat16, float32 or float64)");
+  }
+}
+
+/// Routing math / output dtype for logits of dtype st.
+at::ScalarType acc_dtype(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::string describe(const Tensor& t) {
+  std::ostringstream os;
+  os << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device()
+     << (t.is_contiguous() ? "" : ", non-contiguous");
+  return os.str();
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::ostringstream os;
+  os << at::IntArrayRef(shape);
+  return os.str();
+}
+
+/// logits-like input: 2-D [T, E], contiguous, floating dtype, on a CUDA device.
+void check_logits(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), "mars_kernels.", op, ": `", name, "` is undefined");
+  TORCH_CHECK(t.is_cuda(), "mars_kernels.", op, ": expected `", name,
+              "` on a CUDA device, got ", describe(t));
+  TORCH_CHECK(t.dim() == 2, "mars_kernels.", op, ": expected `", name,
+              "` to be 2-D [T, E], got ", describe(t));
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+              "mars_kernels.", op, ": expected `", name,
+              "` of dtype float16, bfloat16, float32 or float64, got ", describe(t));
+  TORCH_CHECK(t.is_contiguous(), "mars_kernels.", op, ": expected `", name,
+              "` to be contiguous, got ", describe(t));
+  TORCH_CHECK(t.size(1) >= 1 && t.size(1) <= kMaxExperts, "mars_kernels.", op,
+              ": expected `", name, "` to have between 1 and ", kMaxExperts,
+              " experts (columns), got ", describe(t));
+  TORCH_CHECK(t.size(0) <= kMaxTokens, "mars_kernels.", op, ": `", name, "` has more than ",
+              kMaxTokens, " tokens (rows): ", describe(t));
+}
+
+/// Any other tensor argument: exact dtype, shape, device; contiguous.
+void check_arg(const Tensor& t, const char* op, const char* name, const at::Device& device,
+               at::ScalarType dtype, const std::vector<int64_t>& shape) {
+  TORCH_CHECK(t.defined(), "mars_kernels.", op, ": `", name, "` is undefined");
+  TORCH_CHECK(t.device() == device, "mars_kernels.", op, ": expected `", name,
+              "` on device ", device, " (the logits' device), got ", describe(t));
+  TORCH_CHECK(t.scalar_type() == dtype, "mars_kernels.", op, ": expected `", name,
+              "` of dtype ", dtype, ", got ", describe(t));
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "mars_kernels.", op, ": expected `", name,
+              "` of shape ", shape_str(shape), ", got ", describe(t));
+  TORCH_CHECK(t.is_contiguous(), "mars_kernels.", op, ": expected `", name,
+              "` to be contiguous, got ", describe(t));
+}
+
+/// Gradient inputs: made contiguous, then checked like any other argument.
+Tensor grad_arg(const Tensor& t, const char* op, const char* name, const at::Device& device,
+                at::ScalarType dtype, const std::vector<int64_t>& shape) {
+  TORCH_CHECK(t.defined(), "mars_kernels.", op, ": `", name, "` is undefined");
+  Tensor c = t.contiguous();
+  check_arg(c, op, name, device, dtype, shape);
+  return c;
+}
+
+void check_k(int64_t k, int64_t E, const char* op) {
+  TORCH_CHECK(k >= 1 && k <= E, "mars_kernels.", op, ": expected 1 <= k <= E = ", E,
+              ", got k = ", k);
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "mars_kernels.", op,
+              ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+template <typename T>
+const T* cptr(const Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mptr(Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
+}
+
+// ---------------------------------------------------------------------------
+// top-k gating
+// ---------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> topk_gating_fwd_cuda(const Tensor& logits, int64_t k,
+                                                        bool softmax_first, bool renormalize) {
+  constexpr const char* op = "topk_gating_fwd";
+  check_logits(logits, op, "logits");
+  const int64_t T = logits.size(0);
+  const int64_t E = logits.size(1);
+  check_k(k, E, op);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc = acc_dtype(logits.scalar_type());
+  Tensor weights = at::empty({T, k}, logits.options().dtype(acc));
+  Tensor indices = at::empty({T, k}, logits.options().dtype(at::kLong));
+  Tensor lse = at::empty({T}, logits.options().dtype(acc));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_logits_type(logits.scalar_type(), op, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using A = mk::acc_t<scalar_t>;
+    check_launch(mk::launch_topk_gating_fwd<scalar_t>(
+                     cptr<scalar_t>(logits), T, E, k, softmax_first, renormalize,
+                     mptr<A>(weights), mptr<int64_t>(indices), mptr<A>(lse), stream),
+                 op);
+  });
+  return {weights, indices, lse};
+}
+
+Tensor topk_gating_bwd_cuda(const Tensor& grad_weights, const Tensor& logits,
+                            const Tensor& weights, const Tensor& indices, const Tensor& lse,
+                            bool softmax_first, bool renormalize) {
+  constexpr const char* op = "topk_gating_bwd";
+  check_logits(logits, op, "logits");
+  const int64_t T = logits.size(0);
+  const int64_t E = logits.size(1);
+  TORCH_CHECK(indices.defined() && indices.dim() == 2, "mars_kernels.", op,
+              ": expected `indices` to be 2-D [T, k]",
+              indices.defined() ? ", got " + describe(indices) : std::string());
+  const int64_t k = indices.size(1);
+  check_k(k, E, op);
+  const auto dev = logits.device();
+  const auto acc = acc_dtype(logits.scalar_type());
+  check_arg(indices, op, "indices", dev, at::kLong, {T, k});
+  check_arg(weights, op, "weights", dev, acc, {T, k});
+  check_arg(lse, op, "lse", dev, acc, {T});
+  const Tensor g = grad_arg(grad_weights, op, "grad_weights", dev, acc, {T, k});
+  const c10::cuda::CUDAGuard guard(dev);
+  Tensor grad_logits = at::empty({T, E}, logits.options());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_logits_type(logits.scalar_type(), op, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using A = mk::acc_t<scalar_t>;
+    check_launch(mk::launch_topk_gating_bwd<scalar_t>(
+                     cptr<A>(g), cptr<scalar_t>(logits), cptr<A>(weights),
+                     cptr<int64_t>(indices), cptr<A>(lse), T, E, k, softmax_first,
+                     renormalize, mptr<scalar_t>(grad_logits), stream),
+                 op);
+  });
+  return grad_logits;
+}
+
+// ---------------------------------------------------------------------------
+// noisy top-k gating
+// ---------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> noisy_topk_gating_fwd_cuda(
+    const Tensor& clean_logits, const Tensor& noise_logits, const Tensor& noise, int64_t k,
+    double noise_eps) {
+  constexpr const char* op = "noisy_topk_gating_fwd";
+  check_logits(clean_logits, op, "clean_logits");
+  const int64_t T = clean_logits.size(0);
+  const int64_t E = clean_logits.size(1);
+  check_k(k, E, op);
+  const auto dev = clean_logits.device();
+  const auto acc = acc_dtype(clean_logits.scalar_type());
+  check_arg(noise_logits, op, "noise_logits", dev, clean_logits.scalar_type(), {T, E});
+  check_arg(noise, op, "noise", dev, acc, {T, E});
+  const c10::cuda::CUDAGuard guard(dev);
+  const auto acc_opts = clean_logits.options().dtype(acc);
+  Tensor weights = at::empty({T, k}, acc_opts);
+  Tensor indices = at::empty({T, k}, clean_logits.options().dtype(at::kLong));
+  Tensor threshold_index = at::empty({T}, clean_logits.options().dtype(at::kLong));
+  Tensor importance = at::empty({E}, acc_opts);
+  Tensor load = at::empty({E}, acc_opts);
+  Tensor workspace =
+      at::empty({T > 0 ? mk::noisy_topk_gating_fwd_workspace_elems(T, E) : 0}, acc_opts);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_logits_type(clean_logits.scalar_type(), op, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using A = mk::acc_t<scalar_t>;
+    check_launch(mk::launch_noisy_topk_gating_fwd<scalar_t>(
+                     cptr<scalar_t>(clean_logits), cptr<scalar_t>(noise_logits), cptr<A>(noise),
+                     T, E, k, noise_eps, mptr<A>(weights), mptr<int64_t>(indices),
+                     mptr<int64_t>(threshold_index), mptr<A>(importance), mptr<A>(load),
+                     mptr<A>(workspace), stream),
+                 op);
+  });
+  return {weights, indices, threshold_index, importance, load};
+}
+
+std::tuple<Tensor, Tensor> noisy_topk_gating_bwd_cuda(
+    const Tensor& grad_weights, const Tensor& grad_importance, const Tensor& grad_load,
+    const Tensor& clean_logits, const Tensor& noise_logits, const Tensor& noise,
+    const Tensor& weights, const Tensor& indices, const Tensor& threshold_index,
+    double noise_eps) {
+  constexpr const char* op = "noisy_topk_gating_bwd";
+  check_logits(clean_logits, op, "clean_logits");
+  const int64_t T = clean_logits.size(0);
+  const int64_t E = clean_logits.size(1);
+  TORCH_CHECK(indices.defined() && indices.dim() == 2, "mars_kernels.", op,
+              ": expected `indices` to be 2-D [T, k]",
+              indices.defined() ? ", got " + describe(indices) : std::string());
+  const int64_t k = indices.size(1);
+  check_k(k, E, op);
+  const auto dev = clean_logits.device();
+  const auto acc = acc_dtype(clean_logits.scalar_type());
+  check_arg(noise_logits, op, "noise_logits", dev, clean_logits.scalar_type(), {T, E});
+  check_arg(noise, op, "noise", dev, acc, {T, E});
+  check_arg(weights, op, "weights", dev, acc, {T, k});
+  check_arg(indices, op, "indices", dev, at::kLong, {T, k});
+  check_arg(threshold_index, op, "threshold_index", dev, at::kLong, {T});
+  const Tensor gw = grad_arg(grad_weights, op, "grad_weights", dev, acc, {T, k});
+  const Tensor gi = grad_arg(grad_importance, op, "grad_importance", dev, acc, {E});
+  const Tensor gl = grad_arg(grad_load, op, "grad_load", dev, acc, {E});
+  const c10::cuda::CUDAGuard guard(dev);
+  Tensor grad_clean = at::empty({T, E}, clean_logits.options());
+  Tensor grad_noise_logits = at::empty({T, E}, clean_logits.options());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_logits_type(clean_logits.scalar_type(), op, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using A = mk::acc_t<scalar_t>;
+    check_launch(mk::launch_noisy_topk_gating_bwd<scalar_t>(
+                     cptr<A>(gw), cptr<A>(gi), cptr<A>(gl), cptr<scalar_t>(clean_logits),
+                     cptr<scalar_t>(noise_logits), cptr<A>(noise), cptr<A>(weights),
+                     cptr<int64_t>(indices), cptr<int64_t>(threshold_index), T, E, k,
+                     noise_eps, mptr<scalar_t>(grad_clean), mptr<scalar_t>(grad_noise_logits),
+                     stream),
+                 op);
+  });
+  return {grad_clean, grad_noise_logits};
+}
+
+// ---------------------------------------------------------------------------
+// router statistics
+// ---------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> router_stats_fwd_cuda(const Tensor& logits) {
+  constexpr const char* op = "router_stats_fwd";
+  check_logits(logits, op, "logits");
+  const int64_t T = logits.size(0);
+  const int64_t E = logits.size(1);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc_opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
+  Tensor lse = at::empty({T}, acc_opts);
+  Tensor prob_sum = at::empty({E}, acc_opts);
+  Tensor workspace =
+      at::empty({T > 0 ? mk::router_stats_fwd_workspace_elems(T, E) : 0}, acc_opts);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_logits_type(logits.scalar_type(), op, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using A = mk::acc_t<scalar_t>;
+    check_launch(mk::launch_router_stats_fwd<scalar_t>(cptr<scalar_t>(logits), T, E,
+                                                       mptr<A>(lse), mptr<A>(prob_sum),
+                                                       mptr<A>(workspace), stream),
+                 op);
+  });
+  return {lse, prob_sum};
+}
+
+Tensor router_stats_bwd_cuda(const Tensor& grad_lse, const Tensor& grad_prob_sum,
+                             const Tensor& logits, const Tensor& lse) {
+  constexpr const char* op = "router_stats_bwd";
+  check_logits(logits, op, "logits");
+  const int64_t T = logits.size(0);
+  const int64_t E = logits.size(1);
+  const auto dev = logits.device();
+  const auto acc = acc_dtype(logits.scalar_type());
+  check_arg(lse, op, "lse", dev, acc, {T});
+  const Tensor gl = grad_arg(grad_lse, op, "grad_lse", dev, acc, {T});
+  const Tensor gp = grad_arg(grad_prob_sum, op, "grad_prob_sum", dev, acc, {E});
+  const c10::cuda::CUDAGuard guard(dev);
+  Tensor grad_logits = at::empty({T, E}, logits.options());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_logits_type(logits.scalar_type(), op, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using A = mk::acc_t<scalar_t>;
+    check_launch(mk::launch_router_stats_bwd<scalar_t>(cptr<A>(gl), cptr<A>(gp),
+                                                       cptr<scalar_t>(logits), cptr<A>(lse), T,
+                                                       E, mptr<scalar_t>(grad_logits), stream),
+                 op);
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mars_kernels, CUDA, m) {
+  m.impl("topk_gating_fwd", &topk_gating_fwd_cuda);
+  m.impl("topk_gating_bwd", &topk_gating_bwd_cuda);
+  m.impl("noisy_topk_gating_fwd", &noisy_topk_gating_fwd_cuda);
+  m.impl("noisy_topk_gating_bwd", &noisy_topk_gating_bwd_cuda);
+  m.impl("router_stats_fwd", &router_stats_fwd_cuda);
+  m.impl("router_stats_bwd", &router_stats_bwd_cuda);
+}
