@@ -44,4 +44,33 @@ TORCH_LIBRARY(mars_kernels, m) {
   m.def(
       "router_stats_bwd(Tensor grad_lse, Tensor grad_prob_sum, Tensor logits, Tensor lse)"
       " -> Tensor");
+
+  // ---- Dispatch and experts. S = T*k assignments, flat = t*k + j.
+  // indices [T,k] int64 with values in [0, E] (E = dropped) -> counts [E],
+  // offsets [E+1], permutation [S] (sorted slot -> flat), inverse [S],
+  // block_expert [NB], block_start [NB], NB = ceil(S/block_size) + E. All int64;
+  // sorted order is stable (by flat index within an expert). See mars_kernels/meta.py.
+  m.def(
+      "moe_align(Tensor indices, int num_experts, int block_size) -> (Tensor counts, Tensor offsets,"
+      " Tensor permutation, Tensor inverse, Tensor block_expert, Tensor block_start)");
+  // x [T,D] -> x_sorted [S,D], x_sorted[s] = x[permutation[s] / top_k].
+  m.def("moe_permute(Tensor x, Tensor permutation, int top_k) -> Tensor");
+  // y_sorted [S,D] -> y [T,D], y[t] = sum_j w[t,j] * y_sorted[inverse[t*k+j]] (w = 1 when
+  // weights is None), accumulated in f32 in the order j = 0..k-1, no atomics.
+  m.def("moe_unpermute(Tensor y_sorted, Tensor inverse, Tensor? weights, int top_k) -> Tensor");
+  // Backward of the weighted unpermute: grad_y_sorted[s] = w[p] * grad_out[p / k] with
+  // p = permutation[s]; grad_weights[t,j] = <grad_out[t], y_sorted[inverse[t*k+j]]> (f32).
+  m.def(
+      "moe_unpermute_bwd(Tensor grad_out, Tensor y_sorted, Tensor permutation, Tensor inverse,"
+      " Tensor weights) -> (Tensor grad_y_sorted, Tensor grad_weights)");
+  // Each expert's MLP on its contiguous rows of x_sorted [S,D]: h = x W1[e] + b1[e]
+  // ([S,H1], returned for the backward), y = act(h) W2[e] + b2[e] ([S,D]); rows from
+  // offsets[E] on are zero. w1 [E,D,H1], w2 [E,H,D], H1 = 2H for swiglu.
+  m.def(
+      "grouped_mlp_fwd(Tensor x_sorted, Tensor offsets, Tensor w1, Tensor? b1, Tensor w2,"
+      " Tensor? b2, str activation) -> (Tensor y_sorted, Tensor h)");
+  // -> grad_x_sorted [S,D], grad_w1, grad_b1 [E,H1], grad_w2, grad_b2 [E,D].
+  m.def(
+      "grouped_mlp_bwd(Tensor grad_y_sorted, Tensor x_sorted, Tensor h, Tensor offsets, Tensor w1,"
+      " Tensor w2, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -6,7 +6,8 @@ routing, each with a pure-PyTorch reference twin (:mod:`mars_kernels.reference`)
 """
 from . import backend, reference
 from .backend import extension_available
-from .layers import NoisyTopKRouter, Routing, TopKRouter
+from .dispatch import MoEMeta, apply_capacity, grouped_mlp, moe_align, moe_mlp, permute, unpermute
+from .layers import Experts, NoisyTopKRouter, Routing, SparseMoE, TopKRouter
 from .ops import (
     cv_squared,
     expert_counts,
@@ -34,6 +35,8 @@ __all__ = [
     "Routing",
     "TopKRouter",
     "NoisyTopKRouter",
+    "Experts",
+    "SparseMoE",
     "topk_gating",
     "noisy_topk_gating",
     "router_stats",
@@ -42,4 +45,11 @@ __all__ = [
     "router_z_loss",
     "cv_squared",
     "noisy_balance_loss",
+    "MoEMeta",
+    "moe_align",
+    "apply_capacity",
+    "permute",
+    "unpermute",
+    "grouped_mlp",
+    "moe_mlp",
 ]

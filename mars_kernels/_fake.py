@@ -10,6 +10,11 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 
 def register_fakes() -> None:
+    _register_gating_fakes()
+    _register_dispatch_fakes()
+
+
+def _register_gating_fakes() -> None:
     @torch.library.register_fake("mars_kernels::topk_gating_fwd")
     def _(logits, k, softmax_first, renormalize):
         T = logits.shape[0]
@@ -48,3 +53,39 @@ def register_fakes() -> None:
     @torch.library.register_fake("mars_kernels::router_stats_bwd")
     def _(grad_lse, grad_prob_sum, logits, lse):
         return torch.empty_like(logits)
+
+
+def _register_dispatch_fakes() -> None:
+    @torch.library.register_fake("mars_kernels::moe_align")
+    def _(indices, num_experts, block_size):
+        S = indices.numel()
+        nb = -(-S // block_size) + num_experts
+        new = lambda n: indices.new_empty((n,), dtype=torch.int64)  # noqa: E731
+        return new(num_experts), new(num_experts + 1), new(S), new(S), new(nb), new(nb)
+
+    @torch.library.register_fake("mars_kernels::moe_permute")
+    def _(x, permutation, top_k):
+        return x.new_empty((permutation.shape[0], x.shape[1]))
+
+    @torch.library.register_fake("mars_kernels::moe_unpermute")
+    def _(y_sorted, inverse, weights, top_k):
+        return y_sorted.new_empty((y_sorted.shape[0] // top_k, y_sorted.shape[1]))
+
+    @torch.library.register_fake("mars_kernels::moe_unpermute_bwd")
+    def _(grad_out, y_sorted, permutation, inverse, weights):
+        return torch.empty_like(y_sorted), torch.empty_like(weights)
+
+    @torch.library.register_fake("mars_kernels::grouped_mlp_fwd")
+    def _(x_sorted, offsets, w1, b1, w2, b2, activation):
+        return x_sorted.new_empty((x_sorted.shape[0], w2.shape[2])), x_sorted.new_empty((x_sorted.shape[0], w1.shape[2]))
+
+    @torch.library.register_fake("mars_kernels::grouped_mlp_bwd")
+    def _(grad_y_sorted, x_sorted, h, offsets, w1, w2, activation):
+        E, H1, D = w1.shape[0], w1.shape[2], w2.shape[2]
+        return (
+            torch.empty_like(x_sorted),
+            torch.empty_like(w1),
+            w1.new_empty((E, H1)),
+            torch.empty_like(w2),
+            w2.new_empty((E, D)),
+        )

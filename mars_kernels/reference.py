@@ -261,7 +261,7 @@ def unpermute(y_sorted: torch.Tensor, meta: MoEMeta, weights: torch.Tensor) -> t
     """
     T, k = weights.shape
     ct = compute_dtype(y_sorted.dtype)
-    rows = y_sorted.index_select(0, meta.inverse).view(T, k, -1).to(ct)
+    rows = y_sorted.index_select(0, meta.inverse).view(T, k, y_sorted.shape[1]).to(ct)
     return (rows * weights.to(ct).unsqueeze(-1)).sum(1).to(y_sorted.dtype)
 
 

@@ -1,0 +1,141 @@
+// CPU grouped expert MLP: per-expert ATen GEMMs (MKL/oneDNN) on each expert's
+// contiguous rows of the expert-sorted activations, bias and activation fused
+// into the GEMM outputs where ATen allows. Contract in csrc/ops.cpp.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace mars_kernels {
+namespace cpu {
+namespace {
+
+enum class Act { Gelu, Silu, SwiGLU };
+
+Act parse_activation(const std::string& name) {
+  if (name == "gelu") return Act::Gelu;
+  if (name == "silu") return Act::Silu;
+  if (name == "swiglu") return Act::SwiGLU;
+  TORCH_CHECK(false, "activation must be 'gelu', 'silu' or 'swiglu', got '", name, "'");
+}
+
+// a = act(h): h [n, H1] -> a [n, H] (out).
+void activation_out(Act act, const at::Tensor& h, at::Tensor& a) {
+  switch (act) {
+    case Act::Gelu: at::gelu_out(a, h); break;
+    case Act::Silu: at::silu_out(a, h); break;
+    case Act::SwiGLU: {
+      const int64_t H = a.size(1);
+      at::silu_out(a, h.narrow(1, 0, H));
+      a.mul_(h.narrow(1, H, H));
+      break;
+    }
+  }
+}
+
+// dh = d act(h) given da [n, H]; dh [n, H1] (out).
+void activation_backward_out(Act act, const at::Tensor& da, const at::Tensor& h, at::Tensor& dh) {
+  switch (act) {
+    case Act::Gelu: at::gelu_backward_out(dh, da, h); break;
+    case Act::Silu: at::silu_backward_out(dh, da, h); break;
+    case Act::SwiGLU: {
+      const int64_t H = da.size(1);
+      const at::Tensor gate = h.narrow(1, 0, H), up = h.narrow(1, H, H);
+      at::Tensor d_gate = dh.narrow(1, 0, H), d_up = dh.narrow(1, H, H);
+      at::silu_out(d_up, gate);
+      d_up.mul_(da);                                        // d up = da * silu(gate)
+      at::silu_backward_out(d_gate, da * up, gate);         // d gate = da * up * silu'(gate)
+      break;
+    }
+  }
+}
+
+struct Shapes {
+  int64_t S, D, E, H1, H;
+};
+
+Shapes check_shapes(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w1, const at::Tensor& w2,
+                    Act act) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x_sorted must be a contiguous [S, D] tensor");
+  TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "w1 must be [E, D, H1] and w2 [E, H, D]");
+  const int64_t E = w1.size(0), D = x.size(1), H1 = w1.size(2), H = w2.size(1);
+  TORCH_CHECK(w1.size(1) == D && w2.size(0) == E && w2.size(2) == D, "w1 must be [E, D=", D, ", H1] and w2 [E, H, D=", D,
+              "], got ", w1.sizes(), " and ", w2.sizes());
+  TORCH_CHECK(H1 == (act == Act::SwiGLU ? 2 * H : H), "w1's last dim must be ", act == Act::SwiGLU ? "2H" : "H",
+              " = ", act == Act::SwiGLU ? 2 * H : H, " for this activation, got ", H1);
+  TORCH_CHECK(offsets.numel() == E + 1 && offsets.scalar_type() == at::kLong, "offsets must be int64 [E+1]");
+  TORCH_CHECK(w1.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
+              "w1 and w2 must have x_sorted's dtype ", x.scalar_type());
+  return {x.size(0), D, E, H1, H};
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w1,
+                                                   const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                   const c10::optional<at::Tensor>& b2, std::string activation) {
+  const Act act = parse_activation(activation);
+  const Shapes sh = check_shapes(x, offsets, w1, w2, act);
+  const at::Tensor offs = offsets.contiguous();
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  at::Tensor h = at::empty({sh.S, sh.H1}, x.options());
+  at::Tensor y = at::empty({sh.S, sh.D}, x.options());
+  y.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
+  h.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
+  int64_t most = 0;
+  for (int64_t e = 0; e < sh.E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  at::Tensor scratch = at::empty({most, sh.H}, x.options());
+  for (int64_t e = 0; e < sh.E; ++e) {
+    const int64_t lo = off[e], n = off[e + 1] - lo;
+    if (n == 0) continue;
+    at::Tensor he = h.narrow(0, lo, n), ye = y.narrow(0, lo, n), ae = scratch.narrow(0, 0, n);
+    const at::Tensor xe = x.narrow(0, lo, n);
+    if (b1.has_value()) at::addmm_out(he, (*b1)[e], xe, w1[e]);
+    else at::mm_out(he, xe, w1[e]);
+    activation_out(act, he, ae);
+    if (b2.has_value()) at::addmm_out(ye, (*b2)[e], ae, w2[e]);
+    else at::mm_out(ye, ae, w2[e]);
+  }
+  return {y, h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_mlp_bwd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h, const at::Tensor& offsets,
+    const at::Tensor& w1, const at::Tensor& w2, std::string activation) {
+  const Act act = parse_activation(activation);
+  const Shapes sh = check_shapes(x, offsets, w1, w2, act);
+  const at::Tensor dy = grad_y.contiguous(), offs = offsets.contiguous();
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  at::Tensor dx = at::empty_like(x);
+  dx.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
+  at::Tensor dw1 = at::zeros_like(w1), dw2 = at::zeros_like(w2);
+  at::Tensor db1 = at::zeros({sh.E, sh.H1}, w1.options()), db2 = at::zeros({sh.E, sh.D}, w2.options());
+  int64_t most = 0;
+  for (int64_t e = 0; e < sh.E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  at::Tensor a_buf = at::empty({most, sh.H}, x.options()), da_buf = at::empty({most, sh.H}, x.options());
+  at::Tensor dh_buf = at::empty({most, sh.H1}, x.options());
+  for (int64_t e = 0; e < sh.E; ++e) {
+    const int64_t lo = off[e], n = off[e + 1] - lo;
+    if (n == 0) continue;
+    const at::Tensor xe = x.narrow(0, lo, n), he = h.narrow(0, lo, n), dye = dy.narrow(0, lo, n);
+    at::Tensor ae = a_buf.narrow(0, 0, n), dae = da_buf.narrow(0, 0, n), dhe = dh_buf.narrow(0, 0, n);
+    activation_out(act, he, ae);                    // recomputed rather than saved
+    at::Tensor dw2e = dw2[e], dw1e = dw1[e], db2e = db2[e], db1e = db1[e], dxe = dx.narrow(0, lo, n);
+    at::mm_out(dw2e, ae.t(), dye);
+    at::sum_out(db2e, dye, {0});
+    at::mm_out(dae, dye, w2[e].t());
+    activation_backward_out(act, dae, he, dhe);
+    at::mm_out(dw1e, xe.t(), dhe);
+    at::sum_out(db1e, dhe, {0});
+    at::mm_out(dxe, dhe, w1[e].t());
+  }
+  return {dx, dw1, db1, dw2, db2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mars_kernels, CPU, m) {
+  m.impl("grouped_mlp_fwd", &grouped_mlp_fwd);
+  m.impl("grouped_mlp_bwd", &grouped_mlp_bwd);
+}
+
+}  // namespace cpu
+}  // namespace mars_kernels
