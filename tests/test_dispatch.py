@@ -180,8 +180,6 @@ def test_moe_mlp_edge_routings(device, backend, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_moe_mlp_half_precision(device, backend, dtype):
     skip_unsupported(backend, dtype)
-    if backend == "triton" and dtype == torch.bfloat16 and mk.backend.triton_interpreting():
-        pytest.skip("the interpreter's bf16 tl.dot is wrong (DESIGN 5)")
     run = _moe_case(device, backend, 30, 32, 48, 6, 2, "swiglu", dtype)
     ref32 = _moe_case(device, backend, 30, 32, 48, 6, 2, "swiglu", torch.float32)("reference")
     for name, a, r in zip(NAMES, run(backend), ref32):
@@ -189,6 +187,31 @@ def test_moe_mlp_half_precision(device, backend, dtype):
         scale = r.abs().max().clamp(min=1)
         tol = 2e-2 if dtype == torch.float16 else 8e-2
         assert float((a.float() - r).abs().max() / scale) < tol, name
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_mlp_on_sorted_rows(device, backend, activation):
+    w, idx = _routing(25, 7, 2, device)
+    kept, _, _ = mk.apply_capacity(idx, w, 7, capacity=8)
+    params = _expert_params(7, 16, 24, activation, torch.float32, device)
+    block = 64
+    if backend in ("triton", "cuda"):
+        from mars_kernels.triton import moe as triton_moe
+
+        block = triton_moe.BLOCK_M
+    meta = mk.moe_align(kept, 7, block, backend=backend)
+    xs0 = torch.randn(50, 16, device=device)
+    gy = torch.randn(50, 16, device=device)
+    out = {}
+    for b in ("reference", backend):
+        xs = xs0.clone().requires_grad_(True)
+        ps = [p.clone().requires_grad_(True) for p in params]
+        y = mk.grouped_mlp(xs, *ps[:2], ps[2], ps[3], meta, activation, backend=b)
+        (y * gy).sum().backward()
+        out[b] = [y, xs.grad] + [p.grad for p in ps]
+    for name, a, r in zip(("y", "dx", "dw1", "db1", "dw2", "db2"), out[backend], out["reference"]):
+        assert_close(a, r, torch.float32, name)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

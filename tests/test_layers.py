@@ -68,3 +68,58 @@ def test_backend_from_environment_under_compile(monkeypatch):
     assert torch.equal(compiled.indices, eager.indices)
     torch.testing.assert_close(compiled.weights, eager.weights)
     torch.testing.assert_close(compiled.aux["balance_loss"], eager.aux["balance_loss"])
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_sparse_moe_backend_switch(router, activation, capacity_factor):
+    torch.manual_seed(0)
+    layer = mk.SparseMoE(16, 24, 7, 2, router=router, activation=activation, capacity_factor=capacity_factor)
+    if router == "noisy":
+        torch.nn.init.normal_(layer.router.w_gate, std=0.5)
+    layer.eval()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 20, 16)
+    results = {}
+    for b in BACKENDS:
+        layer.backend = b
+        layer.zero_grad()
+        y, aux = layer(x)
+        (y.square().sum() + aux["balance_loss"]).backward()
+        results[b] = (y, aux, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+        assert layer.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+    y_ref, aux_ref, g_ref = results["reference"]
+    if capacity_factor is not None:
+        assert int(aux_ref["dropped"]) > 0 and int(aux_ref["capacity"]) == 12
+        assert int(aux_ref["expert_counts"].sum()) == 80 - int(aux_ref["dropped"])
+    for b in BACKENDS[1:]:
+        y, aux, g = results[b]
+        assert_close(y, y_ref, torch.float32, f"{b} y")
+        for key in aux_ref:
+            assert_close(aux[key].double(), aux_ref[key].double(), torch.float32, f"{b} aux[{key}]")
+        assert g.keys() == g_ref.keys()
+        for n in g_ref:
+            assert_close(g[n], g_ref[n], torch.float32, f"{b} grad {n}")
+
+
+def test_sparse_moe_state_dict_loads_across_backends():
+    a = mk.SparseMoE(8, 12, 4, 2, backend="cpu")
+    b = mk.SparseMoE(8, 12, 4, 2, backend="reference")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(9, 8)
+    assert_close(a(x)[0], b(x)[0], torch.float32, "y")
+
+
+def test_sparse_moe_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="router must be 'topk' or 'noisy'"):
+        mk.SparseMoE(8, 12, 4, 2, router="switch")
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0"):
+        mk.SparseMoE(8, 12, 4, 2, capacity_factor=0)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mk.SparseMoE(8, 12, 4, 2, activation="relu")
+    with pytest.raises(ValueError, match=r"k must be in \[1, E=4\], got 5"):
+        mk.SparseMoE(8, 12, 4, 5)
+    with pytest.raises(ValueError, match=r"x must have shape \[..., d_model=8\]"):
+        mk.SparseMoE(8, 12, 4, 2)(torch.randn(3, 9))

@@ -74,3 +74,54 @@ def test_torch_compile_fullgraph(compile_backend):
     torch.testing.assert_close(out, eager)
     for p, g in zip(model.parameters(), eager_grads):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_opcheck_dispatch_ops(device, dtype):
+    g = torch.Generator().manual_seed(0)
+    T, D, H, E, k = 11, 6, 5, 4, 2
+    _, idx = mk.topk_gating(torch.randn(T, E, generator=g), k)
+    idx = idx.to(device)
+    torch.library.opcheck(ops.moe_align.default, (idx, E, 4))
+    counts, offsets, perm, inv, _, _ = ops.moe_align(idx, E, 4)
+    x = torch.randn(T, D, generator=g).to(device=device, dtype=dtype)
+    w = torch.rand(T, k, generator=g).to(device)
+    ys = torch.randn(T * k, D, generator=g).to(device=device, dtype=dtype)
+    torch.library.opcheck(ops.moe_permute.default, (x, perm, k))
+    torch.library.opcheck(ops.moe_unpermute.default, (ys, inv, w, k))
+    torch.library.opcheck(ops.moe_unpermute.default, (ys, inv, None, k))
+    torch.library.opcheck(ops.moe_unpermute_bwd.default, (x, ys, perm, inv, w))
+    if device == "cuda":
+        return  # the expert MLP runs on Triton on a GPU
+    w1, w2 = torch.randn(E, D, 2 * H, dtype=dtype), torch.randn(E, H, D, dtype=dtype)
+    b1, b2 = torch.randn(E, 2 * H, dtype=dtype), torch.randn(E, D, dtype=dtype)
+    for act, W1, B1 in (("gelu", w1[..., :H].contiguous(), b1[:, :H].contiguous()), ("swiglu", w1, b1)):
+        torch.library.opcheck(ops.grouped_mlp_fwd.default, (ys, offsets, W1, B1, w2, b2, act))
+        torch.library.opcheck(ops.grouped_mlp_fwd.default, (ys, offsets, W1, None, w2, None, act))
+        _, h = ops.grouped_mlp_fwd(ys, offsets, W1, B1, w2, b2, act)
+        torch.library.opcheck(ops.grouped_mlp_bwd.default, (torch.randn_like(ys), ys, h, offsets, W1, w2, act))
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy"])
+def test_torch_compile_fullgraph_sparse_moe(router):
+    torch.manual_seed(0)
+    layer = mk.SparseMoE(8, 16, 6, 2, router=router, backend="cpu", capacity_factor=1.5)
+    if router == "noisy":
+        torch.nn.init.normal_(layer.router.w_gate)
+    layer.eval()  # no noise: eager and compiled must agree exactly
+    x = torch.randn(3, 10, 8)
+    y, aux = layer(x)
+    (y.sum() + aux["balance_loss"]).backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in layer.parameters()]  # w_noise: unused in eval
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y2, aux2 = compiled(x)
+    (y2.sum() + aux2["balance_loss"]).backward()
+    torch.testing.assert_close(y2, y)
+    for key in aux:
+        torch.testing.assert_close(aux2[key], aux[key])
+    for p, g in zip(layer.parameters(), grads):
+        assert (p.grad is None) == (g is None)
+        if g is not None:
+            torch.testing.assert_close(p.grad, g)
