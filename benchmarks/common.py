@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -31,16 +32,46 @@ def median_seconds(fn, device: torch.device, min_run_time: float = 0.3) -> float
     return m.adaptive_autorange(min_run_time=min_run_time).median
 
 
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def exec_with_exact_rss() -> None:
+    """Re-run this process with glibc returning every allocation above 64 KiB
+    to the OS on free, so the resident set tracks live memory and peak-RSS
+    figures compare fairly (otherwise glibc keeps freed heap pages, which hides
+    the peaks of code that allocates many mid-sized tensors)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.system() != "Linux":
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def peak_memory_bytes(fn, device: torch.device) -> int | None:
-    """Peak device memory of one call of ``fn`` (CUDA only; None on CPU)."""
-    if device.type != "cuda":
+    """Peak memory one call of ``fn`` adds on top of what is already live.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU (Linux): the process's peak
+    resident set (VmHWM), reset through /proc/self/clear_refs before the call;
+    None where that is not available."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_bytes("VmRSS")
+        fn()
+        return max(_proc_status_bytes("VmHWM") - base, 0)
+    except OSError:
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def environment(device: torch.device) -> dict:

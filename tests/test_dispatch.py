@@ -268,3 +268,40 @@ def test_bad_input_gets_clear_errors():
         mk.permute(x, (1, 2))
     with pytest.raises(ValueError, match="tensors must be on one device"):
         mk.grouped_mlp(mk.permute(x, meta), w1.to("meta"), None, w2, None, meta)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_int64_offsets(backend):
+    # S * D = T * k * D > 2^31: row offsets must be 64-bit in every kernel.
+    k, D, E = 8, 2048, 16
+    T = (1 << 31) // (k * D) + 3
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.randint(0, E, (T, k), device="cuda", generator=g)
+    idx[-1] = torch.arange(E - k, E, device="cuda")
+    w = torch.rand(T, k, device="cuda", generator=g)
+    from mars_kernels.triton import moe as triton_moe
+
+    meta = mk.moe_align(idx, E, triton_moe.BLOCK_M, backend=backend)
+    xs = mk.permute(x, meta, backend=backend)
+    last = meta.inverse[-k:]
+    assert torch.equal(xs[last], x[-1].expand(k, D))
+    y = mk.unpermute(xs.float().to(torch.bfloat16), meta, w, backend=backend)
+    torch.testing.assert_close(y[-1].float(), (w[-1].sum() * x[-1].float()), rtol=2e-2, atol=2e-2)
+    H = 64
+    params = _expert_params(E, D, H, "gelu", torch.bfloat16, "cuda")
+    out = mk.moe_mlp(x, w, meta, *params, "gelu", backend=backend)
+    want = ref.moe_loop(x[-4:], w[-4:], idx[-4:], *params, "gelu")
+    torch.testing.assert_close(out[-4:].float(), want.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_large_moe(backend, dtype):
+    run = _moe_case("cuda", backend, 4096, 512, 256, 64, 8, "swiglu", dtype)
+    ref32 = _moe_case("cuda", backend, 4096, 512, 256, 64, 8, "swiglu", torch.float32)("reference")
+    for name, a, r in zip(NAMES, run(backend), ref32):
+        scale = r.abs().max().clamp(min=1)
+        assert float((a.float() - r).abs().max() / scale) < (2e-2 if dtype != torch.bfloat16 else 8e-2), name
