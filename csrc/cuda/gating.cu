@@ -674,7 +674,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock) noisy_topk_gating_bwd_kernel
 // ---------------------------------------------------------------------------
 // Router statistics forward. Chunked like the noisy forward: warp c handles
 // rows [c * R, (c+1) * R), writes lse for its rows and partials[c] [E].
-// lse follows torch.logsumexp: shift by the row max unless it is infinite.
+// lse follows torch.logsumexp: shift by the row max unless it is infinite
+// (NaN if the row holds NaN, +inf if it holds +inf and no NaN, -inf if it is
+// all -inf); the softmax of a row with a non-finite lse is all NaN (torch).
 // ---------------------------------------------------------------------------
 template <typename scalar_t, int CACHE>
 __global__ void __launch_bounds__(kThreadsPerBlock)
@@ -721,6 +723,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       sum += m_exp(to_acc(x[e]) - shift);
     const Acc L = m_log(warp_sum(sum)) + shift;
     if (lane == 0) lse_out[row] = L;
+    // As torch.softmax: a row whose lse is not finite (NaN, +inf, or -inf for
+    // an all -inf row) has an all-NaN softmax, so it adds NaN to every column.
+    // (exp(l - L) alone would give 0 in the finite columns of a +inf row.)
+    if (isnan(L) || isinf(L)) {
+#pragma unroll
+      for (int i = 0; i < CACHE; ++i) p_acc[i] += quiet_nan<Acc>();
+      for (int e = lane + CACHE * kWarpSize; e < E; e += kWarpSize) part[e] += quiet_nan<Acc>();
+      continue;  // warp-uniform: every lane holds the same L
+    }
 #pragma unroll
     for (int i = 0; i < CACHE; ++i)
       if (lane + i * kWarpSize < E) p_acc[i] += m_exp(val[i] - L);

@@ -124,8 +124,10 @@ cudaError_t launch_noisy_topk_gating_bwd(
 int64_t router_stats_fwd_workspace_elems(int64_t num_tokens, int64_t num_experts);
 
 /// logits [T, E] -> lse [T] (acc, row log-sum-exp with torch.logsumexp's
-/// handling of infinities), prob_sum [E] (acc, sum over T of exp(l - lse),
-/// deterministic). `workspace` holds router_stats_fwd_workspace_elems(T, E).
+/// handling of infinities), prob_sum [E] (acc, sum over T of softmax(l),
+/// deterministic; a row whose lse is not finite adds NaN to every column, as
+/// torch.softmax makes that row all NaN). `workspace` holds
+/// router_stats_fwd_workspace_elems(T, E).
 template <typename scalar_t>
 cudaError_t launch_router_stats_fwd(const scalar_t* logits, int64_t num_tokens,
                                     int64_t num_experts, acc_t<scalar_t>* lse,
