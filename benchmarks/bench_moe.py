@@ -15,6 +15,8 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def expert_flops(T, D, H, k, activation):
     return 2 * T * k * (D * h1 + H * D)
 
 
-def bench_shape(label, T, D, H, E, k, dtype, device, backend, activation, min_run_time):
+def bench_shape(label, T, D, H, E, k, dtype, device, backend, activation, min_run_time, memory_only=False):
     torch.manual_seed(0)
     layer = mk.SparseMoE(D, H, E, k, activation=activation, backend=backend).to(device=device, dtype=dtype)
     x = torch.randn(T, D, device=device, dtype=dtype).requires_grad_(True)
@@ -103,7 +105,8 @@ def bench_shape(label, T, D, H, E, k, dtype, device, backend, activation, min_ru
                     fn().backward(g)
 
             try:
-                times[name] = common.median_seconds(run, device, min_run_time)
+                run()  # warm-up, and what memory_only measures
+                times[name] = None if memory_only else common.median_seconds(run, device, min_run_time)
                 peaks[name] = common.peak_memory_bytes(run, device)
             except (RuntimeError, NotImplementedError) as exc:  # grouped_mm is missing for some dtypes/devices
                 print(f"  {name} skipped: {str(exc).splitlines()[0]}")
@@ -114,6 +117,9 @@ def bench_shape(label, T, D, H, E, k, dtype, device, backend, activation, min_ru
         dense_rate = flops / times["dense"] if times["dense"] else None
         for name in ("ours", "loop", "grouped_mm", "dense"):
             t = times[name]
+            if memory_only:
+                rows.append(dict(shape=label, mode=mode, impl=name, peak_mem_mb=None if peaks[name] is None else peaks[name] / 2**20))
+                continue
             if t is None:
                 continue
             rate = flops / t
@@ -142,11 +148,10 @@ def main(argv=None):
     p.add_argument("--E", type=int), p.add_argument("--k", type=int)
     p.add_argument("--min-run-time", type=float, default=1.0, help="CPU: seconds of timing per measurement")
     p.add_argument("--out", help="JSON path (default: benchmarks/results/bench_moe_<device>.json)")
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory child
     a = p.parse_args(argv)
 
     device = torch.device(a.device)
-    if device.type == "cpu":
-        common.exec_with_exact_rss()
     backend = a.backend or ("triton" if device.type == "cuda" else "cpu")
     dtype = DTYPES[a.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     table = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
@@ -154,6 +159,12 @@ def main(argv=None):
         shapes = {"custom": (a.T, a.D, a.H, a.E, a.k)}
     else:
         shapes = {n: table[n] for n in (a.shapes or table)}
+    if a.memory_only:
+        rows = []
+        for label, (T, D, H, E, k) in shapes.items():
+            rows += bench_shape(label, T, D, H, E, k, dtype, device, backend, a.activation, 0, memory_only=True)
+        print(json.dumps(rows))
+        return
     env = common.environment(device)
     unit = "TFLOP/s" if device.type == "cuda" else "GFLOP/s"
     scale = 1e-3 if device.type == "cuda" else 1.0
@@ -167,6 +178,14 @@ def main(argv=None):
     rows = []
     for label, (T, D, H, E, k) in shapes.items():
         new = bench_shape(label, T, D, H, E, k, dtype, device, backend, a.activation, a.min_run_time)
+        if device.type == "cpu":  # peak RSS from a child process whose allocator returns memory at once
+            args = [sys.executable, __file__, "--memory-only", "--device", "cpu", "--backend", backend,
+                    "--dtype", str(dtype).replace("torch.", ""), "--activation", a.activation,
+                    "--T", str(T), "--D", str(D), "--H", str(H), "--E", str(E), "--k", str(k)]
+            out = subprocess.run(args, env=common.exact_rss_env(), capture_output=True, text=True, check=True)
+            peaks = {(r["mode"], r["impl"]): r["peak_mem_mb"] for r in json.loads(out.stdout.strip().splitlines()[-1])}
+            for r in new:
+                r["peak_mem_mb"] = peaks[(r["mode"], "ours" if r["impl"].startswith("ours") else r["impl"])]
         for r in new:
             r["rate"] = r["gflops"] * scale
         common.print_rows(new, columns)

@@ -40,15 +40,13 @@ def _proc_status_bytes(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def exec_with_exact_rss() -> None:
-    """Re-run this process with glibc returning every allocation above 64 KiB
-    to the OS on free, so the resident set tracks live memory and peak-RSS
-    figures compare fairly (otherwise glibc keeps freed heap pages, which hides
-    the peaks of code that allocates many mid-sized tensors)."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.system() != "Linux":
-        return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+def exact_rss_env() -> dict:
+    """Environment under which glibc returns every allocation above 64 KiB to
+    the OS on free, so the resident set tracks live memory and peak-RSS figures
+    compare fairly (otherwise glibc keeps freed heap pages, hiding the peaks of
+    code that allocates many mid-sized tensors). It slows allocation, so use it
+    for memory measurements only, in a separate process."""
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
 
 
 def peak_memory_bytes(fn, device: torch.device) -> int | None:

@@ -64,11 +64,12 @@ TORCH_LIBRARY(mars_kernels, m) {
       "moe_unpermute_bwd(Tensor grad_out, Tensor y_sorted, Tensor permutation, Tensor inverse,"
       " Tensor weights) -> (Tensor grad_y_sorted, Tensor grad_weights)");
   // Each expert's MLP on its contiguous rows of x_sorted [S,D]: h = x W1[e] + b1[e]
-  // ([S,H1], returned for the backward), y = act(h) W2[e] + b2[e] ([S,D]); rows from
-  // offsets[E] on are zero. w1 [E,D,H1], w2 [E,H,D], H1 = 2H for swiglu.
+  // ([S,H1], returned for the backward when save_h, else an empty [0,H1] tensor),
+  // y = act(h) W2[e] + b2[e] ([S,D]); rows from offsets[E] on are zero.
+  // w1 [E,D,H1], w2 [E,H,D], H1 = 2H for swiglu.
   m.def(
       "grouped_mlp_fwd(Tensor x_sorted, Tensor offsets, Tensor w1, Tensor? b1, Tensor w2,"
-      " Tensor? b2, str activation) -> (Tensor y_sorted, Tensor h)");
+      " Tensor? b2, str activation, bool save_h=True) -> (Tensor y_sorted, Tensor h)");
   // -> grad_x_sorted [S,D], grad_w1, grad_b1 [E,H1], grad_w2, grad_b2 [E,D].
   m.def(
       "grouped_mlp_bwd(Tensor grad_y_sorted, Tensor x_sorted, Tensor h, Tensor offsets, Tensor w1,"

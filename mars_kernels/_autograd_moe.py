@@ -53,11 +53,15 @@ class Unpermute(torch.autograd.Function):
 
 
 class GroupedMLP(torch.autograd.Function):
-    """(x_sorted [S,D], w1, b1, w2, b2, offsets [E+1], activation, backend) -> y_sorted [S,D]."""
+    """(x_sorted [S,D], w1, b1, w2, b2, offsets [E+1], activation, backend,
+    needs_backward) -> y_sorted [S,D]. Without a backward the pre-activations
+    are not kept, which lowers inference memory."""
 
     @staticmethod
-    def forward(ctx, x_sorted, w1, b1, w2, b2, offsets, activation, backend):
-        y, h = _backend.kernels(backend).grouped_mlp_fwd(x_sorted, offsets, w1, b1, w2, b2, activation)
+    def forward(ctx, x_sorted, w1, b1, w2, b2, offsets, activation, backend, needs_backward):
+        y, h = _backend.kernels(backend).grouped_mlp_fwd(
+            x_sorted, offsets, w1, b1, w2, b2, activation, needs_backward
+        )
         ctx.save_for_backward(x_sorted, h, offsets, w1, w2)
         ctx.activation, ctx.backend = activation, backend
         ctx.has_bias = (b1 is not None, b2 is not None)
@@ -70,7 +74,7 @@ class GroupedMLP(torch.autograd.Function):
             grad_y.contiguous(), x_sorted, h, offsets, w1, w2, ctx.activation
         )
         has_b1, has_b2 = ctx.has_bias
-        return dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None, None, None
+        return dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None, None, None, None
 
 
 class FusedMoEMLP(torch.autograd.Function):

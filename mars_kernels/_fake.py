@@ -76,8 +76,9 @@ def _register_dispatch_fakes() -> None:
         return torch.empty_like(y_sorted), torch.empty_like(weights)
 
     @torch.library.register_fake("mars_kernels::grouped_mlp_fwd")
-    def _(x_sorted, offsets, w1, b1, w2, b2, activation):
-        return x_sorted.new_empty((x_sorted.shape[0], w2.shape[2])), x_sorted.new_empty((x_sorted.shape[0], w1.shape[2]))
+    def _(x_sorted, offsets, w1, b1, w2, b2, activation, save_h=True):
+        rows = x_sorted.shape[0] if save_h else 0
+        return x_sorted.new_empty((x_sorted.shape[0], w2.shape[2])), x_sorted.new_empty((rows, w1.shape[2]))
 
     @torch.library.register_fake("mars_kernels::grouped_mlp_bwd")
     def _(grad_y_sorted, x_sorted, h, offsets, w1, w2, activation):

@@ -160,7 +160,10 @@ def grouped_mlp(
         flat = meta._replace(top_k=1, permutation=ident, inverse=ident)
         ones = x_sorted.new_ones(S, 1, dtype=torch.float32)
         return FusedMoEMLP.apply(x_sorted.contiguous(), ones, w1, b1, w2, b2, flat, activation)
-    return GroupedMLP.apply(x_sorted.contiguous(), w1, b1, w2, b2, meta.offsets, activation, name)
+    needs_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_sorted, w1, b1, w2, b2)
+    )
+    return GroupedMLP.apply(x_sorted.contiguous(), w1, b1, w2, b2, meta.offsets, activation, name, needs_backward)
 
 
 def moe_mlp(

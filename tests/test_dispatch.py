@@ -232,6 +232,23 @@ def test_moe_mlp_with_dropped_assignments(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_inference_without_grad_matches(device, backend):
+    run = _moe_case(device, backend, 37, 24, 40, 7, 3, "swiglu", torch.float32)
+    w, idx = _routing(37, 7, 3, device)
+    params = _expert_params(7, 24, 40, "swiglu", torch.float32, device)
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(3)).to(device)
+    block = 64
+    if backend in ("triton", "cuda"):
+        from mars_kernels.triton import moe as triton_moe
+
+        block = triton_moe.BLOCK_M
+    meta = mk.moe_align(idx, 7, block, backend=backend)
+    with torch.no_grad():
+        y = mk.moe_mlp(x, w, meta, *params, "swiglu", backend=backend)
+    assert_close(y, run(backend)[0].detach(), torch.float32, "y under no_grad")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_combine_is_bitwise_deterministic(device, backend):
     run = _moe_case(device, backend, 64, 32, 32, 8, 4, "gelu", torch.float32)
     first, second = run(backend), run(backend)

@@ -99,6 +99,7 @@ def test_opcheck_dispatch_ops(device, dtype):
     for act, W1, B1 in (("gelu", w1[..., :H].contiguous(), b1[:, :H].contiguous()), ("swiglu", w1, b1)):
         torch.library.opcheck(ops.grouped_mlp_fwd.default, (ys, offsets, W1, B1, w2, b2, act))
         torch.library.opcheck(ops.grouped_mlp_fwd.default, (ys, offsets, W1, None, w2, None, act))
+        torch.library.opcheck(ops.grouped_mlp_fwd.default, (ys, offsets, W1, B1, w2, b2, act, False))
         _, h = ops.grouped_mlp_fwd(ys, offsets, W1, B1, w2, b2, act)
         torch.library.opcheck(ops.grouped_mlp_bwd.default, (torch.randn_like(ys), ys, h, offsets, W1, w2, act))
 

@@ -71,22 +71,24 @@ Shapes check_shapes(const at::Tensor& x, const at::Tensor& offsets, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w1,
                                                    const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
-                                                   const c10::optional<at::Tensor>& b2, std::string activation) {
+                                                   const c10::optional<at::Tensor>& b2, std::string activation,
+                                                   bool save_h) {
   const Act act = parse_activation(activation);
   const Shapes sh = check_shapes(x, offsets, w1, w2, act);
   const at::Tensor offs = offsets.contiguous();
   const int64_t* off = offs.const_data_ptr<int64_t>();
-  at::Tensor h = at::empty({sh.S, sh.H1}, x.options());
-  at::Tensor y = at::empty({sh.S, sh.D}, x.options());
-  y.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
-  h.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
   int64_t most = 0;
   for (int64_t e = 0; e < sh.E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  // Without a backward to feed, h lives one expert at a time.
+  at::Tensor h = at::empty({save_h ? sh.S : most, sh.H1}, x.options());
+  at::Tensor y = at::empty({sh.S, sh.D}, x.options());
+  y.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
+  if (save_h) h.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
   at::Tensor scratch = at::empty({most, sh.H}, x.options());
   for (int64_t e = 0; e < sh.E; ++e) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
     if (n == 0) continue;
-    at::Tensor he = h.narrow(0, lo, n), ye = y.narrow(0, lo, n), ae = scratch.narrow(0, 0, n);
+    at::Tensor he = h.narrow(0, save_h ? lo : 0, n), ye = y.narrow(0, lo, n), ae = scratch.narrow(0, 0, n);
     const at::Tensor xe = x.narrow(0, lo, n);
     if (b1.has_value()) at::addmm_out(he, (*b1)[e], xe, w1[e]);
     else at::mm_out(he, xe, w1[e]);
@@ -94,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at
     if (b2.has_value()) at::addmm_out(ye, (*b2)[e], ae, w2[e]);
     else at::mm_out(ye, ae, w2[e]);
   }
-  return {y, h};
+  return {y, save_h ? h : at::empty({0, sh.H1}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_mlp_bwd(

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace mars_kernels {
@@ -19,6 +20,69 @@ namespace cpu {
 template <typename acc_t>
 inline acc_t rank_value(acc_t v) {
   return std::isnan(v) ? std::numeric_limits<acc_t>::infinity() : v;
+}
+
+// Order-preserving integer key of a logit: NaN ranks as +inf and -0 as +0, so
+// keys compare exactly like rank_value(), and integer max reductions (which
+// vectorise, unlike float ones with NaN rules) find the top.
+template <typename acc_t>
+struct OrderKey;
+template <>
+struct OrderKey<float> {
+  using type = int32_t;
+  static constexpr type kTaken = std::numeric_limits<int32_t>::min();  // below every real key
+  static type of(float v) {
+    v = v != v ? std::numeric_limits<float>::infinity() : (v == 0.0f ? 0.0f : v);
+    int32_t b;
+    std::memcpy(&b, &v, sizeof(b));
+    return b >= 0 ? b : b ^ 0x7FFFFFFF;
+  }
+};
+template <>
+struct OrderKey<double> {
+  using type = int64_t;
+  static constexpr type kTaken = std::numeric_limits<int64_t>::min();
+  static type of(double v) {
+    v = v != v ? std::numeric_limits<double>::infinity() : (v == 0.0 ? 0.0 : v);
+    int64_t b;
+    std::memcpy(&b, &v, sizeof(b));
+    return b >= 0 ? b : b ^ 0x7FFFFFFFFFFFFFFFLL;
+  }
+};
+
+// Up to this many selected experts, k rounds of a vectorised key maximum beat
+// an insertion buffer.
+constexpr int64_t kKeyScanSelectMax = 8;
+
+// The m largest of row[0..E) in rank order by m rounds of a key maximum,
+// removing each winner. `keys` is scratch of length >= E. For float rows the
+// expert index is packed into the low 32 bits of an int64 key (larger for a
+// lower index), so one vectorised max yields value and index together.
+template <typename acc_t, typename scalar_t>
+inline void select_topk_by_keys(const scalar_t* row, int64_t E, int64_t m, int64_t* idx, int64_t* keys) {
+  constexpr int64_t kTaken = std::numeric_limits<int64_t>::min();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (int64_t e = 0; e < E; ++e)
+      keys[e] = (static_cast<int64_t>(OrderKey<float>::of(static_cast<float>(row[e]))) << 32) |
+                (int64_t{0xFFFFFFFF} - e);
+    for (int64_t j = 0; j < m; ++j) {
+      int64_t best = kTaken;
+      for (int64_t e = 0; e < E; ++e) best = keys[e] > best ? keys[e] : best;
+      const int64_t at = int64_t{0xFFFFFFFF} - (best & int64_t{0xFFFFFFFF});
+      idx[j] = at;
+      keys[at] = kTaken;
+    }
+  } else {
+    for (int64_t e = 0; e < E; ++e) keys[e] = OrderKey<acc_t>::of(static_cast<acc_t>(row[e]));
+    for (int64_t j = 0; j < m; ++j) {
+      int64_t best = kTaken;
+      for (int64_t e = 0; e < E; ++e) best = keys[e] > best ? keys[e] : best;
+      int64_t at = 0;
+      while (keys[at] != best) ++at;  // first index of the maximum
+      idx[j] = at;
+      keys[at] = kTaken;
+    }
+  }
 }
 
 // Up to this many selected experts an insertion buffer beats a partial sort.
@@ -68,7 +132,7 @@ inline void select_topk(const scalar_t* row, int64_t E, int64_t m, int64_t* idx,
 // exp that the compiler can vectorise: Cody-Waite reduction x = n ln2 + r,
 // |r| <= ln2/2, and a degree-7 Taylor polynomial for e^r (error < 1e-7
 // relative, about 1 ulp). Exact at the edges: -inf -> 0, +inf -> inf, NaN -> NaN.
-inline float exp_vec(float x) {
+__attribute__((always_inline)) inline float exp_vec(float x) {
   const float n = __builtin_nearbyintf(x * 1.44269504088896341f);
   const float c = std::min(std::max(n, -126.0f), 127.0f);
   const float r = (x - c * 0.693145751953125f) - c * 1.428606765330187045e-06f;
@@ -154,7 +218,7 @@ inline acc_t log_sum_exp(int64_t n, Get get) {
   }
   if (bad || mx == -std::numeric_limits<acc_t>::infinity()) return std::numeric_limits<acc_t>::quiet_NaN();
   acc_t sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += std::exp(get(j) - mx);
+  for (int64_t j = 0; j < n; ++j) sum += exp_vec(get(j) - mx);
   return mx + std::log(sum);
 }
 

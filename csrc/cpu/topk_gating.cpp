@@ -35,15 +35,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_fwd(const at::Tensor&
     at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> val(k);
       std::vector<int64_t> order(k > kInsertionSelectMax ? E : 0);
+      std::vector<int64_t> keys(k <= kKeyScanSelectMax ? E : 0);
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* row = L + t * E;
         int64_t* idx = I + t * k;
-        select_topk<acc_t>(row, E, k, idx, val.data(), order.data());
+        if (k <= kKeyScanSelectMax) select_topk_by_keys<acc_t>(row, E, k, idx, keys.data());
+        else select_topk<acc_t>(row, E, k, idx, val.data(), order.data());
         const acc_t norm =
             dense ? row_log_sum_exp<acc_t>(row, E)
                   : log_sum_exp<acc_t>(k, [row, idx](int64_t j) { return static_cast<acc_t>(row[idx[j]]); });
         S[t] = norm;
-        for (int64_t j = 0; j < k; ++j) W[t * k + j] = std::exp(static_cast<acc_t>(row[idx[j]]) - norm);
+        for (int64_t j = 0; j < k; ++j) W[t * k + j] = exp_vec(static_cast<acc_t>(row[idx[j]]) - norm);
       }
     });
   });
