@@ -78,7 +78,7 @@ def expert_flops(T, D, H, k, activation):
     return 2 * T * k * (D * h1 + H * D)
 
 
-def bench_shape(label, T, D, H, E, k, dtype, device, backend, activation, min_run_time, memory_only=False):
+def bench_shape(label, T, D, H, E, k, dtype, device, backend, activation, rounds, memory_only=False):
     torch.manual_seed(0)
     layer = mk.SparseMoE(D, H, E, k, activation=activation, backend=backend).to(device=device, dtype=dtype)
     x = torch.randn(T, D, device=device, dtype=dtype).requires_grad_(True)
@@ -93,7 +93,7 @@ def bench_shape(label, T, D, H, E, k, dtype, device, backend, activation, min_ru
     grad_rows = torch.randn(T * k, D, device=device, dtype=dtype)
     rows = []
     for mode in ("forward", "forward+backward"):
-        times, peaks = {}, {}
+        runs = {}
         for name, fn in impls.items():
             g = grad_rows if name == "dense" else grad
 
@@ -105,14 +105,19 @@ def bench_shape(label, T, D, H, E, k, dtype, device, backend, activation, min_ru
                     fn().backward(g)
 
             try:
-                run()  # warm-up, and what memory_only measures
-                times[name] = None if memory_only else common.median_seconds(run, device, min_run_time)
-                peaks[name] = common.peak_memory_bytes(run, device)
+                run()
+                runs[name] = run
             except (RuntimeError, NotImplementedError) as exc:  # grouped_mm is missing for some dtypes/devices
                 print(f"  {name} skipped: {str(exc).splitlines()[0]}")
-                times[name], peaks[name] = None, None
-            layer.zero_grad(set_to_none=True)
-            x.grad = x_rows.grad = None
+        if memory_only:
+            times = {name: None for name in impls}
+            peaks = {name: common.peak_memory_bytes(runs[name], device) if name in runs else None for name in impls}
+        else:
+            measured = common.interleaved_medians(runs, device, rounds)
+            times = {name: measured.get(name) for name in impls}
+            peaks = {name: common.peak_memory_bytes(runs[name], device) if name in runs else None for name in impls}
+        layer.zero_grad(set_to_none=True)
+        x.grad = x_rows.grad = None
         flops = expert_flops(T, D, H, k, activation) * (1 if mode == "forward" else 3)
         dense_rate = flops / times["dense"] if times["dense"] else None
         for name in ("ours", "loop", "grouped_mm", "dense"):
@@ -146,7 +151,7 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", help="named shapes (mars, fine-grained); default both")
     p.add_argument("--T", type=int), p.add_argument("--D", type=int), p.add_argument("--H", type=int)
     p.add_argument("--E", type=int), p.add_argument("--k", type=int)
-    p.add_argument("--min-run-time", type=float, default=1.0, help="CPU: seconds of timing per measurement")
+    p.add_argument("--rounds", type=int, default=9, help="CPU: timed calls of each implementation, interleaved")
     p.add_argument("--out", help="JSON path (default: benchmarks/results/bench_moe_<device>.json)")
     p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory child
     a = p.parse_args(argv)
@@ -177,7 +182,7 @@ def main(argv=None):
     common.print_header(columns)
     rows = []
     for label, (T, D, H, E, k) in shapes.items():
-        new = bench_shape(label, T, D, H, E, k, dtype, device, backend, a.activation, a.min_run_time)
+        new = bench_shape(label, T, D, H, E, k, dtype, device, backend, a.activation, a.rounds)
         if device.type == "cpu":  # peak RSS from a child process whose allocator returns memory at once
             args = [sys.executable, __file__, "--memory-only", "--device", "cpu", "--backend", backend,
                     "--dtype", str(dtype).replace("torch.", ""), "--activation", a.activation,

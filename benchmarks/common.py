@@ -32,6 +32,26 @@ def median_seconds(fn, device: torch.device, min_run_time: float = 0.3) -> float
     return m.adaptive_autorange(min_run_time=min_run_time).median
 
 
+def interleaved_medians(fns: dict, device: torch.device, rounds: int = 9) -> dict:
+    """Median seconds of each callable in ``fns``, timed round-robin (one call
+    of each per round) so that drifting machine load hits every peer alike.
+    GPU: triton's do_bench per callable."""
+    if device.type == "cuda":
+        return {name: median_seconds(fn, device) for name, fn in fns.items()}
+    import statistics
+    import time
+
+    for fn in fns.values():
+        fn()  # warm-up
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def _proc_status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -74,4 +74,36 @@ TORCH_LIBRARY(mars_kernels, m) {
   m.def(
       "grouped_mlp_bwd(Tensor grad_y_sorted, Tensor x_sorted, Tensor h, Tensor offsets, Tensor w1,"
       " Tensor w2, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The whole expert computation in token order, without materialising T*k rows:
+  // y[t] = sum over t's assignments of w * (act(x[t] W1[e] + b1[e]) W2[e] + b2[e]),
+  // accumulated in f32 in expert order. x [T,D], weights [T,k] f32, permutation and
+  // offsets from moe_align. -> y [T,D], h [S,H1] in sorted order (empty unless save_h).
+  m.def(
+      "moe_mlp_fwd(Tensor x, Tensor weights, Tensor permutation, Tensor offsets, int top_k, Tensor w1,"
+      " Tensor? b1, Tensor w2, Tensor? b2, str activation, bool save_h) -> (Tensor y, Tensor h)");
+  // -> grad_x [T,D], grad_weights [T,k] f32, grad_w1, grad_b1 [E,H1], grad_w2, grad_b2 [E,D].
+  m.def(
+      "moe_mlp_bwd(Tensor grad_y, Tensor x, Tensor weights, Tensor permutation, Tensor offsets, int top_k,"
+      " Tensor w1, Tensor w2, Tensor? b2, Tensor h, str activation)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- MARS training-time routing (DESIGN 2.3), see reference.mars_routing.
+  // residual_logits, feature_logits [T,E] same float dtype; noise [T,E] f32 ->
+  // weights [T,k] f32, indices [T,k] int64 (top k of l_r + sigma*noise, ties to the
+  // lower index), imitation [T] f32 (KL(sg(p_r) || p_f)), divergence [T] f32
+  // (KL(p_r || p_f)), prob_sum [E] f32 (sum over T of p_r, deterministic),
+  // lse_r, lse_f [T] f32 (row log-sum-exps, for the backward).
+  // sigma = min(sigma_0 * divergence + sigma_const, sigma_max).
+  m.def(
+      "mars_routing_fwd(Tensor residual_logits, Tensor feature_logits, Tensor noise, int k, float sigma_0,"
+      " float sigma_const, float sigma_max) -> (Tensor weights, Tensor indices, Tensor imitation,"
+      " Tensor divergence, Tensor prob_sum, Tensor lse_r, Tensor lse_f)");
+  // grad_r = scatter(w * (g - <g, w>)) + p_r * (grad_prob_sum - <grad_prob_sum, p_r>);
+  // grad_f = grad_imitation[t] * (p_f - p_r). -> (grad_residual, grad_feature) in the
+  // logits' dtype.
+  m.def(
+      "mars_routing_bwd(Tensor grad_weights, Tensor grad_imitation, Tensor grad_prob_sum,"
+      " Tensor residual_logits, Tensor feature_logits, Tensor weights, Tensor indices, Tensor lse_r,"
+      " Tensor lse_f) -> (Tensor, Tensor)");
 }

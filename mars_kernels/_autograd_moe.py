@@ -10,6 +10,8 @@ import torch
 
 from . import backend as _backend
 
+__all__ = ["Permute", "Unpermute", "GroupedMLP", "CpuMoEMLP", "FusedMoEMLP"]
+
 # --------------------------------------------------------------------------- permute / unpermute
 
 
@@ -75,6 +77,30 @@ class GroupedMLP(torch.autograd.Function):
         )
         has_b1, has_b2 = ctx.has_bias
         return dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None, None, None, None
+
+
+class CpuMoEMLP(torch.autograd.Function):
+    """The CPU fused expert MLP: gather, GEMMs and gate-weighted accumulation per
+    expert in small reused buffers. (x [T,D], weights [T,k], w1, b1, w2, b2,
+    permutation, offsets, top_k, activation, needs_backward) -> y [T,D]."""
+
+    @staticmethod
+    def forward(ctx, x, weights, w1, b1, w2, b2, permutation, offsets, top_k, activation, needs_backward):
+        y, h = torch.ops.mars_kernels.moe_mlp_fwd(
+            x, weights, permutation, offsets, top_k, w1, b1, w2, b2, activation, needs_backward
+        )
+        ctx.save_for_backward(x, weights, w1, w2, b2, permutation, offsets, h)
+        ctx.top_k, ctx.activation, ctx.has_b1 = top_k, activation, b1 is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weights, w1, w2, b2, permutation, offsets, h = ctx.saved_tensors
+        dx, dw, dw1, db1, dw2, db2 = torch.ops.mars_kernels.moe_mlp_bwd(
+            grad_y.contiguous(), x, weights, permutation, offsets, ctx.top_k, w1, w2, b2, h, ctx.activation
+        )
+        return (dx, dw, dw1, db1 if ctx.has_b1 else None, dw2, db2 if b2 is not None else None,
+                None, None, None, None, None)
 
 
 class FusedMoEMLP(torch.autograd.Function):

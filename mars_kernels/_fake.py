@@ -90,3 +90,20 @@ def _register_dispatch_fakes() -> None:
             torch.empty_like(w2),
             w2.new_empty((E, D)),
         )
+
+    @torch.library.register_fake("mars_kernels::moe_mlp_fwd")
+    def _(x, weights, permutation, offsets, top_k, w1, b1, w2, b2, activation, save_h):
+        rows = permutation.shape[0] if save_h else 0
+        return torch.empty_like(x), x.new_empty((rows, w1.shape[2]))
+
+    @torch.library.register_fake("mars_kernels::moe_mlp_bwd")
+    def _(grad_y, x, weights, permutation, offsets, top_k, w1, w2, b2, h, activation):
+        E, H1, D = w1.shape[0], w1.shape[2], w2.shape[2]
+        return (
+            torch.empty_like(x),
+            torch.empty_like(weights),
+            torch.empty_like(w1),
+            w1.new_empty((E, H1)),
+            torch.empty_like(w2),
+            w2.new_empty((E, D)),
+        )

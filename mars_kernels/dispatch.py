@@ -12,7 +12,7 @@ import torch
 from . import _validate as check
 from . import backend as _backend
 from . import reference
-from ._autograd_moe import FusedMoEMLP, GroupedMLP, Permute, Unpermute
+from ._autograd_moe import CpuMoEMLP, FusedMoEMLP, GroupedMLP, Permute, Unpermute
 from .meta import MoEMeta
 
 __all__ = ["MoEMeta", "moe_align", "apply_capacity", "permute", "unpermute", "grouped_mlp", "moe_mlp", "ACTIVATIONS"]
@@ -182,8 +182,9 @@ def moe_mlp(
 
     x [T, D], weights [T, k] (gradient flows to them too) -> y [T, D]. On the
     triton backend the gather is fused into the first GEMM and the gate
-    weighting/scatter into the second; elsewhere permute -> grouped_mlp ->
-    unpermute.
+    weighting/scatter into the second; on cpu each expert's rows are gathered,
+    multiplied and accumulated back in small reused buffers; the reference runs
+    permute -> grouped_mlp -> unpermute.
     """
     check.float_matrix(x, "x")
     _check_meta(meta)
@@ -199,5 +200,13 @@ def moe_mlp(
             raise ValueError(f"meta.block_size must be {triton_moe.BLOCK_M} for the triton expert MLP, got {meta.block_size}")
         w = weights.to(torch.float32).contiguous()
         return FusedMoEMLP.apply(x.contiguous(), w, w1, b1, w2, b2, meta, activation)
+    if name == "cpu":
+        w = weights.to(reference.compute_dtype(x.dtype)).contiguous()
+        needs_backward = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weights, w1, b1, w2, b2)
+        )
+        return CpuMoEMLP.apply(
+            x.contiguous(), w, w1, b1, w2, b2, meta.permutation, meta.offsets, meta.top_k, activation, needs_backward
+        )
     y_sorted = grouped_mlp(permute(x, meta, backend=name), w1, b1, w2, b2, meta, activation, backend=name)
     return unpermute(y_sorted, meta, weights, backend=name)

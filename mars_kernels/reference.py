@@ -30,6 +30,7 @@ __all__ = [
     "cv_squared",
     "noisy_balance_loss",
     "router_z_loss",
+    "mars_routing",
     "ACTIVATIONS",
     "activation",
     "apply_capacity",
@@ -176,6 +177,49 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if lse.numel() == 0:
         return lse.sum()
     return (lse**2).mean()
+
+
+def mars_routing(
+    residual_logits: torch.Tensor,
+    feature_logits: torch.Tensor,
+    k: int,
+    *,
+    sigma_0: float,
+    sigma_max: float,
+    sigma_const: float = 0.0,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MARS training-time routing (DESIGN 2.3), one pass over both routers' logits.
+
+    residual_logits l_r [T, E], feature_logits l_f [T, E] -> weights [T, k],
+    indices [T, k], imitation [T], divergence [T], prob_sum [E]:
+
+    * p_r = softmax(l_r), p_f = softmax(l_f); divergence d = KL(p_r || p_f) per
+      token, detached;
+    * sigma = min(sigma_0 * d + sigma_const, sigma_max) (detached); noisy
+      logits l_r + sigma * eps with eps [T, E] standard normal (``noise``, or
+      drawn from ``generator``);
+    * weights/indices: top k of softmax(noisy), renormalised (a softmax over the
+      k chosen noisy logits); gradient to l_r;
+    * imitation = KL(stopgrad(p_r) || p_f) per token; gradient to l_f only;
+    * prob_sum = sum over tokens of p_r (clean), for the Switch balance loss on
+      the residual router; gradient to l_r.
+    """
+    ct = compute_dtype(residual_logits.dtype)
+    lr, lf = residual_logits.to(ct), feature_logits.to(ct)
+    log_pr, log_pf = torch.log_softmax(lr, dim=-1), torch.log_softmax(lf, dim=-1)
+    pr = log_pr.exp()
+    divergence = (pr * (log_pr - log_pf)).sum(-1).detach()
+    sigma = torch.clamp(sigma_0 * divergence + sigma_const, max=sigma_max)
+    if noise is None:
+        noise = torch.randn(lr.shape, generator=generator, device=lr.device, dtype=ct)
+    noisy = lr + sigma.unsqueeze(-1) * noise.to(ct)
+    indices = topk_order(noisy.detach(), k)
+    weights = torch.softmax(noisy.gather(1, indices), dim=-1)
+    sg_pr, sg_log_pr = pr.detach(), log_pr.detach()
+    imitation = (sg_pr * (sg_log_pr - log_pf)).sum(-1)
+    return weights, indices, imitation, divergence, pr.sum(0)
 
 
 # --------------------------------------------------------------------------- dispatch and experts

@@ -322,3 +322,12 @@ def test_gpu_large_moe(backend, dtype):
     for name, a, r in zip(NAMES, run(backend), ref32):
         scale = r.abs().max().clamp(min=1)
         assert float((a.float() - r).abs().max() / scale) < (2e-2 if dtype != torch.bfloat16 else 8e-2), name
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_cpu_experts_larger_than_one_row_tile(activation):
+    # The CPU kernel walks an expert's rows in tiles of 512; 1300 tokens on
+    # mostly one expert cross several tiles, with a partial last one.
+    run = _moe_case("cpu", "cpu", 1300, 16, 12, 3, 2, activation, torch.float32, one_expert=True)
+    for name, a, r in zip(NAMES, run("cpu"), run("loop")):
+        assert_close(a, r, torch.float32, name)

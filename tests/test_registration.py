@@ -102,6 +102,10 @@ def test_opcheck_dispatch_ops(device, dtype):
         torch.library.opcheck(ops.grouped_mlp_fwd.default, (ys, offsets, W1, B1, w2, b2, act, False))
         _, h = ops.grouped_mlp_fwd(ys, offsets, W1, B1, w2, b2, act)
         torch.library.opcheck(ops.grouped_mlp_bwd.default, (torch.randn_like(ys), ys, h, offsets, W1, w2, act))
+        for save_h in (True, False):
+            torch.library.opcheck(ops.moe_mlp_fwd.default, (x, w, perm, offsets, k, W1, B1, w2, b2, act, save_h))
+        _, h = ops.moe_mlp_fwd(x, w, perm, offsets, k, W1, B1, w2, b2, act, True)
+        torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(x), x, w, perm, offsets, k, W1, w2, b2, h, act))
 
 
 @pytest.mark.parametrize("router", ["topk", "noisy"])

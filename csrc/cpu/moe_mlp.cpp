@@ -1,0 +1,213 @@
+// CPU fused expert MLP: for each expert, gather its token rows into a small
+// reused buffer, run the two GEMMs, and accumulate the gate-weighted rows back
+// into the token-order output. Nothing of size T*k*D is materialised; only the
+// pre-activations h [S, H1] are kept for the backward, which regathers rows and
+// gets the gate-weight gradients from G = grad_y W2^T (no saved expert outputs).
+// Contract in csrc/ops.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "cpu_common.h"
+#include "expert_mlp.h"
+
+namespace mars_kernels {
+namespace cpu {
+namespace {
+
+// Rows per tile: an expert's rows are processed in tiles whose intermediates
+// (gathered rows, activations, expert outputs) stay in cache.
+// MARS_KERNELS_CPU_ROW_TILE overrides the default (read once).
+int64_t row_tile() {
+  static const int64_t tile = [] {
+    const char* env = std::getenv("MARS_KERNELS_CPU_ROW_TILE");
+    const int64_t v = env ? std::atoll(env) : 0;
+    return v > 0 ? v : int64_t{512};
+  }();
+  return tile;
+}
+
+// Rows and indices of one expert's assignments.
+struct ExpertRows {
+  int64_t lo, n;
+  at::Tensor slots;   // [n] flat assignment ids (t*k + j)
+  at::Tensor tokens;  // [n] token ids
+};
+
+ExpertRows expert_rows(const at::Tensor& permutation, const int64_t* off, int64_t e, int64_t top_k) {
+  const int64_t lo = off[e], n = off[e + 1] - lo;
+  at::Tensor slots = permutation.narrow(0, lo, n);
+  return {lo, n, slots, at::floor_divide(slots, top_k)};
+}
+
+// acc[tokens[i]] += scale[i] * rows[i] (scale may be undefined: 1). Threads
+// split the columns, so repeated tokens are safe and the order is fixed.
+void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const at::Tensor& tokens, const at::Tensor& scale) {
+  const int64_t n = rows.size(0), D = rows.size(1);
+  const int64_t* tok = tokens.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "accumulate_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* R = rows.const_data_ptr<scalar_t>();
+    acc_t* A = acc.data_ptr<acc_t>();
+    const acc_t* W = scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t w = W ? W[i] : acc_t(1);
+        acc_t* a = A + tok[i] * D;
+        const scalar_t* r = R + i * D;
+        for (int64_t d = d0; d < d1; ++d) a[d] += w * static_cast<acc_t>(r[d]);
+      }
+    });
+  });
+}
+
+// out[i] = <a[i], b[i]> over rows of two [n, m] tensors, accumulated in acc_t.
+void row_dots(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  const int64_t n = a.size(0), m = a.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "row_dots", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* A = a.const_data_ptr<scalar_t>();
+    const scalar_t* B = b.const_data_ptr<scalar_t>();
+    acc_t* O = out.data_ptr<acc_t>();
+    at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        acc_t s = 0;
+        for (int64_t j = 0; j < m; ++j) s += static_cast<acc_t>(A[i * m + j]) * static_cast<acc_t>(B[i * m + j]);
+        O[i] = s;
+      }
+    });
+  });
+}
+
+void check_routing(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& permutation, int64_t top_k) {
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1, got ", top_k);
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == x.size(0) && weights.size(1) == top_k &&
+                  weights.scalar_type() == routing_dtype(x) && weights.is_contiguous(),
+              "weights must be a contiguous [T, k] ", routing_dtype(x), " tensor, got ", weights.scalar_type(), " ",
+              weights.sizes());
+  TORCH_CHECK(permutation.numel() == x.size(0) * top_k && permutation.scalar_type() == at::kLong,
+              "permutation must be int64 with T*k entries");
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Tensor& weights,
+                                               const at::Tensor& permutation, const at::Tensor& offsets,
+                                               int64_t top_k, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                                               const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                                               std::string activation, bool save_h) {
+  const Act act = parse_activation(activation);
+  const Shapes sh = check_expert_shapes(x, "x", offsets, w1, w2, act);
+  check_routing(x, weights, permutation, top_k);
+  const int64_t T = x.size(0), S = T * top_k;
+  const at::Tensor offs = offsets.contiguous(), perm = permutation.contiguous();
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  int64_t most = 0;
+  for (int64_t e = 0; e < sh.E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  const auto opts = x.options();
+  at::Tensor acc = at::zeros({T, sh.D}, opts.dtype(routing_dtype(x)));
+  most = std::min(most, row_tile());
+  at::Tensor h = at::empty({save_h ? S : most, sh.H1}, opts);
+  if (save_h) h.narrow(0, off[sh.E], S - off[sh.E]).zero_();
+  at::Tensor xg = at::empty({most, sh.D}, opts), a = at::empty({most, sh.H}, opts), ye = at::empty({most, sh.D}, opts);
+  const at::Tensor flat_w = weights.view(-1);
+  for (int64_t e = 0; e < sh.E; ++e) {
+    const ExpertRows r = expert_rows(perm, off, e, top_k);
+    for (int64_t r0 = 0; r0 < r.n; r0 += row_tile()) {
+      const int64_t n = std::min(row_tile(), r.n - r0);
+      const at::Tensor tokens = r.tokens.narrow(0, r0, n);
+      at::Tensor xe = xg.narrow(0, 0, n), he = h.narrow(0, save_h ? r.lo + r0 : 0, n);
+      at::Tensor ae = a.narrow(0, 0, n), y_e = ye.narrow(0, 0, n);
+      at::index_select_out(xe, x, 0, tokens);
+      if (b1.has_value()) at::addmm_out(he, (*b1)[e], xe, w1[e]);
+      else at::mm_out(he, xe, w1[e]);
+      activation_out(act, he, ae);
+      if (b2.has_value()) at::addmm_out(y_e, (*b2)[e], ae, w2[e]);
+      else at::mm_out(y_e, ae, w2[e]);
+      accumulate_rows(acc, y_e, tokens, flat_w.index_select(0, r.slots.narrow(0, r0, n)));
+    }
+  }
+  at::Tensor y = acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
+  return {y, save_h ? h : at::empty({0, sh.H1}, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_bwd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weights, const at::Tensor& permutation,
+    const at::Tensor& offsets, int64_t top_k, const at::Tensor& w1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& b2, const at::Tensor& h, std::string activation) {
+  const Act act = parse_activation(activation);
+  const Shapes sh = check_expert_shapes(x, "x", offsets, w1, w2, act);
+  check_routing(x, weights, permutation, top_k);
+  const int64_t T = x.size(0);
+  TORCH_CHECK(h.size(0) == T * top_k && h.size(1) == sh.H1, "h must be the [S, H1] tensor saved by moe_mlp_fwd");
+  const at::Tensor dy = grad_y.contiguous(), offs = offsets.contiguous(), perm = permutation.contiguous();
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  int64_t most = 0;
+  for (int64_t e = 0; e < sh.E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  most = std::min(most, row_tile());
+  const auto opts = x.options();
+  const auto acc_opts = opts.dtype(routing_dtype(x));
+  at::Tensor dx_acc = at::zeros({T, sh.D}, acc_opts);
+  at::Tensor grad_w = at::zeros({T, top_k}, acc_opts);
+  at::Tensor dw1 = at::zeros_like(w1), dw2 = at::zeros_like(w2);
+  at::Tensor db1 = at::zeros({sh.E, sh.H1}, w1.options()), db2 = at::zeros({sh.E, sh.D}, w2.options());
+  at::Tensor xg = at::empty({most, sh.D}, opts), dg = at::empty({most, sh.D}, opts);
+  at::Tensor a = at::empty({most, sh.H}, opts), G = at::empty({most, sh.H}, opts);
+  at::Tensor dh = at::empty({most, sh.H1}, opts), dxg = at::empty({most, sh.D}, opts);
+  at::Tensor dots = at::empty({most}, acc_opts), bias_dots = at::empty({most}, acc_opts);
+  const at::Tensor flat_w = weights.view(-1);
+  at::Tensor flat_gw = grad_w.view(-1);
+  for (int64_t e = 0; e < sh.E; ++e) {
+    const ExpertRows r = expert_rows(perm, off, e, top_k);
+    at::Tensor dw2e = dw2[e], db2e = db2[e], dw1e = dw1[e], db1e = db1[e];
+    for (int64_t r0 = 0; r0 < r.n; r0 += row_tile()) {
+      const int64_t n = std::min(row_tile(), r.n - r0);
+      const bool first = r0 == 0;
+      const at::Tensor tokens = r.tokens.narrow(0, r0, n), slots = r.slots.narrow(0, r0, n);
+      const at::Tensor he = h.narrow(0, r.lo + r0, n);
+      at::Tensor xe = xg.narrow(0, 0, n), dge = dg.narrow(0, 0, n), ae = a.narrow(0, 0, n);
+      at::Tensor Ge = G.narrow(0, 0, n), dhe = dh.narrow(0, 0, n), dxe = dxg.narrow(0, 0, n);
+      at::Tensor dots_e = dots.narrow(0, 0, n);
+      at::index_select_out(dge, dy, 0, tokens);
+      activation_out(act, he, ae);  // recomputed rather than saved
+      at::mm_out(Ge, dge, w2[e].t());
+      // d weight = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>
+      row_dots(Ge, ae, dots_e);
+      if (b2.has_value()) {
+        at::Tensor bd = bias_dots.narrow(0, 0, n);
+        at::mv_out(bd, dge.to(bd.scalar_type()), (*b2)[e].to(bd.scalar_type()));
+        dots_e.add_(bd);
+      }
+      flat_gw.index_copy_(0, slots, dots_e);
+      const at::Tensor w_col = flat_w.index_select(0, slots).to(x.scalar_type()).unsqueeze(1);
+      dge.mul_(w_col);  // now the gradient of this expert's output rows
+      Ge.mul_(w_col);   // now d act(h)
+      // Weight gradients summed over row tiles in tile order (deterministic).
+      if (first) at::mm_out(dw2e, ae.t(), dge);
+      else dw2e.addmm_(ae.t(), dge);
+      db2e.add_(dge.sum(0));
+      activation_backward_out(act, Ge, he, dhe);
+      at::index_select_out(xe, x, 0, tokens);
+      if (first) at::mm_out(dw1e, xe.t(), dhe);
+      else dw1e.addmm_(xe.t(), dhe);
+      db1e.add_(dhe.sum(0));
+      at::mm_out(dxe, dhe, w1[e].t());
+      accumulate_rows(dx_acc, dxe, tokens, at::Tensor());
+    }
+  }
+  at::Tensor dx = dx_acc.scalar_type() == x.scalar_type() ? dx_acc : dx_acc.to(x.scalar_type());
+  return {dx, grad_w, dw1, db1, dw2, db2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mars_kernels, CPU, m) {
+  m.impl("moe_mlp_fwd", &moe_mlp_fwd);
+  m.impl("moe_mlp_bwd", &moe_mlp_bwd);
+}
+
+}  // namespace cpu
+}  // namespace mars_kernels
