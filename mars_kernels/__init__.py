@@ -11,6 +11,7 @@ from .layers import Experts, NoisyTopKRouter, Routing, SparseMoE, TopKRouter
 from .ops import (
     cv_squared,
     expert_counts,
+    mars_routing,
     noisy_balance_loss,
     noisy_topk_gating,
     router_stats,
@@ -45,6 +46,7 @@ __all__ = [
     "router_z_loss",
     "cv_squared",
     "noisy_balance_loss",
+    "mars_routing",
     "MoEMeta",
     "moe_align",
     "apply_capacity",

@@ -126,6 +126,50 @@ class RouterStats(torch.autograd.Function):
         return _stats_backward(ctx, _backend.kernels(ctx.backend), grad_lse, grad_prob_sum), None
 
 
+# --------------------------------------------------------------------------- MARS routing
+
+
+def _mars_setup(ctx, inputs, output):
+    residual, feature = inputs[:2]
+    weights, indices, _imitation, divergence, _prob_sum, lse_r, lse_f = output
+    ctx.save_for_backward(residual, feature, weights, indices, lse_r, lse_f)
+    ctx.mark_non_differentiable(indices, divergence, lse_r, lse_f)
+
+
+def _mars_backward(ctx, kern, grad_weights, grad_imitation, grad_prob_sum):
+    residual, feature, weights, indices, lse_r, lse_f = ctx.saved_tensors
+    if grad_weights is None and grad_imitation is None and grad_prob_sum is None:
+        return None, None
+    return kern.mars_routing_bwd(
+        torch.zeros_like(weights) if grad_weights is None else grad_weights.contiguous(),
+        torch.zeros_like(lse_r) if grad_imitation is None else grad_imitation.contiguous(),
+        lse_r.new_zeros(residual.shape[1]) if grad_prob_sum is None else grad_prob_sum.contiguous(),
+        residual,
+        feature,
+        weights,
+        indices,
+        lse_r,
+        lse_f,
+    )
+
+
+class MarsRouting(torch.autograd.Function):
+    """(l_r [T,E], l_f [T,E], noise [T,E], k, sigma_0, sigma_const, sigma_max, backend)
+    -> weights, indices, imitation, divergence, prob_sum, lse_r, lse_f."""
+
+    @staticmethod
+    def forward(ctx, residual, feature, noise, k, sigma_0, sigma_const, sigma_max, backend):
+        out = _backend.kernels(backend).mars_routing_fwd(residual, feature, noise, k, sigma_0, sigma_const, sigma_max)
+        _mars_setup(ctx, (residual, feature), out)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, gw, _gi, gim, _gd, gps, _gr, _gf):
+        grad_r, grad_f = _mars_backward(ctx, _backend.kernels(ctx.backend), gw, gim, gps)
+        return grad_r, grad_f, None, None, None, None, None, None
+
+
 # --------------------------------------------------------------------------- torch.ops registration
 
 
@@ -141,6 +185,11 @@ def register_op_autograd() -> None:
         "mars_kernels::noisy_topk_gating_fwd",
         lambda ctx, gw, _gi, _gt, gimp, gload: (*_noisy_backward(ctx, ops, gw, gimp, gload), None, None, None),
         setup_context=_noisy_setup,
+    )
+    torch.library.register_autograd(
+        "mars_kernels::mars_routing_fwd",
+        lambda ctx, gw, _gi, gim, _gd, gps, _gr, _gf: (*_mars_backward(ctx, ops, gw, gim, gps), None, None, None, None, None),
+        setup_context=_mars_setup,
     )
     torch.library.register_autograd(
         "mars_kernels::router_stats_fwd",

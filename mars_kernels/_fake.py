@@ -45,6 +45,21 @@ def _register_gating_fakes() -> None:
           threshold_index, noise_eps):
         return torch.empty_like(clean_logits), torch.empty_like(noise_logits)
 
+    @torch.library.register_fake("mars_kernels::mars_routing_fwd")
+    def _(residual_logits, feature_logits, noise, k, sigma_0, sigma_const, sigma_max):
+        T, E = residual_logits.shape
+        acc = _acc(residual_logits)
+        vec = lambda n: residual_logits.new_empty((n,), dtype=acc)  # noqa: E731
+        return (
+            residual_logits.new_empty((T, k), dtype=acc),
+            residual_logits.new_empty((T, k), dtype=torch.int64),
+            vec(T), vec(T), vec(E), vec(T), vec(T),
+        )
+
+    @torch.library.register_fake("mars_kernels::mars_routing_bwd")
+    def _(grad_weights, grad_imitation, grad_prob_sum, residual_logits, feature_logits, weights, indices, lse_r, lse_f):
+        return torch.empty_like(residual_logits), torch.empty_like(feature_logits)
+
     @torch.library.register_fake("mars_kernels::router_stats_fwd")
     def _(logits):
         T, E = logits.shape

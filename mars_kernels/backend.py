@@ -107,7 +107,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
 def kernels(name: str):
     """The module holding a compiled backend's kernel-level ops (see csrc/ops.cpp)."""
     if name == "triton":
-        from .triton import gating
+        from . import triton as triton_kernels
 
-        return gating
+        return triton_kernels
     return torch.ops.mars_kernels

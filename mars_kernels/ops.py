@@ -22,7 +22,7 @@ import torch
 from . import _validate as check
 from . import backend as _backend
 from . import reference
-from ._autograd import NoisyTopKGating, RouterStats, TopKGating
+from ._autograd import MarsRouting, NoisyTopKGating, RouterStats, TopKGating
 
 __all__ = [
     "topk_gating",
@@ -33,6 +33,7 @@ __all__ = [
     "router_z_loss",
     "cv_squared",
     "noisy_balance_loss",
+    "mars_routing",
 ]
 
 MODES = ("softmax_topk", "topk_softmax")
@@ -181,3 +182,56 @@ def router_z_loss(logits: torch.Tensor, *, backend: str | None = None) -> torch.
     if lse.numel() == 0:
         return lse.sum()
     return (lse**2).mean()
+
+
+def mars_routing(
+    residual_logits: torch.Tensor,
+    feature_logits: torch.Tensor,
+    k: int,
+    *,
+    sigma_0: float,
+    sigma_max: float,
+    sigma_const: float = 0.0,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MARS training-time routing, fused: residual-router logits l_r [T, E] and
+    feature-router logits l_f [T, E] -> (weights [T, k], indices [T, k],
+    imitation [T], divergence [T], prob_sum [E]).
+
+    Gates with the top k of softmax(l_r + sigma * eps), sigma = min(sigma_0 *
+    KL(p_r || p_f) + sigma_const, sigma_max) per token (detached); ``imitation``
+    is KL(stopgrad(p_r) || p_f) with its gradient to l_f only; ``prob_sum`` sums
+    p_r over tokens (for the Switch balance loss on the residual router).
+    ``noise`` [T, E] or ``generator`` makes the noise reproducible. See
+    :func:`mars_kernels.reference.mars_routing`.
+    """
+    check.logits(residual_logits, "residual_logits")
+    check.logits(feature_logits, "feature_logits")
+    T, E = residual_logits.shape
+    check.shape(feature_logits, (T, E), "feature_logits", "[T, E] like residual_logits")
+    if feature_logits.dtype != residual_logits.dtype:
+        raise TypeError(f"feature_logits must have the dtype of residual_logits ({residual_logits.dtype}), got {feature_logits.dtype}")
+    check.top_k(k, E)
+    for name_, v in (("sigma_0", sigma_0), ("sigma_const", sigma_const), ("sigma_max", sigma_max)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            raise ValueError(f"{name_} must be a finite number >= 0, got {v!r}")
+    tensors = {"residual_logits": residual_logits, "feature_logits": feature_logits}
+    if noise is not None:
+        check.float_matrix(noise, "noise")
+        check.shape(noise, (T, E), "noise", "[T, E]")
+        tensors["noise"] = noise
+    check.same_device(tensors)
+    name = _backend.resolve(backend, residual_logits.device)
+    kw = dict(sigma_0=float(sigma_0), sigma_max=float(sigma_max), sigma_const=float(sigma_const))
+    if name == "reference":
+        return reference.mars_routing(residual_logits, feature_logits, k, noise=noise, generator=generator, **kw)
+    ct = reference.compute_dtype(residual_logits.dtype)
+    if noise is None:
+        noise = torch.randn(T, E, generator=generator, device=residual_logits.device, dtype=ct)
+    out = MarsRouting.apply(
+        residual_logits.contiguous(), feature_logits.contiguous(), noise.to(ct).contiguous(), k,
+        kw["sigma_0"], kw["sigma_const"], kw["sigma_max"], name,
+    )
+    return out[:5]
