@@ -1,0 +1,1 @@
+"""MARS: missingness-aware residual-guided specialization for incomplete multimodal learning (model layer)."""

@@ -1,0 +1,172 @@
+"""The ``mars`` command: ``mars train``, ``mars eval``, ``mars compare``."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .data import DataFormatError
+from .model import METHODS, NOISE_MODES, ROUTINGS, ModelConfig
+from .train import TrainConfig, TrainingDiverged, make_model, train
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--method", choices=METHODS, default="mars")
+    g.add_argument("--d-model", type=int, default=64)
+    g.add_argument("--d-hidden", type=int, default=128)
+    g.add_argument("--experts", type=int, default=8)
+    g.add_argument("--k", type=int, default=2)
+    g.add_argument("--noise", choices=NOISE_MODES, default="adaptive", help="MARS noise on the residual router")
+    g.add_argument("--routing", choices=ROUTINGS, default="residual", help="router that gates in training (ablation)")
+    g.add_argument("--sigma-0", type=float, default=1.0)
+    g.add_argument("--sigma-max", type=float, default=1.0)
+    g.add_argument("--lambda-imit", type=float, default=1.0)
+    g.add_argument("--lambda-balance", type=float, default=0.01)
+    g.add_argument("--lambda-complete", type=float, default=1.0)
+    g.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default=None)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="mfeat", help="'mfeat' (embedded), 'synthetic-seg', or a feature directory")
+    p.add_argument("--protocol", default="uniform", help="training missingness: uniform | rates:0.2,0.5,0.8 | fixed:0.5")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _model_args(p)
+
+
+def _config(a: argparse.Namespace, method: str | None = None, seed: int | None = None) -> TrainConfig:
+    model = ModelConfig(
+        method=method or a.method, d_model=a.d_model, d_hidden=a.d_hidden, num_experts=a.experts, k=a.k,
+        noise=a.noise, routing=a.routing, sigma_0=a.sigma_0, sigma_max=a.sigma_max, lambda_imit=a.lambda_imit,
+        lambda_balance=a.lambda_balance, lambda_complete=a.lambda_complete,
+        backend=None if a.backend in (None, "auto") else a.backend,
+    )
+    return TrainConfig(data=a.data, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                       seed=a.seed if seed is None else seed, protocol=a.protocol, model=model)
+
+
+def _print_results(result: dict) -> None:
+    s, test = result["summary"], result["test"]
+    print(f"\n{s['method']} on {s['data']} (seed {s['seed']}): best epoch {s['best_epoch']}, "
+          f"{s['train_seconds']:.0f} s, {s['parameters']:,} parameters")
+    print(f"test score, mean over all {len(test['subsets'])} modality subsets: {s['test_mean']:.4f}")
+    print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in s["test_by_size"].items()))
+    ranked = sorted(test["subsets"], key=lambda r: r["score"])
+    show = ranked[:3] + ranked[-3:] if len(ranked) > 6 else ranked
+    print("worst / best subsets: " + ", ".join(f"{r['name']} {r['score']:.3f}" for r in show))
+
+
+def _plots(run: Path, result: dict) -> None:
+    from .plots import plot_by_size, plot_usage
+
+    plot_by_size({result["summary"]["method"]: result["summary"]["test_by_size"]}, run / "score_by_observed.png")
+    usage = result["test"].get("usage")
+    if usage is not None:
+        plot_usage(usage, [r["name"] for r in result["test"]["subsets"]], run / "expert_usage.png")
+
+
+def cmd_train(a) -> int:
+    run = Path(a.resume or a.out)
+    if a.resume:
+        result = train(None, run, resume=True, progress=not a.quiet)
+    else:
+        result = train(_config(a), run, progress=not a.quiet)
+    _print_results(result)
+    _plots(run, result)
+    print(f"run directory: {run}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .data import load_data
+    from .evaluate import evaluate_subsets
+
+    run = Path(a.run_dir)
+    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    _, _, test_set = load_data(cfg.data, seed=cfg.seed)
+    model = make_model(cfg, test_set)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    model.load_state_dict(state["best"]["state"])
+    res = evaluate_subsets(model, test_set, mode="oracle" if a.oracle else "eval")
+    print(f"{run}: test mean over subsets {res['mean']:.4f} ({'oracle: residual router' if a.oracle else 'feature router'})")
+    print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in res["by_size"].items()))
+    return 0
+
+
+def cmd_compare(a) -> int:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict]] = {}
+    for method in a.methods:
+        for seed in range(a.seeds):
+            print(f"== {method}, seed {seed}", flush=True)
+            res = train(_config(a, method=method, seed=seed), out / f"{method}_seed{seed}", progress=not a.quiet)
+            rows.setdefault(method, []).append(res["summary"])
+
+    def stat(vals):
+        return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+    lines = ["| method | mean over subsets | one modality | all modalities | train s | parameters |",
+             "|---|---|---|---|---|---|"]
+    table = {}
+    for method, summaries in rows.items():
+        sizes = sorted(int(k) for k in summaries[0]["test_by_size"])
+        one = stat([s["test_by_size"][str(sizes[0])] if str(sizes[0]) in s["test_by_size"] else s["test_by_size"][sizes[0]] for s in summaries])
+        full = stat([s["test_by_size"][str(sizes[-1])] if str(sizes[-1]) in s["test_by_size"] else s["test_by_size"][sizes[-1]] for s in summaries])
+        mean = stat([s["test_mean"] for s in summaries])
+        secs = statistics.mean(s["train_seconds"] for s in summaries)
+        table[method] = {"mean": mean, "one": one, "all": full, "seconds": secs, "parameters": summaries[0]["parameters"]}
+        lines.append(f"| {method} | {mean[0]:.4f} ± {mean[1]:.4f} | {one[0]:.4f} ± {one[1]:.4f} | "
+                     f"{full[0]:.4f} ± {full[1]:.4f} | {secs:.0f} | {summaries[0]['parameters']:,} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    (out / "compare.md").write_text(text + "\n")
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "table": table}, indent=1) + "\n")
+    from .plots import plot_by_size
+
+    curves = {}
+    for method, summaries in rows.items():
+        keys = summaries[0]["test_by_size"].keys()
+        curves[method] = {int(k): statistics.mean(s["test_by_size"][k] for s in summaries) for k in keys}
+    plot_by_size(curves, out / "compare_by_observed.png")
+    print(f"wrote {out / 'compare.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mars", description="MARS: missingness-aware residual-guided MoE")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train and evaluate one model")
+    _train_args(t)
+    t.add_argument("--out", default="runs/mars", help="run directory")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    e = sub.add_parser("eval", help="evaluate a run's best checkpoint on every modality subset")
+    e.add_argument("run_dir")
+    e.add_argument("--oracle", action="store_true", help="gate with the residual router (needs complete data)")
+    c = sub.add_parser("compare", help="MARS vs the baselines on the same data, splits, masks and budget")
+    _train_args(c)
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    c.add_argument("--out", default="runs/compare")
+    a = p.parse_args(argv)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[a.command](a)
+    except TrainingDiverged as exc:
+        print(f"mars: {exc}", file=sys.stderr)
+        return 3
+    except (DataFormatError, FileNotFoundError, ValueError) as exc:
+        print(f"mars: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Feature directories: the on-disk layout for user data and for pre-extracted
+features of the MARS benchmarks (CREMA-D, UPMC Food-101, CASIA-SURF, MCubeS).
+
+Layout
+------
+A dataset is one directory::
+
+    my_dataset/
+        meta.json          what the data is (required)
+        <modality>.npy     one per modality listed in meta.json (required)
+        labels.npy         the targets (required)
+        available.npy      which modalities each sample really has (optional)
+        splits.json        the train/val/test indices (optional)
+
+``meta.json``, a JSON object:
+
+* ``"task"``: ``"classification"`` or ``"segmentation"`` (required);
+* ``"modalities"``: list of modality names, e.g. ``["audio", "visual"]``
+  (required; letters, digits, ``_ . -``; not ``labels`` / ``available``);
+  the order is the column order of ``available.npy`` and of the model;
+* ``"num_classes"``: K, an integer >= 1 (required);
+* ``"ignore_index"``: segmentation only, the label of unlabelled pixels,
+  outside ``[0, K)``, e.g. 255 (optional);
+* ``"name"``, ``"description"``, ``"class_names"`` (list of K strings):
+  optional, informational. Any other key is an error (it catches typos).
+
+``<modality>.npy``: float array (any float dtype; read as float32) of shape
+``[N, d]`` (a feature vector per sample, e.g. pooled encoder features) or
+``[N, C, H, W]`` (a feature map). All map modalities share ``H, W``; for
+segmentation every modality is a map of the label maps' ``H, W``. Values of
+unavailable entries are ignored (NaN allowed there) and set to 0.
+
+``labels.npy``: integer array, ``[N]`` class indices for classification or
+``[N, H, W]`` per-pixel class indices for segmentation, in ``[0, K)`` (or
+``ignore_index``).
+
+``available.npy``: ``[N, M]`` bool (or 0/1 integers), True where the sample
+has that modality; every row needs at least one True. Absent = all True.
+
+``splits.json``: ``{"train": [...], "val": [...], "test": [...]}``, lists of
+distinct sample indices in ``[0, N)``; no index in two splits; ``train``
+non-empty; samples listed nowhere are unused. Absent = a stratified
+0.6/0.2/0.2 split fixed by the seed (``mars.data.splits.stratified_split``).
+
+Example (CREMA-D, audio + visual embeddings, 6 emotions)::
+
+    meta.json   {"task": "classification", "modalities": ["audio", "visual"], "num_classes": 6}
+    audio.npy   float32 [7442, 512]
+    visual.npy  float32 [7442, 512]
+    labels.npy  int64   [7442]
+
+and MCubeS (4 modalities, 20 materials) as downsampled feature maps with
+``labels.npy`` int64 [N, H, W] and ``"ignore_index": 255``.
+
+Every error raised while reading (missing/unreadable/malformed file, wrong
+shape or dtype, N mismatch, bad JSON, bad split indices) is a
+``DataFormatError`` whose message starts with the offending file's path and
+says what was expected.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .dataset import MultimodalDataset, concat_datasets
+from .errors import DataFormatError
+from .splits import DEFAULT_FRACTIONS, SPLIT_NAMES, split_dataset, standardize_splits
+
+META_FILE = "meta.json"
+LABELS_FILE = "labels.npy"
+AVAILABLE_FILE = "available.npy"
+SPLITS_FILE = "splits.json"
+REQUIRED_META = ("task", "modalities", "num_classes")
+OPTIONAL_META = ("ignore_index", "name", "description", "class_names")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_RESERVED = {"labels", "available", "meta", "splits"}
+
+
+# ---------------------------------------------------------------- reading
+def _read_json(path: str, what: str) -> Any:
+    if not os.path.isfile(path):
+        raise DataFormatError(f"file not found; expected {what}", path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected {what}", path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"cannot read ({e}); expected {what}", path) from None
+
+
+def _read_npy(path: str, what: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise DataFormatError(f"file not found; expected {what}", path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataFormatError(f"not a readable .npy array ({e}); expected {what}", path) from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive renamed to .npy
+        arr.close()
+        raise DataFormatError(f"is an .npz archive, not a single .npy array; expected {what}", path)
+    return arr
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """Parse and check ``<path>/meta.json``; returns the meta dict."""
+    file = os.path.join(os.fspath(path), META_FILE)
+    what = 'a JSON object with "task", "modalities", "num_classes" (and optionally "ignore_index")'
+    meta = _read_json(file, what)
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"expected {what}, got a JSON {type(meta).__name__}", file)
+    for key in REQUIRED_META:
+        if key not in meta:
+            raise DataFormatError(f"missing key {key!r}; expected {what}", file)
+    unknown = [k for k in meta if k not in REQUIRED_META + OPTIONAL_META]
+    if unknown:
+        raise DataFormatError(f"unknown key {unknown[0]!r}; allowed keys: {', '.join(REQUIRED_META + OPTIONAL_META)}", file)
+    if meta["task"] not in ("classification", "segmentation"):
+        raise DataFormatError(f'"task" must be "classification" or "segmentation", got {meta["task"]!r}', file)
+    mods = meta["modalities"]
+    if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
+        raise DataFormatError(f'"modalities" must be a non-empty list of names, got {mods!r}', file)
+    for m in mods:
+        if not _NAME_RE.match(m) or m in _RESERVED:
+            raise DataFormatError(
+                f'modality name {m!r} is not usable as a file name <modality>.npy; use letters, digits, "_", ".", "-" '
+                f"and none of {sorted(_RESERVED)}", file)
+    if len(set(mods)) != len(mods):
+        raise DataFormatError(f'"modalities" must be unique, got {mods}', file)
+    if not _is_int(meta["num_classes"]) or meta["num_classes"] < 1:
+        raise DataFormatError(f'"num_classes" must be an integer >= 1, got {meta["num_classes"]!r}', file)
+    ign = meta.get("ignore_index")
+    if ign is not None:
+        if meta["task"] != "segmentation":
+            raise DataFormatError('"ignore_index" is only allowed for "task": "segmentation"', file)
+        if not _is_int(ign) or 0 <= ign < meta["num_classes"]:
+            raise DataFormatError(f'"ignore_index" must be an integer outside [0, {meta["num_classes"]}), got {ign!r}', file)
+    names = meta.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != meta["num_classes"] or not all(isinstance(s, str) for s in names)):
+        raise DataFormatError(f'"class_names" must be a list of {meta["num_classes"]} strings', file)
+    return meta
+
+
+def _read_splits(file: str, n: int) -> tuple[list[int], list[int], list[int]]:
+    what = '{"train": [...], "val": [...], "test": [...]} with sample indices'
+    obj = _read_json(file, what)
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"expected {what}, got a JSON {type(obj).__name__}", file)
+    if set(obj) != set(SPLIT_NAMES):
+        raise DataFormatError(f"expected exactly the keys train, val, test, got {sorted(obj)}", file)
+    seen: dict[int, str] = {}
+    out = []
+    for s in SPLIT_NAMES:
+        idx = obj[s]
+        if not isinstance(idx, list) or not all(_is_int(i) for i in idx):
+            raise DataFormatError(f'"{s}" must be a list of integer indices', file)
+        for i in idx:
+            if not 0 <= i < n:
+                raise DataFormatError(f'"{s}" has index {i}, out of range: expected indices in [0, {n}) (N from {LABELS_FILE})', file)
+            if i in seen:
+                where = "twice in" if seen[i] == s else f'in both "{seen[i]}" and'
+                raise DataFormatError(f'index {i} appears {where} "{s}"; expected every index in at most one split, once', file)
+            seen[i] = s
+        out.append(idx)
+    if not out[0]:
+        raise DataFormatError('"train" is empty; expected at least one training index', file)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def read_feature_dir(path: str | os.PathLike) -> tuple[MultimodalDataset, tuple[list[int], list[int], list[int]] | None]:
+    """The whole directory as one ``MultimodalDataset`` (raw values), and the
+    (train, val, test) index lists from ``splits.json`` (``None`` if absent)."""
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        raise DataFormatError("not a directory; expected a feature directory with meta.json, <modality>.npy, labels.npy", root)
+    meta = read_meta(root)
+    task, mods, K = meta["task"], meta["modalities"], meta["num_classes"]
+
+    lab_file = os.path.join(root, LABELS_FILE)
+    shape_txt = "[N]" if task == "classification" else "[N, H, W]"
+    labels = _read_npy(lab_file, f"integer class labels {shape_txt}")
+    if labels.dtype.kind not in "iu":
+        raise DataFormatError(f"labels must be integers, got dtype {labels.dtype}; expected integer {shape_txt}", lab_file)
+    if labels.ndim != (1 if task == "classification" else 3):
+        raise DataFormatError(f"labels have shape {list(labels.shape)}; expected {shape_txt} for task {task!r}", lab_file)
+    n = labels.shape[0]
+    ign = meta.get("ignore_index")
+    valid = (labels >= 0) & (labels < K)
+    if ign is not None:
+        valid |= labels == ign
+    if not valid.all():
+        bad = labels[~valid]
+        extra = f" or {ign} (ignore_index)" if ign is not None else ""
+        raise DataFormatError(f"{bad.size} labels out of range (e.g. {int(bad.flat[0])}); expected values in [0, {K}){extra} (num_classes from meta.json)", lab_file)
+
+    avail = None
+    av_file = os.path.join(root, AVAILABLE_FILE)
+    if os.path.exists(av_file):
+        a = _read_npy(av_file, f"bool [N, M] = [{n}, {len(mods)}]")
+        if a.shape != (n, len(mods)):
+            raise DataFormatError(f"shape {list(a.shape)}; expected bool [N, M] = [{n}, {len(mods)}] (N from labels.npy, M from meta.json)", av_file)
+        if a.dtype != np.bool_:
+            if a.dtype.kind not in "iu" or not np.isin(a, (0, 1)).all():
+                raise DataFormatError(f"dtype {a.dtype} with values other than 0/1; expected bool [N, M]", av_file)
+            a = a != 0
+        empty = ~a.any(axis=1)
+        if empty.any():
+            raise DataFormatError(f"{int(empty.sum())} samples have no available modality (e.g. sample {int(np.argmax(empty))}); expected at least one True per row", av_file)
+        avail = torch.from_numpy(np.ascontiguousarray(a))
+
+    features = {}
+    spatial = None
+    for j, m in enumerate(mods):
+        f = os.path.join(root, f"{m}.npy")
+        want = "float [N, C, H, W]" if task == "segmentation" else "float [N, d] or [N, C, H, W]"
+        x = _read_npy(f, f"{want} features of modality {m!r} (listed in meta.json)")
+        if x.dtype.kind != "f":
+            raise DataFormatError(f"dtype {x.dtype}; expected {want}", f)
+        if x.ndim not in ((4,) if task == "segmentation" else (2, 4)):
+            raise DataFormatError(f"shape {list(x.shape)}; expected {want}", f)
+        if x.shape[0] != n:
+            raise DataFormatError(f"{x.shape[0]} samples; expected N = {n} (from labels.npy)", f)
+        if x.ndim == 4:
+            hw = tuple(x.shape[2:])
+            if task == "segmentation" and hw != tuple(labels.shape[1:]):
+                raise DataFormatError(f"maps are {hw[0]}x{hw[1]}; expected the label maps' size {labels.shape[1]}x{labels.shape[2]}", f)
+            if spatial is not None and hw != spatial[1]:
+                raise DataFormatError(f"maps are {hw[0]}x{hw[1]}; expected {spatial[1][0]}x{spatial[1][1]} like {spatial[0]}.npy", f)
+            spatial = spatial or (m, hw)
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        rows_ok = torch.isfinite(x.flatten(1)).all(dim=1)
+        have = avail[:, j] if avail is not None else torch.ones(n, dtype=torch.bool)
+        bad = have & ~rows_ok
+        if bool(bad.any()):
+            raise DataFormatError(f"{int(bad.sum())} available samples have NaN/inf values (e.g. sample {int(bad.nonzero()[0])}); expected finite features (or mark them unavailable in available.npy)", f)
+        if not bool(rows_ok.all()):
+            x[~rows_ok] = 0.0
+        features[m] = x
+
+    try:
+        data = MultimodalDataset(
+            modalities=mods, features=features, labels=torch.from_numpy(labels.astype(np.int64)), num_classes=K,
+            task=task, available=avail, ignore_index=ign, name=meta.get("name") or os.path.basename(os.path.abspath(root)),
+        )
+    except DataFormatError as e:  # pragma: no cover - the checks above come first
+        raise DataFormatError(str(e), root) from None
+
+    sp_file = os.path.join(root, SPLITS_FILE)
+    splits = _read_splits(sp_file, n) if os.path.exists(sp_file) else None
+    return data, splits
+
+
+def load_feature_dir(
+    path: str | os.PathLike, seed: int = 0, standardize: bool = True, fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
+    """(train, val, test) from a feature directory: the splits of
+    ``splits.json`` if present, else ``stratified_split(fractions, seed)``;
+    with ``standardize``, per-modality standardisation fitted on train."""
+    data, idx = read_feature_dir(path)
+    splits = tuple(data.subset(i) for i in idx) if idx is not None else split_dataset(data, fractions, seed)
+    if standardize:
+        splits = standardize_splits(*splits)
+    return splits  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- writing
+def write_feature_dir(
+    path: str | os.PathLike,
+    data: MultimodalDataset | Sequence[MultimodalDataset] | Mapping[str, Any],
+    *,
+    splits: Mapping[str, Sequence[int]] | None = None,
+    exist_ok: bool = False,
+    name: str | None = None,
+    dtype: Any = np.float32,
+) -> str:
+    """Write ``data`` in the feature-directory layout; returns the path.
+
+    ``data`` is a ``MultimodalDataset``; or a (train, val, test) triple of
+    them, written concatenated with a ``splits.json`` that reproduces them; or
+    a mapping of arrays with keys ``features`` ({modality: array}),
+    ``labels``, ``num_classes``, optional ``task`` (default classification),
+    ``modalities`` (default: the order of ``features``), ``available``,
+    ``ignore_index``. ``splits`` ({"train": [...], "val": [...], "test":
+    [...]}) writes ``splits.json`` (not with a triple). ``available.npy`` is
+    written only when some modality is unavailable.
+    """
+    if isinstance(data, Mapping):
+        feats = {m: torch.as_tensor(np.asarray(x)) for m, x in data["features"].items()}
+        data = MultimodalDataset(
+            modalities=list(data.get("modalities") or feats), features=feats,
+            labels=torch.as_tensor(np.asarray(data["labels"])), num_classes=int(data["num_classes"]),
+            task=data.get("task", "classification"),
+            available=None if data.get("available") is None else torch.as_tensor(np.asarray(data["available"])),
+            ignore_index=data.get("ignore_index"),
+        )
+    elif not isinstance(data, MultimodalDataset):
+        parts = list(data)
+        if len(parts) != 3 or not all(isinstance(p, MultimodalDataset) for p in parts):
+            raise TypeError("write_feature_dir: data must be a MultimodalDataset, a (train, val, test) triple of them, or a mapping of arrays")
+        if splits is not None:
+            raise ValueError("write_feature_dir: pass either a (train, val, test) triple or splits, not both")
+        sizes = [len(p) for p in parts]
+        starts = np.cumsum([0] + sizes)
+        splits = {s: list(range(int(starts[i]), int(starts[i + 1]))) for i, s in enumerate(SPLIT_NAMES)}
+        data = concat_datasets(parts)
+    for m in data.modalities:
+        if not _NAME_RE.match(m) or m in _RESERVED:
+            raise ValueError(f"write_feature_dir: modality name {m!r} cannot be a file name <modality>.npy")
+    root = os.fspath(path)
+    os.makedirs(root, exist_ok=True)
+    if not exist_ok and os.path.exists(os.path.join(root, META_FILE)):
+        raise FileExistsError(f"{os.path.join(root, META_FILE)} exists; pass exist_ok=True to overwrite")
+    meta: dict[str, Any] = {"task": data.task, "modalities": list(data.modalities), "num_classes": data.num_classes}
+    if data.ignore_index is not None:
+        meta["ignore_index"] = data.ignore_index
+    if name or data.name:
+        meta["name"] = name or data.name
+    with open(os.path.join(root, META_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    for m in data.modalities:
+        np.save(os.path.join(root, f"{m}.npy"), data.features[m].detach().cpu().numpy().astype(dtype))
+    np.save(os.path.join(root, LABELS_FILE), data.labels.cpu().numpy().astype(np.int64))
+    av_file = os.path.join(root, AVAILABLE_FILE)
+    if not data.is_complete:
+        np.save(av_file, data.available.cpu().numpy())
+    elif os.path.exists(av_file):
+        os.remove(av_file)
+    sp_file = os.path.join(root, SPLITS_FILE)
+    if splits is not None:
+        with open(sp_file, "w", encoding="utf-8") as f:
+            json.dump({s: [int(i) for i in splits[s]] for s in SPLIT_NAMES}, f)
+    elif os.path.exists(sp_file):
+        os.remove(sp_file)
+    return root

@@ -1,0 +1,47 @@
+"""PNG plots of a run: score against the number of observed modalities, and
+the expert-usage heatmap (missing pattern x expert)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_by_size(curves: dict[str, dict[int, float]], path: Path, ylabel: str = "test accuracy") -> None:
+    """curves: label -> {number of observed modalities: mean score}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for label, by_size in curves.items():
+        sizes = sorted(int(s) for s in by_size)
+        ax.plot(sizes, [by_size[s] if s in by_size else by_size[str(s)] for s in sizes], marker="o", label=label)
+    ax.set_xlabel("observed modalities")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_usage(usage: list[list[float]], subsets: list[str], path: Path) -> None:
+    """usage [patterns, E]: share of each pattern's tokens routed to each expert."""
+    plt = _pyplot()
+    height = max(3.0, 0.14 * len(subsets) + 1)
+    fig, ax = plt.subplots(figsize=(5.5, height), dpi=120)
+    im = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("observed modalities")
+    ax.set_yticks(range(len(subsets)))
+    ax.set_yticklabels(subsets, fontsize=5)
+    ax.set_xticks(range(len(usage[0])))
+    fig.colorbar(im, ax=ax, label="share of routed tokens")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

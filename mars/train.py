@@ -1,0 +1,202 @@
+"""Training loop: run directory, atomic checkpoints, resume, NaN stop.
+
+A run directory holds ``config.json`` (the resolved configuration),
+``metrics.jsonl`` (one line per epoch), ``checkpoint.pt`` (written atomically
+at the end of every epoch: model, optimiser, RNG states, best weights),
+``results.csv`` (test score per modality subset), ``summary.json`` and the
+plots. ``resume=True`` continues from ``checkpoint.pt`` and, on CPU with the
+same seed, ends with exactly the results of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .data import MissingnessProtocol, MultimodalDataset, load_data
+from .evaluate import evaluate_subsets
+from .model import ModelConfig, build_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = "mfeat"
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    protocol: str = "uniform"
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        MissingnessProtocol.parse(self.protocol)  # validates
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, fsync, then rename: never a torn file."""
+    _atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+class Progress:
+    """A one-line progress bar on a terminal; plain per-epoch lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=sys.stderr):
+        self.total, self.enabled, self.stream = total, enabled, stream
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+
+    def update(self, done: int, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            width = 24
+            filled = int(width * done / max(self.total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {message}")
+            if done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"epoch {done}/{self.total} {message}\n")
+        self.stream.flush()
+
+
+def _batch(data: MultimodalDataset, idx: torch.Tensor):
+    feats = {m: data.features[m][idx] for m in data.modalities}
+    avail = data.available[idx] if data.available is not None else torch.ones(idx.numel(), data.num_modalities, dtype=torch.bool)
+    return feats, avail, data.labels[idx]
+
+
+def _shapes(data: MultimodalDataset) -> dict[str, tuple[int, ...]]:
+    return {m: tuple(data.features[m].shape[1:]) for m in data.modalities}
+
+
+def make_model(cfg: TrainConfig, data: MultimodalDataset):
+    return build_model(data.modalities, _shapes(data), data.num_classes, data.task, ModelConfig(**asdict(cfg.model)))
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          data=None, log=print) -> dict:
+    """Train, evaluate on every modality subset, write the run directory; returns the summary."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"cannot resume: {ckpt_path} does not exist")
+        saved = json.loads((run / "config.json").read_text())
+        cfg = TrainConfig.from_dict(saved)
+    train_set, val_set, test_set = data if data is not None else load_data(cfg.data, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg, train_set)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    protocol = MissingnessProtocol.parse(cfg.protocol)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start_epoch, best = 0, {"score": -math.inf, "epoch": -1, "state": None}
+    if resume:
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best = state["epoch"], state["best"]
+        log(f"resuming {run} at epoch {start_epoch}/{cfg.epochs}")
+    else:
+        _write_json(run / "config.json", cfg.to_dict())
+        (run / "metrics.jsonl").write_text("")
+    num_experts = cfg.model.num_experts if cfg.model.method != "late_fusion" else None
+    bar = Progress(cfg.epochs, enabled=progress)
+    t_start = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(train_set), generator=gen)
+        sums: dict[str, float] = {}
+        steps = 0
+        for start in range(0, len(train_set), cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            feats, avail, labels = _batch(train_set, idx)
+            observed = protocol.sample(avail, gen)
+            out = model(feats, observed, avail, mode="train")
+            loss, parts = model.loss(out, labels, train_set.ignore_index)
+            if not math.isfinite(float(loss.detach())):
+                raise TrainingDiverged(
+                    f"loss became {float(loss)} at epoch {epoch + 1}, step {steps + 1} (parts: {parts}); "
+                    f"training stopped, the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (first epoch)'}"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for name, v in parts.items():
+                sums[name] = sums.get(name, 0.0) + v
+            steps += 1
+        val = evaluate_subsets(model, val_set)
+        if val["mean"] > best["score"]:
+            best = {"score": val["mean"], "epoch": epoch + 1,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        record = {"epoch": epoch + 1, "loss": {k: v / steps for k, v in sums.items()},
+                  "val_mean": val["mean"], "val_by_size": val["by_size"], "seconds": time.time() - t_start}
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best, "config": cfg.to_dict(),
+            "standardizer": getattr(train_set.standardizer, "state_dict", lambda: None)(),
+        })
+        total = sum(record["loss"].values())
+        bar.update(epoch + 1, f"loss {total:.3f} val {val['mean']:.3f}")
+    model.load_state_dict(best["state"])
+    test = evaluate_subsets(model, test_set, num_experts=num_experts)
+    summary = {
+        "method": cfg.model.method, "data": cfg.data, "seed": cfg.seed, "best_epoch": best["epoch"],
+        "val_mean": best["score"], "test_mean": test["mean"], "test_by_size": test["by_size"],
+        "train_seconds": time.time() - t_start,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    with open(run / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["name", "size", "n", "score"] + (["miou"] if test_set.task == "segmentation" else []))
+        w.writeheader()
+        for row in test["subsets"]:
+            w.writerow({k: row.get(k) for k in w.fieldnames})
+    _write_json(run / "summary.json", summary)
+    torch.save({"usage": test.get("usage"), "subsets": [r["name"] for r in test["subsets"]]}, run / "usage.pt")
+    return {"summary": summary, "test": test, "model": model, "modalities": test_set.modalities}
