@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             loss, parts = model.loss(out, labels, train_set.ignore_index)
             if not math.isfinite(float(loss.detach())):
                 raise TrainingDiverged(
-                    f"loss became {float(loss)} at epoch {epoch + 1}, step {steps + 1} (parts: {parts}); "
+                    f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {steps + 1} (parts: {parts}); "
                     f"training stopped, the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (first epoch)'}"
                 )
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,138 @@
+"""The MARS model layer, training loop and CLI (tier 1, small budgets)."""
+import json
+
+import pytest
+import torch
+
+from mars import cli
+from mars.data import load_mfeat, make_segmentation
+from mars.model import ModelConfig, build_model
+from mars.train import TrainConfig, TrainingDiverged, train
+
+
+@pytest.fixture(scope="module")
+def mfeat_small():
+    train_set, val_set, test_set = load_mfeat(seed=0)
+    return train_set.subset(torch.arange(200)), val_set.subset(torch.arange(80)), test_set.subset(torch.arange(80))
+
+
+@pytest.fixture(scope="module")
+def seg_small():
+    return make_segmentation(n=60, size=8, num_modalities=3, num_classes=4, seed=0)
+
+
+def _shapes(d):
+    return {m: tuple(d.features[m].shape[1:]) for m in d.modalities}
+
+
+@pytest.mark.parametrize("method", ["mars", "moe", "late_fusion"])
+@pytest.mark.parametrize("dataset", ["vectors", "maps"])
+def test_modes_and_shapes(method, dataset, mfeat_small, seg_small):
+    data = (mfeat_small if dataset == "vectors" else seg_small)[0]
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                        ModelConfig(method=method, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, backend="cpu"))
+    idx = torch.arange(6)
+    feats = {m: data.features[m][idx] for m in data.modalities}
+    M = data.num_modalities
+    one = torch.zeros(6, M, dtype=torch.bool)
+    one[:, 0] = True
+    full = torch.ones(6, M, dtype=torch.bool)
+    want = (6, data.num_classes) if dataset == "vectors" else (6, data.num_classes, 8, 8)
+    for observed in (one, full):
+        out = model(feats, observed, full, mode="train")
+        assert out.logits.shape == want
+        loss, parts = model.loss(out, data.labels[idx])
+        loss.backward()
+        assert torch.isfinite(loss)
+        if method == "mars":
+            assert {"task", "complete", "imitation", "balance"} <= parts.keys()
+        model.eval()
+        assert model(feats, observed).logits.shape == want
+        if method == "mars":
+            assert model(feats, observed, full, mode="oracle").logits.shape == want
+        model.train()
+
+
+def test_eval_uses_only_observed_modalities(mfeat_small):
+    data = mfeat_small[0]
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                        ModelConfig(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2)).eval()
+    idx = torch.arange(5)
+    feats = {m: data.features[m][idx] for m in data.modalities}
+    observed = torch.zeros(5, 6, dtype=torch.bool)
+    observed[:, 2] = True
+    changed = {m: (v if m == data.modalities[2] else torch.randn_like(v) * 100) for m, v in feats.items()}
+    torch.testing.assert_close(model(feats, observed).logits, model(changed, observed).logits)
+
+
+def test_oracle_needs_complete_modalities(mfeat_small):
+    data = mfeat_small[0]
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, ModelConfig(d_model=16, fusion_heads=2))
+    feats = {m: data.features[m][:3] for m in data.modalities}
+    with pytest.raises(ValueError, match="needs `available`"):
+        model(feats, torch.ones(3, 6, dtype=torch.bool), mode="oracle")
+
+
+def _tiny(epochs, method="mars"):
+    return TrainConfig(epochs=epochs, batch_size=32, model=ModelConfig(method=method, d_model=16, d_hidden=16,
+                                                                        num_experts=4, fusion_heads=2, backend="cpu"))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, mfeat_small):
+    full = train(_tiny(4), tmp_path / "full", data=mfeat_small, progress=False)
+    part = tmp_path / "part"
+    train(_tiny(2), part, data=mfeat_small, progress=False)
+    cfg = json.loads((part / "config.json").read_text())
+    cfg["epochs"] = 4  # as if the 4-epoch run had been interrupted after epoch 2
+    (part / "config.json").write_text(json.dumps(cfg))
+    resumed = train(None, part, resume=True, data=mfeat_small, progress=False)
+    assert resumed["summary"]["test_mean"] == full["summary"]["test_mean"]
+    assert resumed["test"]["subsets"] == full["test"]["subsets"]
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, mfeat_small, monkeypatch):
+    from mars import model as model_mod
+
+    real_loss = model_mod.MarsModel.loss
+    calls = {"n": 0}
+
+    def poisoned(self, out, labels, ignore_index=None):
+        calls["n"] += 1
+        total, parts = real_loss(self, out, labels, ignore_index)
+        return (total * float("nan") if calls["n"] > 8 else total), parts  # 7 steps per epoch
+
+    monkeypatch.setattr(model_mod.MarsModel, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
+        train(_tiny(3), tmp_path / "run", data=mfeat_small, progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--epochs", "1", "--quiet", "--d-model", "16", "--d-hidden", "16", "--experts", "4", "--backend", "cpu"]
+    assert cli.main(["train", *common, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "mean over all 63 modality subsets" in out
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "results.csv", "summary.json",
+                 "score_by_observed.png", "expert_usage.png"):
+        assert (run / name).exists(), name
+    assert len((run / "results.csv").read_text().splitlines()) == 64
+    assert cli.main(["eval", str(run)]) == 0
+    assert cli.main(["eval", str(run), "--oracle"]) == 0
+    cmp_dir = tmp_path / "cmp"
+    assert cli.main(["compare", *common, "--seeds", "2", "--methods", "mars", "late_fusion", "--out", str(cmp_dir)]) == 0
+    table = (cmp_dir / "compare.md").read_text()
+    assert "| mars |" in table and "| late_fusion |" in table
+    assert (cmp_dir / "compare_by_observed.png").exists()
+
+
+def test_cli_reports_bad_data_clearly(tmp_path, capsys):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{not json")
+    assert cli.main(["train", "--data", str(bad), "--epochs", "1", "--quiet", "--out", str(tmp_path / "r")]) == 2
+    assert "meta.json" in capsys.readouterr().err
