@@ -2,9 +2,10 @@
 
 For each subset S of the M modalities, the observed mask of a sample is
 S intersected with what the sample actually has (samples left with nothing are
-skipped for that subset). Classification reports accuracy, segmentation
-pixel accuracy and mean IoU. Summaries: the mean over subsets and the mean by
-number of observed modalities.
+skipped for that subset). All (sample, subset) pairs run in large batches.
+Classification reports accuracy, segmentation pixel accuracy (``score``) and
+mean IoU. Summaries: the mean over subsets and the mean by number of observed
+modalities.
 """
 from __future__ import annotations
 
@@ -15,15 +16,6 @@ import torch
 from .data import MultimodalDataset, all_subsets, subset_name
 
 
-def _batches(n: int, size: int):
-    for start in range(0, n, size):
-        yield torch.arange(start, min(n, start + size))
-
-
-def _features(data: MultimodalDataset, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {m: data.features[m][idx] for m in data.modalities}
-
-
 def _available(data: MultimodalDataset) -> torch.Tensor:
     if data.available is not None:
         return data.available
@@ -31,42 +23,51 @@ def _available(data: MultimodalDataset) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_size: int = 512,
+def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_size: int = 4096,
                      num_experts: int | None = None) -> dict:
-    """-> {"subsets": [{name, size, score, miou?, n}], "mean", "by_size": {size: mean},
-    "usage": [subsets, E] routing shares (when the model routes and num_experts is given)}."""
+    """-> {"subsets": [{name, size, n, score, miou?}], "mean", "by_size": {size: mean},
+    "usage": [subsets, E] share of routed tokens per expert (when num_experts is given)}."""
     model.eval()
     avail = _available(data)
-    rows, usage = [], []
-    for mask in all_subsets(data.num_modalities):
-        observed = avail & mask
-        keep = observed.any(dim=1).nonzero().flatten()
-        correct = total = 0
-        inter = union = None
-        counts = torch.zeros(num_experts or 1)
-        for idx in _batches(keep.numel(), batch_size):
-            sel = keep[idx]
-            out = model(_features(data, sel), observed[sel], avail[sel], mode=mode)
-            pred, labels = out.logits.argmax(dim=1), data.labels[sel]
-            valid = labels != data.ignore_index if data.ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
-            correct += int(((pred == labels) & valid).sum())
-            total += int(valid.sum())
-            if data.task == "segmentation":
-                K = data.num_classes
-                p, l = pred[valid], labels[valid]
-                i_ = torch.bincount(l[p == l], minlength=K).double()
-                u_ = (torch.bincount(p, minlength=K) + torch.bincount(l, minlength=K)).double() - i_
-                inter = i_ if inter is None else inter + i_
-                union = u_ if union is None else union + u_
-            if num_experts and "indices" in out.aux:
-                counts += torch.bincount(out.aux["indices"].reshape(-1).cpu(), minlength=num_experts).float()
-        row = {"name": subset_name(mask, data.modalities), "size": int(mask.sum()), "n": int(keep.numel()),
-               "score": correct / total if total else float("nan")}
-        if inter is not None:
-            present = union > 0
-            row["miou"] = float((inter[present] / union[present]).mean()) if bool(present.any()) else float("nan")
+    masks = torch.stack(all_subsets(data.num_modalities))  # [S, M]
+    n_sub, K = masks.shape[0], data.num_classes
+    observed_all = avail[:, None, :] & masks[None]  # [N, S, M]
+    sample, subset = observed_all.any(dim=2).nonzero(as_tuple=True)  # the pairs to evaluate
+    correct = torch.zeros(n_sub, dtype=torch.float64)
+    total = torch.zeros(n_sub, dtype=torch.float64)
+    inter = torch.zeros(n_sub, K, dtype=torch.float64)
+    union = torch.zeros(n_sub, K, dtype=torch.float64)
+    usage = torch.zeros(n_sub, num_experts or 1, dtype=torch.float64)
+    for start in range(0, sample.numel(), batch_size):
+        s_idx, sub = sample[start : start + batch_size], subset[start : start + batch_size]
+        feats = {m: data.features[m][s_idx] for m in data.modalities}
+        out = model(feats, observed_all[s_idx, sub], avail[s_idx], mode=mode)
+        pred, labels = out.logits.argmax(dim=1), data.labels[s_idx]
+        valid = labels != data.ignore_index if data.ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+        per_sample = lambda t: t.reshape(t.shape[0], -1).sum(dim=1).double()  # noqa: E731
+        correct.index_add_(0, sub, per_sample((pred == labels) & valid))
+        total.index_add_(0, sub, per_sample(valid))
+        if data.task == "segmentation":
+            sub_px = sub.view(-1, *([1] * (labels.dim() - 1))).expand_as(labels)[valid]
+            p, l = pred[valid], labels[valid]
+            hit = p == l
+            inter += torch.bincount(sub_px[hit] * K + l[hit], minlength=n_sub * K).view(n_sub, K).double()
+            both = torch.bincount(sub_px * K + p, minlength=n_sub * K) + torch.bincount(sub_px * K + l, minlength=n_sub * K)
+            union += both.view(n_sub, K).double()
+        if num_experts and "indices" in out.aux:
+            idx = out.aux["indices"]  # [B, N, k]
+            rows = sub.view(-1, 1, 1).expand_as(idx).reshape(-1)
+            usage.index_put_((rows, idx.reshape(-1).cpu()), torch.ones(rows.numel(), dtype=torch.float64), accumulate=True)
+    union -= inter
+    counts = torch.bincount(subset, minlength=n_sub)
+    rows = []
+    for s in range(n_sub):
+        row = {"name": subset_name(masks[s], data.modalities), "size": int(masks[s].sum()), "n": int(counts[s]),
+               "score": float(correct[s] / total[s]) if total[s] > 0 else float("nan")}
+        if data.task == "segmentation":
+            present = union[s] > 0
+            row["miou"] = float((inter[s][present] / union[s][present]).mean()) if bool(present.any()) else float("nan")
         rows.append(row)
-        usage.append(counts / counts.sum().clamp(min=1))
     scored = [r for r in rows if r["n"]]
     by_size: dict[int, list[float]] = {}
     for r in scored:
@@ -77,5 +78,5 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
         "by_size": {s: statistics.mean(v) for s, v in sorted(by_size.items())},
     }
     if num_experts:
-        result["usage"] = torch.stack(usage).tolist()
+        result["usage"] = (usage / usage.sum(dim=1, keepdim=True).clamp(min=1)).tolist()
     return result

@@ -60,7 +60,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             part[e] += p;
             kl += p == 0 ? acc_t(0) : p * (a - (static_cast<acc_t>(lf[e]) - nf));
           }
-          kl = std::max(kl, acc_t(0));  // rounding can dip below zero
           DV[t] = kl;
           IM[t] = kl;
           const acc_t sigma = std::min(static_cast<acc_t>(sigma_0) * kl + static_cast<acc_t>(sigma_const),

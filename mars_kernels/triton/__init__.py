@@ -21,6 +21,7 @@ from .gating import (
     topk_gating_bwd,
     topk_gating_fwd,
 )
+from .mars import mars_routing_bwd, mars_routing_fwd
 from .moe import BLOCK_M, moe_mlp_bwd, moe_mlp_fwd
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "noisy_topk_gating_bwd",
     "router_stats_fwd",
     "router_stats_bwd",
+    "mars_routing_fwd",
+    "mars_routing_bwd",
     "BLOCK_M",
     "moe_mlp_fwd",
     "moe_mlp_bwd",
