@@ -59,6 +59,8 @@ def _print_results(result: dict) -> None:
     print(f"\n{s['method']} on {s['data']} (seed {s['seed']}): best epoch {s['best_epoch']}, "
           f"{s['train_seconds']:.0f} s, {s['parameters']:,} parameters")
     print(f"test score, mean over all {len(test['subsets'])} modality subsets: {s['test_mean']:.4f}")
+    if s.get("router_agreement") is not None:
+        print(f"feature-vs-residual router top-k agreement: {s['router_agreement']:.3f}")
     print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in s["test_by_size"].items()))
     ranked = sorted(test["subsets"], key=lambda r: r["score"])
     show = ranked[:3] + ranked[-3:] if len(ranked) > 6 else ranked
@@ -115,8 +117,8 @@ def cmd_compare(a) -> int:
     def stat(vals):
         return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
-    lines = ["| method | mean over subsets | one modality | all modalities | train s | parameters |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | mean over subsets | one modality | all modalities | train s | parameters | router agreement |",
+             "|---|---|---|---|---|---|---|"]
     table = {}
     for method, summaries in rows.items():
         sizes = sorted(int(k) for k in summaries[0]["test_by_size"])
@@ -125,8 +127,11 @@ def cmd_compare(a) -> int:
         mean = stat([s["test_mean"] for s in summaries])
         secs = statistics.mean(s["train_seconds"] for s in summaries)
         table[method] = {"mean": mean, "one": one, "all": full, "seconds": secs, "parameters": summaries[0]["parameters"]}
+        agree = [s["router_agreement"] for s in summaries if s.get("router_agreement") is not None]
+        agree_text = f"{statistics.mean(agree):.3f}" if agree else "-"
+        table[method]["router_agreement"] = statistics.mean(agree) if agree else None
         lines.append(f"| {method} | {mean[0]:.4f} ± {mean[1]:.4f} | {one[0]:.4f} ± {one[1]:.4f} | "
-                     f"{full[0]:.4f} ± {full[1]:.4f} | {secs:.0f} | {summaries[0]['parameters']:,} |")
+                     f"{full[0]:.4f} ± {full[1]:.4f} | {secs:.0f} | {summaries[0]['parameters']:,} | {agree_text} |")
     text = "\n".join(lines)
     print("\n" + text)
     (out / "compare.md").write_text(text + "\n")

@@ -19,7 +19,7 @@ H*W for feature maps), D model width, E experts, k experts per token.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -245,6 +245,23 @@ class MarsModel(nn.Module):
         aux["indices"] = idx.reshape(B, N, cfg.k)
         return Output(self._readout(self._moe(z_i, w, idx)), aux)
 
+    @torch.no_grad()
+    def router_agreement(self, features, observed, available) -> float:
+        """Mean overlap |top-k(feature router) ∩ top-k(residual router)| / k over
+        tokens: how well the feature router imitates the residual router (MARS only)."""
+        if self.config.method != "mars":
+            raise ValueError("router agreement needs the residual router (method='mars')")
+        h = self.encode(features)
+        z_i = self.fuse(self.encode.with_missing(h, observed))
+        z_c = self.fuse(self.encode.with_missing(h, available))
+        B, N, D = z_i.shape
+        k = self.config.k
+        _, f_idx = mk.topk_gating(self.feature_router(z_i.reshape(B * N, D)), k, backend=self.config.backend)
+        r_logits = self.residual_router(self._residual(z_c, z_i).reshape(B * N, -1))
+        _, r_idx = mk.topk_gating(r_logits, k, backend=self.config.backend)
+        overlap = (f_idx.unsqueeze(2) == r_idx.unsqueeze(1)).any(dim=2).float().sum(dim=1) / k
+        return float(overlap.mean()) if overlap.numel() else float("nan")
+
     def loss(self, out: Output, labels: torch.Tensor, ignore_index: int | None = None) -> tuple[torch.Tensor, dict]:
         """The training loss of DESIGN 3 and its parts (floats, for logging)."""
         cfg = self.config
@@ -297,5 +314,5 @@ def build_model(modalities, shapes, num_classes, task, config: ModelConfig) -> n
     if config.method == "late_fusion":
         return LateFusion(modalities, shapes, num_classes, task, config)
     if config.method == "moe":
-        config.routing = "feature"
+        config = replace(config, routing="feature")
     return MarsModel(modalities, shapes, num_classes, task, config)

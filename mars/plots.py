@@ -34,7 +34,7 @@ def plot_usage(usage: list[list[float]], subsets: list[str], path: Path) -> None
     """usage [patterns, E]: share of each pattern's tokens routed to each expert."""
     plt = _pyplot()
     height = max(3.0, 0.14 * len(subsets) + 1)
-    fig, ax = plt.subplots(figsize=(5.5, height), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.0, height), dpi=120)
     im = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0)
     ax.set_xlabel("expert")
     ax.set_ylabel("observed modalities")

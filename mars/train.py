@@ -186,8 +186,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         bar.update(epoch + 1, f"loss {total:.3f} val {val['mean']:.3f}")
     model.load_state_dict(best["state"])
     test = evaluate_subsets(model, test_set, num_experts=num_experts)
+    agreement = None
+    if cfg.model.method == "mars":  # on the test set under the training protocol's masks, fixed by seed
+        model.eval()
+        feats, avail, _ = _batch(test_set, torch.arange(len(test_set)))
+        agreement = model.router_agreement(feats, protocol.fixed_masks(avail, cfg.seed), avail)
     summary = {
         "method": cfg.model.method, "data": cfg.data, "seed": cfg.seed, "best_epoch": best["epoch"],
+        "router_agreement": agreement,
         "val_mean": best["score"], "test_mean": test["mean"], "test_by_size": test["by_size"],
         "train_seconds": time.time() - t_start,
         "parameters": sum(p.numel() for p in model.parameters()),
