@@ -31,7 +31,10 @@
 // selection saw, and equal to torch's `l_r + sigma * noise` for equal sigma.
 // Values of the first 32*CACHE experts stay in registers (CACHE in {1,2,4,8}
 // from E at launch); experts beyond that are re-read (L1/L2 resident).
+// The building blocks shared with gating.cu (scalar helpers, warp reductions,
+// selection keys, column_sum_kernel) are in routing_device.cuh.
 #include "mars_routing.cuh"
+#include "routing_device.cuh"
 
 #include <cstdint>
 #include <type_traits>
@@ -41,10 +44,6 @@ namespace mars_kernels {
 namespace cuda {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = 4;
-constexpr int kThreadsPerBlock = kWarpSize * kWarpsPerBlock;
-constexpr unsigned kFullMask = 0xffffffffu;
 // Token chunks of the forward: rows_per_chunk(T) = max(kMinRowsPerChunk,
 // ceil(T / kMaxChunks)) rows per warp. Part of the summation order of prob_sum.
 constexpr int64_t kMinRowsPerChunk = 4;
@@ -53,9 +52,6 @@ constexpr int64_t kMaxChunks = 4096;
 // first stage over at most kMaxSplits row ranges and a second over those.
 constexpr int64_t kSingleStageRows = 256;
 constexpr int64_t kMaxSplits = 64;
-constexpr int kReduceThreadsY = 8;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int64_t rows_per_chunk(int64_t num_tokens) {
   const int64_t r = ceil_div(num_tokens, kMaxChunks);
@@ -66,144 +62,14 @@ inline int64_t num_chunks(int64_t num_tokens) {
 }
 
 // ---------------------------------------------------------------------------
-// Scalar helpers (float / double overloads).
+// Scalar helpers used only here (the common ones, the warp reductions and the
+// selection keys are in routing_device.cuh).
 // ---------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-
-__device__ __forceinline__ void store_val(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_val(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_val(__nv_bfloat16* p, float v) {
-  *p = __float2bfloat16_rn(v);
-}
-__device__ __forceinline__ void store_val(double* p, double v) { *p = v; }
-
-__device__ __forceinline__ float m_exp(float x) { return expf(x); }
-__device__ __forceinline__ double m_exp(double x) { return exp(x); }
-__device__ __forceinline__ float m_log(float x) { return logf(x); }
-__device__ __forceinline__ double m_log(double x) { return log(x); }
-// fmax semantics: a NaN operand is ignored. Every max below is followed by a
-// sum of exp() over the same values, which propagates the NaN.
-__device__ __forceinline__ float m_max(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double m_max(double a, double b) { return fmax(a, b); }
-// Explicitly rounded add / multiply: never contracted into an FMA.
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-
-template <typename Acc>
-__device__ __forceinline__ Acc neg_inf();
-template <>
-__device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
-template <>
-__device__ __forceinline__ double neg_inf<double>() {
-  return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
-}
 
 /// The noisy logit l + sigma * n, rounded as torch's two elementwise ops.
 template <typename Acc>
 __device__ __forceinline__ Acc noisy_val(Acc l, Acc sigma, Acc n) {
   return add_rn(l, mul_rn(sigma, n));
-}
-
-// ---------------------------------------------------------------------------
-// Warp reductions (full warp; every lane gets the identical result).
-// ---------------------------------------------------------------------------
-
-template <typename Acc>
-__device__ __forceinline__ Acc warp_sum(Acc v) {
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) v += __shfl_xor_sync(kFullMask, v, m);
-  return v;
-}
-template <typename Acc>
-__device__ __forceinline__ Acc warp_max(Acc v) {
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = m_max(v, __shfl_xor_sync(kFullMask, v, m));
-  return v;
-}
-
-// ---------------------------------------------------------------------------
-// Selection keys: larger key = ranked earlier; unique within a row.
-// ---------------------------------------------------------------------------
-
-/// Order-preserving unsigned image of a value, NaN mapped to +inf and -0 to +0
-/// first. Every real key is > 0 (bits(-inf) = 0x007FFFFF) and < all-ones.
-__device__ __forceinline__ uint32_t ordered_bits(float v) {
-  uint32_t u = isnan(v) ? 0x7f800000u : __float_as_uint(v);
-  if (v == 0.0f) u = 0u;
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-__device__ __forceinline__ uint64_t ordered_bits(double v) {
-  uint64_t u = isnan(v) ? 0x7ff0000000000000ull
-                        : static_cast<uint64_t>(__double_as_longlong(v));
-  if (v == 0.0) u = 0ull;
-  return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
-}
-
-template <typename Acc>
-struct SelectKey;
-
-/// float math: one uint64 = value bits << 32 | (0xFFFFFFFF - e).
-template <>
-struct SelectKey<float> {
-  unsigned long long bits;
-
-  static __device__ __forceinline__ SelectKey make(float v, int e) {
-    return SelectKey{(static_cast<unsigned long long>(ordered_bits(v)) << 32) |
-                     static_cast<unsigned long long>(0xffffffffu - static_cast<uint32_t>(e))};
-  }
-  static __device__ __forceinline__ SelectKey empty() { return SelectKey{0ull}; }
-  static __device__ __forceinline__ SelectKey top() { return SelectKey{~0ull}; }
-  __device__ __forceinline__ bool less(const SelectKey& o) const { return bits < o.bits; }
-  __device__ __forceinline__ SelectKey shfl_xor(int m) const {
-    return SelectKey{__shfl_xor_sync(kFullMask, bits, m)};
-  }
-  __device__ __forceinline__ int index() const {
-    return static_cast<int>(0xffffffffu - static_cast<uint32_t>(bits & 0xffffffffull));
-  }
-};
-
-/// double math: (uint64 value bits, 0xFFFFFFFF - e), compared lexicographically.
-template <>
-struct SelectKey<double> {
-  unsigned long long hi;
-  unsigned int lo;
-
-  static __device__ __forceinline__ SelectKey make(double v, int e) {
-    return SelectKey{static_cast<unsigned long long>(ordered_bits(v)),
-                     0xffffffffu - static_cast<uint32_t>(e)};
-  }
-  static __device__ __forceinline__ SelectKey empty() { return SelectKey{0ull, 0u}; }
-  static __device__ __forceinline__ SelectKey top() { return SelectKey{~0ull, ~0u}; }
-  __device__ __forceinline__ bool less(const SelectKey& o) const {
-    return hi < o.hi || (hi == o.hi && lo < o.lo);
-  }
-  __device__ __forceinline__ SelectKey shfl_xor(int m) const {
-    return SelectKey{__shfl_xor_sync(kFullMask, hi, m), __shfl_xor_sync(kFullMask, lo, m)};
-  }
-  __device__ __forceinline__ int index() const { return static_cast<int>(0xffffffffu - lo); }
-};
-
-/// Largest key across the warp (all lanes get it).
-template <typename Key>
-__device__ __forceinline__ Key warp_max_key(Key k) {
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) {
-    const Key o = k.shfl_xor(m);
-    if (k.less(o)) k = o;
-  }
-  return k;
-}
-
-/// best = max(best, cand) restricted to cand < bound.
-template <typename Key>
-__device__ __forceinline__ void consider(Key& best, const Key& cand, const Key& bound) {
-  if (cand.less(bound) && best.less(cand)) best = cand;
 }
 
 // ---------------------------------------------------------------------------
@@ -317,12 +183,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock) mars_routing_fwd_kernel(
     }
     Key bound = Key::top();
     for (int j = 0; j < k; ++j) {
-      Key best = Key::empty();
-#pragma unroll
-      for (int i = 0; i < CACHE; ++i) consider(best, key[i], bound);
-      for (int e = lane + CACHE * kWarpSize; e < E; e += kWarpSize)
-        consider(best, Key::make(noisy_val(to_acc(xr[e]), sigma, nz[e]), e), bound);
-      best = warp_max_key(best);
+      const Key best = next_key(key, bound, lane, E, [&](int e) {
+        return Key::make(noisy_val(to_acc(xr[e]), sigma, nz[e]), e);
+      });
       if (lane == j % kWarpSize) idx_row[j] = best.index();
       bound = best;
     }
@@ -424,37 +287,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock) mars_routing_bwd_kernel(
   }
 }
 
-// ---------------------------------------------------------------------------
-// Deterministic column sums. in [rows, E] (row stride in_stride) ->
-// out [gridDim.y, E]: block (bx, by) sums rows [by * rows_per_split,
-// min(rows, (by+1) * rows_per_split)) of columns [32 bx, 32 bx + 32).
-// Thread (tx, ty) sums every 8th row of the range in order, then thread
-// (tx, 0) adds the 8 partials in order. block = (32, 8).
-// ---------------------------------------------------------------------------
-template <typename Acc>
-__global__ void __launch_bounds__(kWarpSize * kReduceThreadsY)
-    column_sum_kernel(const Acc* __restrict__ in, int64_t in_stride, int64_t rows, int64_t E,
-                      int64_t rows_per_split, Acc* __restrict__ out) {
-  __shared__ Acc partial[kReduceThreadsY][kWarpSize];
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * kWarpSize + tx;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t r1 = (r0 + rows_per_split < rows) ? r0 + rows_per_split : rows;
-  Acc acc = Acc(0);
-  if (e < E) {
-    for (int64_t r = r0 + ty; r < r1; r += kReduceThreadsY) acc += in[r * in_stride + e];
-  }
-  partial[ty][tx] = acc;
-  __syncthreads();
-  if (ty == 0 && e < E) {
-    Acc total = Acc(0);
-#pragma unroll
-    for (int i = 0; i < kReduceThreadsY; ++i) total += partial[i][tx];
-    out[static_cast<int64_t>(blockIdx.y) * E + e] = total;
-  }
-}
-
 /// Number of staging elements reduce_columns may use for E columns.
 inline int64_t reduce_staging_elems(int64_t E) { return kMaxSplits * E; }
 
@@ -478,27 +310,6 @@ void reduce_columns(const Acc* in, int64_t in_stride, int64_t rows, int64_t E, A
       in, in_stride, rows, E, rows_per_split, staging);
   column_sum_kernel<Acc><<<dim3(col_blocks, 1), block, 0, stream>>>(staging, E, splits, E,
                                                                     splits, out);
-}
-
-/// Calls f(std::integral_constant<int, CACHE>{}) with the register cache size
-/// (values per lane) for E experts: the smallest of 1, 2, 4, 8 covering E,
-/// else 8 (experts beyond 256 are re-read from global memory).
-template <typename F>
-void dispatch_cache(int64_t E, F&& f) {
-  const int64_t per_lane = ceil_div(E, kWarpSize);
-  if (per_lane <= 1) {
-    f(std::integral_constant<int, 1>{});
-  } else if (per_lane <= 2) {
-    f(std::integral_constant<int, 2>{});
-  } else if (per_lane <= 4) {
-    f(std::integral_constant<int, 4>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
-  }
-}
-
-inline unsigned row_blocks(int64_t rows) {
-  return static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock));
 }
 
 }  // namespace

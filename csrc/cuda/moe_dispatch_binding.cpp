@@ -22,20 +22,13 @@
 #include <tuple>
 #include <vector>
 
+#include "binding_utils.h"
 #include "moe_dispatch.cuh"
 
 namespace {
 
 using at::Tensor;
 namespace mk = mars_kernels::cuda;
-
-// Expert ids are int32 inside the kernels; bucket E (dropped) must fit as well.
-constexpr int64_t kMaxExperts = int64_t{1} << 30;
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
 
 /// Calls f(TypeTag<scalar_t>{}) with the CUDA element type of `st`.
 template <typename F>
@@ -59,26 +52,8 @@ void dispatch_float_type(at::ScalarType st, const char* op, const char* name, F&
   }
 }
 
-/// Dtype of weights / grad_weights for data of dtype st.
-at::ScalarType acc_dtype(at::ScalarType st) {
-  return st == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 bool is_float_type(at::ScalarType st) {
   return st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble;
-}
-
-std::string describe(const Tensor& t) {
-  std::ostringstream os;
-  os << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device()
-     << (t.is_contiguous() ? "" : ", non-contiguous");
-  return os.str();
-}
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::ostringstream os;
-  os << at::IntArrayRef(shape);
-  return os.str();
 }
 
 /// The primary tensor of an op: defined, on a CUDA device, `dim`-D.
@@ -114,20 +89,6 @@ Tensor arg(const Tensor& t, const char* op, const char* name, const at::Device& 
 void check_top_k(int64_t top_k, const char* op) {
   TORCH_CHECK(top_k >= 1 && top_k <= std::numeric_limits<int32_t>::max(), "mars_kernels.", op,
               ": expected 1 <= top_k <= ", std::numeric_limits<int32_t>::max(), ", got ", top_k);
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "mars_kernels.", op,
-              ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-template <typename T>
-const T* cptr(const Tensor& t) {
-  return reinterpret_cast<const T*>(t.const_data_ptr());
-}
-template <typename T>
-T* mptr(Tensor& t) {
-  return reinterpret_cast<T*>(t.mutable_data_ptr());
 }
 
 // ---------------------------------------------------------------------------
