@@ -35,6 +35,20 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 # small elementwise helpers
 # --------------------------------------------------------------------------
 @triton.jit
+def _row_tile(T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's tile of BLOCK_T token rows x BLOCK_E expert lanes:
+    (pid, rows64 [BLOCK_T] int64, row_ok [BLOCK_T], lane1 [BLOCK_E],
+    lane [1, BLOCK_E], lane_ok [1, BLOCK_E], mask [BLOCK_T, BLOCK_E])."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    lane1 = tl.arange(0, BLOCK_E)
+    lane = lane1[None, :]
+    lane_ok = lane < E
+    return pid, rows.to(tl.int64), row_ok, lane1, lane, lane_ok, row_ok[:, None] & lane_ok
+
+
+@triton.jit
 def _log1p(y):
     """log(1 + y) for y >= 0, accurate for tiny y (Goldberg's correction)."""
     u = 1.0 + y
@@ -223,13 +237,7 @@ def topk_gating_fwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lane = tl.arange(0, BLOCK_E)[None, :]
-    lane_ok = lane < E
-    mask = row_ok[:, None] & lane_ok
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
     x = tl.load(logits_ptr + rows64[:, None] * stride_l + lane, mask=mask, other=0.0).to(CDT)
 
     key = _make_keys(x, lane, lane_ok, BLOCK_E, MODE)
@@ -271,13 +279,7 @@ def topk_gating_bwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lane = tl.arange(0, BLOCK_E)[None, :]
-    lane_ok = lane < E
-    mask = row_ok[:, None] & lane_ok
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
 
     colk = tl.arange(0, KP)[None, :]
     kmask = row_ok[:, None] & (colk < K)
@@ -337,14 +339,7 @@ def noisy_topk_gating_fwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lane1 = tl.arange(0, BLOCK_E)
-    lane = lane1[None, :]
-    lane_ok = lane < E
-    mask = row_ok[:, None] & lane_ok
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
 
     c = tl.load(clean_ptr + rows64[:, None] * stride_c + lane, mask=mask, other=0.0).to(CDT)
     nl = tl.load(noise_logits_ptr + rows64[:, None] * stride_nl + lane, mask=mask, other=0.0).to(CDT)
@@ -411,13 +406,7 @@ def noisy_topk_gating_bwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lane = tl.arange(0, BLOCK_E)[None, :]
-    lane_ok = lane < E
-    mask = row_ok[:, None] & lane_ok
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
 
     c = tl.load(clean_ptr + rows64[:, None] * stride_c + lane, mask=mask, other=0.0).to(CDT)
     nl = tl.load(noise_logits_ptr + rows64[:, None] * stride_nl + lane, mask=mask, other=0.0).to(CDT)
@@ -491,14 +480,7 @@ def router_stats_fwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lane1 = tl.arange(0, BLOCK_E)
-    lane = lane1[None, :]
-    lane_ok = lane < E
-    mask = row_ok[:, None] & lane_ok
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
 
     x = tl.load(logits_ptr + rows64[:, None] * stride_l + lane, mask=mask, other=0.0).to(CDT)
     m = tl.max(tl.where(lane_ok, x, float("-inf")), axis=1)
@@ -529,13 +511,7 @@ def router_stats_bwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lane = tl.arange(0, BLOCK_E)[None, :]
-    lane_ok = lane < E
-    mask = row_ok[:, None] & lane_ok
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
 
     x = tl.load(logits_ptr + rows64[:, None] * stride_l + lane, mask=mask, other=0.0).to(CDT)
     lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0).to(CDT)

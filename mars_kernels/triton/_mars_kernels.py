@@ -15,7 +15,7 @@ and an all-NaN softmax (the reference computes ``p = exp(log_softmax(l))``).
 import triton
 import triton.language as tl
 
-from ._gating_kernels import _column, _make_keys, _select
+from ._gating_kernels import _column, _make_keys, _row_tile, _select
 
 
 @triton.jit
@@ -55,14 +55,7 @@ def mars_routing_fwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lane1 = tl.arange(0, BLOCK_E)
-    lane = lane1[None, :]
-    lane_ok = lane < E
-    mask = row_ok[:, None] & lane_ok
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
 
     # Softmax statistics of both routers and the divergence KL(p_r || p_f).
     lr = tl.load(lr_ptr + rows64[:, None] * stride_r + lane, mask=mask, other=0.0).to(CDT)
@@ -133,13 +126,7 @@ def mars_routing_bwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lane = tl.arange(0, BLOCK_E)[None, :]
-    lane_ok = lane < E
-    mask = row_ok[:, None] & lane_ok
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
 
     # s = <g, w> of the routed weights.
     colk = tl.arange(0, KP)[None, :]
