@@ -35,6 +35,17 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 # small elementwise helpers
 # --------------------------------------------------------------------------
 @triton.jit
+def _routed_dot(grad_w_ptr, weights_ptr, rows64, row_ok, K: tl.constexpr, KP: tl.constexpr, CDT: tl.constexpr):
+    """s [BLOCK_T] = sum_j grad_weights[t, j] * weights[t, j] over the k routed experts."""
+    colk = tl.arange(0, KP)[None, :]
+    kmask = row_ok[:, None] & (colk < K)
+    koff = rows64[:, None] * K + colk
+    g = tl.load(grad_w_ptr + koff, mask=kmask, other=0.0).to(CDT)
+    w = tl.load(weights_ptr + koff, mask=kmask, other=0.0).to(CDT)
+    return tl.sum(g * w, axis=1)
+
+
+@triton.jit
 def _row_tile(T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     """This program's tile of BLOCK_T token rows x BLOCK_E expert lanes:
     (pid, rows64 [BLOCK_T] int64, row_ok [BLOCK_T], lane1 [BLOCK_E],
@@ -281,12 +292,7 @@ def topk_gating_bwd_kernel(
 ):
     pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
 
-    colk = tl.arange(0, KP)[None, :]
-    kmask = row_ok[:, None] & (colk < K)
-    koff = rows64[:, None] * K + colk
-    g = tl.load(grad_w_ptr + koff, mask=kmask, other=0.0).to(CDT)
-    w = tl.load(weights_ptr + koff, mask=kmask, other=0.0).to(CDT)
-    s = tl.sum(g * w, axis=1)  # [BLOCK_T]
+    s = _routed_dot(grad_w_ptr, weights_ptr, rows64, row_ok, K, KP, CDT)
 
     if DENSE:
         x = tl.load(logits_ptr + rows64[:, None] * stride_l + lane, mask=mask, other=0.0).to(CDT)

@@ -15,7 +15,7 @@ and an all-NaN softmax (the reference computes ``p = exp(log_softmax(l))``).
 import triton
 import triton.language as tl
 
-from ._gating_kernels import _column, _make_keys, _row_tile, _select
+from ._gating_kernels import _column, _make_keys, _routed_dot, _row_tile, _select
 
 
 @triton.jit
@@ -128,13 +128,7 @@ def mars_routing_bwd_kernel(
 ):
     pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
 
-    # s = <g, w> of the routed weights.
-    colk = tl.arange(0, KP)[None, :]
-    kmask = row_ok[:, None] & (colk < K)
-    koff = rows64[:, None] * K + colk
-    g = tl.load(grad_w_ptr + koff, mask=kmask, other=0.0).to(CDT)
-    w = tl.load(weights_ptr + koff, mask=kmask, other=0.0).to(CDT)
-    s = tl.sum(g * w, axis=1)
+    s = _routed_dot(grad_w_ptr, weights_ptr, rows64, row_ok, K, KP, CDT)
 
     # Dense part of grad_r from prob_sum: p_r * (gps - <gps, p_r>).
     lr = tl.load(lr_ptr + rows64[:, None] * stride_r + lane, mask=mask, other=0.0).to(CDT)

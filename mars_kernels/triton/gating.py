@@ -78,13 +78,15 @@ def _key_mode(dtype: torch.dtype, block_e: int) -> int:
     return 0
 
 
-def _blocks(T: int, E: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_E, num_warps) for a [T, E] problem."""
+def _blocks(T: int, E: int, device: torch.device, gpu_tile: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_E, num_warps) for a [T, E] problem with about ``gpu_tile``
+    elements per program on a GPU (4 warps up to one tile, 8 up to two, else 16)."""
+    gpu_tile = gpu_tile or _GPU_TILE
     block_e = triton.next_power_of_2(E)
-    tile = _GPU_TILE if device.type == "cuda" else _INTERPRETER_TILE
+    tile = gpu_tile if device.type == "cuda" else _INTERPRETER_TILE
     block_t = max(1, min(tile // block_e, triton.next_power_of_2(max(T, 1))))
     elems = block_t * block_e
-    num_warps = 4 if elems <= 4096 else (8 if elems <= 8192 else 16)
+    num_warps = 4 if elems <= gpu_tile else (8 if elems <= 2 * gpu_tile else 16)
     return block_t, block_e, num_warps
 
 

@@ -29,6 +29,7 @@ import torch
 import triton
 
 from . import _mars_kernels as _k
+from .gating import _blocks as _gating_blocks
 from .gating import _check_float, _check_k, _compute_dtype, _device_guard, _tl_dtype
 
 __all__ = ["mars_routing_fwd", "mars_routing_bwd"]
@@ -39,20 +40,14 @@ __all__ = ["mars_routing_fwd", "mars_routing_bwd"]
 # 8 elements per thread both kernels stay at <= ~120 registers for E <= 512
 # (ptxas, sm_90a, float32 math) instead of 200-250 with 16.
 _GPU_TILE = 1024
-_INTERPRETER_TILE = 1 << 15
 # Above this many selected experts a bitonic sort of the row replaces the k
 # rounds of a row max (float32 keys only; float64 always takes rounds).
 _SORT_ABOVE = 8
 
 
 def _blocks(T: int, E: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_E, num_warps) for a [T, E] problem."""
-    block_e = triton.next_power_of_2(E)
-    tile = _GPU_TILE if device.type == "cuda" else _INTERPRETER_TILE
-    block_t = max(1, min(tile // block_e, triton.next_power_of_2(max(T, 1))))
-    elems = block_t * block_e
-    num_warps = 4 if elems <= 1024 else (8 if elems <= 2048 else 16)
-    return block_t, block_e, num_warps
+    """(BLOCK_T, BLOCK_E, num_warps) with this module's smaller GPU tile."""
+    return _gating_blocks(T, E, device, gpu_tile=_GPU_TILE)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
