@@ -12,7 +12,7 @@ import torch
 
 from .data import DataFormatError
 from .model import METHODS, NOISE_MODES, ROUTINGS, ModelConfig
-from .train import TrainConfig, TrainingDiverged, make_model, train
+from .train import TrainConfig, TrainingDiverged, make_model, prepare_model, train
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -94,10 +94,11 @@ def cmd_eval(a) -> int:
 
     run = Path(a.run_dir)
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    _, _, test_set = load_data(cfg.data, seed=cfg.seed)
+    train_set, _, test_set = load_data(cfg.data, seed=cfg.seed)
     model = make_model(cfg, test_set)
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     model.load_state_dict(state["best"]["state"])
+    prepare_model(model, cfg, train_set, resume=True)
     res = evaluate_subsets(model, test_set, mode="oracle" if a.oracle else "eval")
     print(f"{run}: test mean over subsets {res['mean']:.4f} ({'oracle: residual router' if a.oracle else 'feature router'})")
     print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in res["by_size"].items()))

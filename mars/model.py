@@ -28,7 +28,20 @@ from torch import nn
 
 import mars_kernels as mk
 
-METHODS = ("mars", "moe", "late_fusion")
+METHODS = ("mars", "moe", "late_fusion", "moe_retriever", "mce")
+METHOD_ALIASES = {"vanilla_moe": "moe", "vanilla-moe": "moe", "late-fusion": "late_fusion",
+                  "moe-retriever": "moe_retriever", "retriever": "moe_retriever"}
+RETRIEVER_VARIANTS = ("paper", "code")
+SHAPLEY_VARIANTS = ("exact", "code")
+
+
+def canonical_method(name: str) -> str:
+    """The method's canonical name: hyphenated spellings ("late-fusion",
+    "vanilla-moe", "moe-retriever") are accepted everywhere."""
+    name = METHOD_ALIASES.get(name, name)
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} (or {sorted(METHOD_ALIASES)}), got {name!r}")
+    return name
 NOISE_MODES = ("adaptive", "constant", "none")
 ROUTINGS = ("residual", "feature", "random")
 
@@ -38,6 +51,7 @@ class ModelConfig:
     """Every MARS choice of DESIGN 3 as an option; defaults are ours.
 
     method: "mars" | "moe" (vanilla MoE: feature router only) | "late_fusion"
+        | "moe_retriever" | "mce" (see ``mars.baselines``).
     noise: "adaptive" (sigma = min(sigma_0 * KL, sigma_max)) | "constant"
         (sigma = sigma_const) | "none"; MARS only.
     routing: which router gates the experts in training — "residual" (MARS),
@@ -64,14 +78,44 @@ class ModelConfig:
     lambda_imit: float = 1.0
     lambda_balance: float = 0.01
     backend: str | None = None
+    # MoE-Retriever (mars.baselines.moe_retriever)
+    retriever_variant: str = "paper"
+    retriever_candidates: int = 8
+    retriever_shared: int = 4
+    retriever_k: int = 4
+    retriever_alpha: float = 0.5
+    retriever_warmup: int = 0
+    lambda_gate: float = 0.01
+    # MCE (mars.baselines.mce)
+    mce_shapley: str = "exact"
+    mce_teacher_epochs: int = 10
+    mce_use_a: bool = True
+    mce_use_b: bool = True
+    lambda_sep: float = 1.0
+    lambda_com: float = 1.0
+    lambda_sub: float = 1.0
 
     def __post_init__(self):
+        self.method = canonical_method(self.method)
         for name, allowed in (("method", METHODS), ("noise", NOISE_MODES), ("routing", ROUTINGS),
-                              ("residual_input", ("diff", "concat"))):
+                              ("residual_input", ("diff", "concat")),
+                              ("retriever_variant", RETRIEVER_VARIANTS), ("mce_shapley", SHAPLEY_VARIANTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 1 <= self.k <= self.num_experts:
             raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got {self.k}")
+        if self.retriever_candidates < 1 or self.retriever_shared < 0:
+            raise ValueError("retriever_candidates must be >= 1 and retriever_shared >= 0, got "
+                             f"{self.retriever_candidates} and {self.retriever_shared}")
+        allowed = self.retriever_candidates + self.retriever_shared
+        if not 1 <= self.retriever_k <= allowed:
+            raise ValueError(f"retriever_k must be in [1, retriever_candidates + retriever_shared = {allowed}], "
+                             f"got {self.retriever_k}")
+        if not 0.0 <= self.retriever_alpha <= 1.0:
+            raise ValueError(f"retriever_alpha must be in [0, 1], got {self.retriever_alpha}")
+        for name in ("retriever_warmup", "mce_teacher_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.fusion_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by fusion_heads={self.fusion_heads}")
 
@@ -311,6 +355,14 @@ class LateFusion(nn.Module):
 
 def build_model(modalities, shapes, num_classes, task, config: ModelConfig) -> nn.Module:
     """The model for ``config.method``."""
+    if config.method == "moe_retriever":
+        from .baselines.moe_retriever import MoERetrieverModel
+
+        return MoERetrieverModel(modalities, shapes, num_classes, task, config)
+    if config.method == "mce":
+        from .baselines.mce import MCEModel
+
+        return MCEModel(modalities, shapes, num_classes, task, config)
     if config.method == "late_fusion":
         return LateFusion(modalities, shapes, num_classes, task, config)
     if config.method == "moe":

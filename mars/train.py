@@ -115,6 +115,24 @@ def make_model(cfg: TrainConfig, data: MultimodalDataset):
     return build_model(data.modalities, _shapes(data), data.num_classes, data.task, ModelConfig(**asdict(cfg.model)))
 
 
+def prepare_model(model, cfg: TrainConfig, train_set: MultimodalDataset, *, resume: bool, log=print) -> None:
+    """Run a method's optional set-up hook ``model.prepare(train_set, protocol=,
+    seed=, resume=, log=)`` (MCE trains its frozen unimodal models there,
+    MoE-Retriever attaches its supporting pool). ``resume=True`` means the
+    weights come from a checkpoint: the hook only rebuilds caches."""
+    hook = getattr(model, "prepare", None)
+    if hook is not None:
+        hook(train_set, protocol=MissingnessProtocol.parse(cfg.protocol), seed=cfg.seed, resume=resume, log=log)
+
+
+def _forward_train(model, feats, observed, avail, idx):
+    """One training forward; methods that cache per-sample values (MCE) get
+    the batch's train-set indices as ``sample_index``."""
+    if getattr(model, "takes_sample_index", False):
+        return model(feats, observed, avail, mode="train", sample_index=idx)
+    return model(feats, observed, avail, mode="train")
+
+
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           data=None, log=print) -> dict:
     """Train, evaluate on every modality subset, write the run directory; returns the summary."""
@@ -144,11 +162,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     else:
         _write_json(run / "config.json", cfg.to_dict())
         (run / "metrics.jsonl").write_text("")
-    num_experts = cfg.model.num_experts if cfg.model.method != "late_fusion" else None
+    prepare_model(model, cfg, train_set, resume=resume, log=log if progress else (lambda *a, **k: None))
+    num_experts = cfg.model.num_experts if cfg.model.method in ("mars", "moe") else None
     bar = Progress(cfg.epochs, enabled=progress)
     t_start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        if hasattr(model, "set_epoch"):
+            model.set_epoch(epoch)
         perm = torch.randperm(len(train_set), generator=gen)
         sums: dict[str, float] = {}
         steps = 0
@@ -156,7 +177,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             idx = perm[start : start + cfg.batch_size]
             feats, avail, labels = _batch(train_set, idx)
             observed = protocol.sample(avail, gen)
-            out = model(feats, observed, avail, mode="train")
+            out = _forward_train(model, feats, observed, avail, idx)
             loss, parts = model.loss(out, labels, train_set.ignore_index)
             if not math.isfinite(float(loss.detach())):
                 raise TrainingDiverged(
