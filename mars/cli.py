@@ -11,13 +11,25 @@ from pathlib import Path
 import torch
 
 from .data import DataFormatError
-from .model import METHODS, NOISE_MODES, ROUTINGS, ModelConfig
+from .model import (METHODS, NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, ModelConfig,
+                    canonical_method)
+
+METHOD_CHOICES = ("mars", "vanilla-moe", "late-fusion", "moe-retriever", "mce")
+
+
+def method(text: str) -> str:
+    """argparse type: a method name or alias -> its canonical name."""
+    try:
+        return canonical_method(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(METHOD_CHOICES)}") from None
 from .train import TrainConfig, TrainingDiverged, make_model, prepare_model, train
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--method", choices=METHODS, default="mars")
+    g.add_argument("--method", type=method, default="mars", metavar="METHOD",
+                   help=f"one of {', '.join(METHOD_CHOICES)}")
     g.add_argument("--d-model", type=int, default=64)
     g.add_argument("--d-hidden", type=int, default=128)
     g.add_argument("--experts", type=int, default=8)
@@ -30,11 +42,31 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lambda-balance", type=float, default=0.01)
     g.add_argument("--lambda-complete", type=float, default=1.0)
     g.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default=None)
+    r = p.add_argument_group("MoE-Retriever (--method moe-retriever)")
+    r.add_argument("--retriever-variant", choices=RETRIEVER_VARIANTS, default="paper",
+                   help="paper: attention + restricted noisy top-k MoE retrieval; code: the official code's 0.5/0.5 mean imputation")
+    r.add_argument("--retriever-candidates", type=int, default=8, help="modality-specific experts per modality")
+    r.add_argument("--retriever-shared", type=int, default=4, help="shared experts")
+    r.add_argument("--retriever-k", type=int, default=4, help="experts per token")
+    r.add_argument("--retriever-alpha", type=float, default=0.5, help="weight of the inter-modal context")
+    r.add_argument("--retriever-warmup", type=int, default=0, help="epochs before retrieval starts")
+    r.add_argument("--lambda-gate", type=float, default=0.01, help="weight of the retriever's balance loss")
+    m = p.add_argument_group("MCE (--method mce)")
+    m.add_argument("--mce-shapley", choices=SHAPLEY_VARIANTS, default="exact",
+                   help="exact Shapley values, or the official code's formula")
+    m.add_argument("--mce-teacher-epochs", type=int, default=10, help="epochs of the frozen unimodal models")
+    m.add_argument("--mce-no-a", action="store_true", help="drop the dataset-level factor 1/(1 - r_m)")
+    m.add_argument("--mce-no-b", action="store_true", help="drop the Shapley batch-level factor")
+    m.add_argument("--lambda-sep", type=float, default=1.0)
+    m.add_argument("--lambda-com", type=float, default=1.0)
+    m.add_argument("--lambda-sub", type=float, default=1.0)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="mfeat", help="'mfeat' (embedded), 'synthetic-seg', or a feature directory")
-    p.add_argument("--protocol", default="uniform", help="training missingness: uniform | rates:0.2,0.5,0.8 | fixed:0.5")
+    p.add_argument("--data", default="mfeat", help="'mfeat' (embedded), 'synthetic-seg', a feature directory, or BENCHMARK:DIR with BENCHMARK one of "
+                   "crema-d, food-101, casia-surf, mcubes")
+    p.add_argument("--protocol", "--missing", dest="protocol", default="uniform",
+                   help="training missingness: uniform | independent:0.2,0.5,0.8 (one rate per modality) | fixed:0.5")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -49,6 +81,11 @@ def _config(a: argparse.Namespace, method: str | None = None, seed: int | None =
         noise=a.noise, routing=a.routing, sigma_0=a.sigma_0, sigma_max=a.sigma_max, lambda_imit=a.lambda_imit,
         lambda_balance=a.lambda_balance, lambda_complete=a.lambda_complete,
         backend=None if a.backend in (None, "auto") else a.backend,
+        retriever_variant=a.retriever_variant, retriever_candidates=a.retriever_candidates,
+        retriever_shared=a.retriever_shared, retriever_k=a.retriever_k, retriever_alpha=a.retriever_alpha,
+        retriever_warmup=a.retriever_warmup, lambda_gate=a.lambda_gate, mce_shapley=a.mce_shapley,
+        mce_teacher_epochs=a.mce_teacher_epochs, mce_use_a=not a.mce_no_a, mce_use_b=not a.mce_no_b,
+        lambda_sep=a.lambda_sep, lambda_com=a.lambda_com, lambda_sub=a.lambda_sub,
     )
     return TrainConfig(data=a.data, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        seed=a.seed if seed is None else seed, protocol=a.protocol, model=model)
@@ -59,6 +96,9 @@ def _print_results(result: dict) -> None:
     print(f"\n{s['method']} on {s['data']} (seed {s['seed']}): best epoch {s['best_epoch']}, "
           f"{s['train_seconds']:.0f} s, {s['parameters']:,} parameters")
     print(f"test score, mean over all {len(test['subsets'])} modality subsets: {s['test_mean']:.4f}")
+    for key, label in (("test_miou", "mIoU"), ("test_acer", "ACER (lower is better)")):
+        if key in s:
+            print(f"test {label}, mean over subsets: {s[key]:.4f}")
     if s.get("router_agreement") is not None:
         print(f"feature-vs-residual router top-k agreement: {s['router_agreement']:.3f}")
     print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in s["test_by_size"].items()))
@@ -161,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="MARS vs the baselines on the same data, splits, masks and budget")
     _train_args(c)
     c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    c.add_argument("--methods", nargs="+", type=method, default=["mars", "moe", "late_fusion"],
+                   metavar="METHOD", help=f"any of {', '.join(METHOD_CHOICES)} (default: mars vanilla-moe late-fusion)")
     c.add_argument("--out", default="runs/compare")
     a = p.parse_args(argv)
     try:

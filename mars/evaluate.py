@@ -4,7 +4,9 @@ For each subset S of the M modalities, the observed mask of a sample is
 S intersected with what the sample actually has (samples left with nothing are
 skipped for that subset). All (sample, subset) pairs run in large batches.
 Classification reports accuracy, segmentation pixel accuracy (``score``) and
-mean IoU. Summaries: the mean over subsets and the mean by number of observed
+mean IoU; anti-spoofing data (``data.bona_fide_class`` set, e.g. CASIA-SURF)
+also APCER (attacks accepted as real), BPCER (real rejected as attacks) and
+ACER = (APCER + BPCER) / 2. Summaries: the mean over subsets and the mean by number of observed
 modalities.
 """
 from __future__ import annotations
@@ -25,7 +27,8 @@ def _available(data: MultimodalDataset) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_size: int = 4096,
                      num_experts: int | None = None) -> dict:
-    """-> {"subsets": [{name, size, n, score, miou?}], "mean", "by_size": {size: mean},
+    """-> {"subsets": [{name, size, n, score, miou?, apcer?, bpcer?, acer?}], "mean",
+    "by_size": {size: mean}, "miou_mean"? / "acer_mean"? (segmentation / anti-spoofing),
     "usage": [subsets, E] share of routed tokens per expert (when num_experts is given)}."""
     model.eval()
     avail = _available(data)
@@ -38,6 +41,7 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
     inter = torch.zeros(n_sub, K, dtype=torch.float64)
     union = torch.zeros(n_sub, K, dtype=torch.float64)
     usage = torch.zeros(n_sub, num_experts or 1, dtype=torch.float64)
+    spoof = torch.zeros(4, n_sub, dtype=torch.float64)  # attacks, attacks accepted, bona fide, bona fide rejected
     for start in range(0, sample.numel(), batch_size):
         s_idx, sub = sample[start : start + batch_size], subset[start : start + batch_size]
         feats = {m: data.features[m][s_idx] for m in data.modalities}
@@ -47,6 +51,10 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
         per_sample = lambda t: t.reshape(t.shape[0], -1).sum(dim=1).double()  # noqa: E731
         correct.index_add_(0, sub, per_sample((pred == labels) & valid))
         total.index_add_(0, sub, per_sample(valid))
+        if data.bona_fide_class is not None:
+            real, said_real = labels == data.bona_fide_class, pred == data.bona_fide_class
+            for row, hits in enumerate((~real, ~real & said_real, real, real & ~said_real)):
+                spoof[row].index_add_(0, sub, hits.double())
         if data.task == "segmentation":
             sub_px = sub.view(-1, *([1] * (labels.dim() - 1))).expand_as(labels)[valid]
             p, l = pred[valid], labels[valid]
@@ -67,6 +75,10 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
         if data.task == "segmentation":
             present = union[s] > 0
             row["miou"] = float((inter[s][present] / union[s][present]).mean()) if bool(present.any()) else float("nan")
+        if data.bona_fide_class is not None:
+            rate = lambda num, den: float(num / den) if den > 0 else float("nan")  # noqa: E731
+            row["apcer"], row["bpcer"] = rate(spoof[1, s], spoof[0, s]), rate(spoof[3, s], spoof[2, s])
+            row["acer"] = (row["apcer"] + row["bpcer"]) / 2
         rows.append(row)
     scored = [r for r in rows if r["n"]]
     by_size: dict[int, list[float]] = {}
@@ -77,6 +89,10 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
         "mean": statistics.mean(r["score"] for r in scored) if scored else float("nan"),
         "by_size": {s: statistics.mean(v) for s, v in sorted(by_size.items())},
     }
+    for metric in ("miou", "acer"):  # means over the subsets where the metric is defined
+        values = [r[metric] for r in scored if metric in r and r[metric] == r[metric]]
+        if values:
+            result[f"{metric}_mean"] = statistics.mean(values)
     if num_experts:
         result["usage"] = (usage / usage.sum(dim=1, keepdim=True).clamp(min=1)).tolist()
     return result

@@ -216,11 +216,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         "method": cfg.model.method, "data": cfg.data, "seed": cfg.seed, "best_epoch": best["epoch"],
         "router_agreement": agreement,
         "val_mean": best["score"], "test_mean": test["mean"], "test_by_size": test["by_size"],
+        **{f"test_{m}": test[f"{m}_mean"] for m in ("miou", "acer") if f"{m}_mean" in test},
         "train_seconds": time.time() - t_start,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     with open(run / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["name", "size", "n", "score"] + (["miou"] if test_set.task == "segmentation" else []))
+        extra = (["miou"] if test_set.task == "segmentation" else []) + (
+            ["apcer", "bpcer", "acer"] if test_set.bona_fide_class is not None else [])
+        w = csv.DictWriter(f, fieldnames=["name", "size", "n", "score"] + extra)
         w.writeheader()
         for row in test["subsets"]:
             w.writerow({k: row.get(k) for k in w.fieldnames})

@@ -65,6 +65,9 @@ class MultimodalDataset:
         name: where the data came from; used in error messages.
         standardizer: the fitted ``Standardizer`` that was applied (loaders
             set it; save ``standardizer.state_dict()`` in a checkpoint).
+        bona_fide_class: binary anti-spoofing data (e.g. CASIA-SURF): the
+            label of real faces; evaluation then also reports APCER, BPCER
+            and ACER. ``None`` otherwise.
     """
 
     modalities: list[str]
@@ -76,6 +79,7 @@ class MultimodalDataset:
     ignore_index: int | None = None
     name: str = ""
     standardizer: Any = field(default=None, repr=False)
+    bona_fide_class: int | None = None
 
     # ------------------------------------------------------------------ checks
     def _fail(self, message: str):
@@ -96,6 +100,13 @@ class MultimodalDataset:
             self._fail(f"num_classes must be a positive integer, got {self.num_classes!r}")
         self.num_classes = int(self.num_classes)
         self._check_labels()
+        if self.bona_fide_class is not None:
+            if self.task != "classification" or self.num_classes != 2:
+                self._fail(f"bona_fide_class needs a 2-class classification task, got task {self.task!r} "
+                           f"with num_classes={self.num_classes}")
+            if isinstance(self.bona_fide_class, bool) or int(self.bona_fide_class) not in (0, 1):
+                self._fail(f"bona_fide_class must be 0 or 1, got {self.bona_fide_class!r}")
+            self.bona_fide_class = int(self.bona_fide_class)
         n = self.labels.shape[0]
         self._check_features(n)
         self._check_available(n)
@@ -269,8 +280,10 @@ def concat_datasets(datasets: Sequence[MultimodalDataset], name: str | None = No
         raise ValueError("concat_datasets: expected at least one dataset")
     first = datasets[0]
     for i, d in enumerate(datasets[1:], 1):
-        same = (d.modalities, d.task, d.num_classes, d.ignore_index, d.feature_shapes, tuple(d.labels.shape[1:]))
-        want = (first.modalities, first.task, first.num_classes, first.ignore_index, first.feature_shapes, tuple(first.labels.shape[1:]))
+        same = (d.modalities, d.task, d.num_classes, d.ignore_index, d.bona_fide_class, d.feature_shapes,
+                tuple(d.labels.shape[1:]))
+        want = (first.modalities, first.task, first.num_classes, first.ignore_index, first.bona_fide_class,
+                first.feature_shapes, tuple(first.labels.shape[1:]))
         if same != want:
             raise DataFormatError(f"concat_datasets: dataset {i} ({d!r}) does not match dataset 0 ({first!r})")
     return MultimodalDataset(
@@ -281,6 +294,7 @@ def concat_datasets(datasets: Sequence[MultimodalDataset], name: str | None = No
         task=first.task,
         available=torch.cat([d.available for d in datasets]),
         ignore_index=first.ignore_index,
+        bona_fide_class=first.bona_fide_class,
         name=first.name if name is None else name,
         standardizer=first.standardizer,
     )

@@ -1,9 +1,11 @@
 """Feature directories: the on-disk layout for user data and for pre-extracted
-features of the MARS benchmarks (CREMA-D, UPMC Food-101, CASIA-SURF, MCubeS).
+features of the MARS benchmarks (CREMA-D, UPMC Food-101, CASIA-SURF, MCubeS;
+see :mod:`mars.data.benchmarks`).
 
 Layout
 ------
-A dataset is one directory::
+A dataset is one directory with a ``meta.json`` and its arrays, either in one
+folder (split by ``splits.json`` or by a stratified split fixed by the seed)::
 
     my_dataset/
         meta.json          what the data is (required)
@@ -11,6 +13,15 @@ A dataset is one directory::
         labels.npy         the targets (required)
         available.npy      which modalities each sample really has (optional)
         splits.json        the train/val/test indices (optional)
+
+or with one folder per split, each holding one array file per modality::
+
+    my_dataset/
+        meta.json
+        train/  <modality>.npy ...  labels.npy  [available.npy]   (required)
+        val/    <modality>.npy ...  labels.npy  [available.npy]   (optional:
+                absent = a stratified quarter of train/, fixed by the seed)
+        test/   <modality>.npy ...  labels.npy  [available.npy]   (required)
 
 ``meta.json``, a JSON object:
 
@@ -21,6 +32,12 @@ A dataset is one directory::
 * ``"num_classes"``: K, an integer >= 1 (required);
 * ``"ignore_index"``: segmentation only, the label of unlabelled pixels,
   outside ``[0, K)``, e.g. 255 (optional);
+* ``"benchmark"``: one of ``crema-d``, ``food-101``, ``casia-surf``,
+  ``mcubes``: the directory is checked against that benchmark's modalities,
+  task and classes (optional);
+* ``"bona_fide_class"``: 2-class anti-spoofing data only, the label of real
+  samples (0 or 1; CASIA-SURF: 1); evaluation then reports APCER, BPCER and
+  ACER (optional);
 * ``"name"``, ``"description"``, ``"class_names"`` (list of K strings):
   optional, informational. Any other key is an error (it catches typos).
 
@@ -28,7 +45,9 @@ A dataset is one directory::
 ``[N, d]`` (a feature vector per sample, e.g. pooled encoder features) or
 ``[N, C, H, W]`` (a feature map). All map modalities share ``H, W``; for
 segmentation every modality is a map of the label maps' ``H, W``. Values of
-unavailable entries are ignored (NaN allowed there) and set to 0.
+unavailable entries are ignored (NaN allowed there) and set to 0. In the
+split-folder layout N is the split's size and the per-sample shapes agree
+across splits.
 
 ``labels.npy``: integer array, ``[N]`` class indices for classification or
 ``[N, H, W]`` per-pixel class indices for segmentation, in ``[0, K)`` (or
@@ -37,17 +56,18 @@ unavailable entries are ignored (NaN allowed there) and set to 0.
 ``available.npy``: ``[N, M]`` bool (or 0/1 integers), True where the sample
 has that modality; every row needs at least one True. Absent = all True.
 
-``splits.json``: ``{"train": [...], "val": [...], "test": [...]}``, lists of
-distinct sample indices in ``[0, N)``; no index in two splits; ``train``
-non-empty; samples listed nowhere are unused. Absent = a stratified
-0.6/0.2/0.2 split fixed by the seed (``mars.data.splits.stratified_split``).
+``splits.json`` (one-folder layout only): ``{"train": [...], "val": [...],
+"test": [...]}``, lists of distinct sample indices in ``[0, N)``; no index in
+two splits; ``train`` non-empty; samples listed nowhere are unused. Absent = a
+stratified 0.6/0.2/0.2 split fixed by the seed
+(``mars.data.splits.stratified_split``).
 
 Example (CREMA-D, audio + visual embeddings, 6 emotions)::
 
-    meta.json   {"task": "classification", "modalities": ["audio", "visual"], "num_classes": 6}
-    audio.npy   float32 [7442, 512]
-    visual.npy  float32 [7442, 512]
-    labels.npy  int64   [7442]
+    meta.json        {"benchmark": "crema-d", "task": "classification",
+                      "modalities": ["audio", "visual"], "num_classes": 6}
+    train/audio.npy  float32 [N_train, 512]    train/visual.npy  float32 [N_train, 512]
+    train/labels.npy int64 [N_train]           (and the same in val/ and test/)
 
 and MCubeS (4 modalities, 20 materials) as downsampled feature maps with
 ``labels.npy`` int64 [N, H, W] and ``"ignore_index": 255``.
@@ -70,14 +90,15 @@ import torch
 
 from .dataset import MultimodalDataset, concat_datasets
 from .errors import DataFormatError
-from .splits import DEFAULT_FRACTIONS, SPLIT_NAMES, split_dataset, standardize_splits
+from .benchmarks import benchmark_spec, check_meta_against_benchmark
+from .splits import DEFAULT_FRACTIONS, SPLIT_NAMES, split_dataset, standardize_splits, stratified_split, stratify_keys
 
 META_FILE = "meta.json"
 LABELS_FILE = "labels.npy"
 AVAILABLE_FILE = "available.npy"
 SPLITS_FILE = "splits.json"
 REQUIRED_META = ("task", "modalities", "num_classes")
-OPTIONAL_META = ("ignore_index", "name", "description", "class_names")
+OPTIONAL_META = ("ignore_index", "bona_fide_class", "benchmark", "name", "description", "class_names")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _RESERVED = {"labels", "available", "meta", "splits"}
 
@@ -112,8 +133,10 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    """Parse and check ``<path>/meta.json``; returns the meta dict."""
+def read_meta(path: str | os.PathLike, benchmark: str | None = None) -> dict:
+    """Parse and check ``<path>/meta.json``; returns the meta dict. With
+    ``benchmark``, the directory must be that benchmark's (see
+    :mod:`mars.data.benchmarks`)."""
     file = os.path.join(os.fspath(path), META_FILE)
     what = 'a JSON object with "task", "modalities", "num_classes" (and optionally "ignore_index")'
     meta = _read_json(file, what)
@@ -148,6 +171,18 @@ def read_meta(path: str | os.PathLike) -> dict:
     names = meta.get("class_names")
     if names is not None and (not isinstance(names, list) or len(names) != meta["num_classes"] or not all(isinstance(s, str) for s in names)):
         raise DataFormatError(f'"class_names" must be a list of {meta["num_classes"]} strings', file)
+    bona = meta.get("bona_fide_class")
+    if bona is not None and (meta["task"] != "classification" or meta["num_classes"] != 2 or bona not in (0, 1)
+                             or not _is_int(bona)):
+        raise DataFormatError(f'"bona_fide_class" must be 0 or 1 for a 2-class classification task, got {bona!r}', file)
+    if benchmark is not None:
+        declared = meta.setdefault("benchmark", benchmark)
+        if benchmark_spec(declared) != benchmark_spec(benchmark):
+            raise DataFormatError(f'"benchmark" is {declared!r}, but the data was loaded as {benchmark!r}', file)
+    if "benchmark" in meta:
+        spec = check_meta_against_benchmark(meta, file)
+        if spec.bona_fide_class is not None:
+            meta["bona_fide_class"] = spec.bona_fide_class
     return meta
 
 
@@ -177,23 +212,15 @@ def _read_splits(file: str, n: int) -> tuple[list[int], list[int], list[int]]:
     return tuple(out)  # type: ignore[return-value]
 
 
-def read_feature_dir(path: str | os.PathLike) -> tuple[MultimodalDataset, tuple[list[int], list[int], list[int]] | None]:
-    """The whole directory as one ``MultimodalDataset`` (raw values), and the
-    (train, val, test) index lists from ``splits.json`` (``None`` if absent)."""
-    root = os.fspath(path)
-    if not os.path.isdir(root):
-        raise DataFormatError("not a directory; expected a feature directory with meta.json, <modality>.npy, labels.npy", root)
-    meta = read_meta(root)
-    task, mods, K = meta["task"], meta["modalities"], meta["num_classes"]
-
-    lab_file = os.path.join(root, LABELS_FILE)
+def _read_labels(folder: str, meta: dict) -> np.ndarray:
+    task, K = meta["task"], meta["num_classes"]
+    lab_file = os.path.join(folder, LABELS_FILE)
     shape_txt = "[N]" if task == "classification" else "[N, H, W]"
     labels = _read_npy(lab_file, f"integer class labels {shape_txt}")
     if labels.dtype.kind not in "iu":
         raise DataFormatError(f"labels must be integers, got dtype {labels.dtype}; expected integer {shape_txt}", lab_file)
     if labels.ndim != (1 if task == "classification" else 3):
         raise DataFormatError(f"labels have shape {list(labels.shape)}; expected {shape_txt} for task {task!r}", lab_file)
-    n = labels.shape[0]
     ign = meta.get("ignore_index")
     valid = (labels >= 0) & (labels < K)
     if ign is not None:
@@ -202,26 +229,32 @@ def read_feature_dir(path: str | os.PathLike) -> tuple[MultimodalDataset, tuple[
         bad = labels[~valid]
         extra = f" or {ign} (ignore_index)" if ign is not None else ""
         raise DataFormatError(f"{bad.size} labels out of range (e.g. {int(bad.flat[0])}); expected values in [0, {K}){extra} (num_classes from meta.json)", lab_file)
+    return labels
 
-    avail = None
-    av_file = os.path.join(root, AVAILABLE_FILE)
-    if os.path.exists(av_file):
-        a = _read_npy(av_file, f"bool [N, M] = [{n}, {len(mods)}]")
-        if a.shape != (n, len(mods)):
-            raise DataFormatError(f"shape {list(a.shape)}; expected bool [N, M] = [{n}, {len(mods)}] (N from labels.npy, M from meta.json)", av_file)
-        if a.dtype != np.bool_:
-            if a.dtype.kind not in "iu" or not np.isin(a, (0, 1)).all():
-                raise DataFormatError(f"dtype {a.dtype} with values other than 0/1; expected bool [N, M]", av_file)
-            a = a != 0
-        empty = ~a.any(axis=1)
-        if empty.any():
-            raise DataFormatError(f"{int(empty.sum())} samples have no available modality (e.g. sample {int(np.argmax(empty))}); expected at least one True per row", av_file)
-        avail = torch.from_numpy(np.ascontiguousarray(a))
 
+def _read_available(folder: str, n: int, mods: list[str]) -> torch.Tensor | None:
+    av_file = os.path.join(folder, AVAILABLE_FILE)
+    if not os.path.exists(av_file):
+        return None
+    a = _read_npy(av_file, f"bool [N, M] = [{n}, {len(mods)}]")
+    if a.shape != (n, len(mods)):
+        raise DataFormatError(f"shape {list(a.shape)}; expected bool [N, M] = [{n}, {len(mods)}] (N from labels.npy, M from meta.json)", av_file)
+    if a.dtype != np.bool_:
+        if a.dtype.kind not in "iu" or not np.isin(a, (0, 1)).all():
+            raise DataFormatError(f"dtype {a.dtype} with values other than 0/1; expected bool [N, M]", av_file)
+        a = a != 0
+    empty = ~a.any(axis=1)
+    if empty.any():
+        raise DataFormatError(f"{int(empty.sum())} samples have no available modality (e.g. sample {int(np.argmax(empty))}); expected at least one True per row", av_file)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _read_features(folder: str, meta: dict, labels: np.ndarray, avail: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    task, n = meta["task"], labels.shape[0]
     features = {}
     spatial = None
-    for j, m in enumerate(mods):
-        f = os.path.join(root, f"{m}.npy")
+    for j, m in enumerate(meta["modalities"]):
+        f = os.path.join(folder, f"{m}.npy")
         want = "float [N, C, H, W]" if task == "segmentation" else "float [N, d] or [N, C, H, W]"
         x = _read_npy(f, f"{want} features of modality {m!r} (listed in meta.json)")
         if x.dtype.kind != "f":
@@ -246,27 +279,89 @@ def read_feature_dir(path: str | os.PathLike) -> tuple[MultimodalDataset, tuple[
         if not bool(rows_ok.all()):
             x[~rows_ok] = 0.0
         features[m] = x
+    return features
 
+
+def _read_arrays(folder: str, meta: dict, name: str) -> MultimodalDataset:
+    """One folder of arrays (<modality>.npy, labels.npy, optional available.npy)."""
+    labels = _read_labels(folder, meta)
+    avail = _read_available(folder, labels.shape[0], meta["modalities"])
+    features = _read_features(folder, meta, labels, avail)
     try:
-        data = MultimodalDataset(
-            modalities=mods, features=features, labels=torch.from_numpy(labels.astype(np.int64)), num_classes=K,
-            task=task, available=avail, ignore_index=ign, name=meta.get("name") or os.path.basename(os.path.abspath(root)),
+        return MultimodalDataset(
+            modalities=meta["modalities"], features=features, labels=torch.from_numpy(labels.astype(np.int64)),
+            num_classes=meta["num_classes"], task=meta["task"], available=avail, ignore_index=meta.get("ignore_index"),
+            bona_fide_class=meta.get("bona_fide_class"), name=name,
         )
     except DataFormatError as e:  # pragma: no cover - the checks above come first
-        raise DataFormatError(str(e), root) from None
+        raise DataFormatError(str(e), folder) from None
 
+
+def _check_shapes_agree(parts: dict[str, MultimodalDataset], root: str) -> None:
+    first_name, first = next(iter(parts.items()))
+    for s, d in parts.items():
+        for m in d.modalities:
+            if d.features[m].shape[1:] != first.features[m].shape[1:]:
+                raise DataFormatError(
+                    f"{m}.npy has per-sample shape {list(d.features[m].shape[1:])}; expected "
+                    f"{list(first.features[m].shape[1:])} like {first_name}/{m}.npy", os.path.join(root, s))
+        if d.labels.shape[1:] != first.labels.shape[1:]:
+            raise DataFormatError(f"label maps are {list(d.labels.shape[1:])}; expected {list(first.labels.shape[1:])} "
+                                  f"like {first_name}/{LABELS_FILE}", os.path.join(root, s, LABELS_FILE))
+
+
+def read_feature_dir(path: str | os.PathLike, seed: int = 0, benchmark: str | None = None) -> tuple[MultimodalDataset, tuple[list[int], list[int], list[int]] | None]:
+    """The whole directory as one ``MultimodalDataset`` (raw values), and the
+    (train, val, test) index lists (``None`` when the directory fixes no split).
+
+    One-folder layout: the lists of ``splits.json`` if present. Split-folder
+    layout: the samples of ``train/``, ``val/``, ``test/`` in that order; with
+    no ``val/``, a stratified quarter of ``train/`` fixed by ``seed``."""
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        raise DataFormatError("not a directory; expected a feature directory with meta.json, <modality>.npy, labels.npy", root)
+    meta = read_meta(root, benchmark)
+    name = meta.get("name") or meta.get("benchmark") or os.path.basename(os.path.abspath(root))
+    if not os.path.exists(os.path.join(root, LABELS_FILE)) and os.path.isdir(os.path.join(root, "train")):
+        return _read_split_folders(root, meta, name, seed)
+    data = _read_arrays(root, meta, name)
     sp_file = os.path.join(root, SPLITS_FILE)
-    splits = _read_splits(sp_file, n) if os.path.exists(sp_file) else None
+    splits = _read_splits(sp_file, len(data)) if os.path.exists(sp_file) else None
     return data, splits
 
 
+def _read_split_folders(root: str, meta: dict, name: str, seed: int):
+    if os.path.exists(os.path.join(root, SPLITS_FILE)):
+        raise DataFormatError("a split-folder dataset (train/, test/) must not also have splits.json; remove one of them",
+                              os.path.join(root, SPLITS_FILE))
+    if not os.path.isdir(os.path.join(root, "test")):
+        raise DataFormatError("has train/ but no test/ folder; expected train/, test/ and optionally val/, each with "
+                              "<modality>.npy, labels.npy (and optionally available.npy)", root)
+    present = [s for s in SPLIT_NAMES if os.path.isdir(os.path.join(root, s))]
+    parts = {s: _read_arrays(os.path.join(root, s), meta, name) for s in present}
+    _check_shapes_agree(parts, root)
+    if len(parts["train"]) == 0:
+        raise DataFormatError("has no samples; expected a non-empty training split", os.path.join(root, "train", LABELS_FILE))
+    starts = np.cumsum([0] + [len(parts[s]) for s in present])
+    ranges = {s: list(range(int(starts[i]), int(starts[i + 1]))) for i, s in enumerate(present)}
+    if "val" not in parts:
+        keys = stratify_keys(parts["train"].labels, parts["train"].ignore_index)
+        tr, va, _ = stratified_split(keys, (0.75, 0.25, 0.0), seed)
+        ranges["val"] = [ranges["train"][i] for i in va.tolist()]
+        ranges["train"] = [ranges["train"][i] for i in tr.tolist()]
+    data = concat_datasets([parts[s] for s in present], name=name)
+    return data, (ranges["train"], ranges["val"], ranges["test"])
+
+
 def load_feature_dir(
-    path: str | os.PathLike, seed: int = 0, standardize: bool = True, fractions: Sequence[float] = DEFAULT_FRACTIONS
+    path: str | os.PathLike, seed: int = 0, standardize: bool = True, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    benchmark: str | None = None,
 ) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
-    """(train, val, test) from a feature directory: the splits of
+    """(train, val, test) from a feature directory: its split folders or
     ``splits.json`` if present, else ``stratified_split(fractions, seed)``;
-    with ``standardize``, per-modality standardisation fitted on train."""
-    data, idx = read_feature_dir(path)
+    with ``standardize``, per-modality standardisation fitted on train.
+    ``benchmark`` checks the directory against that benchmark's spec."""
+    data, idx = read_feature_dir(path, seed=seed, benchmark=benchmark)
     splits = tuple(data.subset(i) for i in idx) if idx is not None else split_dataset(data, fractions, seed)
     if standardize:
         splits = standardize_splits(*splits)
@@ -274,11 +369,36 @@ def load_feature_dir(
 
 
 # ---------------------------------------------------------------- writing
+def _write_arrays(folder: str, data: MultimodalDataset, dtype: Any) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for m in data.modalities:
+        np.save(os.path.join(folder, f"{m}.npy"), data.features[m].detach().cpu().numpy().astype(dtype))
+    np.save(os.path.join(folder, LABELS_FILE), data.labels.cpu().numpy().astype(np.int64))
+    av_file = os.path.join(folder, AVAILABLE_FILE)
+    if not data.is_complete:
+        np.save(av_file, data.available.cpu().numpy())
+    elif os.path.exists(av_file):
+        os.remove(av_file)
+
+
+def _as_dataset(data: Mapping[str, Any]) -> MultimodalDataset:
+    feats = {m: torch.as_tensor(np.asarray(x)) for m, x in data["features"].items()}
+    return MultimodalDataset(
+        modalities=list(data.get("modalities") or feats), features=feats,
+        labels=torch.as_tensor(np.asarray(data["labels"])), num_classes=int(data["num_classes"]),
+        task=data.get("task", "classification"),
+        available=None if data.get("available") is None else torch.as_tensor(np.asarray(data["available"])),
+        ignore_index=data.get("ignore_index"), bona_fide_class=data.get("bona_fide_class"),
+    )
+
+
 def write_feature_dir(
     path: str | os.PathLike,
     data: MultimodalDataset | Sequence[MultimodalDataset] | Mapping[str, Any],
     *,
     splits: Mapping[str, Sequence[int]] | None = None,
+    layout: str = "single",
+    benchmark: str | None = None,
     exist_ok: bool = False,
     name: str | None = None,
     dtype: Any = np.float32,
@@ -286,33 +406,35 @@ def write_feature_dir(
     """Write ``data`` in the feature-directory layout; returns the path.
 
     ``data`` is a ``MultimodalDataset``; or a (train, val, test) triple of
-    them, written concatenated with a ``splits.json`` that reproduces them; or
-    a mapping of arrays with keys ``features`` ({modality: array}),
+    them; or a mapping of arrays with keys ``features`` ({modality: array}),
     ``labels``, ``num_classes``, optional ``task`` (default classification),
     ``modalities`` (default: the order of ``features``), ``available``,
-    ``ignore_index``. ``splits`` ({"train": [...], "val": [...], "test":
-    [...]}) writes ``splits.json`` (not with a triple). ``available.npy`` is
-    written only when some modality is unavailable.
+    ``ignore_index``, ``bona_fide_class``. ``layout="single"`` writes one
+    folder (a triple is concatenated with a ``splits.json`` that reproduces
+    it; ``splits`` writes ``splits.json`` for a single dataset);
+    ``layout="split"`` writes ``train/``, ``val/``, ``test/`` folders from a
+    triple. ``benchmark`` records ``"benchmark"`` in ``meta.json`` (checked
+    when read). ``available.npy`` is written only when some modality is
+    unavailable.
     """
+    if layout not in ("single", "split"):
+        raise ValueError(f"write_feature_dir: layout must be 'single' or 'split', got {layout!r}")
+    parts: list[MultimodalDataset] | None = None
     if isinstance(data, Mapping):
-        feats = {m: torch.as_tensor(np.asarray(x)) for m, x in data["features"].items()}
-        data = MultimodalDataset(
-            modalities=list(data.get("modalities") or feats), features=feats,
-            labels=torch.as_tensor(np.asarray(data["labels"])), num_classes=int(data["num_classes"]),
-            task=data.get("task", "classification"),
-            available=None if data.get("available") is None else torch.as_tensor(np.asarray(data["available"])),
-            ignore_index=data.get("ignore_index"),
-        )
+        data = _as_dataset(data)
     elif not isinstance(data, MultimodalDataset):
         parts = list(data)
         if len(parts) != 3 or not all(isinstance(p, MultimodalDataset) for p in parts):
             raise TypeError("write_feature_dir: data must be a MultimodalDataset, a (train, val, test) triple of them, or a mapping of arrays")
         if splits is not None:
             raise ValueError("write_feature_dir: pass either a (train, val, test) triple or splits, not both")
-        sizes = [len(p) for p in parts]
-        starts = np.cumsum([0] + sizes)
-        splits = {s: list(range(int(starts[i]), int(starts[i + 1]))) for i, s in enumerate(SPLIT_NAMES)}
-        data = concat_datasets(parts)
+        concat = concat_datasets(parts)  # checks that the parts agree
+        if layout == "single":
+            starts = np.cumsum([0] + [len(p) for p in parts])
+            splits = {s: list(range(int(starts[i]), int(starts[i + 1]))) for i, s in enumerate(SPLIT_NAMES)}
+        data = concat
+    if layout == "split" and parts is None:
+        raise ValueError("write_feature_dir: layout='split' needs a (train, val, test) triple of datasets")
     for m in data.modalities:
         if not _NAME_RE.match(m) or m in _RESERVED:
             raise ValueError(f"write_feature_dir: modality name {m!r} cannot be a file name <modality>.npy")
@@ -323,19 +445,23 @@ def write_feature_dir(
     meta: dict[str, Any] = {"task": data.task, "modalities": list(data.modalities), "num_classes": data.num_classes}
     if data.ignore_index is not None:
         meta["ignore_index"] = data.ignore_index
+    if data.bona_fide_class is not None:
+        meta["bona_fide_class"] = data.bona_fide_class
+    if benchmark is not None:
+        meta["benchmark"] = benchmark
+        check_meta_against_benchmark(meta, os.path.join(root, META_FILE))
     if name or data.name:
         meta["name"] = name or data.name
     with open(os.path.join(root, META_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
-    for m in data.modalities:
-        np.save(os.path.join(root, f"{m}.npy"), data.features[m].detach().cpu().numpy().astype(dtype))
-    np.save(os.path.join(root, LABELS_FILE), data.labels.cpu().numpy().astype(np.int64))
-    av_file = os.path.join(root, AVAILABLE_FILE)
-    if not data.is_complete:
-        np.save(av_file, data.available.cpu().numpy())
-    elif os.path.exists(av_file):
-        os.remove(av_file)
     sp_file = os.path.join(root, SPLITS_FILE)
+    if layout == "split":
+        for s, part in zip(SPLIT_NAMES, parts):
+            _write_arrays(os.path.join(root, s), part, dtype)
+        if os.path.exists(sp_file):
+            os.remove(sp_file)
+        return root
+    _write_arrays(root, data, dtype)
     if splits is not None:
         with open(sp_file, "w", encoding="utf-8") as f:
             json.dump({s: [int(i) for i in splits[s]] for s in SPLIT_NAMES}, f)

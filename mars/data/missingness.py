@@ -6,8 +6,10 @@ observed modality per sample. Protocols (string form for the CLI in quotes):
 
 * ``"uniform"``: a uniformly random non-empty subset of the sample's available
   modalities (each of the 2^k - 1 subsets equally likely).
-* ``"rates:r_1,...,r_M"``: modality m is dropped independently with
-  probability r_m (one rate per modality, each in [0, 1)).
+* ``"rates:r_1,...,r_M"`` (also spelled ``"independent:r_1,...,r_M"``, MCE's
+  imbalanced setting, e.g. ``independent:0.2,0.5,0.8``): modality m is
+  dropped independently with probability r_m (one rate per modality, each in
+  [0, 1)).
 * ``"fixed:eta"``: every modality is dropped with probability eta in [0, 1).
 * ``"none"``: nothing is dropped (observed = available).
 
@@ -90,7 +92,10 @@ class MissingnessProtocol:
         text = spec.strip()
         name, sep, args = text.partition(":")
         name = name.strip().lower()
-        usage = "expected 'uniform', 'none', 'fixed:ETA' (e.g. 'fixed:0.5') or 'rates:R1,R2,...' (e.g. 'rates:0.2,0.5,0.8')"
+        if name == "independent":
+            name = "rates"
+        usage = ("expected 'uniform', 'none', 'fixed:ETA' (e.g. 'fixed:0.5') or 'rates:R1,R2,...' / "
+                 "'independent:R1,R2,...' (e.g. 'independent:0.2,0.5,0.8')")
         if name not in PROTOCOL_NAMES:
             raise ValueError(f"unknown missingness protocol {spec!r}; {usage}")
         if name in ("uniform", "none"):

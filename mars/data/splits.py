@@ -27,6 +27,8 @@ divided by ~0. Unavailable entries stay 0. ``state_dict()`` /
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from typing import Sequence
 
 import torch
@@ -221,11 +223,7 @@ class Standardizer:
             y = (x - mean) / std
             keep = data.available[:, j].view(-1, *([1] * (x.dim() - 1)))
             feats[m] = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
-        return MultimodalDataset(
-            modalities=data.modalities, features=feats, labels=data.labels, num_classes=data.num_classes,
-            task=data.task, available=data.available, ignore_index=data.ignore_index, name=data.name,
-            standardizer=self,
-        )
+        return replace(data, features=feats, standardizer=self)
 
     def inverse_transform_features(self, modality: str, x: Tensor) -> Tensor:
         """Undo the scaling of one modality's features ``[n, d]`` / ``[n, C, H, W]``."""
