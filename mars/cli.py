@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from dataclasses import fields
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import DataFormatError
+from .distributed import DistributedFailure, context_from_env, shutdown
 from .model import (METHODS, NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, ModelConfig,
                     canonical_method)
 
@@ -34,6 +36,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--d-hidden", type=int, default=128)
     g.add_argument("--experts", type=int, default=8)
     g.add_argument("--k", type=int, default=2)
+    g.add_argument("--dropout", type=float, default=0.1)
     g.add_argument("--noise", choices=NOISE_MODES, default="adaptive", help="MARS noise on the residual router")
     g.add_argument("--routing", choices=ROUTINGS, default="residual", help="router that gates in training (ablation)")
     g.add_argument("--sigma-0", type=float, default=1.0)
@@ -77,7 +80,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _config(a: argparse.Namespace, method: str | None = None, seed: int | None = None) -> TrainConfig:
     model = ModelConfig(
-        method=method or a.method, d_model=a.d_model, d_hidden=a.d_hidden, num_experts=a.experts, k=a.k,
+        method=method or a.method, dropout=a.dropout, d_model=a.d_model, d_hidden=a.d_hidden, num_experts=a.experts, k=a.k,
         noise=a.noise, routing=a.routing, sigma_0=a.sigma_0, sigma_max=a.sigma_max, lambda_imit=a.lambda_imit,
         lambda_balance=a.lambda_balance, lambda_complete=a.lambda_complete,
         backend=None if a.backend in (None, "auto") else a.backend,
@@ -117,14 +120,18 @@ def _plots(run: Path, result: dict) -> None:
 
 
 def cmd_train(a) -> int:
+    """Single process, or data-parallel under torchrun (rank 0 prints and plots)."""
     run = Path(a.resume or a.out)
+    ctx = context_from_env()
     if a.resume:
-        result = train(None, run, resume=True, progress=not a.quiet)
+        result = train(None, run, resume=True, progress=not a.quiet, ctx=ctx)
     else:
-        result = train(_config(a), run, progress=not a.quiet)
-    _print_results(result)
-    _plots(run, result)
-    print(f"run directory: {run}")
+        result = train(_config(a), run, progress=not a.quiet, ctx=ctx)
+    shutdown(ctx)
+    if ctx.is_main:
+        _print_results(result)
+        _plots(run, result)
+        print(f"run directory: {run}")
     return 0
 
 
@@ -210,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"mars: {exc}", file=sys.stderr)
         return 3
+    except DistributedFailure as exc:
+        # The process group is broken: tearing it down (or interpreter exit with
+        # its threads alive) can abort, so leave at once with our message.
+        print(f"mars: error: {exc}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(4)
     except (DataFormatError, FileNotFoundError, ValueError) as exc:
         print(f"mars: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import statistics
 import torch
 
 from .data import MultimodalDataset, all_subsets, subset_name
+from .distributed import DistContext
 
 
 def _available(data: MultimodalDataset) -> torch.Tensor:
@@ -26,16 +27,22 @@ def _available(data: MultimodalDataset) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_size: int = 4096,
-                     num_experts: int | None = None) -> dict:
+                     num_experts: int | None = None, ctx: DistContext | None = None) -> dict:
     """-> {"subsets": [{name, size, n, score, miou?, apcer?, bpcer?, acer?}], "mean",
     "by_size": {size: mean}, "miou_mean"? / "acer_mean"? (segmentation / anti-spoofing),
-    "usage": [subsets, E] share of routed tokens per expert (when num_experts is given)}."""
+    "usage": [subsets, E] share of routed tokens per expert (when num_experts is given)}.
+
+    With a data-parallel ``ctx`` each rank evaluates a strided share of the
+    (sample, subset) pairs and the counts are summed: every rank gets the result."""
     model.eval()
     avail = _available(data)
     masks = torch.stack(all_subsets(data.num_modalities))  # [S, M]
     n_sub, K = masks.shape[0], data.num_classes
     observed_all = avail[:, None, :] & masks[None]  # [N, S, M]
     sample, subset = observed_all.any(dim=2).nonzero(as_tuple=True)  # the pairs to evaluate
+    counts = torch.bincount(subset, minlength=n_sub)
+    if ctx is not None and ctx.enabled:
+        sample, subset = ctx.shard(sample), ctx.shard(subset)
     correct = torch.zeros(n_sub, dtype=torch.float64)
     total = torch.zeros(n_sub, dtype=torch.float64)
     inter = torch.zeros(n_sub, K, dtype=torch.float64)
@@ -66,8 +73,9 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
             idx = out.aux["indices"]  # [B, N, k]
             rows = sub.view(-1, 1, 1).expand_as(idx).reshape(-1)
             usage.index_put_((rows, idx.reshape(-1).cpu()), torch.ones(rows.numel(), dtype=torch.float64), accumulate=True)
+    if ctx is not None:
+        ctx.sum_(correct, total, inter, union, usage, spoof)
     union -= inter
-    counts = torch.bincount(subset, minlength=n_sub)
     rows = []
     for s in range(n_sub):
         row = {"name": subset_name(masks[s], data.modalities), "size": int(masks[s].sum()), "n": int(counts[s]),

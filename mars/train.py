@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
+from torch.nn.parallel import DistributedDataParallel
+
 from .data import MissingnessProtocol, MultimodalDataset, load_data
+from .distributed import DistContext, context_from_env
 from .evaluate import evaluate_subsets
 from .model import ModelConfig, build_model
 
@@ -133,17 +136,100 @@ def _forward_train(model, feats, observed, avail, idx):
     return model(feats, observed, avail, mode="train")
 
 
+def _train_epoch(net, model, opt, train_set, protocol, gen, cfg: TrainConfig, ctx: DistContext, epoch: int,
+                 ckpt_path: Path) -> dict[str, float]:
+    """One pass over the training set; returns the mean loss parts (over steps and ranks).
+
+    Every rank draws the same global batch and masks; it trains on its strided
+    share, with the loss scaled by its share of the batch so that the ranks'
+    averaged gradients are the gradient of the global batch mean."""
+    model.train()
+    if hasattr(model, "set_epoch"):
+        model.set_epoch(epoch)
+    perm = torch.randperm(len(train_set), generator=gen)
+    sums: dict[str, float] = {}
+    steps = 0
+    for start in range(0, len(train_set), cfg.batch_size):
+        batch = perm[start : start + cfg.batch_size]
+        if batch.numel() < ctx.world:  # a trailing batch too small to give every rank a sample
+            break
+        _, avail_all, _ = _batch(train_set, batch)
+        observed_all = protocol.sample(avail_all, gen)
+        mine = ctx.shard(torch.arange(batch.numel()))
+        idx = batch[mine]
+        feats, avail, labels = _batch(train_set, idx)
+        out = _forward_train(net, feats, observed_all[mine], avail, idx)
+        loss, parts = model.loss(out, labels, train_set.ignore_index)
+        value = float(loss.detach())
+        if ctx.enabled:
+            value = sum(ctx.all_gather_object(value)) / ctx.world
+            loss = loss * (idx.numel() * ctx.world / batch.numel())
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss became {value} at epoch {epoch + 1}, step {steps + 1} (parts: {parts}); "
+                f"training stopped, the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (first epoch)'}"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for name, v in parts.items():
+            sums[name] = sums.get(name, 0.0) + v
+        steps += 1
+    return ctx.mean_floats({k: v / max(steps, 1) for k, v in sums.items()})
+
+
+def _load_checkpoint(path: Path, model, opt, gen, ctx: DistContext) -> dict:
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    by_rank = state.get("torch_rng_by_rank") or [state["torch_rng"]]
+    torch.set_rng_state(by_rank[ctx.rank] if len(by_rank) == ctx.world else state["torch_rng"])
+    return state
+
+
+def _keep_metrics_through(path: Path, epoch: int) -> None:
+    """Drop metric lines of epochs after the checkpoint's (a run killed between
+    logging an epoch and checkpointing it repeats that epoch on resume)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+    if len(kept) != len(lines):
+        _atomic_write_bytes(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+
+def _write_results(run: Path, summary: dict, test: dict, test_set: MultimodalDataset) -> None:
+    with open(run / "results.csv", "w", newline="") as f:
+        extra = (["miou"] if test_set.task == "segmentation" else []) + (
+            ["apcer", "bpcer", "acer"] if test_set.bona_fide_class is not None else [])
+        w = csv.DictWriter(f, fieldnames=["name", "size", "n", "score"] + extra)
+        w.writeheader()
+        for row in test["subsets"]:
+            w.writerow({k: row.get(k) for k in w.fieldnames})
+    _write_json(run / "summary.json", summary)
+    torch.save({"usage": test.get("usage"), "subsets": [r["name"] for r in test["subsets"]]}, run / "usage.pt")
+
+
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          data=None, log=print) -> dict:
-    """Train, evaluate on every modality subset, write the run directory; returns the summary."""
+          data=None, log=print, ctx: DistContext | None = None) -> dict:
+    """Train, evaluate on every modality subset, write the run directory; returns the summary.
+
+    Under ``torchrun`` (or with an explicit ``ctx``) the run is data-parallel
+    (see :mod:`mars.distributed`); only rank 0 writes files and shows progress,
+    and every rank returns the same summary. The ranks share ``run_dir``."""
+    ctx = ctx or context_from_env()
+    main = ctx.is_main
+    if not main:
+        progress, log = False, (lambda *a, **k: None)
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     ckpt_path = run / "checkpoint.pt"
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"cannot resume: {ckpt_path} does not exist")
-        saved = json.loads((run / "config.json").read_text())
-        cfg = TrainConfig.from_dict(saved)
+        cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    elif main:
+        run.mkdir(parents=True, exist_ok=True)
     train_set, val_set, test_set = data if data is not None else load_data(cfg.data, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, train_set)
@@ -152,61 +238,46 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     gen = torch.Generator().manual_seed(cfg.seed)
     start_epoch, best = 0, {"score": -math.inf, "epoch": -1, "state": None}
     if resume:
-        state = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        state = _load_checkpoint(ckpt_path, model, opt, gen, ctx)
         start_epoch, best = state["epoch"], state["best"]
+        if main:
+            _keep_metrics_through(run / "metrics.jsonl", start_epoch)
         log(f"resuming {run} at epoch {start_epoch}/{cfg.epochs}")
-    else:
+    elif main:
         _write_json(run / "config.json", cfg.to_dict())
         (run / "metrics.jsonl").write_text("")
     prepare_model(model, cfg, train_set, resume=resume, log=log if progress else (lambda *a, **k: None))
+    net = model
+    if ctx.enabled:
+        if not resume:  # each rank its own dropout/noise stream (a resumed run restored its rank's stream)
+            torch.manual_seed(cfg.seed + 7919 * (ctx.rank + 1))
+        # methods whose steps can leave parameters unused (e.g. no missing modality to retrieve) say so
+        net = DistributedDataParallel(model, find_unused_parameters=getattr(model, "may_skip_parameters", False))
     num_experts = cfg.model.num_experts if cfg.model.method in ("mars", "moe") else None
     bar = Progress(cfg.epochs, enabled=progress)
     t_start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        if hasattr(model, "set_epoch"):
-            model.set_epoch(epoch)
-        perm = torch.randperm(len(train_set), generator=gen)
-        sums: dict[str, float] = {}
-        steps = 0
-        for start in range(0, len(train_set), cfg.batch_size):
-            idx = perm[start : start + cfg.batch_size]
-            feats, avail, labels = _batch(train_set, idx)
-            observed = protocol.sample(avail, gen)
-            out = _forward_train(model, feats, observed, avail, idx)
-            loss, parts = model.loss(out, labels, train_set.ignore_index)
-            if not math.isfinite(float(loss.detach())):
-                raise TrainingDiverged(
-                    f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {steps + 1} (parts: {parts}); "
-                    f"training stopped, the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (first epoch)'}"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for name, v in parts.items():
-                sums[name] = sums.get(name, 0.0) + v
-            steps += 1
-        val = evaluate_subsets(model, val_set)
+        losses = _train_epoch(net, model, opt, train_set, protocol, gen, cfg, ctx, epoch, ckpt_path)
+        val = evaluate_subsets(model, val_set, ctx=ctx)
         if val["mean"] > best["score"]:
             best = {"score": val["mean"], "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        record = {"epoch": epoch + 1, "loss": {k: v / steps for k, v in sums.items()},
-                  "val_mean": val["mean"], "val_by_size": val["by_size"], "seconds": time.time() - t_start}
-        with open(run / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best, "config": cfg.to_dict(),
-            "standardizer": getattr(train_set.standardizer, "state_dict", lambda: None)(),
-        })
-        total = sum(record["loss"].values())
-        bar.update(epoch + 1, f"loss {total:.3f} val {val['mean']:.3f}")
+        record = {"epoch": epoch + 1, "loss": losses, "val_mean": val["mean"], "val_by_size": val["by_size"],
+                  "seconds": time.time() - t_start}
+        rngs = ctx.all_gather_object(torch.get_rng_state())
+        if main:
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                "torch_rng": rngs[0], "torch_rng_by_rank": rngs, "epoch": epoch + 1, "best": best,
+                "config": cfg.to_dict(), "world_size": ctx.world,
+                "standardizer": getattr(train_set.standardizer, "state_dict", lambda: None)(),
+            })
+        ctx.barrier()  # the checkpoint is on disk before any rank starts the next epoch
+        bar.update(epoch + 1, f"loss {sum(losses.values()):.3f} val {val['mean']:.3f}")
     model.load_state_dict(best["state"])
-    test = evaluate_subsets(model, test_set, num_experts=num_experts)
+    test = evaluate_subsets(model, test_set, num_experts=num_experts, ctx=ctx)
     agreement = None
     if cfg.model.method == "mars":  # on the test set under the training protocol's masks, fixed by seed
         model.eval()
@@ -219,14 +290,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         **{f"test_{m}": test[f"{m}_mean"] for m in ("miou", "acer") if f"{m}_mean" in test},
         "train_seconds": time.time() - t_start,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "world_size": ctx.world,
     }
-    with open(run / "results.csv", "w", newline="") as f:
-        extra = (["miou"] if test_set.task == "segmentation" else []) + (
-            ["apcer", "bpcer", "acer"] if test_set.bona_fide_class is not None else [])
-        w = csv.DictWriter(f, fieldnames=["name", "size", "n", "score"] + extra)
-        w.writeheader()
-        for row in test["subsets"]:
-            w.writerow({k: row.get(k) for k in w.fieldnames})
-    _write_json(run / "summary.json", summary)
-    torch.save({"usage": test.get("usage"), "subsets": [r["name"] for r in test["subsets"]]}, run / "usage.pt")
+    if main:
+        _write_results(run, summary, test, test_set)
+    ctx.barrier()
     return {"summary": summary, "test": test, "model": model, "modalities": test_set.modalities}

@@ -1,0 +1,127 @@
+"""Data-parallel training on ``torch.distributed`` (launched with ``torchrun``).
+
+``mars train`` started by ``torchrun --nproc-per-node N`` finds ``WORLD_SIZE``,
+``RANK`` and ``LOCAL_RANK`` in the environment and runs data-parallel: the
+model is wrapped in ``DistributedDataParallel`` over Gloo (the trainer runs on
+CPU; the expert-parallel layer itself also runs on NCCL),
+every rank draws the same global batch and missingness masks from the shared
+seed and trains on its strided share of it (``batch[rank::world]``), so with
+the same global batch size the run follows the single-process one up to the
+order of floating-point sums (and the per-rank randomness of dropout and
+routing noise). Evaluation pairs are split over the ranks and their counts
+summed. Only rank 0 writes files and shows the progress bar.
+
+Faults: every collective has a timeout (``MARS_DIST_TIMEOUT`` seconds, default
+120). When a peer dies, the surviving ranks raise :class:`DistributedFailure`
+("a peer process failed or timed out ...") instead of hanging; the last
+checkpoint, written at the end of each completed epoch, is kept for
+``--resume``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class DistributedFailure(RuntimeError):
+    """A peer process died or a collective timed out."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``world`` processes, this one is ``rank``."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's strided share of a global batch of indices."""
+        return idx[self.rank :: self.world] if self.enabled else idx
+
+    def sum_(self, *tensors: torch.Tensor) -> None:
+        """In-place sum over ranks (float64/int CPU tensors are fine on Gloo)."""
+        if self.enabled:
+            for t in tensors:
+                guarded(dist.all_reduce, t, op=dist.ReduceOp.SUM)
+
+    def mean_floats(self, values: dict[str, float]) -> dict[str, float]:
+        """Average a dict of floats (same keys on every rank) over the ranks."""
+        if not self.enabled or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        self.sum_(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t)}
+
+    def all_gather_object(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        guarded(dist.all_gather_object, out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        guarded(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            guarded(dist.barrier)
+
+
+def guarded(fn, *args, **kwargs):
+    """Run a collective; turn a dead peer or a timeout into DistributedFailure."""
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, dist.DistError) as e:  # Gloo/NCCL report peer loss and timeouts as these
+        raise DistributedFailure(
+            f"rank {dist.get_rank()}: a peer process failed or timed out during {getattr(fn, '__name__', fn)} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); stopping. The last completed epoch's "
+            "checkpoint is kept: restart with --resume RUN_DIR"
+        ) from e
+
+
+def timeout_seconds() -> float:
+    text = os.environ.get("MARS_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"MARS_DIST_TIMEOUT must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"MARS_DIST_TIMEOUT must be > 0 seconds, got {value}")
+    return value
+
+
+def context_from_env() -> DistContext:
+    """Initialise the default process group when launched by torchrun
+    (``WORLD_SIZE`` > 1), once; a plain single-process context otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if not dist.is_initialized():  # the trainer runs on CPU: Gloo (the expert-parallel layer also runs on NCCL)
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_seconds()))
+    return DistContext(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()

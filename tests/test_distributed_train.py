@@ -1,0 +1,114 @@
+"""Data-parallel ``mars train`` on 2 CPU processes (Gloo): it matches the
+single-process run, a dead worker stops the other with a clear error within
+the timeout, and ``--resume`` after a kill loses no completed epoch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with Gloo")
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--d-model", "32", "--d-hidden", "32", "--experts", "4", "--quiet"]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("WORLD_SIZE", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port()), "-m", "mars.cli", "train", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _single(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mars.cli", "train", *args], env=_env(), capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    # No dropout, no balance term (it is computed per rank's tokens): the same
+    # global batch then gives the same gradients up to the order of float sums.
+    args = ["--method", "vanilla-moe", "--epochs", "2", "--dropout", "0", "--lambda-balance", "0", *SMALL]
+    two = _torchrun([*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _single([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    for a, b in zip(_metrics(tmp_path / "two"), _metrics(tmp_path / "one"), strict=True):
+        assert a["loss"]["task"] == pytest.approx(b["loss"]["task"], rel=1e-5)
+        assert a["val_mean"] == pytest.approx(b["val_mean"], abs=2e-3)
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    assert s2["test_mean"] == pytest.approx(s1["test_mean"], abs=2e-3)
+    # only rank 0 printed the results table
+    assert two.stdout.count("test score, mean over all") == 1
+
+
+def _launch_rank(rank: int, port: int, args: list[str], timeout_s: float) -> subprocess.Popen:
+    env = _env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+               MARS_DIST_TIMEOUT=timeout_s)
+    return subprocess.Popen([sys.executable, "-m", "mars.cli", "train", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_worker_stops_the_other_and_resume_loses_no_epoch(tmp_path):
+    run = tmp_path / "run"
+    args = ["--method", "vanilla-moe", "--epochs", "40", *SMALL, "--out", str(run)]
+    timeout_s = 30.0
+    port = _free_port()
+    procs = [_launch_rank(r, port, args, timeout_s) for r in (0, 1)]
+    try:
+        deadline = time.time() + 180
+        while len(_metrics(run)) < 2 if (run / "metrics.jsonl").exists() else True:
+            assert time.time() < deadline, "training did not complete two epochs in time"
+            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-2000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        _, err = procs[0].communicate(timeout=timeout_s + 60)
+        assert time.time() - killed_at < timeout_s + 60
+        assert procs[0].returncode == 4, err[-2000:]
+        assert "a peer process failed or timed out" in err and "--resume" in err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    done = _metrics(run)
+    completed = len(done)
+    assert [r["epoch"] for r in done] == list(range(1, completed + 1))
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"] = completed + 1  # finish quickly: one more epoch
+    (run / "config.json").write_text(json.dumps(config))
+    resumed = _torchrun(["--resume", str(run)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    import torch
+
+    epoch_in_checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)["epoch"]
+    assert epoch_in_checkpoint == completed + 1
+    assert [r["epoch"] for r in _metrics(run)] == list(range(1, completed + 2))
