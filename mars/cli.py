@@ -75,6 +75,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: shard the experts over the processes (methods mars and vanilla-moe)")
     _model_args(p)
 
 
@@ -90,7 +92,7 @@ def _config(a: argparse.Namespace, method: str | None = None, seed: int | None =
         mce_teacher_epochs=a.mce_teacher_epochs, mce_use_a=not a.mce_no_a, mce_use_b=not a.mce_no_b,
         lambda_sep=a.lambda_sep, lambda_com=a.lambda_com, lambda_sub=a.lambda_sub,
     )
-    return TrainConfig(data=a.data, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+    return TrainConfig(data=a.data, expert_parallel=a.expert_parallel, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        seed=a.seed if seed is None else seed, protocol=a.protocol, model=model)
 
 

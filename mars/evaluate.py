@@ -11,6 +11,7 @@ modalities.
 """
 from __future__ import annotations
 
+import math
 import statistics
 
 import torch
@@ -23,6 +24,16 @@ def _available(data: MultimodalDataset) -> torch.Tensor:
     if data.available is not None:
         return data.available
     return torch.ones(len(data), data.num_modalities, dtype=torch.bool)
+
+
+def _batches(local: int, total: int, batch_size: int, ctx: DistContext | None) -> list[torch.Tensor]:
+    """Positions of each batch. Under a data-parallel ``ctx`` every rank makes
+    the same number of batches (expert-parallel layers need every rank in
+    every forward), sized from the largest rank's share."""
+    if ctx is None or not ctx.enabled:
+        return [torch.arange(s, min(s + batch_size, local)) for s in range(0, local, batch_size)]
+    n = max(1, math.ceil(math.ceil(total / ctx.world) / batch_size))
+    return list(torch.tensor_split(torch.arange(local), n))
 
 
 @torch.no_grad()
@@ -49,8 +60,8 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
     union = torch.zeros(n_sub, K, dtype=torch.float64)
     usage = torch.zeros(n_sub, num_experts or 1, dtype=torch.float64)
     spoof = torch.zeros(4, n_sub, dtype=torch.float64)  # attacks, attacks accepted, bona fide, bona fide rejected
-    for start in range(0, sample.numel(), batch_size):
-        s_idx, sub = sample[start : start + batch_size], subset[start : start + batch_size]
+    for chunk in _batches(sample.numel(), counts.sum().item(), batch_size, ctx):
+        s_idx, sub = sample[chunk], subset[chunk]
         feats = {m: data.features[m][s_idx] for m in data.modalities}
         out = model(feats, observed_all[s_idx, sub], avail[s_idx], mode=mode)
         pred, labels = out.logits.argmax(dim=1), data.labels[s_idx]

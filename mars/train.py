@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import MissingnessProtocol, MultimodalDataset, load_data
 from .distributed import DistContext, context_from_env
 from .evaluate import evaluate_subsets
+from .expert_sharding import average_expert_grads, full_state_dict, load_full_state_dict, shard_model_experts
 from .model import ModelConfig, build_model
 
 
@@ -41,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     protocol: str = "uniform"
+    expert_parallel: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
@@ -171,6 +173,8 @@ def _train_epoch(net, model, opt, train_set, protocol, gen, cfg: TrainConfig, ct
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if ctx.enabled:
+            average_expert_grads(model, ctx.world)
         opt.step()
         for name, v in parts.items():
             sums[name] = sums.get(name, 0.0) + v
@@ -178,14 +182,16 @@ def _train_epoch(net, model, opt, train_set, protocol, gen, cfg: TrainConfig, ct
     return ctx.mean_floats({k: v / max(steps, 1) for k, v in sums.items()})
 
 
-def _load_checkpoint(path: Path, model, opt, gen, ctx: DistContext) -> dict:
-    state = torch.load(path, weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+def _restore_training_state(state: dict, opt, gen, ctx: DistContext, path: Path) -> None:
+    """Optimiser, mask generator and this rank's RNG stream from a checkpoint."""
+    per_rank = state.get("optimizer_by_rank")
+    if per_rank is not None and len(per_rank) != ctx.world:
+        raise ValueError(f"{path} was saved by an expert-parallel run of {len(per_rank)} processes; "
+                         f"resume it with {len(per_rank)} processes, not {ctx.world}")
+    opt.load_state_dict(per_rank[ctx.rank] if per_rank is not None else state["optimizer"])
     gen.set_state(state["generator"])
     by_rank = state.get("torch_rng_by_rank") or [state["torch_rng"]]
     torch.set_rng_state(by_rank[ctx.rank] if len(by_rank) == ctx.world else state["torch_rng"])
-    return state
 
 
 def _keep_metrics_through(path: Path, epoch: int) -> None:
@@ -233,12 +239,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     train_set, val_set, test_set = data if data is not None else load_data(cfg.data, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, train_set)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     protocol = MissingnessProtocol.parse(cfg.protocol)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start_epoch, best = 0, {"score": -math.inf, "epoch": -1, "state": None}
+    start_epoch, best, state = 0, {"score": -math.inf, "epoch": -1, "state": None}, None
     if resume:
-        state = _load_checkpoint(ckpt_path, model, opt, gen, ctx)
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])  # checkpoints are single-process, also from expert-parallel runs
         start_epoch, best = state["epoch"], state["best"]
         if main:
             _keep_metrics_through(run / "metrics.jsonl", start_epoch)
@@ -247,36 +253,46 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         _write_json(run / "config.json", cfg.to_dict())
         (run / "metrics.jsonl").write_text("")
     prepare_model(model, cfg, train_set, resume=resume, log=log if progress else (lambda *a, **k: None))
+    expert_parallel = cfg.expert_parallel and ctx.enabled
+    sharded = shard_model_experts(model, cfg.model.method) if expert_parallel else []
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume:
+        _restore_training_state(state, opt, gen, ctx, ckpt_path)
     net = model
     if ctx.enabled:
         if not resume:  # each rank its own dropout/noise stream (a resumed run restored its rank's stream)
             torch.manual_seed(cfg.seed + 7919 * (ctx.rank + 1))
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
         # methods whose steps can leave parameters unused (e.g. no missing modality to retrieve) say so
         net = DistributedDataParallel(model, find_unused_parameters=getattr(model, "may_skip_parameters", False))
+    snapshot = (lambda: full_state_dict(model)) if expert_parallel else (
+        lambda: {k: v.detach().clone() for k, v in model.state_dict().items()})
     num_experts = cfg.model.num_experts if cfg.model.method in ("mars", "moe") else None
     bar = Progress(cfg.epochs, enabled=progress)
     t_start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         losses = _train_epoch(net, model, opt, train_set, protocol, gen, cfg, ctx, epoch, ckpt_path)
         val = evaluate_subsets(model, val_set, ctx=ctx)
-        if val["mean"] > best["score"]:
-            best = {"score": val["mean"], "epoch": epoch + 1,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        if val["mean"] > best["score"]:  # the same decision on every rank (val is summed over ranks)
+            best = {"score": val["mean"], "epoch": epoch + 1, "state": snapshot()}
         record = {"epoch": epoch + 1, "loss": losses, "val_mean": val["mean"], "val_by_size": val["by_size"],
                   "seconds": time.time() - t_start}
         rngs = ctx.all_gather_object(torch.get_rng_state())
+        weights = snapshot()
+        optimizers = ctx.all_gather_object(opt.state_dict()) if expert_parallel else [opt.state_dict()]
         if main:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                "model": weights, "optimizer": optimizers[0],
+                "optimizer_by_rank": optimizers if expert_parallel else None, "generator": gen.get_state(),
                 "torch_rng": rngs[0], "torch_rng_by_rank": rngs, "epoch": epoch + 1, "best": best,
                 "config": cfg.to_dict(), "world_size": ctx.world,
                 "standardizer": getattr(train_set.standardizer, "state_dict", lambda: None)(),
             })
         ctx.barrier()  # the checkpoint is on disk before any rank starts the next epoch
         bar.update(epoch + 1, f"loss {sum(losses.values()):.3f} val {val['mean']:.3f}")
-    model.load_state_dict(best["state"])
+    (load_full_state_dict if expert_parallel else nn.Module.load_state_dict)(model, best["state"])
     test = evaluate_subsets(model, test_set, num_experts=num_experts, ctx=ctx)
     agreement = None
     if cfg.model.method == "mars":  # on the test set under the training protocol's masks, fixed by seed
@@ -289,7 +305,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         "val_mean": best["score"], "test_mean": test["mean"], "test_by_size": test["by_size"],
         **{f"test_{m}": test[f"{m}_mean"] for m in ("miou", "acer") if f"{m}_mean" in test},
         "train_seconds": time.time() - t_start,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(best["state"][name].numel() for name, _ in model.named_parameters()),  # full, not a shard
         "world_size": ctx.world,
     }
     if main:

@@ -112,3 +112,30 @@ def test_killed_worker_stops_the_other_and_resume_loses_no_epoch(tmp_path):
     epoch_in_checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)["epoch"]
     assert epoch_in_checkpoint == completed + 1
     assert [r["epoch"] for r in _metrics(run)] == list(range(1, completed + 2))
+
+
+def test_expert_parallel_training_matches_one_process_and_saves_a_single_process_checkpoint(tmp_path):
+    args = ["--method", "vanilla-moe", "--epochs", "2", "--dropout", "0", "--lambda-balance", "0", *SMALL]
+    ep = _torchrun([*args, "--expert-parallel", "--out", str(tmp_path / "ep")])
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    one = _single([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    for a, b in zip(_metrics(tmp_path / "ep"), _metrics(tmp_path / "one"), strict=True):
+        assert a["loss"]["task"] == pytest.approx(b["loss"]["task"], rel=1e-5)
+    s_ep = json.loads((tmp_path / "ep" / "summary.json").read_text())
+    s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert s_ep["parameters"] == s_one["parameters"]  # the full model, not one rank's shard
+    # the checkpoint holds the gathered experts: single-process eval reads it as is
+    evaluated = subprocess.run([sys.executable, "-m", "mars.cli", "eval", str(tmp_path / "ep")], env=_env(),
+                               capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert f"test mean over subsets {s_ep['test_mean']:.4f}" in evaluated.stdout
+    # resuming needs the same number of processes (each rank's optimiser state is saved)
+    config = json.loads((tmp_path / "ep" / "config.json").read_text())
+    config["epochs"] = 3
+    (tmp_path / "ep" / "config.json").write_text(json.dumps(config))
+    alone = _single(["--resume", str(tmp_path / "ep")])
+    assert alone.returncode == 2 and "resume it with 2 processes, not 1" in alone.stderr
+    resumed = _torchrun(["--resume", str(tmp_path / "ep")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["epoch"] for r in _metrics(tmp_path / "ep")] == [1, 2, 3]
