@@ -149,7 +149,8 @@ def cmd_eval(a) -> int:
     model.load_state_dict(state["best"]["state"])
     prepare_model(model, cfg, train_set, resume=True)
     res = evaluate_subsets(model, test_set, mode="oracle" if a.oracle else "eval")
-    print(f"{run}: test mean over subsets {res['mean']:.4f} ({'oracle: residual router' if a.oracle else 'feature router'})")
+    how = "oracle: residual router" if a.oracle else ("feature router" if cfg.model.method in ("mars", "moe") else cfg.model.method)
+    print(f"{run}: test mean over subsets {res['mean']:.4f} ({how})")
     print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in res["by_size"].items()))
     return 0
 
