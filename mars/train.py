@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 "standardizer": getattr(train_set.standardizer, "state_dict", lambda: None)(),
             })
         ctx.barrier()  # the checkpoint is on disk before any rank starts the next epoch
-        bar.update(epoch + 1, f"loss {sum(losses.values()):.3f} val {val['mean']:.3f}")
+        bar.update(epoch + 1, f"loss {sum(v for k, v in losses.items() if '/' not in k):.3f} val {val['mean']:.3f}")  # "a/b" = logged only
     (load_full_state_dict if expert_parallel else nn.Module.load_state_dict)(model, best["state"])
     test = evaluate_subsets(model, test_set, num_experts=num_experts, ctx=ctx)
     agreement = None
