@@ -168,8 +168,8 @@ def cmd_compare(a) -> int:
     def stat(vals):
         return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
-    lines = ["| method | mean over subsets | one modality | all modalities | train s | parameters | router agreement |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | mean over subsets | one modality | all modalities | train s | s / epoch | parameters | router agreement |",
+             "|---|---|---|---|---|---|---|---|"]
     table = {}
     for method, summaries in rows.items():
         sizes = sorted(int(k) for k in summaries[0]["test_by_size"])
@@ -177,12 +177,12 @@ def cmd_compare(a) -> int:
         full = stat([s["test_by_size"][str(sizes[-1])] if str(sizes[-1]) in s["test_by_size"] else s["test_by_size"][sizes[-1]] for s in summaries])
         mean = stat([s["test_mean"] for s in summaries])
         secs = statistics.mean(s["train_seconds"] for s in summaries)
-        table[method] = {"mean": mean, "one": one, "all": full, "seconds": secs, "parameters": summaries[0]["parameters"]}
+        table[method] = {"mean": mean, "one": one, "all": full, "seconds": secs, "seconds_per_epoch": secs / a.epochs, "parameters": summaries[0]["parameters"]}
         agree = [s["router_agreement"] for s in summaries if s.get("router_agreement") is not None]
         agree_text = f"{statistics.mean(agree):.3f}" if agree else "-"
         table[method]["router_agreement"] = statistics.mean(agree) if agree else None
         lines.append(f"| {method} | {mean[0]:.4f} ± {mean[1]:.4f} | {one[0]:.4f} ± {one[1]:.4f} | "
-                     f"{full[0]:.4f} ± {full[1]:.4f} | {secs:.0f} | {summaries[0]['parameters']:,} | {agree_text} |")
+                     f"{full[0]:.4f} ± {full[1]:.4f} | {secs:.0f} | {secs / a.epochs:.2f} | {summaries[0]['parameters']:,} | {agree_text} |")
     text = "\n".join(lines)
     print("\n" + text)
     (out / "compare.md").write_text(text + "\n")
