@@ -8,6 +8,7 @@ from . import backend, reference
 from .backend import extension_available
 from .dispatch import MoEMeta, apply_capacity, grouped_mlp, moe_align, moe_mlp, permute, unpermute
 from .layers import Experts, NoisyTopKRouter, Routing, SparseMoE, TopKRouter
+from .expert_parallel import ShardedExperts, expert_parallel, gather_experts, shard_experts, shard_range
 from .ops import (
     cv_squared,
     expert_counts,
@@ -54,4 +55,9 @@ __all__ = [
     "unpermute",
     "grouped_mlp",
     "moe_mlp",
+    "ShardedExperts",
+    "shard_experts",
+    "gather_experts",
+    "expert_parallel",
+    "shard_range",
 ]
