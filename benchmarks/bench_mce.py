@@ -136,15 +136,9 @@ def main(argv=None):
     passes = int(model(feats, observed, mode="train", sample_index=idx).aux["sub_sample"].numel())
     model.train()
 
-    def step(loss_fn):
-        def run():
-            opt.zero_grad(set_to_none=True)
-            loss_fn().backward()
-            opt.step()
-        return run
-
     times = common.interleaved_medians(
-        {"batched": step(ours_loss), "per_sample_loop": step(lambda: looped_loss(model, feats, observed, labels))},
+        {"batched": common.training_step(opt, ours_loss),
+         "per_sample_loop": common.training_step(opt, lambda: looped_loss(model, feats, observed, labels))},
         device, a.rounds)
     env = common.environment(device)
     speedup = times["per_sample_loop"] / times["batched"]

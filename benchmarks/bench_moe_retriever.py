@@ -145,16 +145,9 @@ def main(argv=None):
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step(loss_fn):
-        def run():
-            opt.zero_grad(set_to_none=True)
-            loss_fn().backward()
-            opt.step()
-        return run
-
     fns = {
-        "batched": step(lambda: model.loss(model(feats, observed, mode="train", sample_index=idx), labels)[0]),
-        "loop": step(lambda: peer.forward_loss(feats, observed, labels, idx)),
+        "batched": common.training_step(opt, lambda: model.loss(model(feats, observed, mode="train", sample_index=idx), labels)[0]),
+        "loop": common.training_step(opt, lambda: peer.forward_loss(feats, observed, labels, idx)),
     }
     times = common.interleaved_medians(fns, device, a.rounds)
     env = common.environment(device)

@@ -32,6 +32,15 @@ def median_seconds(fn, device: torch.device, min_run_time: float = 0.3) -> float
     return m.adaptive_autorange(min_run_time=min_run_time).median
 
 
+def training_step(opt, loss_fn):
+    """A closure running one optimiser step on ``loss_fn()`` (for timing)."""
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+    return run
+
+
 def interleaved_medians(fns: dict, device: torch.device, rounds: int = 9) -> dict:
     """Median seconds of each callable in ``fns``, timed round-robin (one call
     of each per round) so that drifting machine load hits every peer alike.
