@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -21,15 +22,22 @@ namespace cpu {
 namespace {
 
 // Rows per tile: an expert's rows are processed in tiles whose intermediates
-// (gathered rows, activations, expert outputs) stay in cache.
-// MARS_KERNELS_CPU_ROW_TILE overrides the default (read once).
-int64_t row_tile() {
-  static const int64_t tile = [] {
+// (gathered rows, activations, expert outputs and their gradients) fit a fixed
+// workspace budget. Larger tiles make fewer, larger GEMMs (measured faster up
+// to whole experts at the MARS shape); the budget keeps the workspace below
+// what a per-expert loop materialises. MARS_KERNELS_CPU_ROW_TILE overrides it.
+constexpr int64_t kWorkspaceBytes = int64_t{48} << 20;
+constexpr int64_t kMinTile = 256, kMaxTile = 16384;
+
+int64_t row_tile(const Shapes& sh, int64_t elem_bytes) {
+  static const int64_t forced = [] {
     const char* env = std::getenv("MARS_KERNELS_CPU_ROW_TILE");
     const int64_t v = env ? std::atoll(env) : 0;
-    return v > 0 ? v : int64_t{512};
+    return v > 0 ? v : int64_t{0};
   }();
-  return tile;
+  if (forced > 0) return forced;
+  const int64_t row_bytes = (3 * sh.D + 2 * sh.H + sh.H1) * elem_bytes;  // the backward's per-row buffers
+  return std::clamp(kWorkspaceBytes / std::max<int64_t>(row_bytes, 1), kMinTile, kMaxTile);
 }
 
 // Rows and indices of one expert's assignments.
@@ -109,15 +117,16 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
   for (int64_t e = 0; e < sh.E; ++e) most = std::max(most, off[e + 1] - off[e]);
   const auto opts = x.options();
   at::Tensor acc = at::zeros({T, sh.D}, opts.dtype(routing_dtype(x)));
-  most = std::min(most, row_tile());
+  const int64_t tile = row_tile(sh, x.element_size());
+  most = std::min(most, tile);
   at::Tensor h = at::empty({save_h ? S : most, sh.H1}, opts);
   if (save_h) h.narrow(0, off[sh.E], S - off[sh.E]).zero_();
   at::Tensor xg = at::empty({most, sh.D}, opts), a = at::empty({most, sh.H}, opts), ye = at::empty({most, sh.D}, opts);
   const at::Tensor flat_w = weights.view(-1);
   for (int64_t e = 0; e < sh.E; ++e) {
     const ExpertRows r = expert_rows(perm, off, e, top_k);
-    for (int64_t r0 = 0; r0 < r.n; r0 += row_tile()) {
-      const int64_t n = std::min(row_tile(), r.n - r0);
+    for (int64_t r0 = 0; r0 < r.n; r0 += tile) {
+      const int64_t n = std::min(tile, r.n - r0);
       const at::Tensor tokens = r.tokens.narrow(0, r0, n);
       at::Tensor xe = xg.narrow(0, 0, n), he = h.narrow(0, save_h ? r.lo + r0 : 0, n);
       at::Tensor ae = a.narrow(0, 0, n), y_e = ye.narrow(0, 0, n);
@@ -147,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t* off = offs.const_data_ptr<int64_t>();
   int64_t most = 0;
   for (int64_t e = 0; e < sh.E; ++e) most = std::max(most, off[e + 1] - off[e]);
-  most = std::min(most, row_tile());
+  const int64_t tile = row_tile(sh, x.element_size());
+  most = std::min(most, tile);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(routing_dtype(x));
   at::Tensor dx_acc = at::zeros({T, sh.D}, acc_opts);
@@ -163,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t e = 0; e < sh.E; ++e) {
     const ExpertRows r = expert_rows(perm, off, e, top_k);
     at::Tensor dw2e = dw2[e], db2e = db2[e], dw1e = dw1[e], db1e = db1[e];
-    for (int64_t r0 = 0; r0 < r.n; r0 += row_tile()) {
-      const int64_t n = std::min(row_tile(), r.n - r0);
+    for (int64_t r0 = 0; r0 < r.n; r0 += tile) {
+      const int64_t n = std::min(tile, r.n - r0);
       const bool first = r0 == 0;
       const at::Tensor tokens = r.tokens.narrow(0, r0, n), slots = r.slots.narrow(0, r0, n);
       const at::Tensor he = h.narrow(0, r.lo + r0, n);
