@@ -41,7 +41,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing", choices=ROUTINGS, default="residual", help="router that gates in training (ablation)")
     g.add_argument("--sigma-0", type=float, default=1.0)
     g.add_argument("--sigma-max", type=float, default=1.0)
-    g.add_argument("--lambda-imit", type=float, default=1.0)
+    g.add_argument("--residual-input", choices=["concat", "diff"], default="concat",
+                   help="residual router input: [z_i, stopgrad(z_c)] or stopgrad(z_c - z_i)")
+    g.add_argument("--router-mlp", action="store_true", help="MLP routers instead of linear ones")
+    g.add_argument("--lambda-imit", type=float, default=5.0)
     g.add_argument("--lambda-balance", type=float, default=0.01)
     g.add_argument("--lambda-complete", type=float, default=1.0)
     g.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default=None)
@@ -82,8 +85,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _config(a: argparse.Namespace, method: str | None = None, seed: int | None = None) -> TrainConfig:
     model = ModelConfig(
-        method=method or a.method, dropout=a.dropout, d_model=a.d_model, d_hidden=a.d_hidden, num_experts=a.experts, k=a.k,
-        noise=a.noise, routing=a.routing, sigma_0=a.sigma_0, sigma_max=a.sigma_max, lambda_imit=a.lambda_imit,
+        method=method or a.method, dropout=a.dropout, d_model=a.d_model, d_hidden=a.d_hidden, num_experts=a.experts,
+        k=a.k, noise=a.noise, routing=a.routing, residual_input=a.residual_input, router_mlp=a.router_mlp,
+        sigma_0=a.sigma_0, sigma_max=a.sigma_max, lambda_imit=a.lambda_imit,
         lambda_balance=a.lambda_balance, lambda_complete=a.lambda_complete,
         backend=None if a.backend in (None, "auto") else a.backend,
         retriever_variant=a.retriever_variant, retriever_candidates=a.retriever_candidates,
