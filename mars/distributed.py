@@ -20,6 +20,7 @@ checkpoint, written at the end of each completed epoch, is kept for
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -86,16 +87,44 @@ class DistContext:
             guarded(dist.barrier)
 
 
+_PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout")
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    """Gloo/NCCL report a dead peer or a timeout as DistError or as a
+    RuntimeError naming the transport (also from inside DDP's backward)."""
+    if isinstance(exc, DistributedFailure):
+        return False
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in _PEER_FAILURE_MARKERS)
+
+
+def _failure(exc: BaseException, during: str) -> DistributedFailure:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    return DistributedFailure(
+        f"rank {rank}: a peer process failed or timed out during {during} ({type(exc).__name__}: {first}); "
+        "stopping. The last completed epoch's checkpoint is kept: restart with --resume RUN_DIR"
+    )
+
+
+@contextmanager
+def peer_failures(during: str):
+    """Turn a dead peer or a timeout raised in the block into DistributedFailure."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if _is_peer_failure(e):
+            raise _failure(e, during) from e
+        raise
+
+
 def guarded(fn, *args, **kwargs):
     """Run a collective; turn a dead peer or a timeout into DistributedFailure."""
-    try:
+    with peer_failures(getattr(fn, "__name__", str(fn))):
         return fn(*args, **kwargs)
-    except (RuntimeError, dist.DistError) as e:  # Gloo/NCCL report peer loss and timeouts as these
-        raise DistributedFailure(
-            f"rank {dist.get_rank()}: a peer process failed or timed out during {getattr(fn, '__name__', fn)} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); stopping. The last completed epoch's "
-            "checkpoint is kept: restart with --resume RUN_DIR"
-        ) from e
 
 
 def timeout_seconds() -> float:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import MissingnessProtocol, MultimodalDataset, load_data
-from .distributed import DistContext, context_from_env
+from .distributed import DistContext, context_from_env, peer_failures
 from .evaluate import evaluate_subsets
 from .expert_sharding import average_expert_grads, full_state_dict, load_full_state_dict, shard_model_experts
 from .model import ModelConfig, build_model
@@ -271,29 +271,33 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     bar = Progress(cfg.epochs, enabled=progress)
     t_start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        losses = _train_epoch(net, model, opt, train_set, protocol, gen, cfg, ctx, epoch, ckpt_path)
-        val = evaluate_subsets(model, val_set, ctx=ctx)
-        if val["mean"] > best["score"]:  # the same decision on every rank (val is summed over ranks)
-            best = {"score": val["mean"], "epoch": epoch + 1, "state": snapshot()}
-        record = {"epoch": epoch + 1, "loss": losses, "val_mean": val["mean"], "val_by_size": val["by_size"],
-                  "seconds": time.time() - t_start}
-        rngs = ctx.all_gather_object(torch.get_rng_state())
-        weights = snapshot()
-        optimizers = ctx.all_gather_object(opt.state_dict()) if expert_parallel else [opt.state_dict()]
+        with peer_failures(f"epoch {epoch + 1}"):  # also DDP's all-reduce and the shard gathers
+            losses = _train_epoch(net, model, opt, train_set, protocol, gen, cfg, ctx, epoch, ckpt_path)
+            val = evaluate_subsets(model, val_set, ctx=ctx)
+            if val["mean"] > best["score"]:  # the same decision on every rank (val is summed over ranks)
+                best = {"score": val["mean"], "epoch": epoch + 1, "state": snapshot()}
+            record = {"epoch": epoch + 1, "loss": losses, "val_mean": val["mean"], "val_by_size": val["by_size"],
+                      "seconds": time.time() - t_start}
+            checkpoint = {
+                "model": snapshot(), "generator": gen.get_state(), "epoch": epoch + 1, "best": best,
+                "config": cfg.to_dict(), "world_size": ctx.world,
+                "standardizer": getattr(train_set.standardizer, "state_dict", lambda: None)(),
+            }
+            rngs = ctx.all_gather_object(torch.get_rng_state())
+            optimizers = ctx.all_gather_object(opt.state_dict()) if expert_parallel else [opt.state_dict()]
         if main:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            save_checkpoint(ckpt_path, {
-                "model": weights, "optimizer": optimizers[0],
-                "optimizer_by_rank": optimizers if expert_parallel else None, "generator": gen.get_state(),
-                "torch_rng": rngs[0], "torch_rng_by_rank": rngs, "epoch": epoch + 1, "best": best,
-                "config": cfg.to_dict(), "world_size": ctx.world,
-                "standardizer": getattr(train_set.standardizer, "state_dict", lambda: None)(),
+            save_checkpoint(ckpt_path, checkpoint | {
+                "optimizer": optimizers[0], "optimizer_by_rank": optimizers if expert_parallel else None,
+                "torch_rng": rngs[0], "torch_rng_by_rank": rngs,
             })
         ctx.barrier()  # the checkpoint is on disk before any rank starts the next epoch
-        bar.update(epoch + 1, f"loss {sum(v for k, v in losses.items() if '/' not in k):.3f} val {val['mean']:.3f}")  # "a/b" = logged only
+        shown = sum(v for k, v in losses.items() if "/" not in k)  # "name/modality" parts are logged only
+        bar.update(epoch + 1, f"loss {shown:.3f} val {val['mean']:.3f}")
     (load_full_state_dict if expert_parallel else nn.Module.load_state_dict)(model, best["state"])
-    test = evaluate_subsets(model, test_set, num_experts=num_experts, ctx=ctx)
+    with peer_failures("the test evaluation"):
+        test = evaluate_subsets(model, test_set, num_experts=num_experts, ctx=ctx)
     agreement = None
     if cfg.model.method == "mars":  # on the test set under the training protocol's masks, fixed by seed
         model.eval()
