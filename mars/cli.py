@@ -25,6 +25,14 @@ def method(text: str) -> str:
         return canonical_method(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(METHOD_CHOICES)}") from None
+
+
+def method_list(text: str) -> list[str]:
+    """argparse type: one method or a comma-separated list of them."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a method name, got {text!r}")
+    return [method(t) for t in names]
 from .train import TrainConfig, TrainingDiverged, make_model, prepare_model, train
 
 
@@ -163,11 +171,12 @@ def cmd_compare(a) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict]] = {}
-    for method in a.methods:
+    methods = list(dict.fromkeys(m for group in a.methods for m in group))  # flattened, first occurrence kept
+    for name in methods:
         for seed in range(a.seeds):
-            print(f"== {method}, seed {seed}", flush=True)
-            res = train(_config(a, method=method, seed=seed), out / f"{method}_seed{seed}", progress=not a.quiet)
-            rows.setdefault(method, []).append(res["summary"])
+            print(f"== {name}, seed {seed}", flush=True)
+            res = train(_config(a, method=name, seed=seed), out / f"{name}_seed{seed}", progress=not a.quiet)
+            rows.setdefault(name, []).append(res["summary"])
 
     def stat(vals):
         return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -215,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="MARS vs the baselines on the same data, splits, masks and budget")
     _train_args(c)
     c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--methods", nargs="+", type=method, default=["mars", "moe", "late_fusion"],
-                   metavar="METHOD", help=f"any of {', '.join(METHOD_CHOICES)} (default: mars vanilla-moe late-fusion)")
+    c.add_argument("--methods", nargs="+", type=method_list, default=[["mars", "moe", "late_fusion"]],
+                   metavar="METHOD", help=f"any of {', '.join(METHOD_CHOICES)}, separated by spaces or commas "
+                   "(default: mars vanilla-moe late-fusion)")
     c.add_argument("--out", default="runs/compare")
     a = p.parse_args(argv)
     try:

@@ -124,10 +124,19 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert cli.main(["eval", str(run)]) == 0
     assert cli.main(["eval", str(run), "--oracle"]) == 0
     cmp_dir = tmp_path / "cmp"
-    assert cli.main(["compare", *common, "--seeds", "2", "--methods", "mars", "late_fusion", "--out", str(cmp_dir)]) == 0
+    # commas or spaces, aliases, repeats dropped
+    assert cli.main(["compare", *common, "--seeds", "2", "--methods", "mars,late-fusion", "mars",
+                     "--out", str(cmp_dir)]) == 0
     table = (cmp_dir / "compare.md").read_text()
-    assert "| mars |" in table and "| late_fusion |" in table
+    assert "| mars |" in table and "| late_fusion |" in table and len(table.splitlines()) == 4
     assert (cmp_dir / "compare_by_observed.png").exists()
+
+
+def test_method_lists_accept_commas_and_aliases():
+    assert cli.method_list("mars,moe-retriever, mce,vanilla-moe,late-fusion") == [
+        "mars", "moe_retriever", "mce", "moe", "late_fusion"]
+    with pytest.raises(Exception, match="unknown method 'foo'"):
+        cli.method_list("mars,foo")
 
 
 def test_cli_reports_bad_data_clearly(tmp_path, capsys):
