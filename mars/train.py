@@ -106,10 +106,15 @@ class Progress:
         self.stream.flush()
 
 
+def _available(data: MultimodalDataset, idx: torch.Tensor) -> torch.Tensor:
+    if data.available is None:
+        return torch.ones(idx.numel(), data.num_modalities, dtype=torch.bool)
+    return data.available[idx]
+
+
 def _batch(data: MultimodalDataset, idx: torch.Tensor):
     feats = {m: data.features[m][idx] for m in data.modalities}
-    avail = data.available[idx] if data.available is not None else torch.ones(idx.numel(), data.num_modalities, dtype=torch.bool)
-    return feats, avail, data.labels[idx]
+    return feats, _available(data, idx), data.labels[idx]
 
 
 def _shapes(data: MultimodalDataset) -> dict[str, tuple[int, ...]]:
@@ -155,8 +160,7 @@ def _train_epoch(net, model, opt, train_set, protocol, gen, cfg: TrainConfig, ct
         batch = perm[start : start + cfg.batch_size]
         if batch.numel() < ctx.world:  # a trailing batch too small to give every rank a sample
             break
-        _, avail_all, _ = _batch(train_set, batch)
-        observed_all = protocol.sample(avail_all, gen)
+        observed_all = protocol.sample(_available(train_set, batch), gen)  # the global batch's masks
         mine = ctx.shard(torch.arange(batch.numel()))
         idx = batch[mine]
         feats, avail, labels = _batch(train_set, idx)

@@ -19,6 +19,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -35,9 +36,10 @@ struct TypeTag {
   using type = T;
 };
 
-/// Calls f(TypeTag<scalar_t>{}) with the CUDA element type of the logits dtype `st`.
+/// Calls f(TypeTag<scalar_t>{}) with the CUDA element type of `st`, the dtype of
+/// the argument `name` of `op`.
 template <typename F>
-void dispatch_logits_type(at::ScalarType st, const char* op, F&& f) {
+void dispatch_float_type(at::ScalarType st, const char* op, const char* name, F&& f) {
   switch (st) {
     case at::kFloat:
       f(TypeTag<float>{});
@@ -52,9 +54,15 @@ void dispatch_logits_type(at::ScalarType st, const char* op, F&& f) {
       f(TypeTag<double>{});
       break;
     default:
-      TORCH_CHECK(false, "mars_kernels.", op, ": unsupported logits dtype ", st,
+      TORCH_CHECK(false, "mars_kernels.", op, ": unsupported `", name, "` dtype ", st,
                   " (expected float16, bfloat16, float32 or float64)");
   }
+}
+
+/// dispatch_float_type for the routing ops, whose float input is the logits.
+template <typename F>
+void dispatch_logits_type(at::ScalarType st, const char* op, F&& f) {
+  dispatch_float_type(st, op, "logits", std::forward<F>(f));
 }
 
 /// Routing math / output dtype (and dtype of dispatch weights) for data of dtype st.

@@ -30,28 +30,6 @@ namespace {
 using at::Tensor;
 namespace mk = mars_kernels::cuda;
 
-/// Calls f(TypeTag<scalar_t>{}) with the CUDA element type of `st`.
-template <typename F>
-void dispatch_float_type(at::ScalarType st, const char* op, const char* name, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(TypeTag<float>{});
-      break;
-    case at::kHalf:
-      f(TypeTag<__half>{});
-      break;
-    case at::kBFloat16:
-      f(TypeTag<__nv_bfloat16>{});
-      break;
-    case at::kDouble:
-      f(TypeTag<double>{});
-      break;
-    default:
-      TORCH_CHECK(false, "mars_kernels.", op, ": unsupported `", name, "` dtype ", st,
-                  " (expected float16, bfloat16, float32 or float64)");
-  }
-}
-
 bool is_float_type(at::ScalarType st) {
   return st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble;
 }
