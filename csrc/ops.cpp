@@ -106,4 +106,23 @@ TORCH_LIBRARY(mars_kernels, m) {
       "mars_routing_bwd(Tensor grad_weights, Tensor grad_imitation, Tensor grad_prob_sum,"
       " Tensor residual_logits, Tensor feature_logits, Tensor weights, Tensor indices, Tensor lse_r,"
       " Tensor lse_f) -> (Tensor, Tensor)");
+
+  // ---- Modality attention (the MARS fusion, DESIGN 3), see reference.modality_attention.
+  // qkv [T,M,3D] f16/bf16/f32/f64 contiguous: row (t, m) holds q | k | v of modality
+  // m at position t, each split into num_heads heads of D/num_heads columns (the
+  // packed in-projection of nn.MultiheadAttention). keep [T,H,M,M] f32 (f64 for f64)
+  // or None: multiplies the attention probabilities (a dropout mask, already scaled).
+  // missing [M,3D] (qkv's dtype) and observed [T,M] bool, both or neither: row (t, m)
+  // is replaced by missing[m] where observed[t, m] is false.
+  // -> out [T,M,D] in qkv's dtype, out[t,i,head h] = sum_j p'[t,h,i,j] v[t,j,h],
+  //    probs [T,H,M,M] f32: softmax_j(<q_i, k_j> / sqrt(D/H)) before keep.
+  m.def(
+      "modality_attention_fwd(Tensor qkv, int num_heads, Tensor? keep, Tensor? missing, Tensor? observed)"
+      " -> (Tensor out, Tensor probs)");
+  // -> grad_qkv [T,M,3D] in qkv's dtype (dq | dk | dv; zero on unobserved rows),
+  //    grad_missing [M,3D] (summed over the unobserved positions, in position-block
+  //    order; an empty [0] tensor without missing).
+  m.def(
+      "modality_attention_bwd(Tensor grad_out, Tensor qkv, Tensor probs, Tensor? keep, Tensor? missing,"
+      " Tensor? observed, int num_heads) -> (Tensor grad_qkv, Tensor grad_missing)");
 }

@@ -187,18 +187,50 @@ class ModalityEncoders(nn.Module):
 
 class ModalityAttentionFusion(nn.Module):
     """Self-attention across the modality axis at each token, then the mean
-    over modalities: h [B, N, M, D] -> z [B, N, D]."""
+    over modalities: h [B, N, M, D] -> z [B, N, D].
 
-    def __init__(self, d: int, heads: int, dropout: float):
+    The parameters are an ``nn.MultiheadAttention`` (``attn``: packed in- and
+    out-projections, attention dropout) and a LayerNorm; the attention runs on
+    :func:`mars_kernels.modality_attention` with ``backend``.
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float, backend: str | None = None):
         super().__init__()
         self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(d)
+        self.heads, self.dropout, self.backend = heads, dropout, backend
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens [..., D] -> packed q | k | v [..., 3D]."""
+        return F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias)
+
+    def _attend(self, x: torch.Tensor, qkv: torch.Tensor, missing: torch.Tensor | None = None,
+                observed: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, M, D] tokens and their projections qkv [B, N, M, 3D] (where
+        ``observed`` [B, M] is false: missing [M, 3D]) -> z [B, N, D]."""
+        B, N, M, D = x.shape
+        keep = None
+        if self.training and self.dropout > 0:
+            keep = mk.attention_keep_mask(B * N, self.heads, M, self.dropout, device=x.device)
+        if observed is not None:
+            observed = observed[:, None, :].expand(B, N, M).reshape(B * N, M)
+        o = mk.modality_attention(qkv.reshape(B * N, M, 3 * D), self.heads, keep=keep, missing=missing,
+                                  observed=observed, backend=self.backend)
+        return self.norm(x + self.attn.out_proj(o.view(B, N, M, D))).mean(dim=2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        B, N, M, D = h.shape
-        x = h.reshape(B * N, M, D)
-        x = self.norm(x + self.attn(x, x, x, need_weights=False)[0])
-        return x.mean(dim=1).reshape(B, N, D)
+        return self._attend(h, self._project(h))
+
+    def fuse_masked(self, h: torch.Tensor, missing: torch.Tensor, masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """h [B, N, M, D] tokens, missing [M, D] embeddings, masks [B, M] bool
+        -> one z [B, N, D] per mask, with the tokens of each modality the mask
+        leaves out replaced by its missing embedding. The in-projection is per
+        token, so the tokens and the embeddings are projected once for all
+        masks and the attention op picks the rows."""
+        missing = missing.to(h.dtype)
+        proj_h, proj_missing = self._project(h), self._project(missing)
+        return [self._attend(torch.where(mask[:, None, :, None], h, missing), proj_h, proj_missing, mask)
+                for mask in masks]
 
 
 class MarsModel(nn.Module):
@@ -218,7 +250,7 @@ class MarsModel(nn.Module):
         self.modalities = list(modalities)
         d = config.d_model
         self.encode = ModalityEncoders(modalities, shapes, d, config.dropout)
-        self.fuse = ModalityAttentionFusion(d, config.fusion_heads, config.dropout)
+        self.fuse = ModalityAttentionFusion(d, config.fusion_heads, config.dropout, config.backend)
         self.feature_router = _router(d, config.num_experts, config.router_mlp)
         if config.method == "mars":
             d_res = 2 * d if config.residual_input == "concat" else d
@@ -229,6 +261,15 @@ class MarsModel(nn.Module):
         self.map_size = tuple(shapes[modalities[0]][1:]) if self.encode.maps else None
 
     # ---------------------------------------------------------------- pieces
+    def _fuse_passes(self, features, observed, available=None):
+        """The incomplete pass z_i (observed modalities) and, when ``available``
+        is given, the complete pass z_c, both [B, N, D] (z_c None otherwise),
+        from one encoding and one in-projection of the tokens."""
+        h = self.encode(features)
+        masks = [observed] if available is None else [observed, available]
+        z = self.fuse.fuse_masked(h, self.encode.missing, masks)
+        return z[0], (z[1] if available is not None else None)
+
     def _residual(self, z_c: torch.Tensor, z_i: torch.Tensor) -> torch.Tensor:
         if self.config.residual_input == "concat":
             return torch.cat([z_i, z_c.detach()], dim=-1)
@@ -258,16 +299,14 @@ class MarsModel(nn.Module):
         if mode not in ("train", "eval", "oracle"):
             raise ValueError(f"mode must be 'train', 'eval' or 'oracle', got {mode!r}")
         cfg = self.config
-        h = self.encode(features)
-        z_i = self.fuse(self.encode.with_missing(h, observed))
+        need_complete = mode == "oracle" or (mode == "train" and cfg.method == "mars")
+        if need_complete and available is None:
+            raise ValueError(f"mode={mode!r} needs `available` (the complete modalities) for the complete pass")
+        z_i, z_c = self._fuse_passes(features, observed, available if need_complete else None)
         B, N, D = z_i.shape
         tokens = z_i.reshape(B * N, D)
         aux: dict[str, torch.Tensor] = {}
-        need_complete = mode == "oracle" or (mode == "train" and cfg.method == "mars")
         if need_complete:
-            if available is None:
-                raise ValueError(f"mode={mode!r} needs `available` (the complete modalities) for the complete pass")
-            z_c = self.fuse(self.encode.with_missing(h, available))
             aux["complete_logits"] = self._readout(z_c)
         l_f = self.feature_router(tokens)
         if mode == "train" and cfg.method == "mars" and cfg.routing == "residual":
@@ -300,9 +339,7 @@ class MarsModel(nn.Module):
         tokens: how well the feature router imitates the residual router (MARS only)."""
         if self.config.method != "mars":
             raise ValueError("router agreement needs the residual router (method='mars')")
-        h = self.encode(features)
-        z_i = self.fuse(self.encode.with_missing(h, observed))
-        z_c = self.fuse(self.encode.with_missing(h, available))
+        z_i, z_c = self._fuse_passes(features, observed, available)
         B, N, D = z_i.shape
         k = self.config.k
         _, f_idx = mk.topk_gating(self.feature_router(z_i.reshape(B * N, D)), k, backend=self.config.backend)

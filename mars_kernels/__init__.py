@@ -5,6 +5,7 @@ routing, each with a pure-PyTorch reference twin (:mod:`mars_kernels.reference`)
 >>> weights, indices = mk.topk_gating(torch.randn(16, 8), k=2)
 """
 from . import backend, reference
+from .attention import attention_keep_mask, modality_attention
 from .backend import extension_available
 from .dispatch import MoEMeta, apply_capacity, grouped_mlp, moe_align, moe_mlp, permute, unpermute
 from .layers import Experts, NoisyTopKRouter, Routing, SparseMoE, TopKRouter
@@ -60,4 +61,6 @@ __all__ = [
     "gather_experts",
     "expert_parallel",
     "shard_range",
+    "modality_attention",
+    "attention_keep_mask",
 ]

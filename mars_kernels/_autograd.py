@@ -170,7 +170,53 @@ class MarsRouting(torch.autograd.Function):
         return grad_r, grad_f, None, None, None, None, None, None
 
 
+# --------------------------------------------------------------------------- modality attention
+
+
+def _attention_setup(ctx, inputs, output):
+    qkv, num_heads, keep, missing, observed = inputs[:5]
+    ctx.save_for_backward(qkv, output[1], keep, missing, observed)
+    ctx.num_heads = num_heads
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_backward(ctx, kern, grad_out):
+    qkv, probs, keep, missing, observed = ctx.saved_tensors
+    if grad_out is None:
+        return None, None
+    grad_qkv, grad_missing = kern.modality_attention_bwd(
+        grad_out.contiguous(), qkv, probs, keep, missing, observed, ctx.num_heads
+    )
+    return grad_qkv, (grad_missing if missing is not None else None)
+
+
+class ModalityAttention(torch.autograd.Function):
+    """(qkv [T,M,3D], num_heads, keep [T,H,M,M] or None, missing [M,3D] or None,
+    observed [T,M] or None, backend) -> out [T,M,D], probs [T,H,M,M]. Gradients
+    flow to qkv and missing (keep is a dropout mask)."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, keep, missing, observed, backend):
+        out = _backend.kernels(backend).modality_attention_fwd(qkv, num_heads, keep, missing, observed)
+        _attention_setup(ctx, (qkv, num_heads, keep, missing, observed), out)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_probs):
+        grad_qkv, grad_missing = _attention_backward(ctx, _backend.kernels(ctx.backend), grad_out)
+        return grad_qkv, None, None, grad_missing, None, None
+
+
 # --------------------------------------------------------------------------- torch.ops registration
+
+
+def _spread(grads, positions, n):
+    """grads placed at ``positions`` of an n-tuple of None."""
+    out = [None] * n
+    for p, g in zip(positions, grads):
+        out[p] = g
+    return tuple(out)
 
 
 def register_op_autograd() -> None:
@@ -190,6 +236,11 @@ def register_op_autograd() -> None:
         "mars_kernels::mars_routing_fwd",
         lambda ctx, gw, _gi, gim, _gd, gps, _gr, _gf: (*_mars_backward(ctx, ops, gw, gim, gps), None, None, None, None, None),
         setup_context=_mars_setup,
+    )
+    torch.library.register_autograd(
+        "mars_kernels::modality_attention_fwd",
+        lambda ctx, go, _gp: _spread(_attention_backward(ctx, ops, go), (0, 3), 5),
+        setup_context=_attention_setup,
     )
     torch.library.register_autograd(
         "mars_kernels::router_stats_fwd",

@@ -12,6 +12,7 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 def register_fakes() -> None:
     _register_gating_fakes()
     _register_dispatch_fakes()
+    _register_attention_fakes()
 
 
 def _register_gating_fakes() -> None:
@@ -122,3 +123,14 @@ def _register_dispatch_fakes() -> None:
             torch.empty_like(w2),
             w2.new_empty((E, D)),
         )
+
+
+def _register_attention_fakes() -> None:
+    @torch.library.register_fake("mars_kernels::modality_attention_fwd")
+    def _(qkv, num_heads, keep, missing, observed):
+        T, M, D3 = qkv.shape
+        return qkv.new_empty((T, M, D3 // 3)), qkv.new_empty((T, num_heads, M, M), dtype=_acc(qkv))
+
+    @torch.library.register_fake("mars_kernels::modality_attention_bwd")
+    def _(grad_out, qkv, probs, keep, missing, observed, num_heads):
+        return torch.empty_like(qkv), (qkv.new_empty((0,)) if missing is None else torch.empty_like(missing))

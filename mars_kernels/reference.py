@@ -15,6 +15,8 @@ Shared semantics (DESIGN section 2):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +41,7 @@ __all__ = [
     "unpermute",
     "grouped_mlp",
     "moe_loop",
+    "modality_attention",
 ]
 
 ACTIVATIONS = ("gelu", "silu", "swiglu")
@@ -367,3 +370,34 @@ def moe_loop(
             y = y + b2[e]
         out = out.index_add(0, tok, y.to(out.dtype) * weights[tok, j, None].to(out.dtype))
     return out.to(x.dtype)
+
+
+def modality_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    keep: torch.Tensor | None = None,
+    missing: torch.Tensor | None = None,
+    observed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Self-attention across the M modality tokens at each of T positions.
+
+    qkv [T, M, 3D]: q | k | v of each modality, each split into ``num_heads``
+    heads of D / num_heads columns (the packed in-projection of
+    ``nn.MultiheadAttention``). missing [M, 3D] and observed [T, M] bool (both
+    or neither): row (t, m) is missing[m] where observed[t, m] is false. keep
+    [T, H, M, M] or None multiplies the attention probabilities (a dropout
+    mask already scaled by 1 / (1 - p)). -> out [T, M, D] in qkv's dtype:
+    out[t, i, head h] = sum_j p'[t, h, i, j] v[t, j, h] with p =
+    softmax_j(<q_i, k_j> / sqrt(D / H)), p' = p * keep. Math in float32
+    (float64 for float64).
+    """
+    T, M, D3 = qkv.shape
+    D = D3 // 3
+    dh = D // num_heads
+    if missing is not None:
+        qkv = torch.where(observed[..., None], qkv, missing)
+    q, k, v = qkv.to(compute_dtype(qkv.dtype)).view(T, M, 3, num_heads, dh).unbind(2)  # [T, M, H, dh]
+    probs = (torch.einsum("tihd,tjhd->thij", q, k) / math.sqrt(dh)).softmax(dim=-1)
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype)
+    return torch.einsum("thij,tjhd->tihd", probs, v).reshape(T, M, D).to(qkv.dtype)

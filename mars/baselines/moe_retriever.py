@@ -167,7 +167,7 @@ class MoERetrieverModel(nn.Module):
         self.modalities = list(modalities)
         d = config.d_model
         self.encode = ModalityEncoders(modalities, shapes, d, config.dropout)
-        self.fuse = ModalityAttentionFusion(d, config.fusion_heads, config.dropout)
+        self.fuse = ModalityAttentionFusion(d, config.fusion_heads, config.dropout, config.backend)
         self.retriever = ContextRetriever(config, len(modalities)) if config.retriever_variant == "paper" else None
         self.head = nn.Linear(d, num_classes)
         self.map_size = tuple(shapes[modalities[0]][1:]) if self.encode.maps else None

@@ -21,6 +21,7 @@ from .gating import (
     topk_gating_bwd,
     topk_gating_fwd,
 )
+from .attention import modality_attention_bwd, modality_attention_fwd
 from .mars import mars_routing_bwd, mars_routing_fwd
 from .moe import BLOCK_M, moe_mlp_bwd, moe_mlp_fwd
 
@@ -36,4 +37,6 @@ __all__ = [
     "BLOCK_M",
     "moe_mlp_fwd",
     "moe_mlp_bwd",
+    "modality_attention_fwd",
+    "modality_attention_bwd",
 ]

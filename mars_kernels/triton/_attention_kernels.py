@@ -1,0 +1,176 @@
+"""``@triton.jit`` bodies of the modality-attention kernels (launchers:
+:mod:`.attention`).
+
+Every program handles ``BLOCK_T`` positions and one head: the ``[BLOCK_T,
+BLOCK_DH]`` slices of q, k and v of each modality are read in place from the
+packed ``[T, M, 3D]`` projections (``BLOCK_DH`` = next power of two of the
+head width, lanes beyond it masked), or from the ``[M, 3D]`` missing rows where
+a modality is not observed (``HAS_MISSING``). Scores and probabilities of one
+query modality live in a ``[BLOCK_T, BLOCK_M]`` tile (``BLOCK_M`` = next power
+of two of M, columns ``>= M`` at -inf / 0). Math in ``CDT`` (float32, or
+float64 for float64 input); position offsets in int64.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _offsets(rows64, M, D, m, part, h, DH: tl.constexpr, lanes):
+    """Offsets [BLOCK_T, BLOCK_DH] of head h of q (part 0), k (1) or v (2) of modality m."""
+    return rows64[:, None] * (M * 3 * D) + m * 3 * D + part * D + h * DH + lanes[None, :]
+
+
+@triton.jit
+def _observed(obs_ptr, rows64, row_ok, M, m, HAS_MISSING: tl.constexpr):
+    """[BLOCK_T] bool: modality m observed at each position (always, without missing rows)."""
+    if HAS_MISSING:
+        return tl.load(obs_ptr + rows64 * M + m, mask=row_ok, other=1) != 0
+    return row_ok | True
+
+
+@triton.jit
+def _load(qkv_ptr, miss_ptr, seen, rows64, tile_ok, M, D, m, part, h, CDT: tl.constexpr, DH: tl.constexpr, lanes,
+          HAS_MISSING: tl.constexpr):
+    """Head h of part ``part`` of modality m [BLOCK_T, BLOCK_DH] in CDT: qkv's row
+    where ``seen``, the missing row elsewhere."""
+    x = tl.load(qkv_ptr + _offsets(rows64, M, D, m, part, h, DH, lanes), mask=tile_ok & seen[:, None], other=0.0)
+    x = x.to(CDT)
+    if HAS_MISSING:
+        fill = tl.load(miss_ptr + m * 3 * D + part * D + h * DH + lanes, mask=lanes < DH, other=0.0).to(CDT)
+        x = tl.where(seen[:, None], x, fill[None, :])
+    return x
+
+
+@triton.jit
+def _column(tile, cols, j):
+    """Column j [BLOCK_T] of tile [BLOCK_T, BLOCK_M]."""
+    return tl.sum(tl.where(cols[None, :] == j, tile, 0.0), axis=1)
+
+
+@triton.jit
+def modality_attention_fwd_kernel(
+    qkv_ptr,  # [T, M, 3D], f16/bf16/f32/f64
+    keep_ptr,  # [T, H, M, M] CDT (read only when HAS_KEEP)
+    miss_ptr,  # [M, 3D] qkv's dtype (read only when HAS_MISSING)
+    obs_ptr,  # [T, M] uint8 (read only when HAS_MISSING)
+    out_ptr,  # [T, M, D] in qkv's dtype
+    probs_ptr,  # [T, H, M, M] CDT out
+    T,
+    M,
+    D,
+    H,
+    scale,
+    DH: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_MISSING: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    CDT: tl.constexpr,
+):
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    lanes = tl.arange(0, BLOCK_DH)
+    cols = tl.arange(0, BLOCK_M)
+    tile_ok = row_ok[:, None] & (lanes[None, :] < DH)
+    prob_ok = row_ok[:, None] & (cols[None, :] < M)
+    for i in range(M):
+        seen_i = _observed(obs_ptr, rows64, row_ok, M, i, HAS_MISSING)
+        q = _load(qkv_ptr, miss_ptr, seen_i, rows64, tile_ok, M, D, i, 0, h, CDT, DH, lanes, HAS_MISSING)
+        s = tl.full([BLOCK_T, BLOCK_M], float("-inf"), CDT)
+        for j in range(M):
+            seen_j = _observed(obs_ptr, rows64, row_ok, M, j, HAS_MISSING)
+            k = _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 1, h, CDT, DH, lanes, HAS_MISSING)
+            s = tl.where(cols[None, :] == j, (tl.sum(q * k, axis=1) * scale)[:, None], s)
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        p = e / tl.sum(e, axis=1)[:, None]
+        prow = ((rows64 * H + h) * M + i) * M
+        tl.store(probs_ptr + prow[:, None] + cols[None, :], p, mask=prob_ok)
+        if HAS_KEEP:
+            p = p * tl.load(keep_ptr + prow[:, None] + cols[None, :], mask=prob_ok, other=0.0)
+        acc = tl.zeros([BLOCK_T, BLOCK_DH], CDT)
+        for j in range(M):
+            seen_j = _observed(obs_ptr, rows64, row_ok, M, j, HAS_MISSING)
+            v = _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 2, h, CDT, DH, lanes, HAS_MISSING)
+            acc += _column(p, cols, j)[:, None] * v
+        out = out_ptr + rows64[:, None] * (M * D) + i * D + h * DH + lanes[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _accumulate(grad_ptr, part_ptr, seen, rows64, tile_ok, M, D, m, part, h, DH: tl.constexpr, lanes, value,
+                HAS_MISSING: tl.constexpr):
+    """grad[t, m, part, head h] += value where seen; the unseen rows' sum goes to
+    this program's [M, 3D] partial (``part_ptr``)."""
+    ptrs = grad_ptr + _offsets(rows64, M, D, m, part, h, DH, lanes)
+    ok = tile_ok & seen[:, None]
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + value, mask=ok)
+    if HAS_MISSING:
+        dst = part_ptr + m * 3 * D + part * D + h * DH + lanes
+        lane_ok = lanes < DH
+        add = tl.sum(tl.where(tile_ok & ~seen[:, None], value, 0.0), axis=0)
+        tl.store(dst, tl.load(dst, mask=lane_ok, other=0.0) + add, mask=lane_ok)
+
+
+@triton.jit
+def modality_attention_bwd_kernel(
+    grad_out_ptr,  # [T, M, D] in qkv's dtype
+    qkv_ptr,  # [T, M, 3D]
+    probs_ptr,  # [T, H, M, M] CDT
+    keep_ptr,  # [T, H, M, M] CDT (read only when HAS_KEEP)
+    miss_ptr,  # [M, 3D] (read only when HAS_MISSING)
+    obs_ptr,  # [T, M] uint8 (read only when HAS_MISSING)
+    grad_ptr,  # [T, M, 3D] CDT, zero on entry: dk and dv accumulate over query modalities
+    part_ptr,  # [num_position_blocks, M, 3D] CDT, zero on entry: this block's missing-row gradients
+    T,
+    M,
+    D,
+    H,
+    scale,
+    DH: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_MISSING: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    CDT: tl.constexpr,
+):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    lanes = tl.arange(0, BLOCK_DH)
+    cols = tl.arange(0, BLOCK_M)
+    tile_ok = row_ok[:, None] & (lanes[None, :] < DH)
+    prob_ok = row_ok[:, None] & (cols[None, :] < M)
+    part_ptr += pid.to(tl.int64) * M * 3 * D
+    for i in range(M):
+        g = tl.load(grad_out_ptr + rows64[:, None] * (M * D) + i * D + h * DH + lanes[None, :], mask=tile_ok, other=0.0)
+        g = g.to(CDT)
+        prow = ((rows64 * H + h) * M + i) * M
+        p = tl.load(probs_ptr + prow[:, None] + cols[None, :], mask=prob_ok, other=0.0)
+        if HAS_KEEP:
+            kp = tl.load(keep_ptr + prow[:, None] + cols[None, :], mask=prob_ok, other=0.0)
+        else:
+            kp = tl.full([BLOCK_T, BLOCK_M], 1.0, CDT)
+        # dv_j += p'_ij g_i;  dp_ij = keep_ij <g_i, v_j>
+        dp = tl.zeros([BLOCK_T, BLOCK_M], CDT)
+        for j in range(M):
+            seen_j = _observed(obs_ptr, rows64, row_ok, M, j, HAS_MISSING)
+            v = _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 2, h, CDT, DH, lanes, HAS_MISSING)
+            dp = tl.where(cols[None, :] == j, tl.sum(g * v, axis=1)[:, None], dp)
+            _accumulate(grad_ptr, part_ptr, seen_j, rows64, tile_ok, M, D, j, 2, h, DH, lanes,
+                        _column(p * kp, cols, j)[:, None] * g, HAS_MISSING)
+        dp = dp * kp
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale
+        seen_i = _observed(obs_ptr, rows64, row_ok, M, i, HAS_MISSING)
+        q = _load(qkv_ptr, miss_ptr, seen_i, rows64, tile_ok, M, D, i, 0, h, CDT, DH, lanes, HAS_MISSING)
+        dq = tl.zeros([BLOCK_T, BLOCK_DH], CDT)
+        for j in range(M):
+            dsj = _column(ds, cols, j)[:, None]
+            seen_j = _observed(obs_ptr, rows64, row_ok, M, j, HAS_MISSING)
+            dq += dsj * _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 1, h, CDT, DH, lanes, HAS_MISSING)
+            _accumulate(grad_ptr, part_ptr, seen_j, rows64, tile_ok, M, D, j, 1, h, DH, lanes, dsj * q, HAS_MISSING)
+        _accumulate(grad_ptr, part_ptr, seen_i, rows64, tile_ok, M, D, i, 0, h, DH, lanes, dq, HAS_MISSING)
