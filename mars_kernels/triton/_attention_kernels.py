@@ -15,6 +15,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(T, M, DH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """This program's positions: (row_ok [BLOCK_T], rows64, head lanes [BLOCK_DH],
+    modality columns [BLOCK_M], tile_ok [BLOCK_T, BLOCK_DH], prob_ok [BLOCK_T, BLOCK_M])."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    lanes = tl.arange(0, BLOCK_DH)
+    cols = tl.arange(0, BLOCK_M)
+    tile_ok = row_ok[:, None] & (lanes[None, :] < DH)
+    prob_ok = row_ok[:, None] & (cols[None, :] < M)
+    return row_ok, rows.to(tl.int64), lanes, cols, tile_ok, prob_ok
+
+
+@triton.jit
 def _offsets(rows64, M, D, m, part, h, DH: tl.constexpr, lanes):
     """Offsets [BLOCK_T, BLOCK_DH] of head h of q (part 0), k (1) or v (2) of modality m."""
     return rows64[:, None] * (M * 3 * D) + m * 3 * D + part * D + h * DH + lanes[None, :]
@@ -69,13 +82,7 @@ def modality_attention_fwd_kernel(
     CDT: tl.constexpr,
 ):
     h = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lanes = tl.arange(0, BLOCK_DH)
-    cols = tl.arange(0, BLOCK_M)
-    tile_ok = row_ok[:, None] & (lanes[None, :] < DH)
-    prob_ok = row_ok[:, None] & (cols[None, :] < M)
+    row_ok, rows64, lanes, cols, tile_ok, prob_ok = _tile(T, M, DH, BLOCK_T, BLOCK_M, BLOCK_DH)
     for i in range(M):
         seen_i = _observed(obs_ptr, rows64, row_ok, M, i, HAS_MISSING)
         q = _load(qkv_ptr, miss_ptr, seen_i, rows64, tile_ok, M, D, i, 0, h, CDT, DH, lanes, HAS_MISSING)
@@ -138,13 +145,7 @@ def modality_attention_bwd_kernel(
     CDT: tl.constexpr,
 ):
     pid, h = tl.program_id(0), tl.program_id(1)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    lanes = tl.arange(0, BLOCK_DH)
-    cols = tl.arange(0, BLOCK_M)
-    tile_ok = row_ok[:, None] & (lanes[None, :] < DH)
-    prob_ok = row_ok[:, None] & (cols[None, :] < M)
+    row_ok, rows64, lanes, cols, tile_ok, prob_ok = _tile(T, M, DH, BLOCK_T, BLOCK_M, BLOCK_DH)
     part_ptr += pid.to(tl.int64) * M * 3 * D
     for i in range(M):
         g = tl.load(grad_out_ptr + rows64[:, None] * (M * D) + i * D + h * DH + lanes[None, :], mask=tile_ok, other=0.0)
