@@ -54,9 +54,7 @@ def main(argv=None):
 
     def step_for(backend):
         def step():
-            model.config.backend = backend
-            model.experts.backend = backend
-            model.fuse.backend = backend
+            model.backend = backend
             model.zero_grad(set_to_none=True)
             out = model(feats, observed, available, mode="train")
             loss, _ = model.loss(out, labels)

@@ -13,7 +13,7 @@ import torch
 
 from .data import DataFormatError
 from .distributed import DistributedFailure, context_from_env, shutdown
-from .model import (METHODS, NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, ModelConfig,
+from .model import (NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, ModelConfig,
                     canonical_method)
 
 METHOD_CHOICES = ("mars", "vanilla-moe", "late-fusion", "moe-retriever", "mce")

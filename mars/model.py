@@ -181,8 +181,13 @@ class ModalityEncoders(nn.Module):
 
     def with_missing(self, h: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """Replace the tokens of unobserved modalities: h [B, N, M, D], observed [B, M]."""
-        keep = observed[:, None, :, None]
-        return torch.where(keep, h, self.missing[None, None].to(h.dtype))
+        return fill_missing(h, self.missing, observed)
+
+
+def fill_missing(h: torch.Tensor, missing: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """h [B, N, M, D] with the tokens of each modality that ``observed`` [B, M]
+    leaves out replaced by its embedding in ``missing`` [M, D]."""
+    return torch.where(observed[:, None, :, None], h, missing.to(h.dtype))
 
 
 class ModalityAttentionFusion(nn.Module):
@@ -198,7 +203,7 @@ class ModalityAttentionFusion(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(d)
-        self.heads, self.dropout, self.backend = heads, dropout, backend
+        self.backend = backend
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens [..., D] -> packed q | k | v [..., 3D]."""
@@ -209,12 +214,11 @@ class ModalityAttentionFusion(nn.Module):
         """x [B, N, M, D] tokens and their projections qkv [B, N, M, 3D] (where
         ``observed`` [B, M] is false: missing [M, 3D]) -> z [B, N, D]."""
         B, N, M, D = x.shape
-        keep = None
-        if self.training and self.dropout > 0:
-            keep = mk.attention_keep_mask(B * N, self.heads, M, self.dropout, device=x.device)
+        heads, p = self.attn.num_heads, self.attn.dropout
+        keep = mk.attention_keep_mask(B * N, heads, M, p, device=x.device) if self.training and p > 0 else None
         if observed is not None:
             observed = observed[:, None, :].expand(B, N, M).reshape(B * N, M)
-        o = mk.modality_attention(qkv.reshape(B * N, M, 3 * D), self.heads, keep=keep, missing=missing,
+        o = mk.modality_attention(qkv.reshape(B * N, M, 3 * D), heads, keep=keep, missing=missing,
                                   observed=observed, backend=self.backend)
         return self.norm(x + self.attn.out_proj(o.view(B, N, M, D))).mean(dim=2)
 
@@ -227,10 +231,8 @@ class ModalityAttentionFusion(nn.Module):
         leaves out replaced by its missing embedding. The in-projection is per
         token, so the tokens and the embeddings are projected once for all
         masks and the attention op picks the rows."""
-        missing = missing.to(h.dtype)
-        proj_h, proj_missing = self._project(h), self._project(missing)
-        return [self._attend(torch.where(mask[:, None, :, None], h, missing), proj_h, proj_missing, mask)
-                for mask in masks]
+        proj_h, proj_missing = self._project(h), self._project(missing.to(h.dtype))
+        return [self._attend(fill_missing(h, missing, mask), proj_h, proj_missing, mask) for mask in masks]
 
 
 class MarsModel(nn.Module):
@@ -259,6 +261,15 @@ class MarsModel(nn.Module):
                                   backend=config.backend)
         self.head = nn.Linear(d, num_classes)
         self.map_size = tuple(shapes[modalities[0]][1:]) if self.encode.maps else None
+
+    @property
+    def backend(self) -> str | None:
+        """The kernels every op of the model runs on (None: auto)."""
+        return self.config.backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        self.config.backend = self.experts.backend = self.fuse.backend = name
 
     # ---------------------------------------------------------------- pieces
     def _fuse_passes(self, features, observed, available=None):

@@ -167,8 +167,10 @@ def _train_epoch(net, model, opt, train_set, protocol, gen, cfg: TrainConfig, ct
         out = _forward_train(net, feats, observed_all[mine], avail, idx)
         loss, parts = model.loss(out, labels, train_set.ignore_index)
         value = float(loss.detach())
-        if ctx.enabled:
-            value = sum(ctx.all_gather_object(value)) / ctx.world
+        if ctx.enabled:  # one all-reduce: every rank sees the same value and stops together
+            total = torch.tensor([value], dtype=torch.float64)
+            ctx.sum_(total)
+            value = float(total) / ctx.world
             loss = loss * (idx.numel() * ctx.world / batch.numel())
         if not math.isfinite(value):
             raise TrainingDiverged(
@@ -278,17 +280,19 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         with peer_failures(f"epoch {epoch + 1}"):  # also DDP's all-reduce and the shard gathers
             losses = _train_epoch(net, model, opt, train_set, protocol, gen, cfg, ctx, epoch, ckpt_path)
             val = evaluate_subsets(model, val_set, ctx=ctx)
+            state = snapshot()
             if val["mean"] > best["score"]:  # the same decision on every rank (val is summed over ranks)
-                best = {"score": val["mean"], "epoch": epoch + 1, "state": snapshot()}
+                best = {"score": val["mean"], "epoch": epoch + 1, "state": state}
             record = {"epoch": epoch + 1, "loss": losses, "val_mean": val["mean"], "val_by_size": val["by_size"],
                       "seconds": time.time() - t_start}
             checkpoint = {
-                "model": snapshot(), "generator": gen.get_state(), "epoch": epoch + 1, "best": best,
+                "model": state, "generator": gen.get_state(), "epoch": epoch + 1, "best": best,
                 "config": cfg.to_dict(), "world_size": ctx.world,
                 "standardizer": getattr(train_set.standardizer, "state_dict", lambda: None)(),
             }
-            rngs = ctx.all_gather_object(torch.get_rng_state())
-            optimizers = ctx.all_gather_object(opt.state_dict()) if expert_parallel else [opt.state_dict()]
+            gathered = ctx.all_gather_object((torch.get_rng_state(), opt.state_dict() if expert_parallel else None))
+            rngs = [rng for rng, _ in gathered]
+            optimizers = [o for _, o in gathered] if expert_parallel else [opt.state_dict()]
         if main:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

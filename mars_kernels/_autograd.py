@@ -211,14 +211,6 @@ class ModalityAttention(torch.autograd.Function):
 # --------------------------------------------------------------------------- torch.ops registration
 
 
-def _spread(grads, positions, n):
-    """grads placed at ``positions`` of an n-tuple of None."""
-    out = [None] * n
-    for p, g in zip(positions, grads):
-        out[p] = g
-    return tuple(out)
-
-
 def register_op_autograd() -> None:
     """Give the fwd ops of torch.ops.mars_kernels their autograd formulas."""
     ops = torch.ops.mars_kernels
@@ -237,10 +229,13 @@ def register_op_autograd() -> None:
         lambda ctx, gw, _gi, gim, _gd, gps, _gr, _gf: (*_mars_backward(ctx, ops, gw, gim, gps), None, None, None, None, None),
         setup_context=_mars_setup,
     )
+
+    def attention_backward(ctx, grad_out, _grad_probs):
+        grad_qkv, grad_missing = _attention_backward(ctx, ops, grad_out)
+        return grad_qkv, None, None, grad_missing, None
+
     torch.library.register_autograd(
-        "mars_kernels::modality_attention_fwd",
-        lambda ctx, go, _gp: _spread(_attention_backward(ctx, ops, go), (0, 3), 5),
-        setup_context=_attention_setup,
+        "mars_kernels::modality_attention_fwd", attention_backward, setup_context=_attention_setup
     )
     torch.library.register_autograd(
         "mars_kernels::router_stats_fwd",

@@ -63,3 +63,21 @@ def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
 
     if not backend_supports(backend, dtype):
         pytest.skip(f"{backend} under TRITON_INTERPRET cannot compute in {dtype}")
+
+
+def train_interrupted(make_config, epochs: int, stop_after: int, root, data):
+    """Train ``make_config(epochs)`` uninterrupted in root/full, and again in
+    root/part stopped after ``stop_after`` epochs then resumed to ``epochs``
+    (the config edited as if the longer run had been interrupted).
+    -> (full result, resumed result, part directory)."""
+    import json
+
+    from mars.train import train
+
+    full = train(make_config(epochs), root / "full", data=data, progress=False)
+    part = root / "part"
+    train(make_config(stop_after), part, data=data, progress=False)
+    cfg = json.loads((part / "config.json").read_text())
+    cfg["epochs"] = epochs
+    (part / "config.json").write_text(json.dumps(cfg))
+    return full, train(None, part, resume=True, data=data, progress=False), part

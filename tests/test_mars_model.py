@@ -9,6 +9,8 @@ from mars.data import load_mfeat, make_segmentation
 from mars.model import ModelConfig, build_model
 from mars.train import TrainConfig, TrainingDiverged, train
 
+from helpers import train_interrupted
+
 
 @pytest.fixture(scope="module")
 def mfeat_small():
@@ -79,13 +81,7 @@ def _tiny(epochs, method="mars"):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, mfeat_small):
-    full = train(_tiny(4), tmp_path / "full", data=mfeat_small, progress=False)
-    part = tmp_path / "part"
-    train(_tiny(2), part, data=mfeat_small, progress=False)
-    cfg = json.loads((part / "config.json").read_text())
-    cfg["epochs"] = 4  # as if the 4-epoch run had been interrupted after epoch 2
-    (part / "config.json").write_text(json.dumps(cfg))
-    resumed = train(None, part, resume=True, data=mfeat_small, progress=False)
+    full, resumed, part = train_interrupted(_tiny, 4, 2, tmp_path, mfeat_small)
     assert resumed["summary"]["test_mean"] == full["summary"]["test_mean"]
     assert resumed["test"]["subsets"] == full["test"]["subsets"]
     lines = (part / "metrics.jsonl").read_text().splitlines()
@@ -182,7 +178,7 @@ def test_backends_agree_on_a_training_step(seg_small):
     observed[1::2, 1:] = False
 
     def step(backend):
-        model.config.backend = model.experts.backend = model.fuse.backend = backend
+        model.backend = backend
         model.zero_grad(set_to_none=True)
         torch.manual_seed(3)
         out = model(feats, observed, full, mode="train")

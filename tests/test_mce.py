@@ -13,7 +13,9 @@ from mars.baselines.shapley import batch_factors, shapley_matrix
 from mars.baselines.subsets import proper_subset_pairs, subset_table
 from mars.data import MissingnessProtocol, all_subsets, load_mfeat, make_segmentation
 from mars.model import ModelConfig, build_model
-from mars.train import TrainConfig, train
+from mars.train import TrainConfig
+
+from helpers import train_interrupted
 
 
 def _subsets(M):
@@ -343,16 +345,10 @@ def _tiny_run(epochs):
 
 
 def test_train_and_resume_match_an_uninterrupted_run(tmp_path, mfeat_small):
-    full = train(_tiny_run(2), tmp_path / "full", data=mfeat_small, progress=False)
+    full, resumed, part = train_interrupted(_tiny_run, 2, 1, tmp_path, mfeat_small)
     assert math.isfinite(full["summary"]["test_mean"])
     record = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"task", "sub", "sep", "com"} <= record["loss"].keys() and "b/pixel" in record["loss"]
-    part = tmp_path / "part"
-    train(_tiny_run(1), part, data=mfeat_small, progress=False)
-    cfg = json.loads((part / "config.json").read_text())
-    cfg["epochs"] = 2  # as if the 2-epoch run had been interrupted after epoch 1
-    (part / "config.json").write_text(json.dumps(cfg))
-    resumed = train(None, part, resume=True, data=mfeat_small, progress=False)
     assert resumed["summary"]["test_mean"] == full["summary"]["test_mean"]
     assert resumed["test"]["subsets"] == full["test"]["subsets"]
     assert [json.loads(line)["loss"] for line in (part / "metrics.jsonl").read_text().splitlines()] == \

@@ -10,7 +10,9 @@ from mars.baselines.moe_retriever import MoERetrieverModel, RestrictedSMoE, allo
 from mars.baselines.supporting import ELIGIBLE, NONE, TARGET_ONLY, sample_supporting
 from mars.data import MultimodalDataset, load_mfeat, make_segmentation
 from mars.model import ModelConfig, build_model
-from mars.train import TrainConfig, train
+from mars.train import TrainConfig
+
+from helpers import train_interrupted
 
 
 # ---------------------------------------------------------------- helpers
@@ -310,15 +312,9 @@ def _tiny(epochs):
 
 
 def test_train_and_resume_match(tmp_path, mfeat_small):
-    full = train(_tiny(2), tmp_path / "full", data=mfeat_small, progress=False)
+    full, resumed, _ = train_interrupted(_tiny, 2, 1, tmp_path, mfeat_small)
     lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert "balance" not in lines[0]["loss"] and "balance" in lines[1]["loss"]  # warm-up epoch, then retrieval
-    part = tmp_path / "part"
-    train(_tiny(1), part, data=mfeat_small, progress=False)
-    cfg = json.loads((part / "config.json").read_text())
-    cfg["epochs"] = 2
-    (part / "config.json").write_text(json.dumps(cfg))
-    resumed = train(None, part, resume=True, data=mfeat_small, progress=False)
     drop = lambda s: {k: v for k, v in s.items() if k != "train_seconds"}  # noqa: E731
     assert drop(resumed["summary"]) == drop(full["summary"])
     assert resumed["test"]["subsets"] == full["test"]["subsets"]

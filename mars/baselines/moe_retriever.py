@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 import mars_kernels as mk
 
-from ..model import ModalityAttentionFusion, ModalityEncoders, ModelConfig, Output
+from ..model import MarsModel, ModalityAttentionFusion, ModalityEncoders, ModelConfig, Output
 from .supporting import NONE, SupportingGroups, sample_supporting
 
 EVAL_TOKEN_BUDGET = 1 << 18  # sequence tokens per retriever chunk in eval (bounds memory on maps)
@@ -262,12 +262,7 @@ class MoERetrieverModel(nn.Module):
             flat = flat.index_copy(0, slots, encoded[inverse])
         return flat.reshape(Q, G, like.shape[1], like.shape[3])
 
-    def _readout(self, y: Tensor) -> Tensor:
-        """y [B, N, D] -> logits [B, K] (mean over tokens) or [B, K, H, W]."""
-        if self.map_size is None:
-            return self.head(y.mean(dim=1))
-        B = y.shape[0]
-        return self.head(y).transpose(1, 2).reshape(B, self.num_classes, *self.map_size)
+    _readout = MarsModel._readout  # the same head readout: y [B, N, D] -> [B, K] or [B, K, H, W]
 
     @staticmethod
     def missing_pairs(observed: Tensor) -> tuple[Tensor, Tensor]:
@@ -276,14 +271,15 @@ class MoERetrieverModel(nn.Module):
         pairs = (~observed & observed.any(1, keepdim=True)).nonzero()
         return pairs[:, 0], pairs[:, 1]
 
-    def draw_supporting(self, observed: Tensor, mode: str, sample_index: Tensor | None = None) -> SupportingGroups:
+    def draw_supporting(self, observed: Tensor, mode: str, sample_index: Tensor | None = None,
+                        pairs: tuple[Tensor, Tensor] | None = None) -> SupportingGroups:
         """Supporting groups for :meth:`missing_pairs` of ``observed``: the
         global torch RNG in training (saved in checkpoints), a generator
         seeded with ``eval_seed`` at every eval call (so an eval batch always
         gets the same groups; they depend on the batch's composition)."""
         if self.pool_available is None:
             raise ValueError("moe_retriever has no supporting pool: call prepare(train_set, ...) or attach_pool(data) first")
-        b, t = self.missing_pairs(observed)
+        b, t = pairs if pairs is not None else self.missing_pairs(observed)
         generator = None
         if mode == "eval":
             generator = torch.Generator(device=observed.device).manual_seed(self.eval_seed)
@@ -300,7 +296,7 @@ class MoERetrieverModel(nn.Module):
         if not self.retrieving:
             return filled, aux
         b, t = self.missing_pairs(observed)
-        groups = supporting if supporting is not None else self.draw_supporting(observed, mode, sample_index)
+        groups = supporting if supporting is not None else self.draw_supporting(observed, mode, sample_index, (b, t))
         if groups.index.shape[0] != b.numel():
             raise ValueError(f"supporting must hold one group per missing pair ({b.numel()}), got {groups.index.shape[0]}")
         aux["supporting_source"] = torch.bincount(groups.source, minlength=3)

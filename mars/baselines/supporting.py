@@ -34,6 +34,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .subsets import subset_codes
+
 ELIGIBLE, TARGET_ONLY, NONE = 0, 1, 2
 
 
@@ -74,12 +76,6 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
-def _bit_codes(mask: Tensor) -> Tensor:
-    """[*, M] bool -> [*] int64 with bit m set where mask[..., m]."""
-    bits = torch.ones(mask.shape[-1], dtype=torch.long, device=mask.device) << torch.arange(mask.shape[-1], device=mask.device)
-    return (mask.long() * bits).sum(-1)
-
-
 def _shift_past(pos: Tensor, taken: Tensor) -> Tensor:
     """Map pos [Q] (a rank among the free positions) to the actual position,
     skipping taken [Q, j] (unused entries hold a huge value)."""
@@ -116,9 +112,9 @@ def sample_supporting(
     P = pool_available.shape[0]
     one = torch.ones((), dtype=torch.long, device=device)
     t_code = one << target
-    req_code = _bit_codes(observed) | t_code
+    req_code = subset_codes(observed) | t_code
     codes, inverse = torch.unique(torch.cat([req_code, t_code]), return_inverse=True)  # [U]
-    pool_code = _bit_codes(pool_available)  # [P]
+    pool_code = subset_codes(pool_available)  # [P]
     eligible = (pool_code[None] & codes[:, None]) == codes[:, None]  # [U, P]
     count = eligible.sum(1)
     rank = eligible.long().cumsum(1) - 1  # position of each eligible row in its list
