@@ -1,6 +1,7 @@
 // CPU grouped expert MLP: per-expert ATen GEMMs (MKL/oneDNN) on each expert's
-// contiguous rows of the expert-sorted activations, bias and activation fused
-// into the GEMM outputs where ATen allows. Contract in csrc/ops.cpp.
+// contiguous rows of the expert-sorted activations, with the bias and the
+// activation (and its backward) in one pass over each GEMM's output rows.
+// Contract in csrc/ops.cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -33,9 +34,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at
     if (n == 0) continue;
     at::Tensor he = h.narrow(0, save_h ? lo : 0, n), ye = y.narrow(0, lo, n), ae = scratch.narrow(0, 0, n);
     const at::Tensor xe = x.narrow(0, lo, n);
-    if (b1.has_value()) at::addmm_out(he, (*b1)[e], xe, w1[e]);
-    else at::mm_out(he, xe, w1[e]);
-    activation_out(act, he, ae);
+    at::mm_out(he, xe, w1[e]);
+    bias_activation_rows(act, he, b1.has_value() ? c10::optional<at::Tensor>((*b1)[e]) : c10::nullopt, ae);
     if (b2.has_value()) at::addmm_out(ye, (*b2)[e], ae, w2[e]);
     else at::mm_out(ye, ae, w2[e]);
   }
@@ -62,12 +62,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_m
     if (n == 0) continue;
     const at::Tensor xe = x.narrow(0, lo, n), he = h.narrow(0, lo, n), dye = dy.narrow(0, lo, n);
     at::Tensor ae = a_buf.narrow(0, 0, n), dae = da_buf.narrow(0, 0, n), dhe = dh_buf.narrow(0, 0, n);
-    activation_out(act, he, ae);                    // recomputed rather than saved
     at::Tensor dw2e = dw2[e], dw1e = dw1[e], db2e = db2[e], db1e = db1[e], dxe = dx.narrow(0, lo, n);
+    at::mm_out(dae, dye, w2[e].t());
+    activation_grad_rows(act, he, dae, at::Tensor(), ae, dhe);  // ae = act(h), recomputed rather than saved
     at::mm_out(dw2e, ae.t(), dye);
     at::sum_out(db2e, dye, {0});
-    at::mm_out(dae, dye, w2[e].t());
-    activation_backward_out(act, dae, he, dhe);
     at::mm_out(dw1e, xe.t(), dhe);
     at::sum_out(db1e, dhe, {0});
     at::mm_out(dxe, dhe, w1[e].t());

@@ -53,14 +53,18 @@ ExpertRows expert_rows(const at::Tensor& permutation, const int64_t* off, int64_
   return {lo, n, slots, at::floor_divide(slots, top_k)};
 }
 
-// acc[tokens[i]] += scale[i] * rows[i] (scale may be undefined: 1). Threads
-// split the columns, so repeated tokens are safe and the order is fixed.
-void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const at::Tensor& tokens, const at::Tensor& scale) {
+// acc[tokens[i]] += scale[i] * (rows[i] + bias), with scale (acc dtype) and
+// bias ([D]) optional. Threads split the columns, so repeated tokens are safe
+// and the order is fixed.
+void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const at::Tensor& tokens, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& bias = c10::nullopt) {
   const int64_t n = rows.size(0), D = rows.size(1);
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "accumulate_rows", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_float_types(rows, [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
     const scalar_t* R = rows.const_data_ptr<scalar_t>();
+    const scalar_t* B = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     acc_t* A = acc.data_ptr<acc_t>();
     const acc_t* W = scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
@@ -68,25 +72,39 @@ void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const at::Tensor& 
         const acc_t w = W ? W[i] : acc_t(1);
         acc_t* a = A + tok[i] * D;
         const scalar_t* r = R + i * D;
-        for (int64_t d = d0; d < d1; ++d) a[d] += w * static_cast<acc_t>(r[d]);
+        if (B)
+          for (int64_t d = d0; d < d1; ++d) a[d] += w * (static_cast<acc_t>(r[d]) + static_cast<acc_t>(B[d]));
+        else
+          for (int64_t d = d0; d < d1; ++d) a[d] += w * static_cast<acc_t>(r[d]);
       }
     });
   });
 }
 
-// out[i] = <a[i], b[i]> over rows of two [n, m] tensors, accumulated in acc_t.
-void row_dots(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
-  const int64_t n = a.size(0), m = a.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "row_dots", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* A = a.const_data_ptr<scalar_t>();
-    const scalar_t* B = b.const_data_ptr<scalar_t>();
-    acc_t* O = out.data_ptr<acc_t>();
-    at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        acc_t s = 0;
-        for (int64_t j = 0; j < m; ++j) s += static_cast<acc_t>(A[i * m + j]) * static_cast<acc_t>(B[i * m + j]);
-        O[i] = s;
+// rows[i] *= scale[i] (acc dtype [n]) in place, and sums (+)= the column sums
+// of the scaled rows, added in row order in double. Threads split the columns.
+void scale_rows_and_sum(at::Tensor& rows, const at::Tensor& scale, at::Tensor& sums, bool accumulate) {
+  const int64_t n = rows.size(0), D = rows.size(1);
+  dispatch_float_types(rows, [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
+    scalar_t* R = rows.data_ptr<scalar_t>();
+    scalar_t* S = sums.data_ptr<scalar_t>();
+    const acc_t* W = scale.const_data_ptr<acc_t>();
+    at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
+      double col[64];
+      for (int64_t d = d0; d < d1; d += 64) {
+        const int64_t m = std::min<int64_t>(64, d1 - d);
+        for (int64_t j = 0; j < m; ++j) col[j] = accumulate ? static_cast<double>(S[d + j]) : 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          scalar_t* r = R + i * D + d;
+          const acc_t w = W[i];
+          for (int64_t j = 0; j < m; ++j) {
+            r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) * w);
+            col[j] += static_cast<double>(r[j]);
+          }
+        }
+        for (int64_t j = 0; j < m; ++j) S[d + j] = static_cast<scalar_t>(col[j]);
       }
     });
   });
@@ -130,13 +148,12 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
       const at::Tensor tokens = r.tokens.narrow(0, r0, n);
       at::Tensor xe = xg.narrow(0, 0, n), he = h.narrow(0, save_h ? r.lo + r0 : 0, n);
       at::Tensor ae = a.narrow(0, 0, n), y_e = ye.narrow(0, 0, n);
-      at::index_select_out(xe, x, 0, tokens);
-      if (b1.has_value()) at::addmm_out(he, (*b1)[e], xe, w1[e]);
-      else at::mm_out(he, xe, w1[e]);
-      activation_out(act, he, ae);
-      if (b2.has_value()) at::addmm_out(y_e, (*b2)[e], ae, w2[e]);
-      else at::mm_out(y_e, ae, w2[e]);
-      accumulate_rows(acc, y_e, tokens, flat_w.index_select(0, r.slots.narrow(0, r0, n)));
+      gather_rows(x, tokens, xe);
+      at::mm_out(he, xe, w1[e]);
+      bias_activation_rows(act, he, b1.has_value() ? c10::optional<at::Tensor>((*b1)[e]) : c10::nullopt, ae);
+      at::mm_out(y_e, ae, w2[e]);
+      accumulate_rows(acc, y_e, tokens, flat_w.index_select(0, r.slots.narrow(0, r0, n)),
+                      b2.has_value() ? c10::optional<at::Tensor>((*b2)[e]) : c10::nullopt);
     }
   }
   at::Tensor y = acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
@@ -162,8 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto acc_opts = opts.dtype(routing_dtype(x));
   at::Tensor dx_acc = at::zeros({T, sh.D}, acc_opts);
   at::Tensor grad_w = at::zeros({T, top_k}, acc_opts);
-  at::Tensor dw1 = at::zeros_like(w1), dw2 = at::zeros_like(w2);
-  at::Tensor db1 = at::zeros({sh.E, sh.H1}, w1.options()), db2 = at::zeros({sh.E, sh.D}, w2.options());
+  // Every expert's first row tile overwrites its gradients; only empty experts are zeroed.
+  at::Tensor dw1 = at::empty_like(w1), dw2 = at::empty_like(w2);
+  at::Tensor db1 = at::empty({sh.E, sh.H1}, w1.options()), db2 = at::empty({sh.E, sh.D}, w2.options());
   at::Tensor xg = at::empty({most, sh.D}, opts), dg = at::empty({most, sh.D}, opts);
   at::Tensor a = at::empty({most, sh.H}, opts), G = at::empty({most, sh.H}, opts);
   at::Tensor dh = at::empty({most, sh.H1}, opts), dxg = at::empty({most, sh.D}, opts);
@@ -173,6 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t e = 0; e < sh.E; ++e) {
     const ExpertRows r = expert_rows(perm, off, e, top_k);
     at::Tensor dw2e = dw2[e], db2e = db2[e], dw1e = dw1[e], db1e = db1[e];
+    if (r.n == 0)
+      for (at::Tensor* g : {&dw2e, &db2e, &dw1e, &db1e}) g->zero_();
     for (int64_t r0 = 0; r0 < r.n; r0 += tile) {
       const int64_t n = std::min(tile, r.n - r0);
       const bool first = r0 == 0;
@@ -181,29 +201,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::Tensor xe = xg.narrow(0, 0, n), dge = dg.narrow(0, 0, n), ae = a.narrow(0, 0, n);
       at::Tensor Ge = G.narrow(0, 0, n), dhe = dh.narrow(0, 0, n), dxe = dxg.narrow(0, 0, n);
       at::Tensor dots_e = dots.narrow(0, 0, n);
-      at::index_select_out(dge, dy, 0, tokens);
-      activation_out(act, he, ae);  // recomputed rather than saved
+      at::Tensor bd = bias_dots.narrow(0, 0, n);
+      gather_rows(dy, tokens, dge, b2.has_value() ? c10::optional<at::Tensor>((*b2)[e]) : c10::nullopt, &bd);
       at::mm_out(Ge, dge, w2[e].t());
-      // d weight = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>
-      row_dots(Ge, ae, dots_e);
-      if (b2.has_value()) {
-        at::Tensor bd = bias_dots.narrow(0, 0, n);
-        at::mv_out(bd, dge.to(bd.scalar_type()), (*b2)[e].to(bd.scalar_type()));
-        dots_e.add_(bd);
-      }
+      const at::Tensor w_rows = flat_w.index_select(0, slots);
+      // ae = act(h), dhe = d h, and
+      // d weight = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>.
+      activation_grad_rows(act, he, Ge, w_rows, ae, dhe, &dots_e);
+      if (b2.has_value()) dots_e.add_(bd);
       flat_gw.index_copy_(0, slots, dots_e);
-      const at::Tensor w_col = flat_w.index_select(0, slots).to(x.scalar_type()).unsqueeze(1);
-      dge.mul_(w_col);  // now the gradient of this expert's output rows
-      Ge.mul_(w_col);   // now d act(h)
       // Weight gradients summed over row tiles in tile order (deterministic).
+      scale_rows_and_sum(dge, w_rows, db2e, !first);  // dge: now the gradient of this expert's output rows
       if (first) at::mm_out(dw2e, ae.t(), dge);
       else dw2e.addmm_(ae.t(), dge);
-      db2e.add_(dge.sum(0));
-      activation_backward_out(act, Ge, he, dhe);
-      at::index_select_out(xe, x, 0, tokens);
-      if (first) at::mm_out(dw1e, xe.t(), dhe);
-      else dw1e.addmm_(xe.t(), dhe);
-      db1e.add_(dhe.sum(0));
+      gather_rows(x, tokens, xe);
+      if (first) {
+        at::mm_out(dw1e, xe.t(), dhe);
+        at::sum_out(db1e, dhe, {0});
+      } else {
+        dw1e.addmm_(xe.t(), dhe);
+        db1e.add_(dhe.sum(0));
+      }
       at::mm_out(dxe, dhe, w1[e].t());
       accumulate_rows(dx_acc, dxe, tokens, at::Tensor());
     }
