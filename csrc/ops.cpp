@@ -113,7 +113,9 @@ TORCH_LIBRARY(mars_kernels, m) {
   // packed in-projection of nn.MultiheadAttention). keep [T,H,M,M] f32 (f64 for f64)
   // or None: multiplies the attention probabilities (a dropout mask, already scaled).
   // missing [M,3D] (qkv's dtype) and observed [T,M] bool, both or neither: row (t, m)
-  // is replaced by missing[m] where observed[t, m] is false.
+  // is replaced by missing[m] where observed[t, m] is false. observed may also be
+  // [P,T,M] (P masks over one projection): then keep, probs and out gain a leading
+  // P ([P,T,H,M,M], [P,T,M,D]) and grad_qkv sums the P attentions' gradients.
   // -> out [T,M,D] in qkv's dtype, out[t,i,head h] = sum_j p'[t,h,i,j] v[t,j,h],
   //    probs [T,H,M,M] f32: softmax_j(<q_i, k_j> / sqrt(D/H)) before keep.
   m.def(

@@ -19,6 +19,7 @@ H*W for feature maps), D model width, E experts, k experts per token.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
@@ -186,8 +187,9 @@ class ModalityEncoders(nn.Module):
 
 def fill_missing(h: torch.Tensor, missing: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     """h [B, N, M, D] with the tokens of each modality that ``observed`` [B, M]
-    leaves out replaced by its embedding in ``missing`` [M, D]."""
-    return torch.where(observed[:, None, :, None], h, missing.to(h.dtype))
+    leaves out replaced by its embedding in ``missing`` [M, D]. With P masks,
+    observed [P, B, M] -> [P, B, N, M, D]."""
+    return torch.where(observed.unsqueeze(-2).unsqueeze(-1), h, missing.to(h.dtype))
 
 
 class ModalityAttentionFusion(nn.Module):
@@ -211,16 +213,22 @@ class ModalityAttentionFusion(nn.Module):
 
     def _attend(self, x: torch.Tensor, qkv: torch.Tensor, missing: torch.Tensor | None = None,
                 observed: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, M, D] tokens and their projections qkv [B, N, M, 3D] (where
-        ``observed`` [B, M] is false: missing [M, 3D]) -> z [B, N, D]."""
-        B, N, M, D = x.shape
+        """Tokens x [*P, B, N, M, D] and the projections qkv [B, N, M, 3D] of
+        the unfilled tokens -> z [*P, B, N, D]. With ``observed`` [*P, B, M]
+        (P masks, or none), qkv's rows where it is false are read from missing
+        [M, 3D] instead, for all masks in one attention call."""
+        B, N, M, D = qkv.shape[:3] + x.shape[-1:]
+        masks = tuple(x.shape[:-4])  # () or (P,)
         heads, p = self.attn.num_heads, self.attn.dropout
-        keep = mk.attention_keep_mask(B * N, heads, M, p, device=x.device) if self.training and p > 0 else None
+        keep = None
+        if self.training and p > 0:
+            keep = mk.attention_keep_mask(math.prod(masks) * B * N, heads, M, p, device=x.device)
+            keep = keep.view(*masks, B * N, heads, M, M)
         if observed is not None:
-            observed = observed[:, None, :].expand(B, N, M).reshape(B * N, M)
+            observed = observed.unsqueeze(-2).expand(*masks, B, N, M).reshape(*masks, B * N, M)
         o = mk.modality_attention(qkv.reshape(B * N, M, 3 * D), heads, keep=keep, missing=missing,
                                   observed=observed, backend=self.backend)
-        return self.norm(x + self.attn.out_proj(o.view(B, N, M, D))).mean(dim=2)
+        return self.norm(x + self.attn.out_proj(o.view(x.shape))).mean(dim=-2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self._attend(h, self._project(h))
@@ -230,9 +238,11 @@ class ModalityAttentionFusion(nn.Module):
         -> one z [B, N, D] per mask, with the tokens of each modality the mask
         leaves out replaced by its missing embedding. The in-projection is per
         token, so the tokens and the embeddings are projected once for all
-        masks and the attention op picks the rows."""
+        masks, and one attention call over all masks picks the rows (and sums
+        the masks' gradients to the projections in the kernel)."""
         proj_h, proj_missing = self._project(h), self._project(missing.to(h.dtype))
-        return [self._attend(fill_missing(h, missing, mask), proj_h, proj_missing, mask) for mask in masks]
+        observed = torch.stack(list(masks))  # [P, B, M]
+        return list(self._attend(fill_missing(h, missing, observed), proj_h, proj_missing, observed).unbind(0))
 
 
 class MarsModel(nn.Module):

@@ -129,7 +129,8 @@ def _register_attention_fakes() -> None:
     @torch.library.register_fake("mars_kernels::modality_attention_fwd")
     def _(qkv, num_heads, keep, missing, observed):
         T, M, D3 = qkv.shape
-        return qkv.new_empty((T, M, D3 // 3)), qkv.new_empty((T, num_heads, M, M), dtype=_acc(qkv))
+        lead = tuple(observed.shape[:-1]) if observed is not None else (T,)  # [T] or [P, T]
+        return qkv.new_empty((*lead, M, D3 // 3)), qkv.new_empty((*lead, num_heads, M, M), dtype=_acc(qkv))
 
     @torch.library.register_fake("mars_kernels::modality_attention_bwd")
     def _(grad_out, qkv, probs, keep, missing, observed, num_heads):

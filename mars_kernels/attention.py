@@ -29,7 +29,7 @@ def modality_attention(
     observed: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """qkv [T, M, 3D] -> out [T, M, D] in qkv's dtype.
+    """qkv [T, M, 3D] -> out [T, M, D] (or [P, T, M, D], see below) in qkv's dtype.
 
     Row (t, m) of ``qkv`` is q | k | v of modality m at position t, each split
     into ``num_heads`` heads of D / num_heads columns: exactly
@@ -44,6 +44,11 @@ def modality_attention(
     missing[m] wherever observed[t, m] is false — one projection of the tokens
     then serves any number of masks. Gradients flow to qkv (zero on unobserved
     rows) and to missing (summed over the unobserved positions).
+
+    Several masks in one call: ``observed`` [P, T, M] runs the attention once
+    per mask on the same qkv and returns out [P, T, M, D] (``keep`` is then
+    [P, T, H, M, M]). The gradient to qkv is the sum over the P masks, formed in
+    the kernel: cheaper than P calls whose gradients autograd adds.
 
     Math in float32 (float64 for float64). The cuda backend runs the Triton
     kernels. See :func:`mars_kernels.reference.modality_attention`.
@@ -61,9 +66,12 @@ def modality_attention(
             f"qkv's last dimension must be 3*D with D divisible by num_heads={num_heads}, got {D3}"
         )
     tensors = {"qkv": qkv}
+    lead = (T,)
+    if observed is not None and observed.dim() == 3:
+        lead = (observed.shape[0], T)
     if keep is not None:
         check.tensor(keep, "keep")
-        check.shape(keep, (T, num_heads, M, M), "keep", "[T, H, M, M]")
+        check.shape(keep, (*lead, num_heads, M, M), "keep", "[T, H, M, M]" if len(lead) == 1 else "[P, T, H, M, M]")
         if not keep.is_floating_point():
             raise TypeError(f"keep must be a floating tensor (0 or 1/(1-p) entries), got {keep.dtype}")
         tensors["keep"] = keep
@@ -75,7 +83,10 @@ def modality_attention(
         if missing.dtype != qkv.dtype:
             raise TypeError(f"missing must have qkv's dtype ({qkv.dtype}), got {missing.dtype}")
         check.tensor(observed, "observed")
-        check.shape(observed, (T, M), "observed", "[T, M]")
+        if observed.dim() == 3:
+            check.shape(observed, (observed.shape[0], T, M), "observed", "[P, T, M]")
+        else:
+            check.shape(observed, (T, M), "observed", "[T, M] or [P, T, M]")
         if observed.dtype != torch.bool:
             raise TypeError(f"observed must be a bool tensor, got {observed.dtype}")
         tensors.update(missing=missing, observed=observed)

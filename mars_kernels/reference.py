@@ -390,7 +390,15 @@ def modality_attention(
     out[t, i, head h] = sum_j p'[t, h, i, j] v[t, j, h] with p =
     softmax_j(<q_i, k_j> / sqrt(D / H)), p' = p * keep. Math in float32
     (float64 for float64).
+
+    P masks: observed [P, T, M] runs the attention once per mask on the same
+    qkv; keep is then [P, T, H, M, M] and out [P, T, M, D].
     """
+    if observed is not None and observed.dim() == 3:
+        return torch.stack([
+            modality_attention(qkv, num_heads, None if keep is None else keep[p], missing, observed[p])
+            for p in range(observed.shape[0])
+        ])
     T, M, D3 = qkv.shape
     D = D3 // 3
     dh = D // num_heads

@@ -147,6 +147,54 @@ def test_deterministic(device, backend):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def _masks(T, M, D, P, dtype=torch.float32, device="cpu"):
+    """Missing rows and P different observed masks [P, T, M] (the first as in
+    _missing, then random ones)."""
+    missing, first = _missing(T, M, D, dtype, device)
+    g = torch.Generator().manual_seed(7)
+    rest = [torch.rand(T, M, generator=g) < 0.6 for _ in range(P - 1)]
+    return missing, torch.stack([first, *[r.to(device) for r in rest]])
+
+
+def test_reference_masks_equal_one_call_per_mask():
+    T, M, D, H, P = 9, 4, 8, 2, 3
+    qkv, (missing, observed) = _qkv(T, M, D, torch.float64), _masks(T, M, D, P, torch.float64)
+    keep = _keep(P * T, H, M).double().view(P, T, H, M, M)
+    got = ref.modality_attention(qkv, H, keep, missing, observed)
+    assert got.shape == (P, T, M, D)
+    for p in range(P):
+        assert_close(got[p], ref.modality_attention(qkv, H, keep[p], missing, observed[p]), torch.float64, f"mask {p}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("T,M,D,H", [(0, 3, 8, 2), (1, 1, 4, 1), (37, 7, 30, 2), (130, 3, 64, 4)])
+@pytest.mark.parametrize("P", [1, 2, 3])
+@pytest.mark.parametrize("with_keep", [False, True], ids=["no-dropout", "dropout"])
+def test_masks_match_reference(device, backend, T, M, D, H, P, with_keep):
+    # One call with P masks: out [P, T, M, D], and qkv's gradient summed over the masks.
+    qkv, (missing, observed) = _qkv(T, M, D, torch.float32, device), _masks(T, M, D, P, device=device)
+    keep = _keep(P * T, H, M, device).view(P, T, H, M, M) if with_keep else None
+    got = _run(qkv, H, keep, backend, missing=missing, observed=observed)
+    want = _run(qkv, H, keep, "reference", missing=missing, observed=observed)
+    assert got[0].shape == (P, T, M, D)
+    for name, a, r in zip(("out", "grad_qkv", "grad_missing"), got, want):
+        scale = max(1.0, float(r.abs().max())) if name == "grad_missing" else 1.0
+        assert_close(a / scale, r / scale, torch.float32, name)
+    assert not got[1][~observed.any(0)].any(), "rows no mask observes get no gradient"
+
+
+def test_masks_gradcheck_float64():
+    T, M, D, H, P = 4, 3, 8, 2, 2
+    qkv = _qkv(T, M, D, torch.float64).requires_grad_(True)
+    missing, observed = _masks(T, M, D, P, torch.float64)
+    missing.requires_grad_(True)
+    keep = _keep(P * T, H, M).double().view(P, T, H, M, M)
+    assert torch.autograd.gradcheck(
+        lambda x, m: mk.modality_attention(x, H, keep=keep, missing=m, observed=observed, backend="cpu"),
+        (qkv, missing),
+    )
+
+
 def test_single_modality_returns_v():
     qkv = _qkv(9, 1, 8)
     for backend in ("reference", "cpu", "triton"):
@@ -186,8 +234,13 @@ def test_bad_input():
         mk.modality_attention(qkv, 2, missing=missing[:2], observed=observed)
     with pytest.raises(TypeError, match="missing must have qkv's dtype"):
         mk.modality_attention(qkv, 2, missing=missing.double(), observed=observed)
-    with pytest.raises(ValueError, match=r"observed must have shape \[T, M\] = \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"observed must have shape \[T, M\] or \[P, T, M\] = \(4, 3\)"):
         mk.modality_attention(qkv, 2, missing=missing, observed=observed[:3])
+    with pytest.raises(ValueError, match=r"observed must have shape \[P, T, M\] = \(2, 4, 3\)"):
+        mk.modality_attention(qkv, 2, missing=missing, observed=torch.stack([observed, observed])[:, :3])
+    with pytest.raises(ValueError, match=r"keep must have shape \[P, T, H, M, M\] = \(2, 4, 2, 3, 3\)"):
+        mk.modality_attention(qkv, 2, keep=torch.ones(4, 2, 3, 3), missing=missing,
+                              observed=torch.stack([observed, observed]))
     with pytest.raises(TypeError, match="observed must be a bool tensor"):
         mk.modality_attention(qkv, 2, missing=missing, observed=observed.float())
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -204,9 +257,13 @@ def test_opcheck():
                 x = qkv.clone().requires_grad_(rg)
                 m = None if miss is None else miss.clone().requires_grad_(rg)
                 torch.library.opcheck(ops.modality_attention_fwd.default, (x, 2, kp, m, obs))
-    for miss, obs in ((None, None), (missing, observed)):
-        out, probs = ops.modality_attention_fwd(qkv, 2, keep, miss, obs)
-        args = (torch.randn_like(out), qkv, probs, keep, miss, obs, 2)
+    masks = torch.stack([observed, ~observed])
+    keeps = _keep(14, 2, 3).view(2, 7, 2, 3, 3)
+    torch.library.opcheck(ops.modality_attention_fwd.default, (qkv.clone().requires_grad_(True), 2, keeps,
+                                                               missing.clone().requires_grad_(True), masks))
+    for kp, miss, obs in ((keep, None, None), (keep, missing, observed), (keeps, missing, masks)):
+        out, probs = ops.modality_attention_fwd(qkv, 2, kp, miss, obs)
+        args = (torch.randn_like(out), qkv, probs, kp, miss, obs, 2)
         torch.library.opcheck(ops.modality_attention_bwd.default, args)
 
 

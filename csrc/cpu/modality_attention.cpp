@@ -22,8 +22,19 @@ namespace {
 // enough that both cores get work at the smallest training batches.
 constexpr int64_t kPositionGrain = 16;
 
+// P masks (P = 1 without `observed` or with a [T, M] one) make I = P * T
+// attention instances; instance i = p * T + t reads qkv row t. `lead` is the
+// leading shape of the per-instance tensors: [T], or [P, T] for a [P, T, M] mask.
 struct Dims {
   int64_t T, M, D, H, dh;
+  int64_t P = 1;
+  std::vector<int64_t> lead;
+  int64_t instances() const { return P * T; }
+  std::vector<int64_t> shape(std::initializer_list<int64_t> tail) const {
+    std::vector<int64_t> out(lead);
+    out.insert(out.end(), tail);
+    return out;
+  }
 };
 
 Dims check_qkv(const at::Tensor& qkv, int64_t num_heads) {
@@ -34,12 +45,13 @@ Dims check_qkv(const at::Tensor& qkv, int64_t num_heads) {
   const int64_t D3 = qkv.size(2);
   TORCH_CHECK(D3 % 3 == 0 && D3 > 0 && (D3 / 3) % num_heads == 0, "qkv's last dimension must be 3*D with D (",
               D3, "/3) divisible by num_heads=", num_heads);
-  return {qkv.size(0), qkv.size(1), D3 / 3, num_heads, D3 / 3 / num_heads};
+  return {qkv.size(0), qkv.size(1), D3 / 3, num_heads, D3 / 3 / num_heads, 1, {qkv.size(0)}};
 }
 
 void check_probs_like(const at::Tensor& t, const Dims& s, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(t.sizes() == at::IntArrayRef({s.T, s.H, s.M, s.M}), name, " must have shape [T, H, M, M] = [", s.T,
-              ", ", s.H, ", ", s.M, ", ", s.M, "], got ", t.sizes());
+  const auto want = s.shape({s.H, s.M, s.M});
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(want), name, " must have shape ", at::IntArrayRef(want),
+              " ([T, H, M, M], or [P, T, H, M, M] for P masks), got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
@@ -65,11 +77,11 @@ inline void axpy(acc_t c, const scalar_t* __restrict__ x, acc_t* __restrict__ ou
   for (int64_t d = 0; d < n; ++d) out[d] += c * static_cast<acc_t>(x[d]);
 }
 
-// missing [M, 3D] (qkv's dtype) and observed [T, M] bool, both or neither:
-// the input row of modality m at position t is qkv[t, m] if observed[t, m],
-// else missing[m].
+// missing [M, 3D] (qkv's dtype) and observed [T, M] or [P, T, M] bool, both or
+// neither: the input row of modality m in instance (p, t) is qkv[t, m] if
+// observed[p, t, m], else missing[m]. Sets s.P and s.lead from observed.
 void check_missing(const std::optional<at::Tensor>& missing, const std::optional<at::Tensor>& observed,
-                   const at::Tensor& qkv, const Dims& s) {
+                   const at::Tensor& qkv, Dims& s) {
   TORCH_CHECK(missing.has_value() == observed.has_value(), "missing and observed must be given together");
   if (!missing) return;
   TORCH_CHECK(missing->sizes() == at::IntArrayRef({s.M, 3 * s.D}), "missing must have shape [M, 3D] = [", s.M, ", ",
@@ -77,21 +89,27 @@ void check_missing(const std::optional<at::Tensor>& missing, const std::optional
   TORCH_CHECK(missing->scalar_type() == qkv.scalar_type(), "missing must be ", qkv.scalar_type(), ", got ",
               missing->scalar_type());
   TORCH_CHECK(missing->is_contiguous(), "missing must be contiguous");
-  TORCH_CHECK(observed->sizes() == at::IntArrayRef({s.T, s.M}), "observed must have shape [T, M] = [", s.T, ", ",
-              s.M, "], got ", observed->sizes());
+  const bool masks = observed->dim() == 3;
+  TORCH_CHECK((observed->dim() == 2 || masks) && observed->size(-2) == s.T && observed->size(-1) == s.M,
+              "observed must have shape [T, M] or [P, T, M] with T = ", s.T, ", M = ", s.M, ", got ", observed->sizes());
+  if (masks) {
+    s.P = observed->size(0);
+    s.lead = {s.P, s.T};
+  }
   TORCH_CHECK(observed->scalar_type() == at::kBool, "observed must be bool, got ", observed->scalar_type());
   TORCH_CHECK(observed->is_contiguous(), "observed must be contiguous");
 }
 
-// Row pointers of one position: modality j reads qkv[t, j] or missing[j].
+// Row pointers of one instance i (position t = i mod T): modality j reads
+// qkv[t, j] or missing[j].
 template <typename scalar_t>
 struct Rows {
   const scalar_t *qkv, *missing;
   const bool* observed;
   int64_t M, D3;
-  bool is_observed(int64_t t, int64_t j) const { return observed == nullptr || observed[t * M + j]; }
-  const scalar_t* operator()(int64_t t, int64_t j) const {
-    return is_observed(t, j) ? qkv + (t * M + j) * D3 : missing + j * D3;
+  bool is_observed(int64_t i, int64_t j) const { return observed == nullptr || observed[i * M + j]; }
+  const scalar_t* operator()(int64_t i, int64_t t, int64_t j) const {
+    return is_observed(i, j) ? qkv + (t * M + j) * D3 : missing + j * D3;
   }
 };
 
@@ -99,12 +117,12 @@ std::tuple<at::Tensor, at::Tensor> modality_attention_fwd(const at::Tensor& qkv,
                                                           const std::optional<at::Tensor>& keep,
                                                           const std::optional<at::Tensor>& missing,
                                                           const std::optional<at::Tensor>& observed) {
-  const Dims s = check_qkv(qkv, num_heads);
+  Dims s = check_qkv(qkv, num_heads);
   const auto dtype = routing_dtype(qkv);
-  if (keep) check_probs_like(*keep, s, dtype, "keep");
   check_missing(missing, observed, qkv, s);
-  at::Tensor out = at::empty({s.T, s.M, s.D}, qkv.options());
-  at::Tensor probs = at::empty({s.T, s.H, s.M, s.M}, qkv.options().dtype(dtype));
+  if (keep) check_probs_like(*keep, s, dtype, "keep");
+  at::Tensor out = at::empty(s.shape({s.M, s.D}), qkv.options());
+  at::Tensor probs = at::empty(s.shape({s.H, s.M, s.M}), qkv.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "modality_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Rows<scalar_t> row_of{qkv.const_data_ptr<scalar_t>(), missing ? missing->const_data_ptr<scalar_t>() : nullptr,
@@ -112,13 +130,13 @@ std::tuple<at::Tensor, at::Tensor> modality_attention_fwd(const at::Tensor& qkv,
     const acc_t* KP = keep ? keep->const_data_ptr<acc_t>() : nullptr;
     scalar_t* O = out.data_ptr<scalar_t>();
     acc_t* P = probs.data_ptr<acc_t>();
-    const int64_t M = s.M, D = s.D, D3 = 3 * s.D, dh = s.dh;
+    const int64_t M = s.M, D = s.D, dh = s.dh;
     const acc_t scale = acc_t(1) / std::sqrt(static_cast<acc_t>(dh));
-    at::parallel_for(0, s.T, kPositionGrain, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, s.instances(), kPositionGrain, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> w(M), o(dh);
       std::vector<const scalar_t*> x(M);
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t j = 0; j < M; ++j) x[j] = row_of(t, j);
+      for (int64_t t = t0; t < t1; ++t) {  // t: the instance
+        for (int64_t j = 0; j < M; ++j) x[j] = row_of(t, t % s.T, j);
         for (int64_t h = 0; h < s.H; ++h) {
           const int64_t col = h * dh;
           for (int64_t i = 0; i < M; ++i) {
@@ -153,13 +171,13 @@ std::tuple<at::Tensor, at::Tensor> modality_attention_bwd(const at::Tensor& grad
                                                           const std::optional<at::Tensor>& missing,
                                                           const std::optional<at::Tensor>& observed,
                                                           int64_t num_heads) {
-  const Dims s = check_qkv(qkv, num_heads);
+  Dims s = check_qkv(qkv, num_heads);
   const auto dtype = routing_dtype(qkv);
+  check_missing(missing, observed, qkv, s);
   check_probs_like(probs, s, dtype, "probs");
   if (keep) check_probs_like(*keep, s, dtype, "keep");
-  check_missing(missing, observed, qkv, s);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.T, s.M, s.D}), "grad_out must have shape [T, M, D] = [", s.T,
-              ", ", s.M, ", ", s.D, "], got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(s.shape({s.M, s.D})), "grad_out must have shape ",
+              at::IntArrayRef(s.shape({s.M, s.D})), ", got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == qkv.scalar_type(), "grad_out must be ", qkv.scalar_type(), ", got ",
               grad_out.scalar_type());
   const at::Tensor go = grad_out.contiguous();
@@ -180,52 +198,52 @@ std::tuple<at::Tensor, at::Tensor> modality_attention_bwd(const at::Tensor& grad
     // added in block order (deterministic whatever the thread count).
     std::vector<acc_t> partial(missing ? nblocks * M * D3 : 0, acc_t(0));
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      // dq, dk, dv [M, dh] of one head at one position; ds of one query row.
-      std::vector<acc_t> dq(M * dh), dk(M * dh), dv(M * dh), ds(M);
+      // dq, dk, dv [M, dh] of one head in one instance; ds of one query row;
+      // gx: the position's qkv gradient, summed over the P instances that read it.
+      std::vector<acc_t> dq(M * dh), dk(M * dh), dv(M * dh), ds(M), gx(M * D3);
       std::vector<const scalar_t*> x(M);
       for (int64_t b = b0; b < b1; ++b) {
         acc_t* part = missing ? partial.data() + b * M * D3 : nullptr;
-        for (int64_t t = b * kTokenBlock; t < std::min(s.T, (b + 1) * kTokenBlock); ++t) {
-          for (int64_t j = 0; j < M; ++j) x[j] = row_of(t, j);
-          scalar_t* gx = GX + t * M * D3;
-          for (int64_t h = 0; h < s.H; ++h) {
-            const int64_t col = h * dh;
-            std::fill(dq.begin(), dq.end(), acc_t(0));
-            std::fill(dk.begin(), dk.end(), acc_t(0));
-            std::fill(dv.begin(), dv.end(), acc_t(0));
-            for (int64_t i = 0; i < M; ++i) {
-              const int64_t row = ((t * s.H + h) * M + i) * M;
-              const scalar_t* g = G + (t * M + i) * D + col;
-              // ds_ij = p_ij (dp_ij - sum_l p_il dp_il), dp_ij = keep_ij <g_i, v_j>.
-              acc_t r = 0;
-              for (int64_t j = 0; j < M; ++j) {
-                const acc_t p = P[row + j], kj = KP ? KP[row + j] : acc_t(1);
-                axpy(p * kj, g, dv.data() + j * dh, dh);
-                ds[j] = kj * dot_lanes<acc_t>(g, x[j] + 2 * D + col, dh);
-                r += p * ds[j];
+        for (int64_t pos = b * kTokenBlock; pos < std::min(s.T, (b + 1) * kTokenBlock); ++pos) {
+          std::fill(gx.begin(), gx.end(), acc_t(0));
+          for (int64_t t = pos; t < s.instances(); t += s.T) {  // t: the instance
+            for (int64_t j = 0; j < M; ++j) x[j] = row_of(t, pos, j);
+            for (int64_t h = 0; h < s.H; ++h) {
+              const int64_t col = h * dh;
+              std::fill(dq.begin(), dq.end(), acc_t(0));
+              std::fill(dk.begin(), dk.end(), acc_t(0));
+              std::fill(dv.begin(), dv.end(), acc_t(0));
+              for (int64_t i = 0; i < M; ++i) {
+                const int64_t row = ((t * s.H + h) * M + i) * M;
+                const scalar_t* g = G + (t * M + i) * D + col;
+                // ds_ij = p_ij (dp_ij - sum_l p_il dp_il), dp_ij = keep_ij <g_i, v_j>.
+                acc_t r = 0;
+                for (int64_t j = 0; j < M; ++j) {
+                  const acc_t p = P[row + j], kj = KP ? KP[row + j] : acc_t(1);
+                  axpy(p * kj, g, dv.data() + j * dh, dh);
+                  ds[j] = kj * dot_lanes<acc_t>(g, x[j] + 2 * D + col, dh);
+                  r += p * ds[j];
+                }
+                for (int64_t j = 0; j < M; ++j) {
+                  const acc_t c = scale * P[row + j] * (ds[j] - r);
+                  axpy(c, x[j] + D + col, dq.data() + i * dh, dh);
+                  axpy(c, x[i] + col, dk.data() + j * dh, dh);
+                }
               }
               for (int64_t j = 0; j < M; ++j) {
-                const acc_t c = scale * P[row + j] * (ds[j] - r);
-                axpy(c, x[j] + D + col, dq.data() + i * dh, dh);
-                axpy(c, x[i] + col, dk.data() + j * dh, dh);
-              }
-            }
-            for (int64_t j = 0; j < M; ++j) {
-              const acc_t* src[3] = {dq.data() + j * dh, dk.data() + j * dh, dv.data() + j * dh};
-              const bool seen = row_of.is_observed(t, j);
-              for (int part_index = 0; part_index < 3; ++part_index) {
-                const int64_t off = j * D3 + part_index * D + col;
-                const acc_t* g = src[part_index];
-                scalar_t* out = gx + off;
-                if (seen) {
-                  for (int64_t d = 0; d < dh; ++d) out[d] = static_cast<scalar_t>(g[d]);
-                } else {
-                  std::fill(out, out + dh, scalar_t(0));
-                  for (int64_t d = 0; d < dh; ++d) part[off + d] += g[d];
+                const acc_t* src[3] = {dq.data() + j * dh, dk.data() + j * dh, dv.data() + j * dh};
+                const bool seen = row_of.is_observed(t, j);
+                for (int part_index = 0; part_index < 3; ++part_index) {
+                  const int64_t off = j * D3 + part_index * D + col;
+                  const acc_t* g = src[part_index];
+                  acc_t* dst = seen ? gx.data() + off : part + off;
+                  for (int64_t d = 0; d < dh; ++d) dst[d] += g[d];
                 }
               }
             }
           }
+          scalar_t* out = GX + pos * M * D3;
+          for (int64_t e = 0; e < M * D3; ++e) out[e] = static_cast<scalar_t>(gx[e]);
         }
       }
     });

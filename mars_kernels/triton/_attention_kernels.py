@@ -9,6 +9,11 @@ a modality is not observed (``HAS_MISSING``). Scores and probabilities of one
 query modality live in a ``[BLOCK_T, BLOCK_M]`` tile (``BLOCK_M`` = next power
 of two of M, columns ``>= M`` at -inf / 0). Math in ``CDT`` (float32, or
 float64 for float64 input); position offsets in int64.
+
+With P masks (``observed`` [P, T, M]) there are I = P * T instances; instance
+p * T + t reads qkv row t. The forward runs a program per block of instances;
+the backward a program per block of positions that loops over the P instances
+of each, so the qkv gradient sums them without atomics.
 """
 import triton
 import triton.language as tl
@@ -63,12 +68,13 @@ def _column(tile, cols, j):
 @triton.jit
 def modality_attention_fwd_kernel(
     qkv_ptr,  # [T, M, 3D], f16/bf16/f32/f64
-    keep_ptr,  # [T, H, M, M] CDT (read only when HAS_KEEP)
+    keep_ptr,  # [I, H, M, M] CDT (read only when HAS_KEEP)
     miss_ptr,  # [M, 3D] qkv's dtype (read only when HAS_MISSING)
-    obs_ptr,  # [T, M] uint8 (read only when HAS_MISSING)
-    out_ptr,  # [T, M, D] in qkv's dtype
-    probs_ptr,  # [T, H, M, M] CDT out
+    obs_ptr,  # [I, M] uint8 (read only when HAS_MISSING)
+    out_ptr,  # [I, M, D] in qkv's dtype
+    probs_ptr,  # [I, H, M, M] CDT out
     T,
+    I,  # instances: P * T
     M,
     D,
     H,
@@ -82,14 +88,15 @@ def modality_attention_fwd_kernel(
     CDT: tl.constexpr,
 ):
     h = tl.program_id(1)
-    row_ok, rows64, lanes, cols, tile_ok, prob_ok = _tile(T, M, DH, BLOCK_T, BLOCK_M, BLOCK_DH)
+    row_ok, rows64, lanes, cols, tile_ok, prob_ok = _tile(I, M, DH, BLOCK_T, BLOCK_M, BLOCK_DH)
+    src64 = rows64 % T  # the qkv row of each instance
     for i in range(M):
         seen_i = _observed(obs_ptr, rows64, row_ok, M, i, HAS_MISSING)
-        q = _load(qkv_ptr, miss_ptr, seen_i, rows64, tile_ok, M, D, i, 0, h, CDT, DH, lanes, HAS_MISSING)
+        q = _load(qkv_ptr, miss_ptr, seen_i, src64, tile_ok, M, D, i, 0, h, CDT, DH, lanes, HAS_MISSING)
         s = tl.full([BLOCK_T, BLOCK_M], float("-inf"), CDT)
         for j in range(M):
             seen_j = _observed(obs_ptr, rows64, row_ok, M, j, HAS_MISSING)
-            k = _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 1, h, CDT, DH, lanes, HAS_MISSING)
+            k = _load(qkv_ptr, miss_ptr, seen_j, src64, tile_ok, M, D, j, 1, h, CDT, DH, lanes, HAS_MISSING)
             s = tl.where(cols[None, :] == j, (tl.sum(q * k, axis=1) * scale)[:, None], s)
         e = tl.exp(s - tl.max(s, axis=1)[:, None])
         p = e / tl.sum(e, axis=1)[:, None]
@@ -100,7 +107,7 @@ def modality_attention_fwd_kernel(
         acc = tl.zeros([BLOCK_T, BLOCK_DH], CDT)
         for j in range(M):
             seen_j = _observed(obs_ptr, rows64, row_ok, M, j, HAS_MISSING)
-            v = _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 2, h, CDT, DH, lanes, HAS_MISSING)
+            v = _load(qkv_ptr, miss_ptr, seen_j, src64, tile_ok, M, D, j, 2, h, CDT, DH, lanes, HAS_MISSING)
             acc += _column(p, cols, j)[:, None] * v
         out = out_ptr + rows64[:, None] * (M * D) + i * D + h * DH + lanes[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
@@ -123,15 +130,16 @@ def _accumulate(grad_ptr, part_ptr, seen, rows64, tile_ok, M, D, m, part, h, DH:
 
 @triton.jit
 def modality_attention_bwd_kernel(
-    grad_out_ptr,  # [T, M, D] in qkv's dtype
+    grad_out_ptr,  # [I, M, D] in qkv's dtype
     qkv_ptr,  # [T, M, 3D]
-    probs_ptr,  # [T, H, M, M] CDT
-    keep_ptr,  # [T, H, M, M] CDT (read only when HAS_KEEP)
+    probs_ptr,  # [I, H, M, M] CDT
+    keep_ptr,  # [I, H, M, M] CDT (read only when HAS_KEEP)
     miss_ptr,  # [M, 3D] (read only when HAS_MISSING)
-    obs_ptr,  # [T, M] uint8 (read only when HAS_MISSING)
-    grad_ptr,  # [T, M, 3D] CDT, zero on entry: dk and dv accumulate over query modalities
+    obs_ptr,  # [I, M] uint8 (read only when HAS_MISSING)
+    grad_ptr,  # [T, M, 3D] CDT, zero on entry: accumulates over query modalities and masks
     part_ptr,  # [num_position_blocks, M, 3D] CDT, zero on entry: this block's missing-row gradients
     T,
+    P,  # masks: instance p * T + t reads qkv row t
     M,
     D,
     H,
@@ -147,31 +155,33 @@ def modality_attention_bwd_kernel(
     pid, h = tl.program_id(0), tl.program_id(1)
     row_ok, rows64, lanes, cols, tile_ok, prob_ok = _tile(T, M, DH, BLOCK_T, BLOCK_M, BLOCK_DH)
     part_ptr += pid.to(tl.int64) * M * 3 * D
-    for i in range(M):
-        g = tl.load(grad_out_ptr + rows64[:, None] * (M * D) + i * D + h * DH + lanes[None, :], mask=tile_ok, other=0.0)
-        g = g.to(CDT)
-        prow = ((rows64 * H + h) * M + i) * M
-        p = tl.load(probs_ptr + prow[:, None] + cols[None, :], mask=prob_ok, other=0.0)
-        if HAS_KEEP:
-            kp = tl.load(keep_ptr + prow[:, None] + cols[None, :], mask=prob_ok, other=0.0)
-        else:
-            kp = tl.full([BLOCK_T, BLOCK_M], 1.0, CDT)
-        # dv_j += p'_ij g_i;  dp_ij = keep_ij <g_i, v_j>
-        dp = tl.zeros([BLOCK_T, BLOCK_M], CDT)
-        for j in range(M):
-            seen_j = _observed(obs_ptr, rows64, row_ok, M, j, HAS_MISSING)
-            v = _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 2, h, CDT, DH, lanes, HAS_MISSING)
-            dp = tl.where(cols[None, :] == j, tl.sum(g * v, axis=1)[:, None], dp)
-            _accumulate(grad_ptr, part_ptr, seen_j, rows64, tile_ok, M, D, j, 2, h, DH, lanes,
-                        _column(p * kp, cols, j)[:, None] * g, HAS_MISSING)
-        dp = dp * kp
-        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale
-        seen_i = _observed(obs_ptr, rows64, row_ok, M, i, HAS_MISSING)
-        q = _load(qkv_ptr, miss_ptr, seen_i, rows64, tile_ok, M, D, i, 0, h, CDT, DH, lanes, HAS_MISSING)
-        dq = tl.zeros([BLOCK_T, BLOCK_DH], CDT)
-        for j in range(M):
-            dsj = _column(ds, cols, j)[:, None]
-            seen_j = _observed(obs_ptr, rows64, row_ok, M, j, HAS_MISSING)
-            dq += dsj * _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 1, h, CDT, DH, lanes, HAS_MISSING)
-            _accumulate(grad_ptr, part_ptr, seen_j, rows64, tile_ok, M, D, j, 1, h, DH, lanes, dsj * q, HAS_MISSING)
-        _accumulate(grad_ptr, part_ptr, seen_i, rows64, tile_ok, M, D, i, 0, h, DH, lanes, dq, HAS_MISSING)
+    for p_mask in range(P):
+        inst64 = p_mask * T + rows64  # this mask's instances of the block's positions
+        for i in range(M):
+            g = tl.load(grad_out_ptr + inst64[:, None] * (M * D) + i * D + h * DH + lanes[None, :], mask=tile_ok,
+                        other=0.0).to(CDT)
+            prow = ((inst64 * H + h) * M + i) * M
+            p = tl.load(probs_ptr + prow[:, None] + cols[None, :], mask=prob_ok, other=0.0)
+            if HAS_KEEP:
+                kp = tl.load(keep_ptr + prow[:, None] + cols[None, :], mask=prob_ok, other=0.0)
+            else:
+                kp = tl.full([BLOCK_T, BLOCK_M], 1.0, CDT)
+            # dv_j += p'_ij g_i;  dp_ij = keep_ij <g_i, v_j>
+            dp = tl.zeros([BLOCK_T, BLOCK_M], CDT)
+            for j in range(M):
+                seen_j = _observed(obs_ptr, inst64, row_ok, M, j, HAS_MISSING)
+                v = _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 2, h, CDT, DH, lanes, HAS_MISSING)
+                dp = tl.where(cols[None, :] == j, tl.sum(g * v, axis=1)[:, None], dp)
+                _accumulate(grad_ptr, part_ptr, seen_j, rows64, tile_ok, M, D, j, 2, h, DH, lanes,
+                            _column(p * kp, cols, j)[:, None] * g, HAS_MISSING)
+            dp = dp * kp
+            ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale
+            seen_i = _observed(obs_ptr, inst64, row_ok, M, i, HAS_MISSING)
+            q = _load(qkv_ptr, miss_ptr, seen_i, rows64, tile_ok, M, D, i, 0, h, CDT, DH, lanes, HAS_MISSING)
+            dq = tl.zeros([BLOCK_T, BLOCK_DH], CDT)
+            for j in range(M):
+                dsj = _column(ds, cols, j)[:, None]
+                seen_j = _observed(obs_ptr, inst64, row_ok, M, j, HAS_MISSING)
+                dq += dsj * _load(qkv_ptr, miss_ptr, seen_j, rows64, tile_ok, M, D, j, 1, h, CDT, DH, lanes, HAS_MISSING)
+                _accumulate(grad_ptr, part_ptr, seen_j, rows64, tile_ok, M, D, j, 1, h, DH, lanes, dsj * q, HAS_MISSING)
+            _accumulate(grad_ptr, part_ptr, seen_i, rows64, tile_ok, M, D, i, 0, h, DH, lanes, dq, HAS_MISSING)

@@ -47,10 +47,13 @@ def _launch(T: int, M: int, dh: int, num_heads: int, device: torch.device) -> tu
 
 
 def _missing_args(qkv, missing, observed):
-    """(missing, observed as uint8, HAS_MISSING): dummies without missing rows."""
+    """(missing, observed as uint8, HAS_MISSING, P masks, leading shape of the
+    per-instance tensors: (T,) or (P, T)): dummies without missing rows."""
+    T = qkv.shape[0]
     if missing is None:
-        return qkv, qkv, False
-    return missing.contiguous(), observed.contiguous().view(torch.uint8), True
+        return qkv, qkv, False, 1, (T,)
+    lead = tuple(observed.shape[:-1])
+    return missing.contiguous(), observed.contiguous().view(torch.uint8), True, (lead[0] if len(lead) == 2 else 1), lead
 
 
 def modality_attention_fwd(
@@ -62,19 +65,20 @@ def modality_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [T, M, 3D], keep [T, H, M, M] or None, missing [M, 3D] and observed
     [T, M] bool or None -> out [T, M, D] (qkv's dtype), probs [T, H, M, M]
-    f32/f64 (softmax_j(<q_i, k_j> / sqrt(DH)) before keep)."""
+    f32/f64 (softmax_j(<q_i, k_j> / sqrt(DH)) before keep). With observed
+    [P, T, M], keep, out and probs have a leading P."""
     T, M, D, dh = _dims(qkv, num_heads)
     cdt = _compute_dtype(qkv.dtype)
-    out = torch.empty((T, M, D), dtype=qkv.dtype, device=qkv.device)
-    probs = torch.empty((T, num_heads, M, M), dtype=cdt, device=qkv.device)
-    if T == 0 or M == 0:
+    miss, obs, has_missing, P, lead = _missing_args(qkv, missing, observed)
+    out = torch.empty((*lead, M, D), dtype=qkv.dtype, device=qkv.device)
+    probs = torch.empty((*lead, num_heads, M, M), dtype=cdt, device=qkv.device)
+    if P * T == 0 or M == 0:
         return out, probs
-    grid, meta = _launch(T, M, dh, num_heads, qkv.device)
-    miss, obs, has_missing = _missing_args(qkv, missing, observed)
+    grid, meta = _launch(P * T, M, dh, num_heads, qkv.device)
     with _device_guard(qkv):
         _k.modality_attention_fwd_kernel[grid](
             qkv, probs if keep is None else keep, miss, obs, out, probs,
-            T, M, D, num_heads, 1.0 / math.sqrt(dh),
+            T, P * T, M, D, num_heads, 1.0 / math.sqrt(dh),
             HAS_KEEP=keep is not None, HAS_MISSING=has_missing, CDT=_tl_dtype(cdt), **meta,
         )
     return out, probs
@@ -89,19 +93,20 @@ def modality_attention_bwd(
     observed: torch.Tensor | None,
     num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> grad_qkv [T, M, 3D] in qkv's dtype (dq | dk | dv; zero on unobserved
-    rows), grad_missing [M, 3D] (an empty [0] tensor without missing)."""
+    """-> grad_qkv [T, M, 3D] in qkv's dtype (dq | dk | dv, summed over the
+    masks; zero on rows no mask observes), grad_missing [M, 3D] (an empty [0]
+    tensor without missing)."""
     T, M, D, dh = _dims(qkv, num_heads)
     cdt = _compute_dtype(qkv.dtype)
     grad = torch.zeros((T, M, 3 * D), dtype=cdt, device=qkv.device)
     grid, meta = _launch(T, M, dh, num_heads, qkv.device)
-    miss, obs, has_missing = _missing_args(qkv, missing, observed)
+    miss, obs, has_missing, P, _ = _missing_args(qkv, missing, observed)
     part = torch.zeros((grid[0] if has_missing else 0, M, 3 * D), dtype=cdt, device=qkv.device)
     if T > 0 and M > 0:
         with _device_guard(qkv):
             _k.modality_attention_bwd_kernel[grid](
                 grad_out.contiguous(), qkv, probs, probs if keep is None else keep, miss, obs, grad, part,
-                T, M, D, num_heads, 1.0 / math.sqrt(dh),
+                T, P, M, D, num_heads, 1.0 / math.sqrt(dh),
                 HAS_KEEP=keep is not None, HAS_MISSING=has_missing, CDT=_tl_dtype(cdt), **meta,
             )
     grad_missing = part.sum(0).to(missing.dtype) if has_missing else qkv.new_empty((0,))
