@@ -127,4 +127,23 @@ TORCH_LIBRARY(mars_kernels, m) {
   m.def(
       "modality_attention_bwd(Tensor grad_out, Tensor qkv, Tensor probs, Tensor? keep, Tensor? missing,"
       " Tensor? observed, int num_heads) -> (Tensor grad_qkv, Tensor grad_missing)");
+
+  // ---- Residual + LayerNorm + mean over modalities (the end of the MARS fusion),
+  // see reference.residual_norm_mean. h [T,M,D] f16/bf16/f32/f64 (M, D >= 1), y
+  // [T,M,D] (or [P,T,M,D] with a [P,T,M] observed), weight and bias [D], missing
+  // [M,D] and observed [T,M]/[P,T,M] bool (both or neither); all of h's dtype and
+  // contiguous. x = h[t,m] where observed[p,t,m], else missing[m];
+  // -> z [T,D] / [P,T,D] in h's dtype: mean_m LayerNorm(y + x) (biased variance,
+  //    eps), mean and rstd [T,M] / [P,T,M] f32 (f64 for f64): each row's mean
+  //    and 1 / sqrt(variance + eps).
+  m.def(
+      "residual_norm_mean_fwd(Tensor y, Tensor h, Tensor weight, Tensor bias, Tensor? missing, Tensor? observed,"
+      " float eps) -> (Tensor z, Tensor mean, Tensor rstd)");
+  // -> grad_y (y's shape), grad_h [T,M,D] (summed over the masks; zero on rows no
+  //    mask observes), grad_weight, grad_bias [D], grad_missing [M,D] (an empty [0]
+  //    tensor without missing). Sums over positions in position-block order.
+  m.def(
+      "residual_norm_mean_bwd(Tensor grad_z, Tensor y, Tensor h, Tensor weight, Tensor? missing, Tensor? observed,"
+      " Tensor mean, Tensor rstd) -> (Tensor grad_y, Tensor grad_h, Tensor grad_weight, Tensor grad_bias,"
+      " Tensor grad_missing)");
 }

@@ -182,14 +182,7 @@ class ModalityEncoders(nn.Module):
 
     def with_missing(self, h: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """Replace the tokens of unobserved modalities: h [B, N, M, D], observed [B, M]."""
-        return fill_missing(h, self.missing, observed)
-
-
-def fill_missing(h: torch.Tensor, missing: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-    """h [B, N, M, D] with the tokens of each modality that ``observed`` [B, M]
-    leaves out replaced by its embedding in ``missing`` [M, D]. With P masks,
-    observed [P, B, M] -> [P, B, N, M, D]."""
-    return torch.where(observed.unsqueeze(-2).unsqueeze(-1), h, missing.to(h.dtype))
+        return torch.where(observed[:, None, :, None], h, self.missing.to(h.dtype))
 
 
 class ModalityAttentionFusion(nn.Module):
@@ -198,7 +191,8 @@ class ModalityAttentionFusion(nn.Module):
 
     The parameters are an ``nn.MultiheadAttention`` (``attn``: packed in- and
     out-projections, attention dropout) and a LayerNorm; the attention runs on
-    :func:`mars_kernels.modality_attention` with ``backend``.
+    :func:`mars_kernels.modality_attention` and the residual, LayerNorm and mean
+    on :func:`mars_kernels.residual_norm_mean`, with ``backend``.
     """
 
     def __init__(self, d: int, heads: int, dropout: float, backend: str | None = None):
@@ -211,38 +205,41 @@ class ModalityAttentionFusion(nn.Module):
         """Tokens [..., D] -> packed q | k | v [..., 3D]."""
         return F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias)
 
-    def _attend(self, x: torch.Tensor, qkv: torch.Tensor, missing: torch.Tensor | None = None,
+    def _attend(self, h: torch.Tensor, missing: torch.Tensor | None = None,
                 observed: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens x [*P, B, N, M, D] and the projections qkv [B, N, M, 3D] of
-        the unfilled tokens -> z [*P, B, N, D]. With ``observed`` [*P, B, M]
-        (P masks, or none), qkv's rows where it is false are read from missing
-        [M, 3D] instead, for all masks in one attention call."""
-        B, N, M, D = qkv.shape[:3] + x.shape[-1:]
-        masks = tuple(x.shape[:-4])  # () or (P,)
+        """Tokens h [B, N, M, D] -> z [*P, B, N, D]. With missing [M, D]
+        embeddings and ``observed`` [*P, B, M] bool (P masks, or none), the
+        tokens a mask leaves out are replaced by their embedding, for all
+        masks in one call of each op. The in-projection is per token, so the
+        tokens and the embeddings are projected once for all masks and the ops
+        pick the rows (and sum the masks' gradients in the kernels)."""
+        B, N, M, D = h.shape
+        masks = () if observed is None else tuple(observed.shape[:-2])  # () or (P,)
         heads, p = self.attn.num_heads, self.attn.dropout
         keep = None
         if self.training and p > 0:
-            keep = mk.attention_keep_mask(math.prod(masks) * B * N, heads, M, p, device=x.device)
+            keep = mk.attention_keep_mask(math.prod(masks) * B * N, heads, M, p, device=h.device)
             keep = keep.view(*masks, B * N, heads, M, M)
+        proj_missing = None
         if observed is not None:
             observed = observed.unsqueeze(-2).expand(*masks, B, N, M).reshape(*masks, B * N, M)
-        o = mk.modality_attention(qkv.reshape(B * N, M, 3 * D), heads, keep=keep, missing=missing,
+            missing = missing.to(h.dtype)
+            proj_missing = self._project(missing)
+        tokens = h.reshape(B * N, M, D)
+        o = mk.modality_attention(self._project(tokens), heads, keep=keep, missing=proj_missing,
                                   observed=observed, backend=self.backend)
-        return self.norm(x + self.attn.out_proj(o.view(x.shape))).mean(dim=-2)
+        z = mk.residual_norm_mean(self.attn.out_proj(o), tokens, self.norm.weight, self.norm.bias, missing=missing,
+                                  observed=observed, eps=self.norm.eps, backend=self.backend)
+        return z.view(*masks, B, N, D)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self._attend(h, self._project(h))
+        return self._attend(h)
 
     def fuse_masked(self, h: torch.Tensor, missing: torch.Tensor, masks: list[torch.Tensor]) -> list[torch.Tensor]:
         """h [B, N, M, D] tokens, missing [M, D] embeddings, masks [B, M] bool
         -> one z [B, N, D] per mask, with the tokens of each modality the mask
-        leaves out replaced by its missing embedding. The in-projection is per
-        token, so the tokens and the embeddings are projected once for all
-        masks, and one attention call over all masks picks the rows (and sums
-        the masks' gradients to the projections in the kernel)."""
-        proj_h, proj_missing = self._project(h), self._project(missing.to(h.dtype))
-        observed = torch.stack(list(masks))  # [P, B, M]
-        return list(self._attend(fill_missing(h, missing, observed), proj_h, proj_missing, observed).unbind(0))
+        leaves out replaced by its missing embedding."""
+        return list(self._attend(h, missing, torch.stack(list(masks))).unbind(0))
 
 
 class MarsModel(nn.Module):

@@ -7,6 +7,7 @@ routing, each with a pure-PyTorch reference twin (:mod:`mars_kernels.reference`)
 from . import backend, reference
 from .attention import attention_keep_mask, modality_attention
 from .backend import extension_available
+from .residual_norm import residual_norm_mean
 from .dispatch import MoEMeta, apply_capacity, grouped_mlp, moe_align, moe_mlp, permute, unpermute
 from .layers import Experts, NoisyTopKRouter, Routing, SparseMoE, TopKRouter
 from .expert_parallel import ShardedExperts, expert_parallel, gather_experts, shard_experts, shard_range
@@ -49,6 +50,7 @@ __all__ = [
     "cv_squared",
     "noisy_balance_loss",
     "mars_routing",
+    "residual_norm_mean",
     "MoEMeta",
     "moe_align",
     "apply_capacity",

@@ -208,6 +208,42 @@ class ModalityAttention(torch.autograd.Function):
         return grad_qkv, None, None, grad_missing, None, None
 
 
+# --------------------------------------------------------------------------- residual + norm + mean
+
+
+def _norm_setup(ctx, inputs, output):
+    y, h, weight, _bias, missing, observed = inputs[:6]
+    _z, mean, rstd = output
+    ctx.save_for_backward(y, h, weight, missing, observed, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _norm_backward(ctx, kern, grad_z):
+    """-> grad_y, grad_h, grad_weight, grad_bias, grad_missing (None without missing)."""
+    y, h, weight, missing, observed, mean, rstd = ctx.saved_tensors
+    if grad_z is None:
+        return None, None, None, None, None
+    grads = kern.residual_norm_mean_bwd(grad_z.contiguous(), y, h, weight, missing, observed, mean, rstd)
+    return (*grads[:4], grads[4] if missing is not None else None)
+
+
+class ResidualNormMean(torch.autograd.Function):
+    """(y [*P,T,M,D], h [T,M,D], weight [D], bias [D], missing [M,D] or None,
+    observed [*P,T,M] or None, eps, backend) -> z [*P,T,D], mean, rstd [*P,T,M]."""
+
+    @staticmethod
+    def forward(ctx, y, h, weight, bias, missing, observed, eps, backend):
+        out = _backend.kernels(backend).residual_norm_mean_fwd(y, h, weight, bias, missing, observed, eps)
+        _norm_setup(ctx, (y, h, weight, bias, missing, observed), out)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_mean, _grad_rstd):
+        gy, gh, gw, gb, gm = _norm_backward(ctx, _backend.kernels(ctx.backend), grad_z)
+        return gy, gh, gw, gb, gm, None, None, None
+
+
 # --------------------------------------------------------------------------- torch.ops registration
 
 
@@ -237,6 +273,11 @@ def register_op_autograd() -> None:
     torch.library.register_autograd(
         "mars_kernels::modality_attention_fwd", attention_backward, setup_context=_attention_setup
     )
+
+    def norm_backward(ctx, grad_z, _grad_mean, _grad_rstd):
+        return (*_norm_backward(ctx, ops, grad_z), None, None)
+
+    torch.library.register_autograd("mars_kernels::residual_norm_mean_fwd", norm_backward, setup_context=_norm_setup)
     torch.library.register_autograd(
         "mars_kernels::router_stats_fwd",
         lambda ctx, gl, gp: (_stats_backward(ctx, ops, gl, gp),),

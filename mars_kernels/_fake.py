@@ -132,6 +132,18 @@ def _register_attention_fakes() -> None:
         lead = tuple(observed.shape[:-1]) if observed is not None else (T,)  # [T] or [P, T]
         return qkv.new_empty((*lead, M, D3 // 3)), qkv.new_empty((*lead, num_heads, M, M), dtype=_acc(qkv))
 
+    @torch.library.register_fake("mars_kernels::residual_norm_mean_fwd")
+    def _(y, h, weight, bias, missing, observed, eps):
+        T, M, D = h.shape
+        lead = tuple(observed.shape[:-1]) if observed is not None else (T,)
+        stats = h.new_empty((*lead, M), dtype=_acc(h))
+        return h.new_empty((*lead, D)), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("mars_kernels::residual_norm_mean_bwd")
+    def _(grad_z, y, h, weight, missing, observed, mean, rstd):
+        grad_missing = h.new_empty((0,)) if missing is None else torch.empty_like(missing)
+        return torch.empty_like(y), torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight), grad_missing
+
     @torch.library.register_fake("mars_kernels::modality_attention_bwd")
     def _(grad_out, qkv, probs, keep, missing, observed, num_heads):
         return torch.empty_like(qkv), (qkv.new_empty((0,)) if missing is None else torch.empty_like(missing))

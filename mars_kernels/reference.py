@@ -42,6 +42,7 @@ __all__ = [
     "grouped_mlp",
     "moe_loop",
     "modality_attention",
+    "residual_norm_mean",
 ]
 
 ACTIVATIONS = ("gelu", "silu", "swiglu")
@@ -409,3 +410,27 @@ def modality_attention(
     if keep is not None:
         probs = probs * keep.to(probs.dtype)
     return torch.einsum("thij,tjhd->tihd", probs, v).reshape(T, M, D).to(qkv.dtype)
+
+
+def residual_norm_mean(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    missing: torch.Tensor | None = None,
+    observed: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The end of the modality fusion: z = mean_m LayerNorm(y + x).
+
+    h [T, M, D] tokens; x = h, or (with missing [M, D] and observed [T, M] or
+    [P, T, M] bool, both or neither) missing[m] where observed[.., t, m] is
+    false. y [T, M, D] (or [P, T, M, D] for a [P, T, M] mask), e.g. the attention
+    output after its out-projection. LayerNorm over D with ``weight``, ``bias``
+    [D] and ``eps`` (biased variance). -> z [T, D] or [P, T, D] in h's dtype.
+    Math in float32 (float64 for float64).
+    """
+    x = h if missing is None else torch.where(observed[..., None], h, missing)
+    cdt = compute_dtype(h.dtype)
+    r = y.to(cdt) + x.to(cdt)
+    return F.layer_norm(r, (h.shape[-1],), weight.to(cdt), bias.to(cdt), eps).mean(dim=-2).to(h.dtype)

@@ -24,8 +24,11 @@ from .gating import (
 from .attention import modality_attention_bwd, modality_attention_fwd
 from .mars import mars_routing_bwd, mars_routing_fwd
 from .moe import BLOCK_M, moe_mlp_bwd, moe_mlp_fwd
+from .residual_norm import residual_norm_mean_bwd, residual_norm_mean_fwd
 
 __all__ = [
+    "residual_norm_mean_fwd",
+    "residual_norm_mean_bwd",
     "topk_gating_fwd",
     "topk_gating_bwd",
     "noisy_topk_gating_fwd",
