@@ -40,17 +40,28 @@ int64_t row_tile(const Shapes& sh, int64_t elem_bytes) {
   return std::clamp(kWorkspaceBytes / std::max<int64_t>(row_bytes, 1), kMinTile, kMaxTile);
 }
 
-// Rows and indices of one expert's assignments.
-struct ExpertRows {
-  int64_t lo, n;
-  at::Tensor slots;   // [n] flat assignment ids (t*k + j)
-  at::Tensor tokens;  // [n] token ids
+// The routing in expert order, gathered once per call (not per expert, where
+// small ATen ops would cost more than the work): for the first `valid` sorted
+// slots s, the token slot s reads (permutation[s] / k) and its gate weight.
+struct SortedRouting {
+  at::Tensor tokens;   // [valid] int64
+  at::Tensor weights;  // [valid] in the weights' dtype (float32 / float64)
 };
 
-ExpertRows expert_rows(const at::Tensor& permutation, const int64_t* off, int64_t e, int64_t top_k) {
-  const int64_t lo = off[e], n = off[e + 1] - lo;
-  at::Tensor slots = permutation.narrow(0, lo, n);
-  return {lo, n, slots, at::floor_divide(slots, top_k)};
+SortedRouting sort_routing(const at::Tensor& perm, const at::Tensor& weights, int64_t top_k, int64_t valid) {
+  at::Tensor tokens = at::empty({valid}, perm.options());
+  at::Tensor w = at::empty({valid}, weights.options());
+  const int64_t* P = perm.const_data_ptr<int64_t>();
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "sort_routing", [&] {
+    const scalar_t* W = weights.const_data_ptr<scalar_t>();
+    scalar_t* out = w.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < valid; ++s) {
+      tok[s] = P[s] / top_k;
+      out[s] = W[P[s]];
+    }
+  });
+  return {tokens, w};
 }
 
 // acc[tokens[i]] += scale[i] * (rows[i] + bias), with scale (acc dtype) and
@@ -140,19 +151,18 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
   at::Tensor h = at::empty({save_h ? S : most, sh.H1}, opts);
   if (save_h) h.narrow(0, off[sh.E], S - off[sh.E]).zero_();
   at::Tensor xg = at::empty({most, sh.D}, opts), a = at::empty({most, sh.H}, opts), ye = at::empty({most, sh.D}, opts);
-  const at::Tensor flat_w = weights.view(-1);
+  const SortedRouting route = sort_routing(perm, weights.contiguous(), top_k, off[sh.E]);
   for (int64_t e = 0; e < sh.E; ++e) {
-    const ExpertRows r = expert_rows(perm, off, e, top_k);
-    for (int64_t r0 = 0; r0 < r.n; r0 += tile) {
-      const int64_t n = std::min(tile, r.n - r0);
-      const at::Tensor tokens = r.tokens.narrow(0, r0, n);
-      at::Tensor xe = xg.narrow(0, 0, n), he = h.narrow(0, save_h ? r.lo + r0 : 0, n);
+    for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += tile) {
+      const int64_t n = std::min(tile, off[e + 1] - r0);
+      const at::Tensor tokens = route.tokens.narrow(0, r0, n);
+      at::Tensor xe = xg.narrow(0, 0, n), he = h.narrow(0, save_h ? r0 : 0, n);
       at::Tensor ae = a.narrow(0, 0, n), y_e = ye.narrow(0, 0, n);
       gather_rows(x, tokens, xe);
       at::mm_out(he, xe, w1[e]);
       bias_activation_rows(act, he, b1.has_value() ? c10::optional<at::Tensor>((*b1)[e]) : c10::nullopt, ae);
       at::mm_out(y_e, ae, w2[e]);
-      accumulate_rows(acc, y_e, tokens, flat_w.index_select(0, r.slots.narrow(0, r0, n)),
+      accumulate_rows(acc, y_e, tokens, route.weights.narrow(0, r0, n),
                       b2.has_value() ? c10::optional<at::Tensor>((*b2)[e]) : c10::nullopt);
     }
   }
@@ -185,31 +195,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor xg = at::empty({most, sh.D}, opts), dg = at::empty({most, sh.D}, opts);
   at::Tensor a = at::empty({most, sh.H}, opts), G = at::empty({most, sh.H}, opts);
   at::Tensor dh = at::empty({most, sh.H1}, opts), dxg = at::empty({most, sh.D}, opts);
-  at::Tensor dots = at::empty({most}, acc_opts), bias_dots = at::empty({most}, acc_opts);
-  const at::Tensor flat_w = weights.view(-1);
-  at::Tensor flat_gw = grad_w.view(-1);
+  // d weight of each sorted slot = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>.
+  const int64_t valid = off[sh.E];
+  at::Tensor dots = at::empty({valid}, acc_opts), bias_dots = at::zeros({valid}, acc_opts);
+  const SortedRouting route = sort_routing(perm, weights.contiguous(), top_k, valid);
   for (int64_t e = 0; e < sh.E; ++e) {
-    const ExpertRows r = expert_rows(perm, off, e, top_k);
     at::Tensor dw2e = dw2[e], db2e = db2[e], dw1e = dw1[e], db1e = db1[e];
-    if (r.n == 0)
+    if (off[e + 1] == off[e])
       for (at::Tensor* g : {&dw2e, &db2e, &dw1e, &db1e}) g->zero_();
-    for (int64_t r0 = 0; r0 < r.n; r0 += tile) {
-      const int64_t n = std::min(tile, r.n - r0);
-      const bool first = r0 == 0;
-      const at::Tensor tokens = r.tokens.narrow(0, r0, n), slots = r.slots.narrow(0, r0, n);
-      const at::Tensor he = h.narrow(0, r.lo + r0, n);
+    for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += tile) {
+      const int64_t n = std::min(tile, off[e + 1] - r0);
+      const bool first = r0 == off[e];
+      const at::Tensor tokens = route.tokens.narrow(0, r0, n), w_rows = route.weights.narrow(0, r0, n);
+      const at::Tensor he = h.narrow(0, r0, n);
       at::Tensor xe = xg.narrow(0, 0, n), dge = dg.narrow(0, 0, n), ae = a.narrow(0, 0, n);
       at::Tensor Ge = G.narrow(0, 0, n), dhe = dh.narrow(0, 0, n), dxe = dxg.narrow(0, 0, n);
-      at::Tensor dots_e = dots.narrow(0, 0, n);
-      at::Tensor bd = bias_dots.narrow(0, 0, n);
+      at::Tensor dots_e = dots.narrow(0, r0, n), bd = bias_dots.narrow(0, r0, n);
       gather_rows(dy, tokens, dge, b2.has_value() ? c10::optional<at::Tensor>((*b2)[e]) : c10::nullopt, &bd);
       at::mm_out(Ge, dge, w2[e].t());
-      const at::Tensor w_rows = flat_w.index_select(0, slots);
-      // ae = act(h), dhe = d h, and
-      // d weight = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>.
-      activation_grad_rows(act, he, Ge, w_rows, ae, dhe, &dots_e);
-      if (b2.has_value()) dots_e.add_(bd);
-      flat_gw.index_copy_(0, slots, dots_e);
+      activation_grad_rows(act, he, Ge, w_rows, ae, dhe, &dots_e);  // ae = act(h), dhe = d h
       // Weight gradients summed over row tiles in tile order (deterministic).
       scale_rows_and_sum(dge, w_rows, db2e, !first);  // dge: now the gradient of this expert's output rows
       if (first) at::mm_out(dw2e, ae.t(), dge);
@@ -226,6 +230,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       accumulate_rows(dx_acc, dxe, tokens, at::Tensor());
     }
   }
+  AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "moe_mlp_bwd_grad_w", [&] {
+    const int64_t* P = perm.const_data_ptr<int64_t>();
+    const scalar_t *Dt = dots.const_data_ptr<scalar_t>(), *Bd = bias_dots.const_data_ptr<scalar_t>();
+    scalar_t* GW = grad_w.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < valid; ++s) GW[P[s]] = Dt[s] + Bd[s];
+  });
   at::Tensor dx = dx_acc.scalar_type() == x.scalar_type() ? dx_acc : dx_acc.to(x.scalar_type());
   return {dx, grad_w, dw1, db1, dw2, db2};
 }
