@@ -54,13 +54,36 @@ def moe_table(doc: dict) -> str:
     return "\n".join(out)
 
 
+def generic_table(doc: dict) -> str:
+    """Every field of every row (the step benchmarks: MARS, MCE, MoE-Retriever, expert parallel)."""
+    rows = doc["results"]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return "-" if v is None else str(v)
+
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    out += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def table(doc: dict) -> str:
+    first = doc["results"][0] if doc["results"] else {}
+    if first.get("op") == "sparse_moe":
+        return moe_table(doc)
+    if "copy_gbps" in first:
+        return gating_table(doc)
+    return generic_table(doc)
+
+
 def main(paths: list[str]) -> None:
     for path in paths:
         doc = json.load(open(path))
         env = doc["environment"]
         print(f"\n{path} — {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}\n")
-        first = doc["results"][0] if doc["results"] else {}
-        print(moe_table(doc) if first.get("op") == "sparse_moe" else gating_table(doc))
+        print(table(doc))
 
 
 if __name__ == "__main__":
