@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import leading_shape
+
 
 def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -129,13 +131,13 @@ def _register_attention_fakes() -> None:
     @torch.library.register_fake("mars_kernels::modality_attention_fwd")
     def _(qkv, num_heads, keep, missing, observed):
         T, M, D3 = qkv.shape
-        lead = tuple(observed.shape[:-1]) if observed is not None else (T,)  # [T] or [P, T]
+        lead = leading_shape(observed, T)
         return qkv.new_empty((*lead, M, D3 // 3)), qkv.new_empty((*lead, num_heads, M, M), dtype=_acc(qkv))
 
     @torch.library.register_fake("mars_kernels::residual_norm_mean_fwd")
     def _(y, h, weight, bias, missing, observed, eps):
         T, M, D = h.shape
-        lead = tuple(observed.shape[:-1]) if observed is not None else (T,)
+        lead = leading_shape(observed, T)
         stats = h.new_empty((*lead, M), dtype=_acc(h))
         return h.new_empty((*lead, D)), stats, torch.empty_like(stats)
 

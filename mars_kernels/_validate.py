@@ -53,6 +53,25 @@ def shape(t: torch.Tensor, expected: tuple[int, ...], name: str, meaning: str) -
         raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def leading_shape(observed: torch.Tensor | None, T: int) -> tuple[int, ...]:
+    """Leading shape of the fusion ops' per-instance tensors: (T,) without
+    masks or with observed [T, M]; (P, T) with observed [P, T, M]."""
+    return (T,) if observed is None else tuple(observed.shape[:-1])
+
+
+def masks(observed, T: int, M: int) -> tuple[int, ...]:
+    """Check observed [T, M] or [P, T, M] bool (P masks over T positions) ->
+    :func:`leading_shape`."""
+    tensor(observed, "observed")
+    if observed.dim() == 3:
+        shape(observed, (observed.shape[0], T, M), "observed", "[P, T, M]")
+    else:
+        shape(observed, (T, M), "observed", "[T, M] or [P, T, M]")
+    if observed.dtype != torch.bool:
+        raise TypeError(f"observed must be a bool tensor, got {observed.dtype}")
+    return leading_shape(observed, T)
+
+
 def positive_float(v, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")

@@ -66,30 +66,22 @@ def modality_attention(
             f"qkv's last dimension must be 3*D with D divisible by num_heads={num_heads}, got {D3}"
         )
     tensors = {"qkv": qkv}
+    if (missing is None) != (observed is None):
+        raise ValueError("missing and observed must be given together (or neither)")
     lead = (T,)
-    if observed is not None and observed.dim() == 3:
-        lead = (observed.shape[0], T)
+    if missing is not None:
+        check.tensor(missing, "missing")
+        check.shape(missing, (M, D3), "missing", "[M, 3D]")
+        if missing.dtype != qkv.dtype:
+            raise TypeError(f"missing must have qkv's dtype ({qkv.dtype}), got {missing.dtype}")
+        lead = check.masks(observed, T, M)
+        tensors.update(missing=missing, observed=observed)
     if keep is not None:
         check.tensor(keep, "keep")
         check.shape(keep, (*lead, num_heads, M, M), "keep", "[T, H, M, M]" if len(lead) == 1 else "[P, T, H, M, M]")
         if not keep.is_floating_point():
             raise TypeError(f"keep must be a floating tensor (0 or 1/(1-p) entries), got {keep.dtype}")
         tensors["keep"] = keep
-    if (missing is None) != (observed is None):
-        raise ValueError("missing and observed must be given together (or neither)")
-    if missing is not None:
-        check.tensor(missing, "missing")
-        check.shape(missing, (M, D3), "missing", "[M, 3D]")
-        if missing.dtype != qkv.dtype:
-            raise TypeError(f"missing must have qkv's dtype ({qkv.dtype}), got {missing.dtype}")
-        check.tensor(observed, "observed")
-        if observed.dim() == 3:
-            check.shape(observed, (observed.shape[0], T, M), "observed", "[P, T, M]")
-        else:
-            check.shape(observed, (T, M), "observed", "[T, M] or [P, T, M]")
-        if observed.dtype != torch.bool:
-            raise TypeError(f"observed must be a bool tensor, got {observed.dtype}")
-        tensors.update(missing=missing, observed=observed)
     check.same_device(tensors)
     name = _backend.resolve(backend, qkv.device)
     if name == "reference":

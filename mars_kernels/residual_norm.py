@@ -57,14 +57,7 @@ def residual_norm_mean(
     lead = (T,)
     tensors = {"h": h, "y": y, "weight": weight, "bias": bias}
     if observed is not None:
-        check.tensor(observed, "observed")
-        if observed.dtype != torch.bool:
-            raise TypeError(f"observed must be a bool tensor, got {observed.dtype}")
-        if observed.dim() == 3:
-            lead = (observed.shape[0], T)
-            check.shape(observed, (*lead, M), "observed", "[P, T, M]")
-        else:
-            check.shape(observed, (T, M), "observed", "[T, M] or [P, T, M]")
+        lead = check.masks(observed, T, M)
         check.tensor(missing, "missing")
         check.shape(missing, (M, D), "missing", "[M, D]")
         tensors.update(missing=missing, observed=observed)

@@ -4,6 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+#include <optional>
+#include <vector>
+
 namespace mars_kernels {
 namespace cpu {
 
@@ -31,6 +35,32 @@ inline void check_same_shape(const at::Tensor& t, const at::Tensor& like, const 
 
 inline void check_k(int64_t k, int64_t E) {
   TORCH_CHECK(k >= 1 && k <= E, "k must be in [1, E=", E, "], got ", k);
+}
+
+// The masks of the fusion ops (modality attention, residual norm mean):
+// observed [T, M] or [P, T, M] bool, or none, over T positions. P masks make
+// P * T instances, instance p * T + t reading position t; the per-instance
+// tensors have the leading shape `lead`: [T], or [P, T] for a [P, T, M] mask.
+struct Masks {
+  int64_t P = 1, T = 0;
+  std::vector<int64_t> lead;
+  int64_t instances() const { return P * T; }
+  std::vector<int64_t> shape(std::initializer_list<int64_t> tail) const {
+    std::vector<int64_t> out(lead);
+    out.insert(out.end(), tail);
+    return out;
+  }
+};
+
+inline Masks check_masks(const std::optional<at::Tensor>& observed, int64_t T, int64_t M) {
+  Masks s{1, T, {T}};
+  if (!observed) return s;
+  TORCH_CHECK((observed->dim() == 2 || observed->dim() == 3) && observed->size(-2) == T && observed->size(-1) == M,
+              "observed must have shape [T, M] or [P, T, M] with T = ", T, ", M = ", M, ", got ", observed->sizes());
+  TORCH_CHECK(observed->scalar_type() == at::kBool, "observed must be bool, got ", observed->scalar_type());
+  TORCH_CHECK(observed->is_contiguous(), "observed must be contiguous");
+  if (observed->dim() == 3) s.P = observed->size(0), s.lead = {s.P, T};
+  return s;
 }
 
 // Sums partial[nblocks, E] over blocks in block order into a fresh [E] tensor.

@@ -22,19 +22,9 @@ namespace {
 // enough that both cores get work at the smallest training batches.
 constexpr int64_t kPositionGrain = 16;
 
-// P masks (P = 1 without `observed` or with a [T, M] one) make I = P * T
-// attention instances; instance i = p * T + t reads qkv row t. `lead` is the
-// leading shape of the per-instance tensors: [T], or [P, T] for a [P, T, M] mask.
-struct Dims {
-  int64_t T, M, D, H, dh;
-  int64_t P = 1;
-  std::vector<int64_t> lead;
-  int64_t instances() const { return P * T; }
-  std::vector<int64_t> shape(std::initializer_list<int64_t> tail) const {
-    std::vector<int64_t> out(lead);
-    out.insert(out.end(), tail);
-    return out;
-  }
+// The masks' instances (Masks, from `observed`) and the attention's sizes.
+struct Dims : Masks {
+  int64_t M, D, H, dh;
 };
 
 Dims check_qkv(const at::Tensor& qkv, int64_t num_heads) {
@@ -45,7 +35,7 @@ Dims check_qkv(const at::Tensor& qkv, int64_t num_heads) {
   const int64_t D3 = qkv.size(2);
   TORCH_CHECK(D3 % 3 == 0 && D3 > 0 && (D3 / 3) % num_heads == 0, "qkv's last dimension must be 3*D with D (",
               D3, "/3) divisible by num_heads=", num_heads);
-  return {qkv.size(0), qkv.size(1), D3 / 3, num_heads, D3 / 3 / num_heads, 1, {qkv.size(0)}};
+  return {{1, qkv.size(0), {qkv.size(0)}}, qkv.size(1), D3 / 3, num_heads, D3 / 3 / num_heads};
 }
 
 void check_probs_like(const at::Tensor& t, const Dims& s, at::ScalarType dtype, const char* name) {
@@ -79,7 +69,7 @@ inline void axpy(acc_t c, const scalar_t* __restrict__ x, acc_t* __restrict__ ou
 
 // missing [M, 3D] (qkv's dtype) and observed [T, M] or [P, T, M] bool, both or
 // neither: the input row of modality m in instance (p, t) is qkv[t, m] if
-// observed[p, t, m], else missing[m]. Sets s.P and s.lead from observed.
+// observed[p, t, m], else missing[m]. Sets the masks of s from observed.
 void check_missing(const std::optional<at::Tensor>& missing, const std::optional<at::Tensor>& observed,
                    const at::Tensor& qkv, Dims& s) {
   TORCH_CHECK(missing.has_value() == observed.has_value(), "missing and observed must be given together");
@@ -89,15 +79,7 @@ void check_missing(const std::optional<at::Tensor>& missing, const std::optional
   TORCH_CHECK(missing->scalar_type() == qkv.scalar_type(), "missing must be ", qkv.scalar_type(), ", got ",
               missing->scalar_type());
   TORCH_CHECK(missing->is_contiguous(), "missing must be contiguous");
-  const bool masks = observed->dim() == 3;
-  TORCH_CHECK((observed->dim() == 2 || masks) && observed->size(-2) == s.T && observed->size(-1) == s.M,
-              "observed must have shape [T, M] or [P, T, M] with T = ", s.T, ", M = ", s.M, ", got ", observed->sizes());
-  if (masks) {
-    s.P = observed->size(0);
-    s.lead = {s.P, s.T};
-  }
-  TORCH_CHECK(observed->scalar_type() == at::kBool, "observed must be bool, got ", observed->scalar_type());
-  TORCH_CHECK(observed->is_contiguous(), "observed must be contiguous");
+  static_cast<Masks&>(s) = check_masks(observed, s.T, s.M);
 }
 
 // Row pointers of one instance i (position t = i mod T): modality j reads

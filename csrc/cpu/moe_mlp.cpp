@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
   at::Tensor h = at::empty({save_h ? S : most, sh.H1}, opts);
   if (save_h) h.narrow(0, off[sh.E], S - off[sh.E]).zero_();
   at::Tensor xg = at::empty({most, sh.D}, opts), a = at::empty({most, sh.H}, opts), ye = at::empty({most, sh.D}, opts);
-  const SortedRouting route = sort_routing(perm, weights.contiguous(), top_k, off[sh.E]);
+  const SortedRouting route = sort_routing(perm, weights, top_k, off[sh.E]);
   for (int64_t e = 0; e < sh.E; ++e) {
     for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += tile) {
       const int64_t n = std::min(tile, off[e + 1] - r0);
@@ -198,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // d weight of each sorted slot = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>.
   const int64_t valid = off[sh.E];
   at::Tensor dots = at::empty({valid}, acc_opts), bias_dots = at::zeros({valid}, acc_opts);
-  const SortedRouting route = sort_routing(perm, weights.contiguous(), top_k, valid);
+  const SortedRouting route = sort_routing(perm, weights, top_k, valid);
   for (int64_t e = 0; e < sh.E; ++e) {
     at::Tensor dw2e = dw2[e], db2e = db2[e], dw1e = dw1[e], db1e = db1[e];
     if (off[e + 1] == off[e])

@@ -18,15 +18,9 @@ namespace mars_kernels {
 namespace cpu {
 namespace {
 
-// P masks over T positions (P = 1 and lead [T] without a [P, T, M] mask).
-struct Dims {
-  int64_t P, T, M, D;
-  std::vector<int64_t> lead;
-  std::vector<int64_t> shape(std::initializer_list<int64_t> tail) const {
-    std::vector<int64_t> out(lead);
-    out.insert(out.end(), tail);
-    return out;
-  }
+// The masks' instances (Masks, from `observed`) and the token sizes.
+struct Dims : Masks {
+  int64_t M, D;
 };
 
 // bias may be null (the backward does not read it).
@@ -37,16 +31,10 @@ Dims check_inputs(const at::Tensor& y, const at::Tensor& h, const at::Tensor& we
   const int64_t T = h.size(0), M = h.size(1), D = h.size(2);
   TORCH_CHECK(M >= 1 && D >= 1, "h must have at least one modality and one feature, got shape ", h.sizes());
   TORCH_CHECK(missing.has_value() == observed.has_value(), "missing and observed must be given together");
-  Dims s{1, T, M, D, {T}};
-  if (observed) {
-    TORCH_CHECK((observed->dim() == 2 || observed->dim() == 3) && observed->size(-2) == T && observed->size(-1) == M,
-                "observed must have shape [T, M] or [P, T, M] with T = ", T, ", M = ", M, ", got ", observed->sizes());
-    TORCH_CHECK(observed->scalar_type() == at::kBool, "observed must be bool, got ", observed->scalar_type());
-    TORCH_CHECK(observed->is_contiguous(), "observed must be contiguous");
+  const Dims s{check_masks(observed, T, M), M, D};
+  if (missing)
     TORCH_CHECK(missing->sizes() == at::IntArrayRef({M, D}), "missing must have shape [M, D] = [", M, ", ", D,
                 "], got ", missing->sizes());
-    if (observed->dim() == 3) s.P = observed->size(0), s.lead = {s.P, T};
-  }
   TORCH_CHECK(y.sizes() == at::IntArrayRef(s.shape({M, D})), "y must have shape ", at::IntArrayRef(s.shape({M, D})),
               ", got ", y.sizes());
   TORCH_CHECK(weight.sizes() == at::IntArrayRef({D}) && (bias == nullptr || bias->sizes() == at::IntArrayRef({D})),
@@ -123,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_norm_mean_fwd(
     acc_t *MU = mean.data_ptr<acc_t>(), *RS = rstd.data_ptr<acc_t>();
     const int64_t M = s.M, D = s.D, T = s.T;
     const acc_t inv_m = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(M, 1));
-    at::parallel_for(0, s.P * T, 16, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, s.instances(), 16, [&](int64_t i0, int64_t i1) {
       std::vector<acc_t> r(D), zacc(D), w(D), b(D);
       for (int64_t d = 0; d < D; ++d) w[d] = static_cast<acc_t>(W[d]), b[d] = static_cast<acc_t>(B[d]);
       for (int64_t i = i0; i < i1; ++i) {  // i = p * T + t
@@ -189,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
         acc_t* dmiss = db + D;
         for (int64_t t = blk * kTokenBlock; t < std::min(T, (blk + 1) * kTokenBlock); ++t) {
           std::fill(gx.begin(), gx.end(), acc_t(0));  // h's gradient at t, summed over the masks
-          for (int64_t i = t; i < s.P * T; i += T) {  // i = p * T + t
+          for (int64_t i = t; i < s.instances(); i += T) {  // i = p * T + t
             for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(GZ[i * D + d]) * inv_m;
             for (int64_t m = 0; m < M; ++m) {
               const bool seen = OBS == nullptr || OBS[i * M + m];

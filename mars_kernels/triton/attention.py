@@ -18,6 +18,7 @@ import torch
 import triton
 
 from . import _attention_kernels as _k
+from .._validate import leading_shape
 from .gating import _check_float, _compute_dtype, _device_guard, _tl_dtype
 
 __all__ = ["modality_attention_fwd", "modality_attention_bwd"]
@@ -46,14 +47,15 @@ def _launch(T: int, M: int, dh: int, num_heads: int, device: torch.device) -> tu
     return grid, meta
 
 
-def _missing_args(qkv, missing, observed):
-    """(missing, observed as uint8, HAS_MISSING, P masks, leading shape of the
-    per-instance tensors: (T,) or (P, T)): dummies without missing rows."""
-    T = qkv.shape[0]
+def mask_args(tokens, missing, observed):
+    """Kernel arguments of the fusion ops' masks, for ``tokens`` [T, ...]:
+    (missing, observed as uint8, HAS_MISSING, P masks, leading shape of the
+    per-instance tensors: (T,) or (P, T)); ``tokens`` as dummies without missing rows."""
+    lead = leading_shape(observed, tokens.shape[0])
     if missing is None:
-        return qkv, qkv, False, 1, (T,)
-    lead = tuple(observed.shape[:-1])
-    return missing.contiguous(), observed.contiguous().view(torch.uint8), True, (lead[0] if len(lead) == 2 else 1), lead
+        return tokens, tokens, False, 1, lead
+    masks = lead[0] if len(lead) == 2 else 1
+    return missing.contiguous(), observed.contiguous().view(torch.uint8), True, masks, lead
 
 
 def modality_attention_fwd(
@@ -69,7 +71,7 @@ def modality_attention_fwd(
     [P, T, M], keep, out and probs have a leading P."""
     T, M, D, dh = _dims(qkv, num_heads)
     cdt = _compute_dtype(qkv.dtype)
-    miss, obs, has_missing, P, lead = _missing_args(qkv, missing, observed)
+    miss, obs, has_missing, P, lead = mask_args(qkv, missing, observed)
     out = torch.empty((*lead, M, D), dtype=qkv.dtype, device=qkv.device)
     probs = torch.empty((*lead, num_heads, M, M), dtype=cdt, device=qkv.device)
     if P * T == 0 or M == 0:
@@ -100,7 +102,7 @@ def modality_attention_bwd(
     cdt = _compute_dtype(qkv.dtype)
     grad = torch.zeros((T, M, 3 * D), dtype=cdt, device=qkv.device)
     grid, meta = _launch(T, M, dh, num_heads, qkv.device)
-    miss, obs, has_missing, P, _ = _missing_args(qkv, missing, observed)
+    miss, obs, has_missing, P, _ = mask_args(qkv, missing, observed)
     part = torch.zeros((grid[0] if has_missing else 0, M, 3 * D), dtype=cdt, device=qkv.device)
     if T > 0 and M > 0:
         with _device_guard(qkv):

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from . import _residual_norm_kernels as _k
+from .attention import mask_args
 from .gating import _compute_dtype, _device_guard, _tl_dtype
 
 __all__ = ["residual_norm_mean_fwd", "residual_norm_mean_bwd"]
@@ -29,20 +30,11 @@ def _launch(rows: int, D: int, device: torch.device) -> tuple[tuple[int], dict]:
     return (triton.cdiv(rows, block_t),), dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
 
 
-def _masks(h, missing, observed):
-    """(missing, observed as uint8, HAS_MISSING, P, leading shape (T,) or (P, T))."""
-    T = h.shape[0]
-    if missing is None:
-        return h, h, False, 1, (T,)
-    lead = tuple(observed.shape[:-1])
-    return missing, observed.view(torch.uint8), True, (lead[0] if len(lead) == 2 else 1), lead
-
-
 def residual_norm_mean_fwd(y, h, weight, bias, missing, observed, eps):
     """-> z [*P, T, D] (h's dtype), mean and rstd [*P, T, M] f32/f64."""
     T, M, D = h.shape
     cdt = _compute_dtype(h.dtype)
-    miss, obs, has_missing, P, lead = _masks(h, missing, observed)
+    miss, obs, has_missing, P, lead = mask_args(h, missing, observed)
     z = torch.empty((*lead, D), dtype=h.dtype, device=h.device)
     mean = torch.empty((*lead, M), dtype=cdt, device=h.device)
     rstd = torch.empty_like(mean)
@@ -62,7 +54,7 @@ def residual_norm_mean_bwd(grad_z, y, h, weight, missing, observed, mean, rstd):
     grad_missing (an empty [0] tensor without missing)."""
     T, M, D = h.shape
     cdt = _compute_dtype(h.dtype)
-    miss, obs, has_missing, P, _ = _masks(h, missing, observed)
+    miss, obs, has_missing, P, _ = mask_args(h, missing, observed)
     grad_y, grad_h = torch.empty_like(y), torch.empty_like(h)
     grid, meta = _launch(T, D, h.device)
     part = torch.zeros((grid[0], 2 + M, D), dtype=cdt, device=h.device)
