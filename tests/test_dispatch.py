@@ -325,9 +325,41 @@ def test_gpu_large_moe(backend, dtype):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_cpu_experts_larger_than_one_row_tile(activation):
-    # The CPU kernel walks an expert's rows in tiles of 512; 1300 tokens on
-    # mostly one expert cross several tiles, with a partial last one.
+def test_cpu_experts_larger_than_one_row_tile(monkeypatch, activation):
+    # Tiles of 256 rows: 1300 tokens on mostly one expert cross several tiles,
+    # with a partial last one (the weight gradients are summed over tiles).
+    monkeypatch.setenv("MARS_KERNELS_CPU_ROW_TILE", "256")
+    monkeypatch.setenv("MARS_KERNELS_CPU_TOKEN_GROUPS", "1")
     run = _moe_case("cpu", "cpu", 1300, 16, 12, 3, 2, activation, torch.float32, one_expert=True)
     for name, a, r in zip(NAMES, run("cpu"), run("loop")):
+        assert_close(a, r, torch.float32, name)
+
+
+@pytest.mark.parametrize("groups", ["1", "2", "3", "7"])
+@pytest.mark.parametrize("routing", ["spread", "one_expert", "few_experts", "dropped"])
+def test_cpu_token_groups_match_loop(monkeypatch, groups, routing):
+    # The CPU kernel can cut the tokens into groups, each running every expert
+    # on its own rows (one group per thread when experts are small). Any number
+    # of groups, more than the threads included, with row tiles inside a group
+    # and groups that own no row of an expert, gives the loop's results, and
+    # the same bits on every run.
+    monkeypatch.setenv("MARS_KERNELS_CPU_TOKEN_GROUPS", groups)
+    monkeypatch.setenv("MARS_KERNELS_CPU_ROW_TILE", "16")
+    T, D, H, E, k = 151, 12, 20, 9, 3
+    if routing == "dropped":
+        w, idx = _routing(T, E, k, "cpu", one_expert=True)
+        idx, w, dropped = mk.apply_capacity(idx, w, E, capacity=40)
+        assert int(dropped) > 0
+        params = _expert_params(E, D, H, "silu", torch.float32, "cpu")
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(3))
+        meta = mk.moe_align(idx, E, 64, backend="cpu")
+        ys = [mk.moe_mlp(x, w, meta, *params, "silu", backend="cpu") for _ in range(2)]
+        assert torch.equal(ys[0], ys[1])
+        assert_close(ys[0], ref.moe_loop(x, w, idx, *params, "silu"), torch.float32, "y")
+        return
+    run = _moe_case("cpu", "cpu", T, D, H, E, k, "swiglu", torch.float32, **(
+        {} if routing == "spread" else {routing: True}))
+    first, second, loop = run("cpu"), run("cpu"), run("loop")
+    for name, a, b, r in zip(NAMES, first, second, loop):
+        assert torch.equal(a, b), name
         assert_close(a, r, torch.float32, name)
