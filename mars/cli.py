@@ -13,7 +13,7 @@ import torch
 
 from .data import DataFormatError
 from .distributed import DistributedFailure, context_from_env, shutdown
-from .model import (NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, ModelConfig,
+from .model import (NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, SPARSE_MOE_METHODS, ModelConfig,
                     canonical_method)
 
 METHOD_CHOICES = ("mars", "vanilla-moe", "late-fusion", "moe-retriever", "mce")
@@ -161,7 +161,7 @@ def cmd_eval(a) -> int:
     model.load_state_dict(state["best"]["state"])
     prepare_model(model, cfg, train_set, resume=True)
     res = evaluate_subsets(model, test_set, mode="oracle" if a.oracle else "eval")
-    how = "oracle: residual router" if a.oracle else ("feature router" if cfg.model.method in ("mars", "moe") else cfg.model.method)
+    how = "oracle: residual router" if a.oracle else ("feature router" if cfg.model.method in SPARSE_MOE_METHODS else cfg.model.method)
     print(f"{run}: test mean over subsets {res['mean']:.4f} ({how})")
     print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in res["by_size"].items()))
     return 0

@@ -21,7 +21,9 @@ from torch import nn
 
 import mars_kernels as mk
 
-EP_METHODS = ("mars", "moe")
+from .model import SPARSE_MOE_METHODS
+
+EP_METHODS = SPARSE_MOE_METHODS
 
 
 def sharded_modules(model: nn.Module) -> dict[str, mk.ShardedExperts]:

@@ -30,6 +30,8 @@ from torch import nn
 import mars_kernels as mk
 
 METHODS = ("mars", "moe", "late_fusion", "moe_retriever", "mce")
+# The methods that fuse through one SparseMoE over the fused tokens (one router, one set of experts).
+SPARSE_MOE_METHODS = ("mars", "moe")
 METHOD_ALIASES = {"vanilla_moe": "moe", "vanilla-moe": "moe", "late-fusion": "late_fusion",
                   "moe-retriever": "moe_retriever", "retriever": "moe_retriever"}
 RETRIEVER_VARIANTS = ("paper", "code")

@@ -26,7 +26,7 @@ from .data import MissingnessProtocol, MultimodalDataset, load_data
 from .distributed import DistContext, context_from_env, peer_failures
 from .evaluate import evaluate_subsets
 from .expert_sharding import average_expert_grads, full_state_dict, load_full_state_dict, shard_model_experts
-from .model import ModelConfig, build_model
+from .model import SPARSE_MOE_METHODS, ModelConfig, build_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -273,7 +273,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         net = DistributedDataParallel(model, find_unused_parameters=getattr(model, "may_skip_parameters", False))
     snapshot = (lambda: full_state_dict(model)) if expert_parallel else (
         lambda: {k: v.detach().clone() for k, v in model.state_dict().items()})
-    num_experts = cfg.model.num_experts if cfg.model.method in ("mars", "moe") else None
+    num_experts = cfg.model.num_experts if cfg.model.method in SPARSE_MOE_METHODS else None
     bar = Progress(cfg.epochs, enabled=progress)
     t_start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
