@@ -89,7 +89,7 @@ SortedRouting sort_routing(const at::Tensor& perm, const at::Tensor& weights, in
 // groups write disjoint output rows and each token still sums its experts in
 // expert order. The load stays balanced however skewed the routing is.
 // On 2 cores at the fine-grained benchmark shape both ways have the same best
-// case, but the shared way was 20-50% slower in about half of the processes
+// case, but the shared way was 25-55% slower in a third of the processes
 // (fork/join latency of ~900 small parallel regions per step); the split was not.
 // The backward keeps one weight-gradient partial per extra group, summed in
 // group order, so it is split only while those partials fit a budget.
