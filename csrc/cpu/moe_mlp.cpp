@@ -38,11 +38,12 @@ int64_t env_int(const char* name) {
   return v > 0 ? v : int64_t{0};
 }
 
-int64_t row_tile(const Shapes& sh, int64_t elem_bytes) {
+// The token groups below share the budget (each has its own buffers).
+int64_t row_tile(const Shapes& sh, int64_t elem_bytes, int64_t groups) {
   const int64_t forced = env_int("MARS_KERNELS_CPU_ROW_TILE");
   if (forced > 0) return forced;
   const int64_t row_bytes = (3 * sh.D + 2 * sh.H + sh.H1) * elem_bytes;  // the backward's per-row buffers
-  return std::clamp(kWorkspaceBytes / std::max<int64_t>(row_bytes, 1), kMinTile, kMaxTile);
+  return std::clamp(kWorkspaceBytes / groups / std::max<int64_t>(row_bytes, 1), kMinTile, kMaxTile);
 }
 
 // The routing in expert order, gathered once per call (not per expert, where
@@ -223,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
   const int64_t* off = offs.const_data_ptr<int64_t>();
   const SortedRouting route = sort_routing(perm, weights, top_k, off, sh.E);
   const int64_t groups = token_groups(sh, T, off[sh.E], route, 0);
-  const int64_t tile = std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size()));
+  const int64_t tile = std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size(), groups));
   const auto opts = x.options();
   at::Tensor acc = at::zeros({T, sh.D}, opts.dtype(routing_dtype(x)));
   at::Tensor h = save_h ? at::empty({S, sh.H1}, opts) : at::empty({groups, tile, sh.H1}, opts);
@@ -265,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const SortedRouting route = sort_routing(perm, weights, top_k, off, sh.E);
   const int64_t weight_grad_bytes = (w1.numel() + w2.numel() + sh.E * (sh.H1 + sh.D)) * w1.element_size();
   const int64_t groups = token_groups(sh, T, valid, route, weight_grad_bytes);
-  const int64_t tile = std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size()));
+  const int64_t tile = std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size(), groups));
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(routing_dtype(x));
   at::Tensor dx_acc = at::zeros({T, sh.D}, acc_opts);
