@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include <string>
@@ -163,6 +164,18 @@ inline void activation_grad_rows(Act act, const at::Tensor& h, const at::Tensor&
       }
     });
   });
+}
+
+// The most rows any expert has: offsets [E + 1] (int64 data).
+inline int64_t largest_expert(const int64_t* off, int64_t E) {
+  int64_t most = 0;
+  for (int64_t e = 0; e < E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  return most;
+}
+
+// Expert e's row of an optional [E, *] bias.
+inline c10::optional<at::Tensor> expert_bias(const c10::optional<at::Tensor>& b, int64_t e) {
+  return b.has_value() ? c10::optional<at::Tensor>((*b)[e]) : c10::nullopt;
 }
 
 struct Shapes {

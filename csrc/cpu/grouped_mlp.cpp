@@ -21,8 +21,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at
   const Shapes sh = check_expert_shapes(x, "x_sorted", offsets, w1, w2, act);
   const at::Tensor offs = offsets.contiguous();
   const int64_t* off = offs.const_data_ptr<int64_t>();
-  int64_t most = 0;
-  for (int64_t e = 0; e < sh.E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  const int64_t most = largest_expert(off, sh.E);
   // Without a backward to feed, h lives one expert at a time.
   at::Tensor h = at::empty({save_h ? sh.S : most, sh.H1}, x.options());
   at::Tensor y = at::empty({sh.S, sh.D}, x.options());
@@ -35,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at
     at::Tensor he = h.narrow(0, save_h ? lo : 0, n), ye = y.narrow(0, lo, n), ae = scratch.narrow(0, 0, n);
     const at::Tensor xe = x.narrow(0, lo, n);
     at::mm_out(he, xe, w1[e]);
-    bias_activation_rows(act, he, b1.has_value() ? c10::optional<at::Tensor>((*b1)[e]) : c10::nullopt, ae);
+    bias_activation_rows(act, he, expert_bias(b1, e), ae);
     if (b2.has_value()) at::addmm_out(ye, (*b2)[e], ae, w2[e]);
     else at::mm_out(ye, ae, w2[e]);
   }
@@ -53,8 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_m
   dx.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
   at::Tensor dw1 = at::zeros_like(w1), dw2 = at::zeros_like(w2);
   at::Tensor db1 = at::zeros({sh.E, sh.H1}, w1.options()), db2 = at::zeros({sh.E, sh.D}, w2.options());
-  int64_t most = 0;
-  for (int64_t e = 0; e < sh.E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  const int64_t most = largest_expert(off, sh.E);
   at::Tensor a_buf = at::empty({most, sh.H}, x.options()), da_buf = at::empty({most, sh.H}, x.options());
   at::Tensor dh_buf = at::empty({most, sh.H1}, x.options());
   for (int64_t e = 0; e < sh.E; ++e) {

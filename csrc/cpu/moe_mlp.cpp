@@ -201,16 +201,6 @@ void check_routing(const at::Tensor& x, const at::Tensor& weights, const at::Ten
               "permutation must be int64 with T*k entries");
 }
 
-int64_t largest_expert(const int64_t* off, int64_t E) {
-  int64_t most = 0;
-  for (int64_t e = 0; e < E; ++e) most = std::max(most, off[e + 1] - off[e]);
-  return most;
-}
-
-c10::optional<at::Tensor> expert_bias(const c10::optional<at::Tensor>& b, int64_t e) {
-  return b.has_value() ? c10::optional<at::Tensor>((*b)[e]) : c10::nullopt;
-}
-
 std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Tensor& weights,
                                                const at::Tensor& permutation, const at::Tensor& offsets,
                                                int64_t top_k, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
