@@ -89,7 +89,7 @@ class LoopRetriever:
                 importance[t] = importance.get(t, 0) + imp
                 load[t] = load.get(t, 0) + ld
         balance = torch.stack([mk.noisy_balance_loss(importance[t], load[t]) for t in importance]).mean()
-        logits = model._readout(model.fuse(filled))
+        logits = model.readout(model.fuse(filled))
         return F.cross_entropy(logits, labels) + cfg.lambda_gate * balance
 
 

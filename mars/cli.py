@@ -6,23 +6,23 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from . import methods
+from .config import NOISE_MODES, RESIDUAL_INPUTS, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, ModelConfig
 from .data import DataFormatError
 from .distributed import DistributedFailure, context_from_env, shutdown
-from .model import (NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, SPARSE_MOE_METHODS, ModelConfig,
-                    canonical_method)
+from .train import TrainConfig, TrainingDiverged, make_model, prepare_model, train
 
-METHOD_CHOICES = ("mars", "vanilla-moe", "late-fusion", "moe-retriever", "mce")
+METHOD_CHOICES = methods.cli_names()
 
 
 def method(text: str) -> str:
     """argparse type: a method name or alias -> its canonical name."""
     try:
-        return canonical_method(text)
+        return methods.canonical(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(METHOD_CHOICES)}") from None
 
@@ -33,12 +33,11 @@ def method_list(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"expected a method name, got {text!r}")
     return [method(t) for t in names]
-from .train import TrainConfig, TrainingDiverged, make_model, prepare_model, train
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--method", type=method, default="mars", metavar="METHOD",
+    g.add_argument("--method", type=method, default=methods.DEFAULT_METHOD, metavar="METHOD",
                    help=f"one of {', '.join(METHOD_CHOICES)}")
     g.add_argument("--d-model", type=int, default=64)
     g.add_argument("--d-hidden", type=int, default=128)
@@ -49,7 +48,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing", choices=ROUTINGS, default="residual", help="router that gates in training (ablation)")
     g.add_argument("--sigma-0", type=float, default=1.0)
     g.add_argument("--sigma-max", type=float, default=1.0)
-    g.add_argument("--residual-input", choices=["concat", "diff"], default="concat",
+    g.add_argument("--residual-input", choices=RESIDUAL_INPUTS, default="concat",
                    help="residual router input: [z_i, stopgrad(z_c)] or stopgrad(z_c - z_i)")
     g.add_argument("--router-mlp", action="store_true", help="MLP routers instead of linear ones")
     g.add_argument("--lambda-imit", type=float, default=5.0)
@@ -87,7 +86,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--expert-parallel", action="store_true",
-                   help="under torchrun: shard the experts over the processes (methods mars and vanilla-moe)")
+                   help="under torchrun: shard the experts over the processes (methods "
+                   f"{' and '.join(m.cli_name for m in methods.REGISTRY.values() if m.sparse_moe)})")
     _model_args(p)
 
 
@@ -161,7 +161,8 @@ def cmd_eval(a) -> int:
     model.load_state_dict(state["best"]["state"])
     prepare_model(model, cfg, train_set, resume=True)
     res = evaluate_subsets(model, test_set, mode="oracle" if a.oracle else "eval")
-    how = "oracle: residual router" if a.oracle else ("feature router" if cfg.model.method in SPARSE_MOE_METHODS else cfg.model.method)
+    how = "oracle: residual router" if a.oracle else (
+        "feature router" if methods.get(cfg.model.method).sparse_moe else cfg.model.method)
     print(f"{run}: test mean over subsets {res['mean']:.4f} ({how})")
     print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in res["by_size"].items()))
     return 0
@@ -224,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="MARS vs the baselines on the same data, splits, masks and budget")
     _train_args(c)
     c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--methods", nargs="+", type=method_list, default=[["mars", "moe", "late_fusion"]],
+    defaults = [m for m in methods.REGISTRY.values() if m.compare_default]
+    c.add_argument("--methods", nargs="+", type=method_list, default=[[m.name for m in defaults]],
                    metavar="METHOD", help=f"any of {', '.join(METHOD_CHOICES)}, separated by spaces or commas "
-                   "(default: mars vanilla-moe late-fusion)")
+                   f"(default: {' '.join(m.cli_name for m in defaults)})")
     c.add_argument("--out", default="runs/compare")
     a = p.parse_args(argv)
     try:

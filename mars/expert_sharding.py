@@ -21,9 +21,10 @@ from torch import nn
 
 import mars_kernels as mk
 
-from .model import SPARSE_MOE_METHODS
+from . import methods
 
-EP_METHODS = SPARSE_MOE_METHODS
+# The methods whose expert calls are the same on every rank (one set of experts over the fused tokens).
+EP_METHODS = tuple(m.name for m in methods.REGISTRY.values() if m.sparse_moe)
 
 
 def sharded_modules(model: nn.Module) -> dict[str, mk.ShardedExperts]:
@@ -33,7 +34,7 @@ def sharded_modules(model: nn.Module) -> dict[str, mk.ShardedExperts]:
 def shard_model_experts(model: nn.Module, method: str) -> list[str]:
     """Replace every ``Experts`` submodule by this rank's shard, in place;
     returns the names of the sharded parameters (for DDP to ignore)."""
-    if method not in EP_METHODS:
+    if not methods.get(method).sparse_moe:
         raise ValueError(f"--expert-parallel supports the methods {EP_METHODS}, got {method!r} "
                          "(its expert calls are not the same on every rank)")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, mk.Experts)]

@@ -6,6 +6,11 @@ at the end of every epoch: model, optimiser, RNG states, best weights),
 ``results.csv`` (test score per modality subset), ``summary.json`` and the
 plots. ``resume=True`` continues from ``checkpoint.pt`` and, on CPU with the
 same seed, ends with exactly the results of an uninterrupted run.
+
+:func:`train` runs five steps: set up the run (:func:`_set_up_run`), build or
+restore the state (:func:`_build_state`), the epoch loop (:func:`_epoch_loop`),
+the final evaluation (:func:`_final_evaluation`) and the results
+(:func:`_write_run`). The model is used through :class:`mars.interface.TrainableModel`.
 """
 from __future__ import annotations
 
@@ -15,56 +20,28 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import methods
+from .config import ModelConfig, TrainConfig
 from .data import MissingnessProtocol, MultimodalDataset, load_data
 from .distributed import DistContext, context_from_env, peer_failures
 from .evaluate import evaluate_subsets
 from .expert_sharding import average_expert_grads, full_state_dict, load_full_state_dict, shard_model_experts
-from .model import SPARSE_MOE_METHODS, ModelConfig, build_model
+from .interface import TrainableModel
+from .methods import build_model
+
+__all__ = ["TrainConfig", "TrainingDiverged", "train", "make_model", "prepare_model", "save_checkpoint", "Progress"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainConfig:
-    data: str = "mfeat"
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    protocol: str = "uniform"
-    expert_parallel: bool = False
-    model: ModelConfig = field(default_factory=ModelConfig)
-
-    def __post_init__(self):
-        if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        MissingnessProtocol.parse(self.protocol)  # validates
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
-        return cls(**d)
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -121,38 +98,37 @@ def _shapes(data: MultimodalDataset) -> dict[str, tuple[int, ...]]:
     return {m: tuple(data.features[m].shape[1:]) for m in data.modalities}
 
 
-def make_model(cfg: TrainConfig, data: MultimodalDataset):
+def make_model(cfg: TrainConfig, data: MultimodalDataset) -> TrainableModel:
     return build_model(data.modalities, _shapes(data), data.num_classes, data.task, ModelConfig(**asdict(cfg.model)))
 
 
-def prepare_model(model, cfg: TrainConfig, train_set: MultimodalDataset, *, resume: bool, log=print) -> None:
-    """Run a method's optional set-up hook ``model.prepare(train_set, protocol=,
-    seed=, resume=, log=)`` (MCE trains its frozen unimodal models there,
-    MoE-Retriever attaches its supporting pool). ``resume=True`` means the
-    weights come from a checkpoint: the hook only rebuilds caches."""
-    hook = getattr(model, "prepare", None)
-    if hook is not None:
-        hook(train_set, protocol=MissingnessProtocol.parse(cfg.protocol), seed=cfg.seed, resume=resume, log=log)
+def prepare_model(model: TrainableModel, cfg: TrainConfig, train_set: MultimodalDataset, *, resume: bool,
+                  log=print) -> None:
+    """Run the method's set-up hook (:meth:`TrainableModel.prepare`: MCE trains
+    its frozen unimodal models there, MoE-Retriever attaches its supporting
+    pool). ``resume=True`` means the weights come from a checkpoint: the hook
+    only rebuilds caches."""
+    model.prepare(train_set, protocol=MissingnessProtocol.parse(cfg.protocol), seed=cfg.seed, resume=resume, log=log)
 
 
-def _forward_train(model, feats, observed, avail, idx):
-    """One training forward; methods that cache per-sample values (MCE) get
-    the batch's train-set indices as ``sample_index``."""
-    if getattr(model, "takes_sample_index", False):
-        return model(feats, observed, avail, mode="train", sample_index=idx)
-    return model(feats, observed, avail, mode="train")
+def _forward_train(net: nn.Module, model: TrainableModel, feats, observed, avail, idx):
+    """One training forward through ``net`` (``model`` or its data-parallel
+    wrapper); methods that cache per-sample values get the batch's train-set
+    indices as ``sample_index``."""
+    if model.takes_sample_index:
+        return net(feats, observed, avail, mode="train", sample_index=idx)
+    return net(feats, observed, avail, mode="train")
 
 
-def _train_epoch(net, model, opt, train_set, protocol, gen, cfg: TrainConfig, ctx: DistContext, epoch: int,
-                 ckpt_path: Path) -> dict[str, float]:
+def _train_epoch(net: nn.Module, model: TrainableModel, opt, train_set, protocol, gen, cfg: TrainConfig,
+                 ctx: DistContext, epoch: int, ckpt_path: Path) -> dict[str, float]:
     """One pass over the training set; returns the mean loss parts (over steps and ranks).
 
     Every rank draws the same global batch and masks; it trains on its strided
     share, with the loss scaled by its share of the batch so that the ranks'
     averaged gradients are the gradient of the global batch mean."""
     model.train()
-    if hasattr(model, "set_epoch"):
-        model.set_epoch(epoch)
+    model.set_epoch(epoch)
     perm = torch.randperm(len(train_set), generator=gen)
     sums: dict[str, float] = {}
     steps = 0
@@ -164,7 +140,7 @@ def _train_epoch(net, model, opt, train_set, protocol, gen, cfg: TrainConfig, ct
         mine = ctx.shard(torch.arange(batch.numel()))
         idx = batch[mine]
         feats, avail, labels = _batch(train_set, idx)
-        out = _forward_train(net, feats, observed_all[mine], avail, idx)
+        out = _forward_train(net, model, feats, observed_all[mine], avail, idx)
         loss, parts = model.loss(out, labels, train_set.ignore_index)
         value = float(loss.detach())
         if ctx.enabled:  # one all-reduce: every rank sees the same value and stops together
@@ -223,104 +199,182 @@ def _write_results(run: Path, summary: dict, test: dict, test_set: MultimodalDat
     torch.save({"usage": test.get("usage"), "subsets": [r["name"] for r in test["subsets"]]}, run / "usage.pt")
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          data=None, log=print, ctx: DistContext | None = None) -> dict:
-    """Train, evaluate on every modality subset, write the run directory; returns the summary.
+def _silent(*args, **kwargs) -> None:
+    pass
 
-    Under ``torchrun`` (or with an explicit ``ctx``) the run is data-parallel
-    (see :mod:`mars.distributed`); only rank 0 writes files and shows progress,
-    and every rank returns the same summary. The ranks share ``run_dir``."""
-    ctx = ctx or context_from_env()
-    main = ctx.is_main
-    if not main:
-        progress, log = False, (lambda *a, **k: None)
+
+@dataclass
+class _Run:
+    """What the steps of :func:`train` share: set by :func:`_set_up_run`
+    (configuration, directory, process context) and :func:`_build_state`
+    (data, model, optimiser, generators, progress through the epochs)."""
+
+    cfg: TrainConfig
+    dir: Path
+    ctx: DistContext
+    resume: bool
+    progress: bool
+    log: Callable[..., None]
+    train_set: MultimodalDataset | None = None
+    val_set: MultimodalDataset | None = None
+    test_set: MultimodalDataset | None = None
+    model: TrainableModel | None = None
+    net: nn.Module | None = None  # the model, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer | None = None
+    protocol: MissingnessProtocol | None = None
+    gen: torch.Generator | None = None  # the batches' and masks' generator (in checkpoints)
+    expert_parallel: bool = False
+    start_epoch: int = 0
+    best: dict | None = None  # {"score", "epoch", "state"}: the best validation epoch so far
+    t_start: float = 0.0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.dir / "checkpoint.pt"
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.is_main
+
+
+def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool, progress: bool, log,
+                ctx: DistContext) -> _Run:
+    """Step 1: the run directory (made on rank 0) and the configuration (read
+    back from ``config.json`` on resume). Only rank 0 logs and shows progress."""
+    if not ctx.is_main:
+        progress, log = False, _silent
     run = Path(run_dir)
-    ckpt_path = run / "checkpoint.pt"
     if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"cannot resume: {ckpt_path} does not exist")
+        if not (run / "checkpoint.pt").exists():
+            raise FileNotFoundError(f"cannot resume: {run / 'checkpoint.pt'} does not exist")
         cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    elif main:
+    elif ctx.is_main:
         run.mkdir(parents=True, exist_ok=True)
-    train_set, val_set, test_set = data if data is not None else load_data(cfg.data, seed=cfg.seed)
+    return _Run(cfg=cfg, dir=run, ctx=ctx, resume=resume, progress=progress, log=log)
+
+
+def _build_state(r: _Run, data) -> None:
+    """Step 2: data, model (restored from the checkpoint on resume, else the
+    run's config and an empty metrics log written), the method's set-up hook,
+    expert sharding, optimiser, generators, and the data-parallel wrapper."""
+    cfg, ctx = r.cfg, r.ctx
+    r.train_set, r.val_set, r.test_set = data if data is not None else load_data(cfg.data, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = make_model(cfg, train_set)
-    protocol = MissingnessProtocol.parse(cfg.protocol)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start_epoch, best, state = 0, {"score": -math.inf, "epoch": -1, "state": None}, None
-    if resume:
-        state = torch.load(ckpt_path, weights_only=False)
+    r.model = model = make_model(cfg, r.train_set)
+    r.protocol = MissingnessProtocol.parse(cfg.protocol)
+    r.gen = torch.Generator().manual_seed(cfg.seed)
+    r.best = {"score": -math.inf, "epoch": -1, "state": None}
+    state = None
+    if r.resume:
+        state = torch.load(r.ckpt_path, weights_only=False)
         model.load_state_dict(state["model"])  # checkpoints are single-process, also from expert-parallel runs
-        start_epoch, best = state["epoch"], state["best"]
-        if main:
-            _keep_metrics_through(run / "metrics.jsonl", start_epoch)
-        log(f"resuming {run} at epoch {start_epoch}/{cfg.epochs}")
-    elif main:
-        _write_json(run / "config.json", cfg.to_dict())
-        (run / "metrics.jsonl").write_text("")
-    prepare_model(model, cfg, train_set, resume=resume, log=log if progress else (lambda *a, **k: None))
-    expert_parallel = cfg.expert_parallel and ctx.enabled
-    sharded = shard_model_experts(model, cfg.model.method) if expert_parallel else []
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if resume:
-        _restore_training_state(state, opt, gen, ctx, ckpt_path)
-    net = model
+        r.start_epoch, r.best = state["epoch"], state["best"]
+        if r.main:
+            _keep_metrics_through(r.dir / "metrics.jsonl", r.start_epoch)
+        r.log(f"resuming {r.dir} at epoch {r.start_epoch}/{cfg.epochs}")
+    elif r.main:
+        _write_json(r.dir / "config.json", cfg.to_dict())
+        (r.dir / "metrics.jsonl").write_text("")
+    prepare_model(model, cfg, r.train_set, resume=r.resume, log=r.log if r.progress else _silent)
+    r.expert_parallel = cfg.expert_parallel and ctx.enabled
+    sharded = shard_model_experts(model, cfg.model.method) if r.expert_parallel else []
+    r.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if r.resume:
+        _restore_training_state(state, r.opt, r.gen, ctx, r.ckpt_path)
+    r.net = model
     if ctx.enabled:
-        if not resume:  # each rank its own dropout/noise stream (a resumed run restored its rank's stream)
+        if not r.resume:  # each rank its own dropout/noise stream (a resumed run restored its rank's stream)
             torch.manual_seed(cfg.seed + 7919 * (ctx.rank + 1))
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
-        # methods whose steps can leave parameters unused (e.g. no missing modality to retrieve) say so
-        net = DistributedDataParallel(model, find_unused_parameters=getattr(model, "may_skip_parameters", False))
-    snapshot = (lambda: full_state_dict(model)) if expert_parallel else (
+        r.net = DistributedDataParallel(model, find_unused_parameters=model.may_skip_parameters)
+
+
+def _epoch_loop(r: _Run) -> None:
+    """Step 3: train the remaining epochs; after each, validate, keep the best
+    weights, log the epoch (rank 0) and write the checkpoint atomically (rank
+    0, with every rank's RNG state and, expert-parallel, optimiser state)."""
+    cfg, ctx, model = r.cfg, r.ctx, r.model
+    snapshot = (lambda: full_state_dict(model)) if r.expert_parallel else (
         lambda: {k: v.detach().clone() for k, v in model.state_dict().items()})
-    num_experts = cfg.model.num_experts if cfg.model.method in SPARSE_MOE_METHODS else None
-    bar = Progress(cfg.epochs, enabled=progress)
-    t_start = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
+    bar = Progress(cfg.epochs, enabled=r.progress)
+    r.t_start = time.time()
+    for epoch in range(r.start_epoch, cfg.epochs):
         with peer_failures(f"epoch {epoch + 1}"):  # also DDP's all-reduce and the shard gathers
-            losses = _train_epoch(net, model, opt, train_set, protocol, gen, cfg, ctx, epoch, ckpt_path)
-            val = evaluate_subsets(model, val_set, ctx=ctx)
+            losses = _train_epoch(r.net, model, r.opt, r.train_set, r.protocol, r.gen, cfg, ctx, epoch, r.ckpt_path)
+            val = evaluate_subsets(model, r.val_set, ctx=ctx)
             state = snapshot()
-            if val["mean"] > best["score"]:  # the same decision on every rank (val is summed over ranks)
-                best = {"score": val["mean"], "epoch": epoch + 1, "state": state}
+            if val["mean"] > r.best["score"]:  # the same decision on every rank (val is summed over ranks)
+                r.best = {"score": val["mean"], "epoch": epoch + 1, "state": state}
             record = {"epoch": epoch + 1, "loss": losses, "val_mean": val["mean"], "val_by_size": val["by_size"],
-                      "seconds": time.time() - t_start}
+                      "seconds": time.time() - r.t_start}
             checkpoint = {
-                "model": state, "generator": gen.get_state(), "epoch": epoch + 1, "best": best,
+                "model": state, "generator": r.gen.get_state(), "epoch": epoch + 1, "best": r.best,
                 "config": cfg.to_dict(), "world_size": ctx.world,
-                "standardizer": getattr(train_set.standardizer, "state_dict", lambda: None)(),
+                "standardizer": getattr(r.train_set.standardizer, "state_dict", lambda: None)(),
             }
-            gathered = ctx.all_gather_object((torch.get_rng_state(), opt.state_dict() if expert_parallel else None))
+            gathered = ctx.all_gather_object((torch.get_rng_state(), r.opt.state_dict() if r.expert_parallel else None))
             rngs = [rng for rng, _ in gathered]
-            optimizers = [o for _, o in gathered] if expert_parallel else [opt.state_dict()]
-        if main:
-            with open(run / "metrics.jsonl", "a") as f:
+            optimizers = [o for _, o in gathered] if r.expert_parallel else [r.opt.state_dict()]
+        if r.main:
+            with open(r.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            save_checkpoint(ckpt_path, checkpoint | {
-                "optimizer": optimizers[0], "optimizer_by_rank": optimizers if expert_parallel else None,
+            save_checkpoint(r.ckpt_path, checkpoint | {
+                "optimizer": optimizers[0], "optimizer_by_rank": optimizers if r.expert_parallel else None,
                 "torch_rng": rngs[0], "torch_rng_by_rank": rngs,
             })
         ctx.barrier()  # the checkpoint is on disk before any rank starts the next epoch
         shown = sum(v for k, v in losses.items() if "/" not in k)  # "name/modality" parts are logged only
         bar.update(epoch + 1, f"loss {shown:.3f} val {val['mean']:.3f}")
-    (load_full_state_dict if expert_parallel else nn.Module.load_state_dict)(model, best["state"])
+
+
+def _final_evaluation(r: _Run) -> tuple[dict, float | None]:
+    """Step 4: the best validation epoch's weights on the test set (every
+    modality subset), and, for methods with a residual router, the feature vs
+    residual router agreement on the test set under the training protocol's
+    masks (fixed by seed). -> (test results, agreement or None)."""
+    method = methods.get(r.cfg.model.method)
+    (load_full_state_dict if r.expert_parallel else nn.Module.load_state_dict)(r.model, r.best["state"])
+    num_experts = r.cfg.model.num_experts if method.sparse_moe else None
     with peer_failures("the test evaluation"):
-        test = evaluate_subsets(model, test_set, num_experts=num_experts, ctx=ctx)
+        test = evaluate_subsets(r.model, r.test_set, num_experts=num_experts, ctx=r.ctx)
     agreement = None
-    if cfg.model.method == "mars":  # on the test set under the training protocol's masks, fixed by seed
-        model.eval()
-        feats, avail, _ = _batch(test_set, torch.arange(len(test_set)))
-        agreement = model.router_agreement(feats, protocol.fixed_masks(avail, cfg.seed), avail)
+    if method.residual_router:
+        r.model.eval()
+        feats, avail, _ = _batch(r.test_set, torch.arange(len(r.test_set)))
+        agreement = r.model.router_agreement(feats, r.protocol.fixed_masks(avail, r.cfg.seed), avail)
+    return test, agreement
+
+
+def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
+    """Step 5: the summary; rank 0 writes results.csv, summary.json and usage.pt."""
+    cfg = r.cfg
     summary = {
-        "method": cfg.model.method, "data": cfg.data, "seed": cfg.seed, "best_epoch": best["epoch"],
+        "method": cfg.model.method, "data": cfg.data, "seed": cfg.seed, "best_epoch": r.best["epoch"],
         "router_agreement": agreement,
-        "val_mean": best["score"], "test_mean": test["mean"], "test_by_size": test["by_size"],
+        "val_mean": r.best["score"], "test_mean": test["mean"], "test_by_size": test["by_size"],
         **{f"test_{m}": test[f"{m}_mean"] for m in ("miou", "acer") if f"{m}_mean" in test},
-        "train_seconds": time.time() - t_start,
-        "parameters": sum(best["state"][name].numel() for name, _ in model.named_parameters()),  # full, not a shard
-        "world_size": ctx.world,
+        "train_seconds": time.time() - r.t_start,
+        "parameters": sum(r.best["state"][name].numel() for name, _ in r.model.named_parameters()),  # full, not a shard
+        "world_size": r.ctx.world,
     }
-    if main:
-        _write_results(run, summary, test, test_set)
-    ctx.barrier()
-    return {"summary": summary, "test": test, "model": model, "modalities": test_set.modalities}
+    if r.main:
+        _write_results(r.dir, summary, test, r.test_set)
+    r.ctx.barrier()
+    return summary
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          data=None, log=print, ctx: DistContext | None = None) -> dict:
+    """Train, evaluate on every modality subset, write the run directory; returns
+    {"summary", "test", "model", "modalities"}.
+
+    Under ``torchrun`` (or with an explicit ``ctx``) the run is data-parallel
+    (see :mod:`mars.distributed`); only rank 0 writes files and shows progress,
+    and every rank returns the same summary. The ranks share ``run_dir``.
+    ``resume=True`` continues the run in ``run_dir`` (``cfg`` is read from it)."""
+    r = _set_up_run(cfg, run_dir, resume, progress, log, ctx or context_from_env())
+    _build_state(r, data)
+    _epoch_loop(r)
+    test, agreement = _final_evaluation(r)
+    summary = _write_run(r, test, agreement)
+    return {"summary": summary, "test": test, "model": r.model, "modalities": r.test_set.modalities}

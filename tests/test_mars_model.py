@@ -193,3 +193,81 @@ def test_backends_agree_on_a_training_step(seg_small):
         assert grads.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(grads[name], want[name], atol=1e-4, rtol=1e-4, msg=f"{backend}: {name}")
+
+
+def test_state_dict_from_before_the_router_module_loads(mfeat_small):
+    """Checkpoints written before MarsRouter have feature_router.* and
+    residual_router.* at the top of the model; they load into router.*, and
+    the parameter order (the optimiser state's layout) is unchanged."""
+    data = mfeat_small[0]
+    cfg = ModelConfig(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, router_mlp=True)
+    torch.manual_seed(0)
+    source = build_model(data.modalities, _shapes(data), data.num_classes, data.task, cfg).eval()
+    old_style = {k.removeprefix("router."): v for k, v in source.state_dict().items()}
+    assert any(k.startswith("feature_router.") for k in old_style) and any(k.startswith("residual_router.") for k in old_style)
+    blocks = [n.removeprefix("router.").split(".")[0] for n, _ in source.named_parameters()]
+    assert list(dict.fromkeys(blocks)) == ["encode", "fuse", "feature_router", "residual_router", "experts", "head"]
+    torch.manual_seed(1)
+    target = build_model(data.modalities, _shapes(data), data.num_classes, data.task, cfg).eval()
+    target.load_state_dict(old_style)  # strict
+    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
+        assert torch.equal(a, b), name
+    feats = {m: data.features[m][:5] for m in data.modalities}
+    observed = torch.ones(5, 6, dtype=torch.bool)
+    torch.testing.assert_close(target(feats, observed).logits, source(feats, observed).logits, rtol=0, atol=0)
+
+
+def test_method_registry_builds_every_method(mfeat_small):
+    from mars import methods
+    from mars.interface import TrainableModel
+
+    data = mfeat_small[0]
+    skips = {}
+    for method in methods.REGISTRY.values():
+        for spelling in method.spellings:
+            assert methods.canonical(spelling) == method.name
+        model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                            ModelConfig(method=method.cli_name, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2))
+        assert isinstance(model, TrainableModel)
+        assert model.config.method == method.name
+        skips[method.name] = model.may_skip_parameters
+    assert skips == {"mars": False, "moe": False, "late_fusion": False, "moe_retriever": True, "mce": False}
+    assert cli.METHOD_CHOICES == methods.cli_names()
+    with pytest.raises(ValueError, match="method must be one of"):
+        ModelConfig(method="foo")
+
+
+@pytest.mark.parametrize("routing,skips", [("residual", False), ("feature", True), ("random", True)])
+def test_routing_ablations_declare_unused_parameters(routing, skips, mfeat_small):
+    """A step's parameters without gradient are exactly what may_skip_parameters announces."""
+    data = mfeat_small[0]
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                        ModelConfig(routing=routing, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2))
+    assert model.may_skip_parameters == skips
+    idx = torch.arange(8)
+    feats = {m: data.features[m][idx] for m in data.modalities}
+    full = torch.ones(8, 6, dtype=torch.bool)
+    loss, _ = model.loss(model(feats, full & (torch.arange(6) < 3), full, mode="train"), data.labels[idx])
+    loss.backward()
+    unused = sorted(n for n, p in model.named_parameters() if p.grad is None)
+    assert bool(unused) == skips
+    assert all(n.startswith("router.") for n in unused)
+
+
+def _ddp_random_routing(rank, world, root):
+    from mars.data import load_mfeat
+    from mars.distributed import DistContext
+
+    train_set, val_set, test_set = load_mfeat(seed=0)
+    data = (train_set.subset(torch.arange(64)), val_set.subset(torch.arange(16)), test_set.subset(torch.arange(16)))
+    cfg = TrainConfig(epochs=1, batch_size=16, model=ModelConfig(routing="random", d_model=16, d_hidden=16,
+                                                                  num_experts=4, fusion_heads=2, backend="cpu"))
+    return train(cfg, root, data=data, progress=False, ctx=DistContext(rank=rank, world=world))["summary"]["best_epoch"]
+
+
+def test_data_parallel_training_with_a_routing_ablation(tmp_path):
+    """Random routing leaves the routers without gradient; the trainer tells
+    DistributedDataParallel (find_unused_parameters), so training runs."""
+    from dist_utils import run_distributed
+
+    assert run_distributed(_ddp_random_routing, 2, args=(str(tmp_path / "run"),), timeout_s=120) == [1, 1]

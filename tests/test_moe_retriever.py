@@ -201,7 +201,7 @@ def _looped_logits(model, feats, observed, groups):
             tokens = (gates[:, :, None] * dense.gather(1, top.indices[:, :, None].expand(-1, -1, z.shape[1]))).sum(1)
             out.append((1 - alpha) * tokens[: len(rows)].mean(0) + alpha * tokens[len(rows):].mean(0))
         h[b, :, t] = torch.stack(out)
-    return model._readout(model.fuse(h))
+    return model.readout(model.fuse(h))
 
 
 @pytest.mark.parametrize("maps", [False, True], ids=["vectors", "maps"])

@@ -1,4 +1,5 @@
-"""Baselines and related methods with the same encoders, data and budget as
-MARS: MoE-Retriever (:mod:`.moe_retriever`) and MCE (:mod:`.mce`). Late fusion
-and the vanilla MoE live in :mod:`mars.model` next to MARS, whose pieces they
-share."""
+"""The baselines, with the same encoders, data and budget as MARS, one file
+each: late fusion (:mod:`.late_fusion`), MoE-Retriever (:mod:`.moe_retriever`,
+with :mod:`.supporting`) and MCE (:mod:`.mce`, with :mod:`.shapley` and
+:mod:`.subsets`). The vanilla MoE shares MARS's model (:mod:`mars.model`,
+feature router only). :mod:`mars.methods` registers them all."""

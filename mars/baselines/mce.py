@@ -43,15 +43,20 @@ here.)
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mars.model import ModalityEncoders, ModelConfig, Output, _encoder
+from ..components import ModalityEncoders, cross_entropy, make_encoder, total_and_parts
+from ..interface import MethodModel, Output
 
 from .shapley import batch_factors, shapley_matrix
 from .subsets import observed_columns, proper_subset_pairs, subset_table, subsets_per_sample
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 TEACHER_BATCH = 64
 TEACHER_LR = 1e-3
@@ -111,7 +116,7 @@ class UnimodalModel(nn.Module):
     def __init__(self, shape: tuple[int, ...], d: int, num_classes: int, task: str, dropout: float):
         super().__init__()
         self.task = task
-        self.encoder = _encoder(tuple(shape), d, dropout)
+        self.encoder = make_encoder(tuple(shape), d, dropout)
         self.head = nn.Linear(d, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -155,7 +160,7 @@ def per_sample_score(logits: Tensor, labels: Tensor, ignore_index: int | None) -
     return _sum_per_sample(hit).float() / _sum_per_sample(valid).clamp(min=1)
 
 
-class MCEModel(nn.Module):
+class MCEModel(MethodModel):
     """MCE with MARS's encoders (``config.method == "mce"``).
 
     forward(features {m: [B, d_m] or [B, C_m, H, W]}, observed [B, M] bool,
@@ -191,7 +196,7 @@ class MCEModel(nn.Module):
         self.encode.missing.requires_grad_(False)
         if task == "segmentation" and not self.encode.maps:
             raise ValueError("task='segmentation' needs [C, H, W] feature maps, got vector features")
-        self.map_size = tuple(shapes[modalities[0]][1:]) if self.encode.maps else None
+        self.map_size = self.encode.map_size
         self.position = nn.Parameter(torch.zeros(M, d))
         self.complete = CompletionTransformer(d, config.fusion_heads, config.d_hidden, config.dropout)
         self.decoder = nn.Sequential(nn.Linear(M * d, config.d_hidden), nn.GELU(), nn.Dropout(config.dropout),
@@ -291,7 +296,7 @@ class MCEModel(nn.Module):
         observed, sample, column = aux["observed"], aux["sub_sample"], aux["sub_column"]
         B, M = observed.shape
         labels = labels.to(out.logits.device)
-        task = F.cross_entropy(out.logits, labels, **({"ignore_index": ignore_index} if ignore_index is not None else {}))
+        task = cross_entropy(out.logits, labels, ignore_index)
 
         # L_sub and L_com: each pair (b, S) weighs 1 / (K_b * #{b : O_b non-empty}).
         active = observed.any(dim=1).sum().clamp(min=1).to(out.logits.dtype)
@@ -335,12 +340,9 @@ class MCEModel(nn.Module):
     def loss(self, out: Output, labels: Tensor, ignore_index: int | None = None) -> tuple[Tensor, dict]:
         """Total loss and its parts (floats). Eval outputs give the task CE only."""
         if "sub_logits" not in out.aux:
-            task = F.cross_entropy(out.logits, labels, **({"ignore_index": ignore_index} if ignore_index is not None else {}))
-            return task, {"task": float(task.detach())}
+            return total_and_parts({"task": cross_entropy(out.logits, labels, ignore_index)})
         terms = self.loss_terms(out, labels, ignore_index)
-        parts = self.combine(terms)
-        total = sum(parts.values())
-        logged = {name: float(v.detach()) for name, v in parts.items()}
+        total, logged = total_and_parts(self.combine(terms))
         logged.update({f"b/{m}": float(b) for m, b in zip(self.modalities, terms["b"].tolist())})
         return total, logged
 

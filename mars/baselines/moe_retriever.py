@@ -35,14 +35,19 @@ only ever the train split attached by ``prepare``.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mars_kernels as mk
 
-from ..model import MarsModel, ModalityAttentionFusion, ModalityEncoders, ModelConfig, Output
+from ..components import ModalityAttentionFusion, ModalityEncoders, cross_entropy, token_readout, total_and_parts
+from ..interface import MethodModel, Output
 from .supporting import NONE, SupportingGroups, sample_supporting
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 EVAL_TOKEN_BUDGET = 1 << 18  # sequence tokens per retriever chunk in eval (bounds memory on maps)
 POOL_ENCODE_CHUNK = 1024
@@ -140,7 +145,7 @@ class ContextRetriever(nn.Module):
         return (1 - alpha) * intra_mean + alpha * inter_mean, balance, indices
 
 
-class MoERetrieverModel(nn.Module):
+class MoERetrieverModel(MethodModel):
     """MoE-Retriever (``config.method == "moe_retriever"``).
 
     forward(features, observed [B, M] bool, available=None (unused: retrieval
@@ -161,8 +166,6 @@ class MoERetrieverModel(nn.Module):
     def __init__(self, modalities: list[str], shapes: dict[str, tuple[int, ...]], num_classes: int,
                  task: str, config: ModelConfig):
         super().__init__()
-        if config.method != "moe_retriever":
-            raise ValueError(f"MoERetrieverModel needs config.method='moe_retriever', got {config.method!r}")
         self.config, self.task, self.num_classes = config, task, num_classes
         self.modalities = list(modalities)
         d = config.d_model
@@ -170,7 +173,7 @@ class MoERetrieverModel(nn.Module):
         self.fuse = ModalityAttentionFusion(d, config.fusion_heads, config.dropout, config.backend)
         self.retriever = ContextRetriever(config, len(modalities)) if config.retriever_variant == "paper" else None
         self.head = nn.Linear(d, num_classes)
-        self.map_size = tuple(shapes[modalities[0]][1:]) if self.encode.maps else None
+        self.map_size = self.encode.map_size
         self.shapes = {m: tuple(shapes[m]) for m in modalities}
         # The last epoch given to set_epoch (-1: none, retrieval on); saved so a
         # restored checkpoint knows whether it was trained past the warm-up.
@@ -230,8 +233,7 @@ class MoERetrieverModel(nn.Module):
     # ------------------------------------------------------------- pieces
     def _encode_modality(self, m: int, x: Tensor) -> Tensor:
         """Features of modality m [n, ...] -> tokens [n, N, D], as ModalityEncoders."""
-        h = self.encode.encoders[self.modalities[m]](x)
-        return h.flatten(2).transpose(1, 2) if self.encode.maps else h.unsqueeze(1)
+        return self.encode.encode_modality(m, x)
 
     def _pool_tokens(self) -> Tensor:
         """The whole pool encoded without gradient, [M, P, N, D], cached."""
@@ -262,7 +264,9 @@ class MoERetrieverModel(nn.Module):
             flat = flat.index_copy(0, slots, encoded[inverse])
         return flat.reshape(Q, G, like.shape[1], like.shape[3])
 
-    _readout = MarsModel._readout  # the same head readout: y [B, N, D] -> [B, K] or [B, K, H, W]
+    def readout(self, y: Tensor) -> Tensor:
+        """The task head on the fused tokens, as MARS: y [B, N, D] -> [B, K] or [B, K, H, W]."""
+        return token_readout(self.head, y, self.map_size)
 
     @staticmethod
     def missing_pairs(observed: Tensor) -> tuple[Tensor, Tensor]:
@@ -350,13 +354,11 @@ class MoERetrieverModel(nn.Module):
             raise TypeError(f"observed must be a [B, M={M}] bool tensor, got "
                             f"{getattr(observed, 'dtype', type(observed).__name__)} {list(getattr(observed, 'shape', []))}")
         filled, aux = self.complete_tokens(features, observed, mode, sample_index, supporting, gate_noise)
-        return Output(self._readout(self.fuse(filled)), aux)
+        return Output(self.readout(self.fuse(filled)), aux)
 
     def loss(self, out: Output, labels: Tensor, ignore_index: int | None = None) -> tuple[Tensor, dict]:
         """CE + lambda_gate * balance (paper variant) and its parts as floats."""
-        ce = dict(ignore_index=ignore_index) if ignore_index is not None else {}
-        parts = {"task": F.cross_entropy(out.logits, labels, **ce)}
+        parts = {"task": cross_entropy(out.logits, labels, ignore_index)}
         if "balance" in out.aux:
             parts["balance"] = self.config.lambda_gate * out.aux["balance"]
-        total = sum(parts.values())
-        return total, {name: float(v.detach()) for name, v in parts.items()}
+        return total_and_parts(parts)

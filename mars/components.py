@@ -1,0 +1,144 @@
+"""The pieces every method shares: modality encoders with learned
+missing-modality embeddings, the attention fusion across modalities, the
+token readout and the loss assembly.
+
+Shapes: B samples, M modalities, N tokens per sample (1 for feature vectors,
+H*W for feature maps), D model width, K classes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mars_kernels as mk
+
+__all__ = ["make_encoder", "ModalityEncoders", "ModalityAttentionFusion", "token_readout", "cross_entropy",
+           "total_and_parts"]
+
+
+def make_encoder(shape: tuple[int, ...], d: int, dropout: float) -> nn.Module:
+    """A modality encoder: an MLP for vectors [d_m] -> [D], a small conv net for
+    maps [C, H, W] -> [D, H, W]."""
+    if len(shape) == 1:
+        return nn.Sequential(nn.Linear(shape[0], d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, d), nn.LayerNorm(d))
+    if len(shape) == 3:
+        return nn.Sequential(nn.Conv2d(shape[0], d, 3, padding=1), nn.GELU(), nn.Conv2d(d, d, 1))
+    raise ValueError(f"modality features must be [d] vectors or [C, H, W] maps, got shape {shape}")
+
+
+class ModalityEncoders(nn.Module):
+    """Per-modality encoders plus learned missing-modality embeddings.
+
+    forward(features: {m: [B, d_m] or [B, C_m, H, W]}) -> h [B, N, M, D].
+    ``map_size``: (H, W) for feature maps, None for vectors.
+    """
+
+    def __init__(self, modalities: list[str], shapes: dict[str, tuple[int, ...]], d: int, dropout: float):
+        super().__init__()
+        self.modalities = list(modalities)
+        ranks = {len(shapes[m]) for m in modalities}
+        if len(ranks) != 1:
+            raise ValueError(f"all modalities must be vectors or all maps, got shapes {shapes}")
+        self.maps = ranks == {3}
+        if self.maps and len({shapes[m][1:] for m in modalities}) != 1:
+            raise ValueError(f"feature maps must share H and W, got {shapes}")
+        self.map_size = tuple(shapes[modalities[0]][1:]) if self.maps else None
+        self.encoders = nn.ModuleDict({m: make_encoder(tuple(shapes[m]), d, dropout) for m in modalities})
+        self.missing = nn.Parameter(torch.randn(len(modalities), d) * 0.02)
+
+    def encode_modality(self, m: int, x: torch.Tensor) -> torch.Tensor:
+        """Features of modality number m [n, d_m] or [n, C_m, H, W] -> tokens [n, N, D]."""
+        h = self.encoders[self.modalities[m]](x)
+        if self.maps:
+            return h.flatten(2).transpose(1, 2)  # [n, D, H, W] -> [n, H*W, D]
+        return h.unsqueeze(1)  # [n, 1, D]
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.encode_modality(i, features[m]) for i, m in enumerate(self.modalities)], dim=2)
+
+    def with_missing(self, h: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """Replace the tokens of unobserved modalities: h [B, N, M, D], observed [B, M]."""
+        return torch.where(observed[:, None, :, None], h, self.missing.to(h.dtype))
+
+
+class ModalityAttentionFusion(nn.Module):
+    """Self-attention across the modality axis at each token, then the mean
+    over modalities: h [B, N, M, D] -> z [B, N, D].
+
+    The parameters are an ``nn.MultiheadAttention`` (``attn``: packed in- and
+    out-projections, attention dropout) and a LayerNorm; the attention runs on
+    :func:`mars_kernels.modality_attention` and the residual, LayerNorm and mean
+    on :func:`mars_kernels.residual_norm_mean`, with ``backend``.
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float, backend: str | None = None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.backend = backend
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens [..., D] -> packed q | k | v [..., 3D]."""
+        return F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias)
+
+    def _attend(self, h: torch.Tensor, missing: torch.Tensor | None = None,
+                observed: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens h [B, N, M, D] -> z [*P, B, N, D]. With missing [M, D]
+        embeddings and ``observed`` [*P, B, M] bool (P masks, or none), the
+        tokens a mask leaves out are replaced by their embedding, for all
+        masks in one call of each op. The in-projection is per token, so the
+        tokens and the embeddings are projected once for all masks and the ops
+        pick the rows (and sum the masks' gradients in the kernels)."""
+        B, N, M, D = h.shape
+        masks = () if observed is None else tuple(observed.shape[:-2])  # () or (P,)
+        heads, p = self.attn.num_heads, self.attn.dropout
+        keep = None
+        if self.training and p > 0:
+            keep = mk.attention_keep_mask(math.prod(masks) * B * N, heads, M, p, device=h.device)
+            keep = keep.view(*masks, B * N, heads, M, M)
+        proj_missing = None
+        if observed is not None:
+            observed = observed.unsqueeze(-2).expand(*masks, B, N, M).reshape(*masks, B * N, M)
+            missing = missing.to(h.dtype)
+            proj_missing = self._project(missing)
+        tokens = h.reshape(B * N, M, D)
+        o = mk.modality_attention(self._project(tokens), heads, keep=keep, missing=proj_missing,
+                                  observed=observed, backend=self.backend)
+        z = mk.residual_norm_mean(self.attn.out_proj(o), tokens, self.norm.weight, self.norm.bias, missing=missing,
+                                  observed=observed, eps=self.norm.eps, backend=self.backend)
+        return z.view(*masks, B, N, D)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._attend(h)
+
+    def fuse_masked(self, h: torch.Tensor, missing: torch.Tensor, masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """h [B, N, M, D] tokens, missing [M, D] embeddings, masks [B, M] bool
+        -> one z [B, N, D] per mask, with the tokens of each modality the mask
+        leaves out replaced by its missing embedding."""
+        return list(self._attend(h, missing, torch.stack(list(masks))).unbind(0))
+
+
+def token_readout(head: nn.Module, y: torch.Tensor, map_size: tuple[int, int] | None) -> torch.Tensor:
+    """Task logits from tokens: y [B, N, D] -> head(mean over tokens) [B, K]
+    (vectors, ``map_size`` None), or head per token as a map [B, K, H, W]."""
+    if map_size is None:
+        return head(y.mean(dim=1))
+    logits = head(y)  # [B, N, K]
+    return logits.transpose(1, 2).reshape(y.shape[0], logits.shape[-1], *map_size)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy, pixels labelled ``ignore_index`` left out."""
+    if ignore_index is None:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+
+def total_and_parts(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss from its (already weighted) parts: (their sum, each
+    part as a float for the log)."""
+    total = sum(parts.values())
+    return total, {name: float(v.detach()) for name, v in parts.items()}
