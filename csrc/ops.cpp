@@ -1,6 +1,8 @@
 // Schemas of every mars_kernels op, declared once. Implementations register
-// for the CPU key (cpu/*.cpp) and the CUDA key (cuda/*_binding.cpp); fake
-// (meta) implementations live in mars_kernels/_fake.py.
+// for the CPU key (cpu/*.cpp) and the CUDA key (cuda/*_binding.cpp). Each op's
+// module under mars_kernels/ops/ attaches its fake (meta) implementation and
+// autograd formula and defines its Triton twin torch.ops.mars_triton.<name>
+// with this same schema (mars_kernels/library.py).
 //
 // Shapes: T tokens, E experts, k chosen per token. "f32" means float32, or
 // float64 when the logits are float64. Indices are int64, ordered by
@@ -53,11 +55,13 @@ TORCH_LIBRARY(mars_kernels, m) {
   m.def(
       "moe_align(Tensor indices, int num_experts, int block_size) -> (Tensor counts, Tensor offsets,"
       " Tensor permutation, Tensor inverse, Tensor block_expert, Tensor block_start)");
+  // Both row moves take the permutation and its inverse (each one's backward is
+  // the other move); entries outside [0, S) raise (CPU) rather than read out of bounds.
   // x [T,D] -> x_sorted [S,D], x_sorted[s] = x[permutation[s] / top_k].
-  m.def("moe_permute(Tensor x, Tensor permutation, int top_k) -> Tensor");
+  m.def("moe_permute(Tensor x, Tensor permutation, Tensor inverse, int top_k) -> Tensor");
   // y_sorted [S,D] -> y [T,D], y[t] = sum_j w[t,j] * y_sorted[inverse[t*k+j]] (w = 1 when
   // weights is None), accumulated in f32 in the order j = 0..k-1, no atomics.
-  m.def("moe_unpermute(Tensor y_sorted, Tensor inverse, Tensor? weights, int top_k) -> Tensor");
+  m.def("moe_unpermute(Tensor y_sorted, Tensor permutation, Tensor inverse, Tensor? weights, int top_k) -> Tensor");
   // Backward of the weighted unpermute: grad_y_sorted[s] = w[p] * grad_out[p / k] with
   // p = permutation[s]; grad_weights[t,j] = <grad_out[t], y_sorted[inverse[t*k+j]]> (f32).
   m.def(
@@ -77,16 +81,20 @@ TORCH_LIBRARY(mars_kernels, m) {
 
   // The whole expert computation in token order, without materialising T*k rows:
   // y[t] = sum over t's assignments of w * (act(x[t] W1[e] + b1[e]) W2[e] + b2[e]),
-  // accumulated in f32 in expert order. x [T,D], weights [T,k] f32, permutation and
-  // offsets from moe_align. -> y [T,D], h [S,H1] in sorted order (empty unless save_h).
+  // accumulated in f32 in expert order. x [T,D], weights [T,k] f32; permutation,
+  // inverse, offsets, block_expert, block_start, top_k and block_size are the
+  // MoEMeta of moe_align (the CPU kernels read permutation and offsets, the
+  // row-block kernels the rest). -> y [T,D], h [S,H1] in sorted order (empty
+  // [0,H1] unless save_h).
   m.def(
-      "moe_mlp_fwd(Tensor x, Tensor weights, Tensor permutation, Tensor offsets, int top_k, Tensor w1,"
-      " Tensor? b1, Tensor w2, Tensor? b2, str activation, bool save_h) -> (Tensor y, Tensor h)");
+      "moe_mlp_fwd(Tensor x, Tensor weights, Tensor permutation, Tensor inverse, Tensor offsets,"
+      " Tensor block_expert, Tensor block_start, int top_k, int block_size, Tensor w1, Tensor? b1,"
+      " Tensor w2, Tensor? b2, str activation, bool save_h) -> (Tensor y, Tensor h)");
   // -> grad_x [T,D], grad_weights [T,k] f32, grad_w1, grad_b1 [E,H1], grad_w2, grad_b2 [E,D].
   m.def(
-      "moe_mlp_bwd(Tensor grad_y, Tensor x, Tensor weights, Tensor permutation, Tensor offsets, int top_k,"
-      " Tensor w1, Tensor w2, Tensor? b2, Tensor h, str activation)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "moe_mlp_bwd(Tensor grad_y, Tensor x, Tensor weights, Tensor permutation, Tensor inverse, Tensor offsets,"
+      " Tensor block_expert, Tensor block_start, int top_k, int block_size, Tensor w1, Tensor w2, Tensor? b2,"
+      " Tensor h, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- MARS training-time routing (DESIGN 2.3), see reference.mars_routing.
   // residual_logits, feature_logits [T,E] same float dtype; noise [T,E] f32 ->

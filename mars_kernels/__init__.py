@@ -1,34 +1,38 @@
 """mars_kernels: fused Triton, CUDA and CPU kernels for sparse mixture-of-experts
-routing, each with a pure-PyTorch reference twin (:mod:`mars_kernels.reference`).
+routing, each op with a pure-PyTorch twin (:mod:`mars_kernels.reference`).
 
 >>> import torch, mars_kernels as mk
 >>> weights, indices = mk.topk_gating(torch.randn(16, 8), k=2)
+
+Layout: :mod:`mars_kernels.ops` (one module per op family), :mod:`mars_kernels.layers`
+(nn.Modules), :mod:`mars_kernels.backend` (backend names and the backend table),
+:mod:`mars_kernels.library` (the torch.library registration path).
 """
 from . import backend, reference
-from .attention import attention_keep_mask, modality_attention
 from .backend import extension_available
-from .residual_norm import residual_norm_mean
-from .dispatch import MoEMeta, apply_capacity, grouped_mlp, moe_align, moe_mlp, permute, unpermute
-from .layers import Experts, NoisyTopKRouter, Routing, SparseMoE, TopKRouter
 from .expert_parallel import ShardedExperts, expert_parallel, gather_experts, shard_experts, shard_range
+from .layers import Experts, MarsRouter, NoisyTopKRouter, Routing, SparseMoE, TopKRouter
 from .ops import (
+    MoEMeta,
+    apply_capacity,
+    attention_keep_mask,
     cv_squared,
     expert_counts,
+    grouped_mlp,
     mars_routing,
+    modality_attention,
+    moe_align,
+    moe_mlp,
     noisy_balance_loss,
     noisy_topk_gating,
+    permute,
+    residual_norm_mean,
     router_stats,
     router_z_loss,
     switch_balance_loss,
     topk_gating,
+    unpermute,
 )
-
-if extension_available():
-    from ._autograd import register_op_autograd
-    from ._fake import register_fakes
-
-    register_fakes()
-    register_op_autograd()
 
 __version__ = "0.1.0"
 
@@ -39,6 +43,7 @@ __all__ = [
     "Routing",
     "TopKRouter",
     "NoisyTopKRouter",
+    "MarsRouter",
     "Experts",
     "SparseMoE",
     "topk_gating",

@@ -1,16 +1,32 @@
-"""Which implementation runs an op: ``auto | reference | triton | cuda | cpu``.
+"""Which implementation runs an op: the backend names and the backend table.
 
-The choice is made per call (``backend=`` on every op), per module (the
-``backend`` argument of the layers) and process-wide with the
-``MARS_KERNELS_BACKEND`` environment variable; the first one given wins.
+A *backend* is what a user picks: ``auto | reference | triton | cuda | cpu``,
+per call (``backend=`` on every op), per module (the layers' ``backend``
+argument) or process-wide (``MARS_KERNELS_BACKEND``); the first one given
+wins. :func:`resolve` turns it into a concrete backend for a device, once per
+module call (the layers resolve and hand the concrete name to every op).
 
 ``auto`` picks ``cuda`` (then ``triton``) for CUDA tensors and ``cpu`` for CPU
 tensors, and falls back to ``reference`` with a one-time warning when the
-compiled extension is missing. An explicitly requested backend that cannot run
+compiled extension is missing. A backend asked for explicitly that cannot run
 raises instead of silently falling back.
+
+The *table* (:data:`TABLE`) says, per op family and backend, which
+implementation runs:
+
+* ``"torch"``: the op's pure-PyTorch twin (in its module under ``mars_kernels.ops``);
+* ``"compiled"``: ``torch.ops.mars_kernels.*``, the C++ kernels for CPU tensors
+  and the CUDA kernels for CUDA tensors (``csrc/``);
+* ``"triton"``: ``torch.ops.mars_triton.*``, the Triton launchers
+  (``mars_kernels/ops/triton/``).
+
+Where the ``cuda`` column says ``"triton"`` the op has no hand-written CUDA
+kernel and ``backend="cuda"`` runs its Triton kernels: stated here, not
+hidden in the op. A (backend, op) pair missing from the table raises.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -18,6 +34,26 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 ENV_VAR = "MARS_KERNELS_BACKEND"
+
+#: op family -> {backend: implementation}.
+TABLE: dict[str, dict[str, str]] = {
+    "topk_gating": dict(reference="torch", cpu="compiled", cuda="compiled", triton="triton"),
+    "router_stats": dict(reference="torch", cpu="compiled", cuda="compiled", triton="triton"),
+    "noisy_topk_gating": dict(reference="torch", cpu="compiled", cuda="compiled", triton="triton"),
+    "mars_routing": dict(reference="torch", cpu="compiled", cuda="compiled", triton="triton"),
+    # The twins of the dispatch metadata and row moves are sync-free on a GPU too.
+    "moe_align": dict(reference="torch", cpu="compiled", cuda="compiled", triton="torch"),
+    "permute": dict(reference="torch", cpu="compiled", cuda="compiled", triton="torch"),
+    "unpermute": dict(reference="torch", cpu="compiled", cuda="compiled", triton="torch"),
+    "grouped_mlp": dict(reference="torch", cpu="compiled", cuda="triton", triton="triton"),
+    "moe_mlp": dict(reference="torch", cpu="compiled", cuda="triton", triton="triton"),
+    "modality_attention": dict(reference="torch", cpu="compiled", cuda="triton", triton="triton"),
+    "residual_norm_mean": dict(reference="torch", cpu="compiled", cuda="triton", triton="triton"),
+}
+
+#: Rows per block of the dispatch metadata (``moe_align``'s ``block_size``) that
+#: each backend's expert MLP expects: the Triton kernels tile expert rows by it.
+EXPERT_BLOCK_SIZE = dict(reference=64, cpu=64, cuda=64, triton=64)
 
 _extension_error: str | None = None
 try:
@@ -28,7 +64,7 @@ except ImportError as exc:  # the build is optional
 _warned: set[str] = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -39,6 +75,7 @@ def extension_available() -> bool:
     return _extension_error is None
 
 
+@functools.cache
 def cuda_ops_available() -> bool:
     """True when the extension was built with its CUDA kernels."""
     return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -46,6 +83,7 @@ def cuda_ops_available() -> bool:
     )
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -56,6 +94,13 @@ def triton_available() -> bool:
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_name(backend: str | None) -> str | None:
+    """A backend name as a module or call accepts it (None: decide later)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
 
 
 def resolve(backend: str | None, device: torch.device) -> str:
@@ -72,11 +117,11 @@ def resolve(backend: str | None, device: torch.device) -> str:
         if on_cuda:
             if cuda_ops_available():
                 return "cuda"
-            if triton_available():
+            if triton_available() and extension_available():
                 return "triton"
         elif device.type == "cpu" and extension_available():
             return "cpu"
-        _warn_once(
+        warn_once(
             f"fallback-{device.type}",
             f"mars_kernels: no compiled kernels for {device.type} tensors "
             f"({_extension_error or 'extension built without them'}); "
@@ -96,6 +141,9 @@ def resolve(backend: str | None, device: torch.device) -> str:
     elif requested == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install 'mars-kernels[triton]')")
+        if not extension_available():
+            # The Triton ops take their schemas from the compiled extension.
+            raise RuntimeError(f"backend='triton' needs the compiled extension mars_kernels._C: {_extension_error}")
         if not on_cuda and not triton_interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, got tensors on {device} "
@@ -104,10 +152,9 @@ def resolve(backend: str | None, device: torch.device) -> str:
     return requested
 
 
-def kernels(name: str):
-    """The module holding a compiled backend's kernel-level ops (see csrc/ops.cpp)."""
-    if name == "triton":
-        from . import triton as triton_kernels
-
-        return triton_kernels
-    return torch.ops.mars_kernels
+def implementation(op: str, backend: str) -> str:
+    """What runs ``op`` on the concrete ``backend``: "torch", "compiled" or "triton"."""
+    try:
+        return TABLE[op][backend]
+    except KeyError:
+        raise ValueError(f"mars_kernels has no {backend!r} implementation of {op!r} (see mars_kernels.backend.TABLE)") from None

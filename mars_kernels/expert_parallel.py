@@ -37,9 +37,9 @@ import math
 import torch
 from torch import nn
 
-from . import _validate as check
 from . import backend as _backend
-from . import dispatch
+from . import checks as check
+from .ops import ACTIVATIONS, moe_align, moe_mlp, permute, unpermute
 from ._expert_parallel_comm import all_gather_stacked, all_to_all_rows, comm_timing, exchange_counts, group_rank_and_size
 from .layers import Experts, SparseMoE
 
@@ -48,31 +48,17 @@ __all__ = ["shard_range", "ShardedExperts", "shard_experts", "gather_experts", "
 _PARAM_NAMES = ("w1", "b1", "w2", "b2")
 
 
-def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    return v
-
-
 def shard_range(num_experts: int, world_size: int, rank: int) -> tuple[int, int]:
     """The experts [start, stop) that ``rank`` owns out of ``num_experts``
     split over ``world_size`` ranks: contiguous blocks of E // P experts, the
     first E % P ranks holding one more (E = 5, P = 2 -> (0, 3) and (3, 5))."""
-    _positive_int(num_experts, "num_experts")
-    _positive_int(world_size, "world_size")
+    check.positive_int(num_experts, "num_experts")
+    check.positive_int(world_size, "world_size")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
     base, extra = divmod(num_experts, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
-
-
-def _block_size(backend_name: str) -> int:
-    if backend_name in ("triton", "cuda"):
-        from .triton import moe as triton_moe
-
-        return triton_moe.BLOCK_M
-    return dispatch.DEFAULT_BLOCK_SIZE
 
 
 class ShardedExperts(nn.Module):
@@ -117,12 +103,11 @@ class ShardedExperts(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        if activation not in dispatch.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {dispatch.ACTIVATIONS}, got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         for name, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
-            _positive_int(v, name)
-        if backend is not None and backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS} or None, got {backend!r}")
+            check.positive_int(v, name)
+        _backend.check_name(backend)
         if capacity_factor is not None:
             capacity_factor = check.positive_float(capacity_factor, "capacity_factor")
         rank, world_size = group_rank_and_size(group)
@@ -176,17 +161,20 @@ class ShardedExperts(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, *, backend: str | None = None
+    ) -> torch.Tensor:
+        """As :meth:`mars_kernels.Experts.forward` (``backend`` overrides the module's for this call)."""
         indices = self._check_inputs(x, weights, indices)
-        name = _backend.resolve(self.backend, x.device)
-        block = _block_size(name)
+        name = _backend.resolve(backend or self.backend, x.device)
+        block = _backend.EXPERT_BLOCK_SIZE[name]
         self.last_capacity = -1
         self.last_dropped = self.last_dropped_total = torch.zeros((), dtype=torch.int64, device=x.device)
         if self.capacity_factor is not None:
             indices, weights = self._apply_group_capacity(indices, weights)
-        meta = dispatch.moe_align(indices, self.num_experts, block, backend=name)
+        meta = moe_align(indices, self.num_experts, block, backend=name)
         if self.world_size == 1:
-            return dispatch.moe_mlp(x, weights, meta, self.w1, self.b1, self.w2, self.b2, self.activation, backend=name)
+            return moe_mlp(x, weights, meta, self.w1, self.b1, self.w2, self.b2, self.activation, backend=name)
         return self._forward_exchanged(x, weights, meta, name, block)
 
     def _forward_exchanged(self, x, weights, meta, name: str, block: int) -> torch.Tensor:
@@ -201,13 +189,13 @@ class ShardedExperts(nn.Module):
         kept, received = bounds[P], sum(recv_splits)
 
         anchor = x.new_empty(0, requires_grad=True) if torch.is_grad_enabled() else None
-        x_sorted = dispatch.permute(x, meta, backend=name)
+        x_sorted = permute(x, meta, backend=name)
         x_recv = all_to_all_rows(x_sorted[:kept], recv_splits, send_splits, self.group, anchor)
 
         local_ids = torch.repeat_interleave(self._recv_pattern, recv_local.reshape(-1), output_size=received)
-        local_meta = dispatch.moe_align(local_ids.unsqueeze(1), n_local, block, backend=name)
+        local_meta = moe_align(local_ids.unsqueeze(1), n_local, block, backend=name)
         unit_gates = x_recv.new_ones(received, 1)
-        y_recv = dispatch.moe_mlp(
+        y_recv = moe_mlp(
             x_recv, unit_gates, local_meta, self.w1, self.b1, self.w2, self.b2, self.activation, backend=name
         )
 
@@ -215,7 +203,7 @@ class ShardedExperts(nn.Module):
         dropped_rows = meta.permutation.shape[0] - kept
         if dropped_rows:
             y_back = torch.cat([y_back, y_back.new_zeros(dropped_rows, y_back.shape[1])])
-        return dispatch.unpermute(y_back, meta, weights, backend=name)
+        return unpermute(y_back, meta, weights, backend=name)
 
     def _check_inputs(self, x, weights, indices) -> torch.Tensor:
         check.float_matrix(x, "x")

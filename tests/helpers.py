@@ -32,13 +32,6 @@ def compiled_backends(device: str = "cpu") -> list[str]:
     return ["cpu", "triton"]
 
 
-def backend_supports(backend: str, dtype: torch.dtype) -> bool:
-    """The gating kernels compute in float32 whatever the input dtype, so bf16
-    runs even under the Triton interpreter (whose bf16 tl.dot is wrong, DESIGN 5);
-    kernels that multiply bf16 tiles must say so here."""
-    return True
-
-
 def make_logits(T: int, E: int, dtype=torch.float32, device="cpu", seed: int = 0, ties: bool = False) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if ties:
@@ -56,13 +49,6 @@ def backend_params():
     cpu = [pytest.param("cpu", b, id=f"cpu-{b}") for b in compiled_backends("cpu")]
     gpu = [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.gpu) for b in compiled_backends("cuda")]
     return cpu + gpu
-
-
-def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
-    import pytest
-
-    if not backend_supports(backend, dtype):
-        pytest.skip(f"{backend} under TRITON_INTERPRET cannot compute in {dtype}")
 
 
 def train_interrupted(make_config, epochs: int, stop_after: int, root, data):

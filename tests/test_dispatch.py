@@ -5,7 +5,7 @@ import torch
 
 import mars_kernels as mk
 from mars_kernels import reference as ref
-from helpers import assert_close, backend_params, skip_unsupported
+from helpers import assert_close, backend_params
 
 
 def _routing(T, E, k, device, seed=0, one_expert=False, few_experts=False):
@@ -99,7 +99,6 @@ def test_capacity_priority_is_documented_order():
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_permute_unpermute(device, backend, dtype):
-    skip_unsupported(backend, dtype)
     w, idx = _routing(29, 7, 3, device)
     meta = mk.moe_align(idx, 7, 8, backend=backend)
     g = torch.Generator().manual_seed(2)
@@ -133,11 +132,7 @@ def _moe_case(device, backend, T, D, H, E, k, activation, dtype, bias=True, **ro
         if b == "loop":
             y = ref.moe_loop(x, ww, idx, *ps, activation)
         else:
-            block = 64
-            if b in ("triton", "cuda"):
-                from mars_kernels.triton import moe as triton_moe
-
-                block = triton_moe.BLOCK_M
+            block = mk.backend.EXPERT_BLOCK_SIZE[b]
             meta = mk.moe_align(idx, E, block, backend=b)
             y = mk.moe_mlp(x, ww, meta, *ps, activation, backend=b)
         # the zero terms give every input a gradient even when no token reaches it
@@ -179,7 +174,6 @@ def test_moe_mlp_edge_routings(device, backend, case):
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_moe_mlp_half_precision(device, backend, dtype):
-    skip_unsupported(backend, dtype)
     run = _moe_case(device, backend, 30, 32, 48, 6, 2, "swiglu", dtype)
     ref32 = _moe_case(device, backend, 30, 32, 48, 6, 2, "swiglu", torch.float32)("reference")
     for name, a, r in zip(NAMES, run(backend), ref32):
@@ -195,11 +189,7 @@ def test_grouped_mlp_on_sorted_rows(device, backend, activation):
     w, idx = _routing(25, 7, 2, device)
     kept, _, _ = mk.apply_capacity(idx, w, 7, capacity=8)
     params = _expert_params(7, 16, 24, activation, torch.float32, device)
-    block = 64
-    if backend in ("triton", "cuda"):
-        from mars_kernels.triton import moe as triton_moe
-
-        block = triton_moe.BLOCK_M
+    block = mk.backend.EXPERT_BLOCK_SIZE[backend]
     meta = mk.moe_align(kept, 7, block, backend=backend)
     xs0 = torch.randn(50, 16, device=device)
     gy = torch.randn(50, 16, device=device)
@@ -221,11 +211,7 @@ def test_moe_mlp_with_dropped_assignments(device, backend):
     assert int(dropped) > 0
     params = _expert_params(6, 16, 24, "silu", torch.float32, device)
     x = torch.randn(40, 16, device=device)
-    block = 64
-    if backend in ("triton", "cuda"):
-        from mars_kernels.triton import moe as triton_moe
-
-        block = triton_moe.BLOCK_M
+    block = mk.backend.EXPERT_BLOCK_SIZE[backend]
     meta = mk.moe_align(kept, 6, block, backend=backend)
     y = mk.moe_mlp(x, kw, meta, *params, "silu", backend=backend)
     assert_close(y, ref.moe_loop(x, kw, kept, *params, "silu"), torch.float32, "y")
@@ -237,11 +223,7 @@ def test_inference_without_grad_matches(device, backend):
     w, idx = _routing(37, 7, 3, device)
     params = _expert_params(7, 24, 40, "swiglu", torch.float32, device)
     x = torch.randn(37, 24, generator=torch.Generator().manual_seed(3)).to(device)
-    block = 64
-    if backend in ("triton", "cuda"):
-        from mars_kernels.triton import moe as triton_moe
-
-        block = triton_moe.BLOCK_M
+    block = mk.backend.EXPERT_BLOCK_SIZE[backend]
     meta = mk.moe_align(idx, 7, block, backend=backend)
     with torch.no_grad():
         y = mk.moe_mlp(x, w, meta, *params, "swiglu", backend=backend)
@@ -298,9 +280,7 @@ def test_gpu_int64_offsets(backend):
     idx = torch.randint(0, E, (T, k), device="cuda", generator=g)
     idx[-1] = torch.arange(E - k, E, device="cuda")
     w = torch.rand(T, k, device="cuda", generator=g)
-    from mars_kernels.triton import moe as triton_moe
-
-    meta = mk.moe_align(idx, E, triton_moe.BLOCK_M, backend=backend)
+    meta = mk.moe_align(idx, E, mk.backend.EXPERT_BLOCK_SIZE[backend], backend=backend)
     xs = mk.permute(x, meta, backend=backend)
     last = meta.inverse[-k:]
     assert torch.equal(xs[last], x[-1].expand(k, D))

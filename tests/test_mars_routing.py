@@ -4,7 +4,7 @@ import torch
 
 import mars_kernels as mk
 from mars_kernels import reference as ref
-from helpers import ALL_DTYPES, assert_close, backend_params, make_logits, skip_unsupported
+from helpers import ALL_DTYPES, assert_close, backend_params, make_logits
 
 SHAPES = [(0, 6, 2), (1, 1, 1), (5, 7, 3), (33, 7, 7), (130, 64, 2), (3, 257, 8)]
 SIGMAS = [dict(sigma_0=1.0, sigma_max=2.0), dict(sigma_0=0.0, sigma_max=1.0), dict(sigma_0=5.0, sigma_max=0.3, sigma_const=0.1)]
@@ -49,7 +49,6 @@ def test_matches_reference(device, backend, T, E, k, sig, dtype):
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_dtypes_and_ties(device, backend, dtype):
-    skip_unsupported(backend, dtype)
     lr, lf, noise = _inputs(40, 9, dtype, device, ties=True)
     sig = dict(sigma_0=0.0, sigma_max=1.0)  # no noise: the tied logits stay tied
     got, want = _run(lr, lf, noise, 3, backend, sig), _run(lr, lf, noise, 3, "reference", sig)

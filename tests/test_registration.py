@@ -84,13 +84,13 @@ def test_opcheck_dispatch_ops(device, dtype):
     _, idx = mk.topk_gating(torch.randn(T, E, generator=g), k)
     idx = idx.to(device)
     torch.library.opcheck(ops.moe_align.default, (idx, E, 4))
-    counts, offsets, perm, inv, _, _ = ops.moe_align(idx, E, 4)
+    counts, offsets, perm, inv, bexp, bstart = ops.moe_align(idx, E, 4)
     x = torch.randn(T, D, generator=g).to(device=device, dtype=dtype)
     w = torch.rand(T, k, generator=g).to(device)
     ys = torch.randn(T * k, D, generator=g).to(device=device, dtype=dtype)
-    torch.library.opcheck(ops.moe_permute.default, (x, perm, k))
-    torch.library.opcheck(ops.moe_unpermute.default, (ys, inv, w, k))
-    torch.library.opcheck(ops.moe_unpermute.default, (ys, inv, None, k))
+    torch.library.opcheck(ops.moe_permute.default, (x, perm, inv, k))
+    torch.library.opcheck(ops.moe_unpermute.default, (ys, perm, inv, w, k))
+    torch.library.opcheck(ops.moe_unpermute.default, (ys, perm, inv, None, k))
     torch.library.opcheck(ops.moe_unpermute_bwd.default, (x, ys, perm, inv, w))
     if device == "cuda":
         return  # the expert MLP runs on Triton on a GPU
@@ -102,10 +102,11 @@ def test_opcheck_dispatch_ops(device, dtype):
         torch.library.opcheck(ops.grouped_mlp_fwd.default, (ys, offsets, W1, B1, w2, b2, act, False))
         _, h = ops.grouped_mlp_fwd(ys, offsets, W1, B1, w2, b2, act)
         torch.library.opcheck(ops.grouped_mlp_bwd.default, (torch.randn_like(ys), ys, h, offsets, W1, w2, act))
+        meta = (perm, inv, offsets, bexp, bstart, k, 4)
         for save_h in (True, False):
-            torch.library.opcheck(ops.moe_mlp_fwd.default, (x, w, perm, offsets, k, W1, B1, w2, b2, act, save_h))
-        _, h = ops.moe_mlp_fwd(x, w, perm, offsets, k, W1, B1, w2, b2, act, True)
-        torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(x), x, w, perm, offsets, k, W1, w2, b2, h, act))
+            torch.library.opcheck(ops.moe_mlp_fwd.default, (x, w, *meta, W1, B1, w2, b2, act, save_h))
+        _, h = ops.moe_mlp_fwd(x, w, *meta, W1, B1, w2, b2, act, True)
+        torch.library.opcheck(ops.moe_mlp_bwd.default, (torch.randn_like(x), x, w, *meta, W1, w2, b2, h, act))
 
 
 @pytest.mark.parametrize("router", ["topk", "noisy"])

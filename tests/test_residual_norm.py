@@ -7,7 +7,7 @@ from torch import nn
 
 import mars_kernels as mk
 from mars_kernels import reference as ref
-from helpers import ALL_DTYPES, assert_close, backend_params, skip_unsupported
+from helpers import ALL_DTYPES, assert_close, backend_params
 
 # (T, M, D): T = 0 and 1, T not a multiple of any block, M = 1, M = 7 (prime),
 # D = 3 (odd), D wider than one block of rows. D = 1 has its own test.
@@ -99,7 +99,6 @@ def test_single_feature_normalises_to_bias(device, backend):
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_dtypes(device, backend, dtype):
-    skip_unsupported(backend, dtype)
     y, h, weight, bias, missing, observed = _inputs(19, 3, 24, 2, dtype, device)
     _compare(_run(backend, y, h, weight, bias, missing, observed),
              _run("reference", y, h, weight, bias, missing, observed), dtype)

@@ -1,4 +1,4 @@
-"""Triton gating launchers (mars_kernels.triton) against mars_kernels.reference.
+"""Triton gating launchers (mars_kernels.ops.triton) against mars_kernels.reference.
 
 Runs on CPU under TRITON_INTERPRET=1 (set by conftest.py before triton is
 imported), or on a CUDA GPU when one is present. Shapes stay tiny because the
@@ -18,7 +18,8 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET != 1", allow_module_level=True)
 
 from mars_kernels import reference as R  # noqa: E402
-from mars_kernels.triton import gating as G  # noqa: E402
+from mars_kernels.ops.triton import gating as G  # noqa: E402
+from mars_kernels.ops.triton import noisy_gating as N  # noqa: E402
 
 MODES = [(True, False), (True, True), (False, False)]  # (softmax_first, renormalize)
 
@@ -78,8 +79,9 @@ def _tol(dtype):
 def tile(request, monkeypatch):
     """Also run with a tiny interpreter tile: many programs, masked tail blocks."""
     if request.param == "small_tile":
-        monkeypatch.setattr(G, "_INTERPRETER_TILE", 64)
-        monkeypatch.setattr(G, "_GPU_TILE", 64)
+        for launchers in (G, N):
+            monkeypatch.setattr(launchers, "_INTERPRETER_TILE", 64)
+            monkeypatch.setattr(launchers, "_GPU_TILE", 64)
     return request.param
 
 
@@ -252,7 +254,7 @@ def test_noisy_topk_gating(T, E, k, dtype, tile):
     gi = torch.randn(E, generator=g)
     gl = torch.randn(E, generator=g)
 
-    w, i, thr, imp, load = G.noisy_topk_gating_fwd(*_dev(clean, nl, noise), k, eps)
+    w, i, thr, imp, load = N.noisy_topk_gating_fwd(*_dev(clean, nl, noise), k, eps)
     rw, ri, rimp, rload, rgc, rgn = _ref_noisy(clean, nl, noise, k, eps, gw, gi, gl)
     assert torch.equal(i.cpu(), ri)
     assert thr.shape == (T,) and thr.dtype == torch.int64
@@ -267,7 +269,7 @@ def test_noisy_topk_gating(T, E, k, dtype, tile):
     torch.testing.assert_close(load.cpu(), rload, rtol=1e-5, atol=1e-5)
     assert imp.shape == (E,) and load.shape == (E,)
 
-    gc, gn = _cpu(*G.noisy_topk_gating_bwd(*_dev(gw, gi, gl, clean, nl, noise), w, i, thr, eps))
+    gc, gn = _cpu(*N.noisy_topk_gating_bwd(*_dev(gw, gi, gl, clean, nl, noise), w, i, thr, eps))
     assert gc.dtype == dtype and gn.dtype == dtype and gc.shape == (T, E)
     rtol, atol = _tol(dtype)
     torch.testing.assert_close(gc, rgc, rtol=rtol, atol=atol)
@@ -280,13 +282,13 @@ def test_noisy_topk_gating_float64(E, k):
     clean, nl, noise = _noisy_inputs(5, E, torch.float64, E + k)
     g = torch.Generator().manual_seed(6)
     gw, gi, gl = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, k), (E,), (E,)))
-    w, i, thr, imp, load = G.noisy_topk_gating_fwd(*_dev(clean, nl, noise), k, eps)
+    w, i, thr, imp, load = N.noisy_topk_gating_fwd(*_dev(clean, nl, noise), k, eps)
     rw, ri, rimp, rload, rgc, rgn = _ref_noisy(clean, nl, noise, k, eps, gw, gi, gl)
     assert w.dtype == imp.dtype == load.dtype == torch.float64
     assert torch.equal(i.cpu(), ri)
     for a, b in ((w, rw), (imp, rimp), (load, rload)):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-11)
-    gc, gn = _cpu(*G.noisy_topk_gating_bwd(*_dev(gw, gi, gl, clean, nl, noise), w, i, thr, eps))
+    gc, gn = _cpu(*N.noisy_topk_gating_bwd(*_dev(gw, gi, gl, clean, nl, noise), w, i, thr, eps))
     torch.testing.assert_close(gc, rgc, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(gn, rgn, rtol=1e-9, atol=1e-11)
 
@@ -294,14 +296,14 @@ def test_noisy_topk_gating_float64(E, k):
 def test_noisy_topk_gating_ties_and_determinism(monkeypatch):
     """Tied noisy values (zero noise, integer logits) break to the lower index;
     the token sums are bitwise reproducible."""
-    monkeypatch.setattr(G, "_INTERPRETER_TILE", 64)
+    monkeypatch.setattr(N, "_INTERPRETER_TILE", 64)
     T, E, k = 33, 7, 2
     g = torch.Generator().manual_seed(9)
     clean = torch.randint(-2, 3, (T, E), generator=g).float()
     nl = torch.randn(T, E, generator=g)
     noise = torch.zeros(T, E)
-    out1 = G.noisy_topk_gating_fwd(*_dev(clean, nl, noise), k, 1e-2)
-    out2 = G.noisy_topk_gating_fwd(*_dev(clean, nl, noise), k, 1e-2)
+    out1 = N.noisy_topk_gating_fwd(*_dev(clean, nl, noise), k, 1e-2)
+    out2 = N.noisy_topk_gating_fwd(*_dev(clean, nl, noise), k, 1e-2)
     for a, b in zip(out1, out2):
         assert torch.equal(a, b)
     rw, ri, rimp, rload, _, _ = _ref_noisy(clean, nl, noise, k, 1e-2)
@@ -313,10 +315,10 @@ def test_noisy_topk_gating_ties_and_determinism(monkeypatch):
 
 def test_noisy_topk_gating_empty():
     clean, nl, noise = _noisy_inputs(0, 7, torch.float32, 0)
-    w, i, thr, imp, load = G.noisy_topk_gating_fwd(*_dev(clean, nl, noise), 2, 1e-2)
+    w, i, thr, imp, load = N.noisy_topk_gating_fwd(*_dev(clean, nl, noise), 2, 1e-2)
     assert w.shape == (0, 2) and i.shape == (0, 2) and thr.shape == (0,)
     assert torch.equal(imp.cpu(), torch.zeros(7)) and torch.equal(load.cpu(), torch.zeros(7))
-    gc, gn = G.noisy_topk_gating_bwd(
+    gc, gn = N.noisy_topk_gating_bwd(
         *_dev(torch.zeros(0, 2), torch.zeros(7), torch.zeros(7), clean, nl, noise),
         w, i, thr, 1e-2,
     )

@@ -1,4 +1,4 @@
-"""Triton MARS routing launchers (mars_kernels.triton.mars) against
+"""Triton MARS routing launchers (mars_kernels.ops.triton.mars_routing) against
 mars_kernels.reference.mars_routing (forward values, and gradients by torch
 autograd through the reference with the same noise).
 
@@ -20,8 +20,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET != 1", allow_module_level=True)
 
 from mars_kernels import reference as R  # noqa: E402
-from mars_kernels.triton import gating as G  # noqa: E402
-from mars_kernels.triton import mars as M  # noqa: E402
+from mars_kernels.ops.triton import mars_routing as M  # noqa: E402
 
 # (sigma_0, sigma_const, sigma_max)
 SIGMAS = {
@@ -279,7 +278,7 @@ def test_mars_routing_many_programs_deterministic(T, E, k, monkeypatch):
     grads = _grads_out(T, E, k, torch.float32, 1)
     sigmas = SIGMAS["scaled"]
     big = _run(lr, lf, noise, k, sigmas, grads)
-    monkeypatch.setattr(G, "_INTERPRETER_TILE", 32)  # the tile lives in gating._blocks
+    monkeypatch.setattr(M, "_INTERPRETER_TILE", 32)
     monkeypatch.setattr(M, "_GPU_TILE", 32)
     small = _run(lr, lf, noise, k, sigmas, grads)
     again = _run(lr, lf, noise, k, sigmas, grads)

@@ -1,4 +1,4 @@
-"""Triton fused expert MLP (mars_kernels.triton.moe) against mars_kernels.reference.
+"""Triton fused expert MLP (mars_kernels.ops.triton.expert_mlp) against mars_kernels.reference.
 
 The reference is ``unpermute(grouped_mlp(permute(x, meta), ...), meta, weights)``
 differentiated by torch autograd (gate weights included). It runs in float32 on
@@ -25,7 +25,24 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET != 1", allow_module_level=True)
 
 from mars_kernels import reference as R  # noqa: E402
-from mars_kernels.triton import moe as M  # noqa: E402
+from mars_kernels.backend import EXPERT_BLOCK_SIZE  # noqa: E402
+from mars_kernels.ops.triton import expert_mlp as M  # noqa: E402
+
+BLOCK_M = EXPERT_BLOCK_SIZE["triton"]
+
+
+def _meta_args(meta):
+    return (meta.permutation, meta.inverse, meta.offsets, meta.block_expert, meta.block_start, meta.top_k,
+            meta.block_size)
+
+
+def fwd(x, weights, meta, w1, b1, w2, b2, act):
+    """The launcher with the metadata passed as a MoEMeta (the op schema takes its fields)."""
+    return M.moe_mlp_fwd(x, weights, *_meta_args(meta), w1, b1, w2, b2, act, True)
+
+
+def bwd(grad_y, x, weights, meta, w1, b1, w2, b2, h, act):
+    return M.moe_mlp_bwd(grad_y, x, weights, *_meta_args(meta), w1, w2, b2, h, act)
 
 ACTS = ("gelu", "silu", "swiglu")
 GRAD_NAMES = ("x", "weights", "w1", "b1", "w2", "b2")
@@ -89,15 +106,15 @@ def _problem(T, k, E, D, H, act, bias, dtype, *, kind="random", capacity=None, s
         if p[name] is not None:
             p[name] = p[name].to(dtype)
     p = {n: (t.to(DEVICE) if t is not None else None) for n, t in p.items()}
-    p["meta"] = R.moe_align(indices.to(DEVICE), E, block_m or M.BLOCK_M)
+    p["meta"] = R.moe_align(indices.to(DEVICE), E, block_m or BLOCK_M)
     p["act"] = act
     return p
 
 
 def _run(p):
     """(y, grads) from the Triton launchers."""
-    y, h = M.moe_mlp_fwd(p["x"], p["weights"], p["meta"], p["w1"], p["b1"], p["w2"], p["b2"], p["act"])
-    grads = M.moe_mlp_bwd(
+    y, h = fwd(p["x"], p["weights"], p["meta"], p["w1"], p["b1"], p["w2"], p["b2"], p["act"])
+    grads = bwd(
         p["grad_y"], p["x"], p["weights"], p["meta"], p["w1"], p["b1"], p["w2"], p["b2"], h, p["act"]
     )
     return y, h, grads
@@ -206,9 +223,8 @@ def test_moe_mlp_edges_fp16(case):
 
 
 @pytest.mark.parametrize("act", ACTS)
-def test_moe_mlp_small_blocks(act, monkeypatch):
+def test_moe_mlp_small_blocks(act):
     """BLOCK_M = 16: experts spanning several row blocks, partial last blocks."""
-    monkeypatch.setattr(M, "BLOCK_M", 16)
     p = _problem(40, 2, 3, 24, 40, act, True, torch.float32, kind="one_expert", seed=5, block_m=16)
     assert int(p["meta"].counts.max()) > 2 * 16
     _check(p, f"block16 {act}")
@@ -224,7 +240,7 @@ def test_moe_mlp_dropped_rows_never_read():
     y, h, grads = _check(p, "dropped")
     h = h.clone()
     h[n_kept:] = float("nan")
-    grads2 = M.moe_mlp_bwd(
+    grads2 = bwd(
         p["grad_y"], p["x"], p["weights"], meta, p["w1"], p["b1"], p["w2"], p["b2"], h, p["act"]
     )
     for name, a, b in zip(GRAD_NAMES, grads, grads2):
@@ -238,7 +254,7 @@ def test_combine_skips_dropped_rows():
     g = torch.Generator().manual_seed(11)
     T, k, E, D = 9, 2, 3, 40
     _, indices = _routing(T, k, E, g, capacity=3)
-    meta = R.moe_align(indices.to(DEVICE), E, M.BLOCK_M)
+    meta = R.moe_align(indices.to(DEVICE), E, BLOCK_M)
     buf = torch.randn(T * k, D, generator=g).to(DEVICE)
     keep = (indices.reshape(-1) < E).to(DEVICE)
     buf[~keep] = float("nan")
@@ -281,11 +297,11 @@ def test_moe_mlp_validation():
     p = _problem(5, 2, 4, 24, 40, "silu", True, torch.float32)
     args = (p["x"], p["weights"], p["meta"], p["w1"], p["b1"], p["w2"], p["b2"])
     with pytest.raises(ValueError, match="activation"):
-        M.moe_mlp_fwd(*args, "relu")
+        fwd(*args, "relu")
     with pytest.raises(ValueError, match="block_size"):
-        bad = R.moe_align(p["meta"].permutation.new_zeros(5, 2), 4, M.BLOCK_M * 2)
-        M.moe_mlp_fwd(p["x"], p["weights"], bad, *args[3:], "silu")
+        bad = R.moe_align(p["meta"].permutation.new_zeros(5, 2), 4, 24)  # not a power of two
+        fwd(p["x"], p["weights"], bad, *args[3:], "silu")
     with pytest.raises(ValueError, match="shape"):
-        M.moe_mlp_fwd(*args, "swiglu")  # w1 has H, not 2H, columns
+        fwd(*args, "swiglu")  # w1 has H, not 2H, columns
     with pytest.raises(TypeError, match="dtype"):
-        M.moe_mlp_fwd(p["x"], p["weights"], p["meta"], p["w1"].half(), p["b1"], p["w2"], p["b2"], "silu")
+        fwd(p["x"], p["weights"], p["meta"], p["w1"].half(), p["b1"], p["w2"], p["b2"], "silu")

@@ -33,6 +33,31 @@ inline void check_same_shape(const at::Tensor& t, const at::Tensor& like, const 
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// Dispatch metadata arrives from Python (a MoEMeta can be built or edited by
+// hand), so its slot indices are checked before any kernel reads through them:
+// one pass, cheap next to the row moves. A bad entry is a ValueError naming the field.
+inline void check_slots(const at::Tensor& slots, int64_t S, const char* name) {
+  TORCH_CHECK_VALUE(slots.scalar_type() == at::kLong && slots.numel() == S, name, " must be int64 with ", S,
+                    " entries, got ", slots.scalar_type(), " ", slots.sizes());
+  const at::Tensor c = slots.contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < S; ++i)
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < S, name, " must hold slots in [0, ", S, "), got ", p[i], " at entry ", i);
+}
+
+// offsets [E+1] of a MoEMeta: 0 first, non-decreasing, the last at most `rows`.
+inline void check_offsets(const at::Tensor& offsets, int64_t E, int64_t rows) {
+  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong && offsets.numel() == E + 1, "offsets must be int64 [E+1 = ",
+                    E + 1, "], got ", offsets.scalar_type(), " ", offsets.sizes());
+  const at::Tensor c = offsets.contiguous();
+  const int64_t* o = c.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(o[0] == 0, "offsets must start at 0, got ", o[0]);
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK_VALUE(o[e + 1] >= o[e], "offsets must be non-decreasing, got ", o[e], " then ", o[e + 1],
+                      " at expert ", e);
+  TORCH_CHECK_VALUE(o[E] <= rows, "offsets[E] must be at most the ", rows, " rows, got ", o[E]);
+}
+
 inline void check_k(int64_t k, int64_t E) {
   TORCH_CHECK(k >= 1 && k <= E, "k must be in [1, E=", E, "], got ", k);
 }

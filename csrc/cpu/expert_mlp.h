@@ -14,6 +14,7 @@
 #include <string>
 
 #include "activation_math.h"
+#include "cpu_common.h"
 
 namespace mars_kernels {
 namespace cpu {
@@ -182,8 +183,9 @@ struct Shapes {
   int64_t S, D, E, H1, H;
 };
 
+// rows_per_x: sorted rows per row of x (top_k when x is in token order, 1 when sorted).
 inline Shapes check_expert_shapes(const at::Tensor& x, const char* x_name, const at::Tensor& offsets,
-                                  const at::Tensor& w1, const at::Tensor& w2, Act act) {
+                                  const at::Tensor& w1, const at::Tensor& w2, Act act, int64_t rows_per_x = 1) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), x_name, " must be a contiguous 2-D tensor");
   TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "w1 must be [E, D, H1] and w2 [E, H, D]");
   const int64_t E = w1.size(0), D = x.size(1), H1 = w1.size(2), H = w2.size(1);
@@ -191,7 +193,7 @@ inline Shapes check_expert_shapes(const at::Tensor& x, const char* x_name, const
               "], got ", w1.sizes(), " and ", w2.sizes());
   TORCH_CHECK(H1 == (act == Act::SwiGLU ? 2 * H : H), "w1's last dim must be ", act == Act::SwiGLU ? "2H" : "H",
               " = ", act == Act::SwiGLU ? 2 * H : H, " for this activation, got ", H1);
-  TORCH_CHECK(offsets.numel() == E + 1 && offsets.scalar_type() == at::kLong, "offsets must be int64 [E+1]");
+  check_offsets(offsets, E, x.size(0) * rows_per_x);
   TORCH_CHECK(w1.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
               "w1 and w2 must have ", x_name, "'s dtype ", x.scalar_type());
   return {x.size(0), D, E, H1, H};

@@ -83,12 +83,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {counts, offsets, permutation, inverse, block_expert, block_start};
 }
 
-at::Tensor moe_permute(const at::Tensor& x, const at::Tensor& permutation, int64_t top_k) {
+at::Tensor moe_permute(const at::Tensor& x, const at::Tensor& permutation, const at::Tensor& inverse, int64_t top_k) {
   TORCH_CHECK(x.dim() == 2, "x must be a 2-D [T, D] tensor, got shape ", x.sizes());
   TORCH_CHECK(top_k >= 1, "top_k must be >= 1, got ", top_k);
   const at::Tensor xc = x.contiguous(), perm = permutation.contiguous();
   const int64_t S = perm.numel(), D = x.size(1);
   TORCH_CHECK(S == x.size(0) * top_k, "permutation must have T*k = ", x.size(0) * top_k, " entries, got ", S);
+  TORCH_CHECK(inverse.numel() == S, "inverse must have T*k = ", S, " entries, got ", inverse.numel());
+  check_slots(perm, S, "permutation");
   at::Tensor out = at::empty({S, D}, x.options());
   const int64_t* p = perm.const_data_ptr<int64_t>();
   const char* src = static_cast<const char*>(xc.const_data_ptr());
@@ -100,13 +102,15 @@ at::Tensor moe_permute(const at::Tensor& x, const at::Tensor& permutation, int64
   return out;
 }
 
-at::Tensor moe_unpermute(const at::Tensor& y_sorted, const at::Tensor& inverse, const c10::optional<at::Tensor>& weights,
-                         int64_t top_k) {
+at::Tensor moe_unpermute(const at::Tensor& y_sorted, const at::Tensor& permutation, const at::Tensor& inverse,
+                         const c10::optional<at::Tensor>& weights, int64_t top_k) {
   TORCH_CHECK(y_sorted.dim() == 2, "y_sorted must be a 2-D [S, D] tensor, got shape ", y_sorted.sizes());
   TORCH_CHECK(top_k >= 1, "top_k must be >= 1, got ", top_k);
   const int64_t S = y_sorted.size(0), D = y_sorted.size(1), T = S / top_k;
-  TORCH_CHECK(S % top_k == 0 && inverse.numel() == S, "inverse must have S = T*k entries");
+  TORCH_CHECK(S % top_k == 0 && inverse.numel() == S && permutation.numel() == S,
+              "permutation and inverse must have S = T*k entries");
   const at::Tensor y = y_sorted.contiguous(), inv = inverse.contiguous();
+  check_slots(inv, S, "inverse");
   at::Tensor w;
   if (weights.has_value()) {
     w = weights->contiguous();
@@ -144,6 +148,8 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd(const at::Tensor& grad_out,
   TORCH_CHECK(grad_out.size(1) == D && weights.numel() == S && T * k == S, "moe_unpermute_bwd: shapes do not agree");
   const at::Tensor g = grad_out.contiguous(), y = y_sorted.contiguous(), perm = permutation.contiguous(),
                    inv = inverse.contiguous(), w = weights.contiguous();
+  check_slots(perm, S, "permutation");
+  check_slots(inv, S, "inverse");
   at::Tensor grad_y = at::empty_like(y);
   at::Tensor grad_w = at::empty({T, k}, w.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_bwd", [&] {

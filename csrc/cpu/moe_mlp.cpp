@@ -197,17 +197,23 @@ void check_routing(const at::Tensor& x, const at::Tensor& weights, const at::Ten
                   weights.scalar_type() == routing_dtype(x) && weights.is_contiguous(),
               "weights must be a contiguous [T, k] ", routing_dtype(x), " tensor, got ", weights.scalar_type(), " ",
               weights.sizes());
-  TORCH_CHECK(permutation.numel() == x.size(0) * top_k && permutation.scalar_type() == at::kLong,
-              "permutation must be int64 with T*k entries");
+  check_slots(permutation, x.size(0) * top_k, "permutation");
 }
 
+// The row-block fields of the metadata (inverse, block_expert, block_start,
+// block_size) are for the row-block kernels of the Triton/GPU path; these
+// kernels walk each expert's sorted slots instead.
 std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Tensor& weights,
-                                               const at::Tensor& permutation, const at::Tensor& offsets,
-                                               int64_t top_k, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
-                                               const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
-                                               std::string activation, bool save_h) {
+                                               const at::Tensor& permutation, const at::Tensor& /*inverse*/,
+                                               const at::Tensor& offsets, const at::Tensor& /*block_expert*/,
+                                               const at::Tensor& /*block_start*/, int64_t top_k,
+                                               int64_t /*block_size*/, const at::Tensor& w1,
+                                               const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                               const c10::optional<at::Tensor>& b2, std::string activation,
+                                               bool save_h) {
   const Act act = parse_activation(activation);
-  const Shapes sh = check_expert_shapes(x, "x", offsets, w1, w2, act);
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1, got ", top_k);
+  const Shapes sh = check_expert_shapes(x, "x", offsets, w1, w2, act, top_k);
   check_routing(x, weights, permutation, top_k);
   const int64_t T = x.size(0), S = T * top_k;
   const at::Tensor offs = offsets.contiguous(), perm = permutation.contiguous();
@@ -243,10 +249,12 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weights, const at::Tensor& permutation,
-    const at::Tensor& offsets, int64_t top_k, const at::Tensor& w1, const at::Tensor& w2,
-    const c10::optional<at::Tensor>& b2, const at::Tensor& h, std::string activation) {
+    const at::Tensor& /*inverse*/, const at::Tensor& offsets, const at::Tensor& /*block_expert*/,
+    const at::Tensor& /*block_start*/, int64_t top_k, int64_t /*block_size*/, const at::Tensor& w1,
+    const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& h, std::string activation) {
   const Act act = parse_activation(activation);
-  const Shapes sh = check_expert_shapes(x, "x", offsets, w1, w2, act);
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1, got ", top_k);
+  const Shapes sh = check_expert_shapes(x, "x", offsets, w1, w2, act, top_k);
   check_routing(x, weights, permutation, top_k);
   const int64_t T = x.size(0);
   TORCH_CHECK(h.size(0) == T * top_k && h.size(1) == sh.H1, "h must be the [S, H1] tensor saved by moe_mlp_fwd");

@@ -116,7 +116,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_align_cuda(
 // permute / unpermute
 // ---------------------------------------------------------------------------
 
-Tensor moe_permute_cuda(const Tensor& x, const Tensor& permutation, int64_t top_k) {
+// The metadata is not bounds-checked here (that would cost a pass and a
+// device-to-host sync per call); the CPU kernels check it.
+Tensor moe_permute_cuda(const Tensor& x, const Tensor& permutation, const Tensor& inverse, int64_t top_k) {
   constexpr const char* op = "moe_permute";
   // Rows are copied as raw bytes, so any dtype works (as on the CPU).
   check_primary(x, op, "x", 2, "[T, D]");
@@ -127,6 +129,7 @@ Tensor moe_permute_cuda(const Tensor& x, const Tensor& permutation, int64_t top_
   const auto dev = x.device();
   const c10::cuda::CUDAGuard guard(dev);
   const Tensor perm = arg(permutation, op, "permutation", dev, at::kLong, {S});
+  arg(inverse, op, "inverse", dev, at::kLong, {S});
   const Tensor xc = x.contiguous();
   Tensor out = at::empty({S, D}, xc.options());
   if (S == 0 || D == 0) return out;
@@ -138,7 +141,7 @@ Tensor moe_permute_cuda(const Tensor& x, const Tensor& permutation, int64_t top_
   return out;
 }
 
-Tensor moe_unpermute_cuda(const Tensor& y_sorted, const Tensor& inverse,
+Tensor moe_unpermute_cuda(const Tensor& y_sorted, const Tensor& permutation, const Tensor& inverse,
                           const c10::optional<Tensor>& weights, int64_t top_k) {
   constexpr const char* op = "moe_unpermute";
   check_float_matrix(y_sorted, op, "y_sorted", "[S, D]");
@@ -151,6 +154,7 @@ Tensor moe_unpermute_cuda(const Tensor& y_sorted, const Tensor& inverse,
   const auto dev = y_sorted.device();
   const auto acc = acc_dtype(y_sorted.scalar_type());
   const c10::cuda::CUDAGuard guard(dev);
+  arg(permutation, op, "permutation", dev, at::kLong, {S});
   const Tensor inv = arg(inverse, op, "inverse", dev, at::kLong, {S});
   Tensor w;
   if (weights.has_value() && weights->defined())

@@ -72,6 +72,19 @@ def masks(observed, T: int, M: int) -> tuple[int, ...]:
     return leading_shape(observed, T)
 
 
+def integer(v, name: str, minimum: int | None = None) -> int:
+    """A Python int (not a bool) >= ``minimum``."""
+    if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be an int{bound}, got {v!r}")
+    return v
+
+
+def positive_int(v, name: str) -> int:
+    """A Python int >= 1 (not a bool)."""
+    return integer(v, name, 1)
+
+
 def positive_float(v, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")

@@ -1,7 +1,8 @@
-"""Triton launchers for modality attention (the MARS fusion, DESIGN 3).
+"""Triton launchers for modality attention (the MARS fusion, DESIGN 3; ops module
+:mod:`mars_kernels.ops.modality_attention`, kernels in ``_modality_attention_kernels.py``).
 
 Same contract as ``torch.ops.mars_kernels.modality_attention_fwd`` / ``_bwd``
-(see ``csrc/ops.cpp``; ground truth :func:`mars_kernels.reference.modality_attention`).
+(see ``csrc/ops.cpp``; ground truth :func:`mars_kernels.ops.modality_attention.modality_attention_torch`).
 The ``cuda`` backend runs these kernels too. Inputs are expected validated;
 ``qkv`` and ``keep`` contiguous.
 
@@ -17,9 +18,9 @@ import math
 import torch
 import triton
 
-from . import _attention_kernels as _k
-from .._validate import leading_shape
-from .gating import _check_float, _compute_dtype, _device_guard, _tl_dtype
+from ..common import compute_dtype
+from . import _modality_attention_kernels as _k
+from .launch import check_float, device_guard, mask_args, tl_dtype
 
 __all__ = ["modality_attention_fwd", "modality_attention_bwd"]
 
@@ -29,7 +30,7 @@ _INTERPRETER_TILE = 4096
 
 
 def _dims(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
-    _check_float("qkv", qkv)
+    check_float("qkv", qkv)
     if qkv.dim() != 3 or qkv.shape[2] % 3 or qkv.shape[2] == 0 or (qkv.shape[2] // 3) % num_heads:
         raise ValueError(
             f"qkv must be [T, M, 3*D] with D divisible by num_heads={num_heads}, got shape {tuple(qkv.shape)}"
@@ -47,17 +48,6 @@ def _launch(T: int, M: int, dh: int, num_heads: int, device: torch.device) -> tu
     return grid, meta
 
 
-def mask_args(tokens, missing, observed):
-    """Kernel arguments of the fusion ops' masks, for ``tokens`` [T, ...]:
-    (missing, observed as uint8, HAS_MISSING, P masks, leading shape of the
-    per-instance tensors: (T,) or (P, T)); ``tokens`` as dummies without missing rows."""
-    lead = leading_shape(observed, tokens.shape[0])
-    if missing is None:
-        return tokens, tokens, False, 1, lead
-    masks = lead[0] if len(lead) == 2 else 1
-    return missing.contiguous(), observed.contiguous().view(torch.uint8), True, masks, lead
-
-
 def modality_attention_fwd(
     qkv: torch.Tensor,
     num_heads: int,
@@ -70,18 +60,18 @@ def modality_attention_fwd(
     f32/f64 (softmax_j(<q_i, k_j> / sqrt(DH)) before keep). With observed
     [P, T, M], keep, out and probs have a leading P."""
     T, M, D, dh = _dims(qkv, num_heads)
-    cdt = _compute_dtype(qkv.dtype)
+    cdt = compute_dtype(qkv.dtype)
     miss, obs, has_missing, P, lead = mask_args(qkv, missing, observed)
     out = torch.empty((*lead, M, D), dtype=qkv.dtype, device=qkv.device)
     probs = torch.empty((*lead, num_heads, M, M), dtype=cdt, device=qkv.device)
     if P * T == 0 or M == 0:
         return out, probs
     grid, meta = _launch(P * T, M, dh, num_heads, qkv.device)
-    with _device_guard(qkv):
+    with device_guard(qkv):
         _k.modality_attention_fwd_kernel[grid](
             qkv, probs if keep is None else keep, miss, obs, out, probs,
             T, P * T, M, D, num_heads, 1.0 / math.sqrt(dh),
-            HAS_KEEP=keep is not None, HAS_MISSING=has_missing, CDT=_tl_dtype(cdt), **meta,
+            HAS_KEEP=keep is not None, HAS_MISSING=has_missing, CDT=tl_dtype(cdt), **meta,
         )
     return out, probs
 
@@ -99,17 +89,17 @@ def modality_attention_bwd(
     masks; zero on rows no mask observes), grad_missing [M, 3D] (an empty [0]
     tensor without missing)."""
     T, M, D, dh = _dims(qkv, num_heads)
-    cdt = _compute_dtype(qkv.dtype)
+    cdt = compute_dtype(qkv.dtype)
     grad = torch.zeros((T, M, 3 * D), dtype=cdt, device=qkv.device)
     grid, meta = _launch(T, M, dh, num_heads, qkv.device)
     miss, obs, has_missing, P, _ = mask_args(qkv, missing, observed)
     part = torch.zeros((grid[0] if has_missing else 0, M, 3 * D), dtype=cdt, device=qkv.device)
     if T > 0 and M > 0:
-        with _device_guard(qkv):
+        with device_guard(qkv):
             _k.modality_attention_bwd_kernel[grid](
                 grad_out.contiguous(), qkv, probs, probs if keep is None else keep, miss, obs, grad, part,
                 T, P, M, D, num_heads, 1.0 / math.sqrt(dh),
-                HAS_KEEP=keep is not None, HAS_MISSING=has_missing, CDT=_tl_dtype(cdt), **meta,
+                HAS_KEEP=keep is not None, HAS_MISSING=has_missing, CDT=tl_dtype(cdt), **meta,
             )
     grad_missing = part.sum(0).to(missing.dtype) if has_missing else qkv.new_empty((0,))
     return grad.to(qkv.dtype), grad_missing

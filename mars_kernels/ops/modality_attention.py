@@ -7,17 +7,23 @@ transposes, copies and a per-position attention kernel built for long
 sequences; with M = 2..6 that overhead is most of the layer. The compiled
 kernels read the packed q | k | v projections in place and do each position's
 M x M attention in registers.
+
+Kernel-level ops (schemas in ``csrc/ops.cpp``): ``modality_attention_fwd/_bwd``;
+C++ in ``csrc/cpu/modality_attention.cpp``, Triton in
+``ops/triton/modality_attention.py`` (also what ``cuda`` runs).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from . import _validate as check
-from . import backend as _backend
-from . import reference
-from ._autograd import ModalityAttention
+from .. import backend as _backend
+from .. import checks as check
+from .. import library
+from .common import compute_dtype
 
-__all__ = ["modality_attention", "attention_keep_mask"]
+__all__ = ["modality_attention", "modality_attention_torch", "attention_keep_mask"]
 
 
 def modality_attention(
@@ -51,15 +57,14 @@ def modality_attention(
     the kernel: cheaper than P calls whose gradients autograd adds.
 
     Math in float32 (float64 for float64). The cuda backend runs the Triton
-    kernels. See :func:`mars_kernels.reference.modality_attention`.
+    kernels. See :func:`modality_attention_torch`.
     """
     check.tensor(qkv, "qkv")
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be 3-D [T, M, 3*D], got shape {tuple(qkv.shape)}")
     if qkv.dtype not in check.FLOAT_DTYPES:
         raise TypeError(f"qkv must be float16, bfloat16, float32 or float64, got {qkv.dtype}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+    check.positive_int(num_heads, "num_heads")
     T, M, D3 = qkv.shape
     if D3 == 0 or D3 % 3 or (D3 // 3) % num_heads:
         raise ValueError(
@@ -83,16 +88,14 @@ def modality_attention(
             raise TypeError(f"keep must be a floating tensor (0 or 1/(1-p) entries), got {keep.dtype}")
         tensors["keep"] = keep
     check.same_device(tensors)
-    name = _backend.resolve(backend, qkv.device)
-    if name == "reference":
-        return reference.modality_attention(qkv, num_heads, keep, missing, observed)
+    impl = _backend.implementation("modality_attention", _backend.resolve(backend, qkv.device))
+    if impl == "torch":
+        return modality_attention_torch(qkv, num_heads, keep, missing, observed)
     if keep is not None:
-        keep = keep.to(reference.compute_dtype(qkv.dtype)).contiguous()
+        keep = keep.to(compute_dtype(qkv.dtype)).contiguous()
     if missing is not None:
         missing, observed = missing.contiguous(), observed.contiguous()
-    out, _ = ModalityAttention.apply(
-        qkv.contiguous(), num_heads, keep, missing, observed, "triton" if name == "cuda" else name
-    )
+    out, _ = library.namespace(impl).modality_attention_fwd(qkv.contiguous(), num_heads, keep, missing, observed)
     return out
 
 
@@ -115,3 +118,72 @@ def attention_keep_mask(
     shape = (positions, num_heads, num_modalities, num_modalities)
     draw = torch.rand(shape, device=device, generator=generator)
     return (draw >= p).to(dtype) / (1 - p)
+
+
+def modality_attention_torch(
+    qkv: torch.Tensor,
+    num_heads: int,
+    keep: torch.Tensor | None = None,
+    missing: torch.Tensor | None = None,
+    observed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The pure-PyTorch twin of :func:`modality_attention`: self-attention
+    across the M modality tokens at each of T positions.
+
+    qkv [T, M, 3D]: q | k | v of each modality, each split into ``num_heads``
+    heads of D / num_heads columns (the packed in-projection of
+    ``nn.MultiheadAttention``). missing [M, 3D] and observed [T, M] bool (both
+    or neither): row (t, m) is missing[m] where observed[t, m] is false. keep
+    [T, H, M, M] or None multiplies the attention probabilities (a dropout
+    mask already scaled by 1 / (1 - p)). -> out [T, M, D] in qkv's dtype:
+    out[t, i, head h] = sum_j p'[t, h, i, j] v[t, j, h] with p =
+    softmax_j(<q_i, k_j> / sqrt(D / H)), p' = p * keep. Math in float32
+    (float64 for float64).
+
+    P masks: observed [P, T, M] runs the attention once per mask on the same
+    qkv; keep is then [P, T, H, M, M] and out [P, T, M, D].
+    """
+    if observed is not None and observed.dim() == 3:
+        return torch.stack([
+            modality_attention_torch(qkv, num_heads, None if keep is None else keep[p], missing, observed[p])
+            for p in range(observed.shape[0])
+        ])
+    T, M, D3 = qkv.shape
+    D = D3 // 3
+    dh = D // num_heads
+    if missing is not None:
+        qkv = torch.where(observed[..., None], qkv, missing)
+    q, k, v = qkv.to(compute_dtype(qkv.dtype)).view(T, M, 3, num_heads, dh).unbind(2)  # [T, M, H, dh]
+    probs = (torch.einsum("tihd,tjhd->thij", q, k) / math.sqrt(dh)).softmax(dim=-1)
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype)
+    return torch.einsum("thij,tjhd->tihd", probs, v).reshape(T, M, D).to(qkv.dtype)
+
+def _fwd_fake(qkv, num_heads, keep, missing, observed):
+    T, M, D3 = qkv.shape
+    lead = check.leading_shape(observed, T)
+    return qkv.new_empty((*lead, M, D3 // 3)), qkv.new_empty((*lead, num_heads, M, M), dtype=compute_dtype(qkv.dtype))
+
+
+def _bwd_fake(grad_out, qkv, probs, keep, missing, observed, num_heads):
+    return torch.empty_like(qkv), (qkv.new_empty((0,)) if missing is None else torch.empty_like(missing))
+
+
+def _setup(ctx, args, output):
+    ctx.save_for_backward(args["qkv"], output[1], args["keep"], args["missing"], args["observed"])
+    ctx.num_heads = args["num_heads"]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ops, ctx, grad_out, _grad_probs):
+    qkv, probs, keep, missing, observed = ctx.saved_tensors
+    if grad_out is None:
+        return {}
+    grad_qkv, grad_missing = ops.modality_attention_bwd(
+        grad_out.contiguous(), qkv, probs, keep, missing, observed, ctx.num_heads
+    )
+    return {"qkv": grad_qkv, "missing": grad_missing if missing is not None else None}
+
+
+library.register("modality_attention_fwd", fake=_fwd_fake, triton="modality_attention", setup=_setup, backward=_backward)
+library.register("modality_attention_bwd", fake=_bwd_fake, triton="modality_attention")

@@ -1,10 +1,10 @@
-"""``@triton.jit`` bodies of the MARS routing kernels (launchers: :mod:`.mars`).
+"""``@triton.jit`` bodies of the MARS routing kernels (launchers: :mod:`.mars_routing`).
 
 Layout as in :mod:`._gating_kernels`: every program handles a ``BLOCK_T x
 BLOCK_E`` tile of the row-major ``[T, E]`` residual / feature logits
 (``BLOCK_E`` = next power of two of ``E``, lanes ``>= E`` and rows ``>= T``
 masked), math in ``CDT`` (float32, or float64 for float64 logits), row offsets
-in int64. Selection reuses the integer keys of :mod:`._gating_kernels`
+in int64. Selection reuses the integer keys of :mod:`._select_kernels`
 (``MODE`` 0 for float32 noisy values, 3 for float64): larger first, ties to
 the lower expert index, NaN ranked as +inf.
 
@@ -15,7 +15,7 @@ and an all-NaN softmax (the reference computes ``p = exp(log_softmax(l))``).
 import triton
 import triton.language as tl
 
-from ._gating_kernels import _column, _make_keys, _routed_dot, _row_tile, _select
+from ._select_kernels import column, make_keys, routed_dot, row_tile, select
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def mars_routing_fwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = row_tile(T, E, BLOCK_T, BLOCK_E)
 
     # Softmax statistics of both routers and the divergence KL(p_r || p_f).
     lr = tl.load(lr_ptr + rows64[:, None] * stride_r + lane, mask=mask, other=0.0).to(CDT)
@@ -76,12 +76,12 @@ def mars_routing_fwd_kernel(
     noisy = lr + sigma[:, None] * nz
 
     # Top K of the noisy logits, softmax over the K selected values.
-    key = _make_keys(noisy, lane, lane_ok, BLOCK_E, MODE)
-    sel_idx, sel_val, _chosen = _select(
+    key = make_keys(noisy, lane, lane_ok, BLOCK_E, MODE)
+    sel_idx, sel_val, _chosen = select(
         key, lane, lane_ok, K, K, KP, BLOCK_T, BLOCK_E, MODE, USE_SORT
     )
     col = tl.arange(0, KP)[None, :]
-    v0 = _column(sel_val, col, 0)  # the largest noisy value (NaN -> +inf)
+    v0 = column(sel_val, col, 0)  # the largest noisy value (NaN -> +inf)
     s = tl.sum(tl.where(col < K, tl.exp(sel_val - v0[:, None]), 0.0), axis=1)
     lse_sel = v0 + tl.log(s)
     w = tl.exp(sel_val - lse_sel[:, None])
@@ -126,9 +126,9 @@ def mars_routing_bwd_kernel(
     BLOCK_E: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    pid, rows64, row_ok, lane1, lane, lane_ok, mask = _row_tile(T, E, BLOCK_T, BLOCK_E)
+    pid, rows64, row_ok, lane1, lane, lane_ok, mask = row_tile(T, E, BLOCK_T, BLOCK_E)
 
-    s = _routed_dot(grad_w_ptr, weights_ptr, rows64, row_ok, K, KP, CDT)
+    s = routed_dot(grad_w_ptr, weights_ptr, rows64, row_ok, K, KP, CDT)
 
     # Dense part of grad_r from prob_sum: p_r * (gps - <gps, p_r>).
     lr = tl.load(lr_ptr + rows64[:, None] * stride_r + lane, mask=mask, other=0.0).to(CDT)

@@ -1,7 +1,8 @@
-"""Triton launchers for MARS training-time routing (DESIGN 2.3).
+"""Triton launchers for MARS training-time routing (DESIGN 2.3; ops module
+:mod:`mars_kernels.ops.mars_routing`, kernels in ``_mars_routing_kernels.py``).
 
 Same contract as the ``torch.ops.mars_kernels.mars_routing_fwd`` / ``_bwd`` ops
-(see ``csrc/ops.cpp``; ground truth :func:`mars_kernels.reference.mars_routing`),
+(see ``csrc/ops.cpp``; ground truth :func:`mars_kernels.ops.mars_routing.mars_routing_torch`),
 so a caller can use this module in place of ``torch.ops.mars_kernels``. Inputs
 are expected validated; ``[T, E]`` inputs must be row-contiguous (``stride(1) ==
 1``), ``[T, k]`` / ``[T]`` / ``[E]`` tensors contiguous (incoming gradients are
@@ -28,9 +29,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _mars_kernels as _k
-from .gating import _blocks as _gating_blocks
-from .gating import _check_float, _check_k, _compute_dtype, _device_guard, _tl_dtype
+from ..common import compute_dtype
+from . import _mars_routing_kernels as _k
+from .launch import check_float, check_k, device_guard, row_blocks, select_params, tl_dtype, unit_column_stride
 
 __all__ = ["mars_routing_fwd", "mars_routing_bwd"]
 
@@ -40,6 +41,7 @@ __all__ = ["mars_routing_fwd", "mars_routing_bwd"]
 # 8 elements per thread both kernels stay at <= ~120 registers for E <= 512
 # (ptxas, sm_90a, float32 math) instead of 200-250 with 16.
 _GPU_TILE = 1024
+_INTERPRETER_TILE = 1 << 15
 # Above this many selected experts a bitonic sort of the row replaces the k
 # rounds of a row max (float32 keys only; float64 always takes rounds).
 _SORT_ABOVE = 8
@@ -47,17 +49,12 @@ _SORT_ABOVE = 8
 
 def _blocks(T: int, E: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_E, num_warps) with this module's smaller GPU tile."""
-    return _gating_blocks(T, E, device, gpu_tile=_GPU_TILE)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t with unit column stride (a copy only when it has none)."""
-    return t if t.dim() < 2 or t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+    return row_blocks(T, E, device, _GPU_TILE, _INTERPRETER_TILE)
 
 
 def _check_pair(residual_logits: torch.Tensor, feature_logits: torch.Tensor) -> None:
-    _check_float("residual_logits", residual_logits)
-    _check_float("feature_logits", feature_logits)
+    check_float("residual_logits", residual_logits)
+    check_float("feature_logits", feature_logits)
     if residual_logits.dim() != 2:
         raise ValueError(
             f"residual_logits must be 2-D [T, E], got shape {tuple(residual_logits.shape)}"
@@ -101,15 +98,15 @@ def mars_routing_fwd(
     a NaN lse and softmax, as ``torch.log_softmax`` gives.
     """
     _check_pair(residual_logits, feature_logits)
-    _check_float("noise", noise)
+    check_float("noise", noise)
     T, E = residual_logits.shape
     if noise.shape != residual_logits.shape:
         raise ValueError(
             f"noise must have the shape of the logits {(T, E)}, got {tuple(noise.shape)}"
         )
     k = int(k)
-    _check_k(k, E)
-    cdt = _compute_dtype(residual_logits.dtype)
+    check_k(k, E)
+    cdt = compute_dtype(residual_logits.dtype)
     dev = residual_logits.device
     weights = torch.empty((T, k), dtype=cdt, device=dev)
     indices = torch.empty((T, k), dtype=torch.int64, device=dev)
@@ -120,17 +117,16 @@ def mars_routing_fwd(
     if T == 0:
         prob_sum = torch.zeros((E,), dtype=cdt, device=dev)
         return weights, indices, imitation, divergence, prob_sum, lse_r, lse_f
-    lr, lf, nz = _rows(residual_logits), _rows(feature_logits), _rows(noise)
+    lr, lf, nz = unit_column_stride(residual_logits), unit_column_stride(feature_logits), unit_column_stride(noise)
     block_t, block_e, num_warps = _blocks(T, E, dev)
     mode = 3 if cdt == torch.float64 else 0  # noisy values are computed in cdt
-    use_sort = k > _SORT_ABOVE and mode != 3
-    kp = block_e if use_sort else triton.next_power_of_2(k)
+    use_sort, kp = select_params(k, block_e, mode, _SORT_ABOVE)
     n_prog = triton.cdiv(T, block_t)
     part = torch.empty((n_prog, E), dtype=cdt, device=dev)
     sigma = torch.tensor(
         [float(sigma_0), float(sigma_const), float(sigma_max)], dtype=cdt, device=dev
     )
-    with _device_guard(residual_logits):
+    with device_guard(residual_logits):
         _k.mars_routing_fwd_kernel[(n_prog,)](
             lr, lf, nz, sigma,
             weights, indices, imitation, divergence, part, lse_r, lse_f,
@@ -141,7 +137,7 @@ def mars_routing_fwd(
             KP=kp,
             BLOCK_T=block_t,
             BLOCK_E=block_e,
-            CDT=_tl_dtype(cdt),
+            CDT=tl_dtype(cdt),
             num_warps=num_warps,
             enable_fp_fusion=False,
         )
@@ -179,9 +175,9 @@ def mars_routing_bwd(
     grad_f = torch.empty((T, E), dtype=feature_logits.dtype, device=dev)
     if T == 0:
         return grad_r, grad_f
-    lr, lf = _rows(residual_logits), _rows(feature_logits)
+    lr, lf = unit_column_stride(residual_logits), unit_column_stride(feature_logits)
     block_t, block_e, num_warps = _blocks(T, E, dev)
-    with _device_guard(residual_logits):
+    with device_guard(residual_logits):
         _k.mars_routing_bwd_kernel[(triton.cdiv(T, block_t),)](
             grad_weights.contiguous(), grad_imitation.contiguous(), grad_prob_sum.contiguous(),
             lr, lf, weights.contiguous(), indices.contiguous(),
@@ -192,7 +188,7 @@ def mars_routing_bwd(
             KP=triton.next_power_of_2(k),
             BLOCK_T=block_t,
             BLOCK_E=block_e,
-            CDT=_tl_dtype(_compute_dtype(residual_logits.dtype)),
+            CDT=tl_dtype(compute_dtype(residual_logits.dtype)),
             num_warps=num_warps,
         )
     return grad_r, grad_f

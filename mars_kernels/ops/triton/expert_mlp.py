@@ -1,10 +1,16 @@
-"""Triton launchers for the fused expert MLP (ScatterMoE / vLLM fused-MoE technique).
+"""Triton launchers for the expert MLP (ScatterMoE / vLLM fused-MoE technique;
+ops module :mod:`mars_kernels.ops.expert_mlp`, kernels in ``_expert_mlp_kernels.py``).
+
+The functions have the schemas of the ``torch.ops.mars_kernels`` ops of the same
+names (``csrc/ops.cpp``): ``moe_mlp_fwd/_bwd`` take the dispatch metadata of
+``moe_align`` as separate tensors; ``grouped_mlp_fwd/_bwd`` (rows already in
+expert order) run the same kernels with an identity gather and unit gates.
 
 Shapes: ``T`` tokens, ``k`` experts per token, ``S = T * k`` assignments, ``D``
 model width, ``H`` expert hidden width, ``H1 = 2H`` for swiglu (``w1``'s columns
-are ``[gate | up]``) else ``H``, ``E`` experts. ``meta`` is
-``mars_kernels.reference.moe_align(indices, E, BLOCK_M)``: the row tiles of the
-kernels are its row blocks, so ``meta.block_size`` must equal :data:`BLOCK_M`.
+are ``[gate | up]``) else ``H``, ``E`` experts. The row tiles of the kernels are
+the metadata's row blocks, so ``block_size`` is the kernels' ``BLOCK_M`` (any
+power of two >= 16).
 Assignments to the sentinel expert ``E`` (dropped by a capacity limit) contribute
 nothing (their output rows are never read, their gradients are zero).
 
@@ -29,18 +35,18 @@ float32 matmuls use full fp32 precision ("ieee") unless
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 
-from . import _moe_kernels as _k
+from ...meta import MoEMeta
+from ..dispatch import row_blocks_from_offsets
+from . import _expert_mlp_kernels as _k
+from .launch import device_guard
 
-__all__ = ["BLOCK_M", "moe_mlp_fwd", "moe_mlp_bwd"]
+__all__ = ["moe_mlp_fwd", "moe_mlp_bwd", "grouped_mlp_fwd", "grouped_mlp_bwd"]
 
-#: Rows per tile (the ``block_size`` to pass to ``moe_align``). Any power of two >= 16
-#: works for the kernels; this is the value the launchers accept.
-BLOCK_M = 64
+#: The row-block size of grouped_mlp's identity metadata.
+GROUPED_BLOCK_M = 64
 
 _ACT_CODES = {"gelu": _k.ACT_GELU, "silu": _k.ACT_SILU, "swiglu": _k.ACT_SWIGLU}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -99,10 +105,6 @@ def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     return dict(DOT_PREC=prec, UPCAST=upcast)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _check(x, weights, meta, w1, b1, w2, b2, activation):
     """Validate and return (T, k, D, H, H1, E, act code)."""
     if activation not in _ACT_CODES:
@@ -137,11 +139,9 @@ def _check(x, weights, meta, w1, b1, w2, b2, activation):
         raise ValueError(f"meta is for {meta.num_experts} experts, the weights have {E}")
     if meta.permutation.numel() != T * k:
         raise ValueError(f"meta has {meta.permutation.numel()} assignments, expected T*k = {T * k}")
-    if meta.block_size != BLOCK_M:
-        raise ValueError(
-            f"meta.block_size must be BLOCK_M = {BLOCK_M} (moe_align(..., block_size=BLOCK_M)), "
-            f"got {meta.block_size}"
-        )
+    bs = meta.block_size
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 for the Triton expert MLP, got {bs}")
     return T, k, D, H, H1, E, _ACT_CODES[activation]
 
 
@@ -180,37 +180,51 @@ def _row_gemm(a, b3, strides_b, bias, gate_w, c, meta, N, K, up_off, *, a_gather
     )
 
 
+def _meta(permutation, inverse, offsets, block_expert, block_start, top_k, block_size, num_experts) -> MoEMeta:
+    return MoEMeta(num_experts, int(top_k), int(block_size), None, offsets, permutation, inverse, block_expert,
+                   block_start)
+
+
 def moe_mlp_fwd(
     x: torch.Tensor,
     weights: torch.Tensor,
-    meta,
+    permutation: torch.Tensor,
+    inverse: torch.Tensor,
+    offsets: torch.Tensor,
+    block_expert: torch.Tensor,
+    block_start: torch.Tensor,
+    top_k: int,
+    block_size: int,
     w1: torch.Tensor,
     b1: torch.Tensor | None,
     w2: torch.Tensor,
     b2: torch.Tensor | None,
     activation: str,
+    save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused expert MLP forward.
 
-    x [T, D] (token order), weights [T, k] gate weights, meta from
-    ``moe_align(indices, E, BLOCK_M)``, w1 [E, D, H1], b1 [E, H1] or None,
+    x [T, D] (token order), weights [T, k] gate weights, the metadata of
+    ``moe_align(indices, E, block_size)``, w1 [E, D, H1], b1 [E, H1] or None,
     w2 [E, H, D], b2 [E, D] or None, activation in {"gelu", "silu", "swiglu"} ->
 
     * y [T, D] in x's dtype: y[t] = sum_j weights[t, j] * (act(x[t] @ W1[e] + b1[e]) @ W2[e] + b2[e])
       with e = indices[t, j], dropped assignments skipped, summed in fp32 over j;
     * h [S, H1] in x's dtype: the pre-activation x[t] @ W1[e] + b1[e] of sorted slot s
-      (saved for :func:`moe_mlp_bwd`; rows of dropped slots, s >= offsets[E], are
-      not written).
+      (kept for :func:`moe_mlp_bwd`; zero on the slots of dropped assignments), or an
+      empty [0, H1] tensor unless ``save_h``.
     """
+    meta = _meta(permutation, inverse, offsets, block_expert, block_start, top_k, block_size, w1.shape[0])
     T, k, D, H, H1, E, act = _check(x, weights, meta, w1, b1, w2, b2, activation)
     dev = x.device
     S = T * k
-    h = torch.empty((S, H1), dtype=x.dtype, device=dev)
+    # Zeroed: the slots of dropped assignments are never written.
+    h = torch.zeros((S, H1), dtype=x.dtype, device=dev)
     if S == 0 or D == 0:
-        return torch.zeros((T, D), dtype=x.dtype, device=dev), h
+        return torch.zeros((T, D), dtype=x.dtype, device=dev), h if save_h else h[:0].clone()
     gate_w = weights.reshape(-1).contiguous()
     buf = torch.empty((S, D), dtype=x.dtype, device=dev)
-    with _device_guard(x):
+    with device_guard(x):
         # 1. h = x[tok] @ W1[e] + b1[e]  (sorted order)
         _row_gemm(x, w1, (w1.stride(0), w1.stride(1), w1.stride(2)), b1, gate_w, h, meta, H1, D, 0,
                   a_gather=True, act=_k.ACT_NONE, c_scatter=False, mul_weight=False)
@@ -220,16 +234,21 @@ def moe_mlp_fwd(
                   a_gather=False, act=act, c_scatter=True, mul_weight=True)
         # 3. y[t] = sum_j buf[t*k + j]
         y = _combine(buf, meta, T, D, x.dtype)
-    return y, h
+    return y, (h if save_h else x.new_empty((0, H1)))
 
 
 def moe_mlp_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weights: torch.Tensor,
-    meta,
+    permutation: torch.Tensor,
+    inverse: torch.Tensor,
+    offsets: torch.Tensor,
+    block_expert: torch.Tensor,
+    block_start: torch.Tensor,
+    top_k: int,
+    block_size: int,
     w1: torch.Tensor,
-    b1: torch.Tensor | None,
     w2: torch.Tensor,
     b2: torch.Tensor | None,
     h: torch.Tensor,
@@ -237,7 +256,7 @@ def moe_mlp_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused expert MLP backward.
 
-    grad_y [T, D]; x, weights, meta, w1, b1, w2, b2, activation as passed to
+    grad_y [T, D]; x, weights, the metadata, w1, w2, b2, activation as passed to
     :func:`moe_mlp_fwd`; h [S, H1] as returned by it. Returns
 
     * grad_x [T, D] (x's dtype): sum_j dh[s] @ W1[e]^T over kept assignments;
@@ -249,9 +268,10 @@ def moe_mlp_bwd(
 
     where dh = act'(h) * weights[t, j] * (grad_y[t] @ W2[e]^T) (swiglu: d_gate =
     dA * up * silu'(gate), d_up = dA * silu(gate)). grad_b1 / grad_b2 are returned
-    (in w1's / w2's dtype) even when b1 / b2 are None.
+    (in w1's / w2's dtype) whether or not the forward had biases.
     """
-    T, k, D, H, H1, E, act = _check(x, weights, meta, w1, b1, w2, b2, activation)
+    meta = _meta(permutation, inverse, offsets, block_expert, block_start, top_k, block_size, w1.shape[0])
+    T, k, D, H, H1, E, act = _check(x, weights, meta, w1, None, w2, b2, activation)
     if tuple(grad_y.shape) != (T, D) or grad_y.dtype != x.dtype:
         raise ValueError(
             f"grad_y must be [T, D] = {(T, D)} of dtype {x.dtype}, got {tuple(grad_y.shape)} {grad_y.dtype}"
@@ -272,7 +292,7 @@ def moe_mlp_bwd(
     gate_w = weights.reshape(-1).contiguous()
     nb = meta.block_expert.numel()
     flags = _dot_flags(x.dtype, dev)
-    with _device_guard(x):
+    with device_guard(x):
         # dh and the gate-weight gradient partials (one column per H tile)
         cfg = _config("dh", dev, x.dtype)
         n_h = triton.cdiv(H, cfg["BLOCK_N"])
@@ -329,3 +349,52 @@ def moe_mlp_bwd(
             **flags, **cfg,
         )
     return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _identity_meta(x_sorted: torch.Tensor, offsets: torch.Tensor, num_experts: int) -> MoEMeta:
+    """Metadata for rows already in expert order: each row is its own token (k = 1)."""
+    S = x_sorted.shape[0]
+    ident = torch.arange(S, device=x_sorted.device)
+    block_expert, block_start = row_blocks_from_offsets(offsets, S, num_experts, GROUPED_BLOCK_M)
+    return MoEMeta(num_experts, 1, GROUPED_BLOCK_M, None, offsets, ident, ident, block_expert, block_start)
+
+
+def _meta_args(meta: MoEMeta) -> tuple:
+    return (meta.permutation, meta.inverse, meta.offsets, meta.block_expert, meta.block_start, meta.top_k,
+            meta.block_size)
+
+
+def grouped_mlp_fwd(
+    x_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str,
+    save_h: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's MLP on its rows of x_sorted [S, D] (expert e owns rows
+    offsets[e] .. offsets[e+1]-1; rows from offsets[E] on give zeros) ->
+    (y_sorted [S, D], h [S, H1] or an empty [0, H1] unless ``save_h``)."""
+    meta = _identity_meta(x_sorted, offsets, w1.shape[0])
+    ones = x_sorted.new_ones((x_sorted.shape[0], 1), dtype=torch.float32)
+    return moe_mlp_fwd(x_sorted, ones, *_meta_args(meta), w1, b1, w2, b2, activation, save_h)
+
+
+def grouped_mlp_bwd(
+    grad_y_sorted: torch.Tensor,
+    x_sorted: torch.Tensor,
+    h: torch.Tensor,
+    offsets: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad_x_sorted [S, D], grad_w1, grad_b1 [E, H1], grad_w2, grad_b2 [E, D]."""
+    meta = _identity_meta(x_sorted, offsets, w1.shape[0])
+    ones = x_sorted.new_ones((x_sorted.shape[0], 1), dtype=torch.float32)
+    dx, _, dw1, db1, dw2, db2 = moe_mlp_bwd(
+        grad_y_sorted, x_sorted, ones, *_meta_args(meta), w1, w2, None, h, activation
+    )
+    return dx, dw1, db1, dw2, db2

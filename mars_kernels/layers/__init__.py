@@ -1,0 +1,9 @@
+"""nn.Modules over the ops, one concept per file. Parameters never depend on
+the backend, so a state_dict saved with one backend loads and runs with any
+other."""
+from .experts import Experts
+from .mars_router import MarsRouter
+from .routing import NoisyTopKRouter, Routing, TopKRouter, flatten_tokens
+from .sparse_moe import SparseMoE
+
+__all__ = ["Routing", "TopKRouter", "NoisyTopKRouter", "MarsRouter", "Experts", "SparseMoE", "flatten_tokens"]
