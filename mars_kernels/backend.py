@@ -26,7 +26,6 @@ hidden in the op. A (backend, op) pair missing from the table raises.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -75,21 +74,29 @@ def extension_available() -> bool:
     return _extension_error is None
 
 
-@functools.cache
+# Availability is fixed for the life of the process: looked up once (plain
+# module state rather than functools.cache, which torch.compile warns about).
+_available: dict[str, bool] = {}
+
+
 def cuda_ops_available() -> bool:
     """True when the extension was built with its CUDA kernels."""
-    return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "mars_kernels::topk_gating_fwd", "CUDA"
-    )
+    if "cuda" not in _available:
+        _available["cuda"] = extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "mars_kernels::topk_gating_fwd", "CUDA"
+        )
+    return _available["cuda"]
 
 
-@functools.cache
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if "triton" not in _available:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _available["triton"] = False
+        else:
+            _available["triton"] = True
+    return _available["triton"]
 
 
 def triton_interpreting() -> bool:

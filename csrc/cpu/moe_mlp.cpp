@@ -25,9 +25,9 @@ namespace {
 
 // Rows per tile: an expert's rows are processed in tiles whose intermediates
 // (gathered rows, activations, expert outputs and their gradients) fit a fixed
-// workspace budget. Larger tiles make fewer, larger GEMMs (measured faster up
-// to whole experts at the MARS shape); the budget keeps the workspace below
-// what a per-expert loop materialises. MARS_KERNELS_CPU_ROW_TILE overrides it
+// workspace budget. Larger tiles make fewer, larger GEMMs, which run at a
+// higher rate; the budget keeps the workspace below what a per-expert loop
+// materialises. MARS_KERNELS_CPU_ROW_TILE overrides it
 // (read per call, like MARS_KERNELS_CPU_TOKEN_GROUPS below, so tests can set it).
 constexpr int64_t kWorkspaceBytes = int64_t{48} << 20;
 constexpr int64_t kMinTile = 256, kMaxTile = 16384;
@@ -88,10 +88,9 @@ SortedRouting sort_routing(const at::Tensor& perm, const at::Tensor& weights, in
 // rows of that range with single-threaded GEMMs. Within an expert the rows are
 // sorted by token, so a group's rows of an expert are one contiguous slice;
 // groups write disjoint output rows and each token still sums its experts in
-// expert order. The load stays balanced however skewed the routing is.
-// On 2 cores at the fine-grained benchmark shape both ways have the same best
-// case, but the shared way was 25-55% slower in a third of the processes
-// (fork/join latency of ~900 small parallel regions per step); the split was not.
+// expert order. The load stays balanced however skewed the routing is, and
+// the step no longer depends on the latency of hundreds of small fork/joins
+// (the README's benchmark section has the figures).
 // The backward keeps one weight-gradient partial per extra group, summed in
 // group order, so it is split only while those partials fit a budget.
 // MARS_KERNELS_CPU_TOKEN_GROUPS=1 turns the split off (N > 1 forces N groups).

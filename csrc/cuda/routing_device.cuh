@@ -239,6 +239,36 @@ void dispatch_cache(int64_t E, F&& f) {
   }
 }
 
+// Column reduction: a single stage for up to this many partial rows, else a
+// first stage over at most kMaxSplits row ranges and a second over those.
+constexpr int64_t kSingleStageRows = 256;
+constexpr int64_t kMaxSplits = 64;
+
+/// Number of staging elements reduce_columns may use for E columns.
+inline int64_t reduce_staging_elems(int64_t E) { return kMaxSplits * E; }
+
+/// out[e] = sum over r of in[r * in_stride + e], r in [0, rows), in a fixed
+/// order that depends on (rows, E) only. `staging` holds
+/// reduce_staging_elems(E) elements (used when rows > kSingleStageRows).
+template <typename Acc>
+void reduce_columns(const Acc* in, int64_t in_stride, int64_t rows, int64_t E, Acc* out,
+                    Acc* staging, cudaStream_t stream) {
+  const dim3 block(kWarpSize, kReduceThreadsY);
+  const unsigned col_blocks = static_cast<unsigned>(ceil_div(E, kWarpSize));
+  if (rows <= kSingleStageRows) {
+    column_sum_kernel<Acc><<<dim3(col_blocks, 1), block, 0, stream>>>(in, in_stride, rows, E,
+                                                                      rows, out);
+    return;
+  }
+  int64_t splits = ceil_div(rows, kSingleStageRows);
+  if (splits > kMaxSplits) splits = kMaxSplits;
+  const int64_t rows_per_split = ceil_div(rows, splits);
+  column_sum_kernel<Acc><<<dim3(col_blocks, static_cast<unsigned>(splits)), block, 0, stream>>>(
+      in, in_stride, rows, E, rows_per_split, staging);
+  column_sum_kernel<Acc><<<dim3(col_blocks, 1), block, 0, stream>>>(staging, E, splits, E,
+                                                                    splits, out);
+}
+
 /// Blocks of kWarpsPerBlock warps for one warp per row.
 inline unsigned row_blocks(int64_t rows) {
   return static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock));
