@@ -85,6 +85,13 @@ def positive_int(v, name: str) -> int:
     return integer(v, name, 1)
 
 
+def nonnegative_float(v, name: str, finite: bool = True) -> float:
+    """A real number >= 0 (not a bool), finite unless ``finite=False``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or (finite and not math.isfinite(v)):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}number >= 0, got {v!r}")
+    return float(v)
+
+
 def positive_float(v, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")

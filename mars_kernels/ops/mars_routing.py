@@ -14,8 +14,6 @@ in ``ops/triton/mars_routing.py``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import backend as _backend
@@ -56,8 +54,7 @@ def mars_routing(
         raise TypeError(f"feature_logits must have the dtype of residual_logits ({residual_logits.dtype}), got {feature_logits.dtype}")
     check.top_k(k, E)
     for name_, v in (("sigma_0", sigma_0), ("sigma_const", sigma_const), ("sigma_max", sigma_max)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == math.inf:
-            raise ValueError(f"{name_} must be a finite number >= 0, got {v!r}")
+        check.nonnegative_float(v, name_)
     tensors = {"residual_logits": residual_logits, "feature_logits": feature_logits}
     if noise is not None:
         check.float_matrix(noise, "noise")

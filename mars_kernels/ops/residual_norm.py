@@ -74,8 +74,7 @@ def residual_norm_mean(
     for name, t in tensors.items():
         if name != "observed" and t.dtype != h.dtype:
             raise TypeError(f"{name} must have h's dtype ({h.dtype}), got {t.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check.nonnegative_float(eps, "eps", finite=False)
     check.same_device(tensors)
     impl = _backend.implementation("residual_norm_mean", _backend.resolve(backend, h.device))
     if impl == "torch":
