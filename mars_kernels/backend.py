@@ -52,7 +52,12 @@ TABLE: dict[str, dict[str, str]] = {
 
 #: Rows per block of the dispatch metadata (``moe_align``'s ``block_size``) that
 #: each backend's expert MLP expects: the Triton kernels tile expert rows by it.
-EXPERT_BLOCK_SIZE = dict(reference=64, cpu=64, cuda=64, triton=64)
+EXPERT_BLOCK_SIZE = dict(reference=64, cpu=64, cuda=64, triton=64, meta=64)
+
+#: The backend :func:`resolve` gives tensors on the ``meta`` device, whatever
+#: was asked: shapes only, through the ops' fake implementations (or the torch
+#: twins without the extension). No kernel ever reads a meta tensor.
+META = "meta"
 
 _extension_error: str | None = None
 try:
@@ -116,9 +121,13 @@ def resolve(backend: str | None, device: torch.device) -> str:
     ``backend`` None means: ``MARS_KERNELS_BACKEND`` if set, else ``auto``.
     """
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    if requested not in BACKENDS:
+    if requested not in BACKENDS and requested != META:
         source = "backend" if backend is not None else ENV_VAR
         raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
+    if device.type == "meta":
+        return META
+    if requested == META:
+        raise ValueError(f"backend {META!r} is what meta tensors resolve to; got tensors on {device}")
     on_cuda = device.type == "cuda"
     if requested == "auto":
         if on_cuda:
@@ -161,6 +170,10 @@ def resolve(backend: str | None, device: torch.device) -> str:
 
 def implementation(op: str, backend: str) -> str:
     """What runs ``op`` on the concrete ``backend``: "torch", "compiled" or "triton"."""
+    if backend == META:  # the compiled ops' fakes propagate shapes without kernels
+        if op not in TABLE:
+            raise ValueError(f"mars_kernels has no op {op!r} (see mars_kernels.backend.TABLE)")
+        return "compiled" if extension_available() else "torch"
     try:
         return TABLE[op][backend]
     except KeyError:

@@ -41,11 +41,43 @@ def top_k(k, num_experts: int, name: str = "k") -> int:
     return k
 
 
-def same_device(named: dict[str, torch.Tensor]) -> None:
-    devices = {name: t.device for name, t in named.items()}
+def same_device(named: dict[str, torch.Tensor | None]) -> None:
+    """Every tensor argument on one device (``meta`` included: a meta weight
+    next to CPU activations is an error, not garbage). None entries are skipped."""
+    devices = {name: t.device for name, t in named.items() if t is not None}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def integer_tensor(t, name: str) -> torch.Tensor:
+    """An int32/int64 tensor (expert ids, counts)."""
+    tensor(t, name)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+    return t
+
+
+def generator(g, device: torch.device | None = None) -> torch.Generator | None:
+    """None or a torch.Generator (on ``device``'s type when given)."""
+    if g is None:
+        return None
+    if not isinstance(g, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(g).__name__}")
+    if device is not None and device.type != "meta" and g.device.type != device.type:
+        raise ValueError(f"generator must be on the tensors' device type {device.type}, got a {g.device.type} generator")
+    return g
+
+
+def values_in_range(t: torch.Tensor, low: int, high: int, name: str, what: str) -> None:
+    """Raise if an integer tensor holds values outside [low, high]. Checked on
+    CPU tensors only: on a GPU it would cost a device-to-host sync (the
+    kernels there rely on the producer), on meta there are no values."""
+    if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi > high:
+        raise ValueError(f"{name} must lie in {what}, got values in [{lo}, {hi}]")
 
 
 def shape(t: torch.Tensor, expected: tuple[int, ...], name: str, meaning: str) -> None:
@@ -106,6 +138,8 @@ def flag(v, name: str) -> bool:
 
 def no_nan_or_posinf(t: torch.Tensor, name: str) -> None:
     """Raise if ``t`` holds NaN or +inf (-inf, a masked expert, is allowed)."""
+    if t.device.type == "meta":
+        return
     bad = torch.isnan(t) | torch.isposinf(t)
     if bool(bad.any()):
         row = int(bad.any(dim=-1).nonzero()[0, 0])

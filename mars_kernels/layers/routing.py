@@ -26,11 +26,19 @@ class Routing(NamedTuple):
     aux: dict[str, torch.Tensor]
 
 
-def flatten_tokens(x: torch.Tensor, d_model: int) -> torch.Tensor:
-    """x [..., d_model] -> tokens [N, d_model] (a view when possible)."""
+def flatten_tokens(x: torch.Tensor, d_model: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., d_model] -> tokens [N, d_model] (a view when possible). With
+    ``like`` (a parameter of the layer), x must have its dtype and device."""
     check.tensor(x, "x")
     if x.dim() < 2 or x.shape[-1] != d_model:
         raise ValueError(f"x must have shape [..., d_model={d_model}] with at least 2 dims, got {tuple(x.shape)}")
+    if like is not None:
+        if x.dtype != like.dtype:
+            raise TypeError(f"x must have the layer's dtype {like.dtype}, got {x.dtype} "
+                            "(convert the input, or the layer with .to(dtype))")
+        if x.device != like.device:
+            raise ValueError(f"x must be on the layer's device {like.device}, got {x.device} "
+                             "(move the input, or the layer with .to(device))")
     return x.reshape(-1, d_model)
 
 
@@ -65,7 +73,7 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor, *, backend: str | None = None) -> Routing:
         """``backend`` overrides the module's for this call."""
         lead = x.shape[:-1]
-        logits = self.proj(flatten_tokens(x, self.d_model))
+        logits = self.proj(flatten_tokens(x, self.d_model, self.proj.weight))
         name = _backend.resolve(backend or self.backend, logits.device)
         w, i = ops.topk_gating(logits, self.k, mode=self.mode, renormalize=self.renormalize, backend=name)
         # One pass of router statistics and one count serve both losses and the report.
@@ -112,7 +120,7 @@ class NoisyTopKRouter(nn.Module):
         """``backend`` overrides the module's for this call."""
         lead = x.shape[:-1]
         w, i, importance, load = ops.noisy_topk_gating(
-            flatten_tokens(x, self.d_model),
+            flatten_tokens(x, self.d_model, self.w_gate),
             self.w_gate,
             self.w_noise,
             self.k,

@@ -67,7 +67,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lead = x.shape[:-1]
-        tokens = flatten_tokens(x, self.d_model)
+        tokens = flatten_tokens(x, self.d_model, self.experts.w1)
         name = _backend.resolve(self.backend, tokens.device)  # once for the router and the experts
         routing = self.router(tokens, backend=name)
         weights, indices = routing.weights, routing.indices

@@ -50,16 +50,37 @@ def check_indices(indices, num_experts: int, allow_dropped: bool) -> torch.Tenso
         raise ValueError(f"indices must be an int32/int64 [T, k] tensor, got {indices.dtype} {tuple(indices.shape)}")
     check.positive_int(num_experts, "num_experts")
     top = num_experts if allow_dropped else num_experts - 1
-    checkable = indices.device.type == "cpu" and not torch.compiler.is_compiling()
-    if checkable and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) > top):
-        what = f"[0, {num_experts}] ({num_experts} = dropped)" if allow_dropped else f"[0, {num_experts})"
-        raise ValueError(f"indices must lie in {what}, got values in [{int(indices.min())}, {int(indices.max())}]")
+    what = f"[0, {num_experts}] ({num_experts} = dropped)" if allow_dropped else f"[0, {num_experts})"
+    check.values_in_range(indices, 0, top, "indices", what)
     return indices.long()
 
 
-def check_meta(meta) -> MoEMeta:
+META_FIELDS = ("counts", "offsets", "permutation", "inverse", "block_expert", "block_start")
+
+
+def check_meta(meta, device: torch.device | None = None) -> MoEMeta:
+    """A MoEMeta whose tensors are int64 and on ``device``. On CPU its slot
+    indices are bounds-checked here for the torch twins (the C++ kernels check
+    them again themselves); on a GPU they are not (a check would cost a
+    device-to-host sync): a forged MoEMeta there is undefined behaviour."""
     if not isinstance(meta, MoEMeta):
         raise TypeError(f"meta must be a MoEMeta from moe_align, got {type(meta).__name__}")
+    for name in META_FIELDS:
+        t = getattr(meta, name)
+        if t is None and name == "counts":
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
+            raise TypeError(f"meta.{name} must be a 1-D int64 tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if device is not None and t.device != device:
+            raise ValueError(f"tensors must be on one device, got meta.{name} on {t.device} and the data on {device}")
+    S, E = meta.permutation.numel(), meta.num_experts
+    if meta.inverse.numel() != S or meta.offsets.numel() != E + 1:
+        raise ValueError(f"meta must have inverse [S={S}] and offsets [E+1={E + 1}], got "
+                         f"{meta.inverse.numel()} and {meta.offsets.numel()} entries")
+    check.values_in_range(meta.permutation, 0, S - 1, "meta.permutation", f"[0, S={S})")
+    check.values_in_range(meta.inverse, 0, S - 1, "meta.inverse", f"[0, S={S})")
+    check.values_in_range(meta.offsets, 0, S, "meta.offsets", f"[0, S={S}]")
     return meta
 
 
@@ -151,6 +172,9 @@ def apply_capacity(
     idx = check_indices(indices, num_experts, allow_dropped=False)
     check.tensor(weights, "weights")
     check.shape(weights, tuple(idx.shape), "weights", "[T, k] like indices")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating tensor (gate weights), got {weights.dtype}")
+    check.same_device({"indices": indices, "weights": weights})
     check.integer(capacity, "capacity", 0)
     return apply_capacity_torch(idx, weights, num_experts, capacity)
 
@@ -184,7 +208,7 @@ def apply_capacity_torch(
 def permute(x: torch.Tensor, meta: MoEMeta, *, backend: str | None = None) -> torch.Tensor:
     """x [T, D] -> x_sorted [S, D] in expert order (row s = x[permutation[s] // k])."""
     check.float_matrix(x, "x")
-    check_meta(meta)
+    check_meta(meta, x.device)
     if meta.permutation.shape[0] != x.shape[0] * meta.top_k:
         raise ValueError(f"x must have T = {meta.num_tokens} rows for this meta, got {x.shape[0]}")
     impl = _backend.implementation("permute", _backend.resolve(backend, x.device))
@@ -204,7 +228,7 @@ def unpermute(
     """y_sorted [S, D], weights [T, k] (or None: plain sum) -> y [T, D], the
     gate-weighted sum of each token's k expert rows, deterministic."""
     check.float_matrix(y_sorted, "y_sorted")
-    check_meta(meta)
+    check_meta(meta, y_sorted.device)
     S = meta.permutation.shape[0]
     if y_sorted.shape[0] != S:
         raise ValueError(f"y_sorted must have S = T*k = {S} rows, got {y_sorted.shape[0]}")
@@ -212,6 +236,7 @@ def unpermute(
     if weights is not None:
         check.float_matrix(weights, "weights")
         check.shape(weights, (T, k), "weights", "[T, k]")
+        check.same_device({"y_sorted": y_sorted, "weights": weights})
         weights = weights.to(compute_dtype(y_sorted.dtype)).contiguous()
     impl = _backend.implementation("unpermute", _backend.resolve(backend, y_sorted.device))
     if impl == "torch":

@@ -87,11 +87,13 @@ def grouped_mlp(
     w2 [E, H, D], b2 [E, D] or None. Rows of dropped assignments give zeros.
     Without a backward the pre-activations are not kept (less inference memory)."""
     check.float_matrix(x_sorted, "x_sorted")
-    check_meta(meta)
+    check_meta(meta, x_sorted.device)
     E = _check_expert_weights(x_sorted.dtype, x_sorted.shape[1], w1, b1, w2, b2, activation)
     if E != meta.num_experts:
         raise ValueError(f"w1/w2 must hold E = {meta.num_experts} experts for this meta, got {E}")
-    check.same_device({"x_sorted": x_sorted, "w1": w1, "w2": w2})
+    if meta.permutation.shape[0] != x_sorted.shape[0]:
+        raise ValueError(f"x_sorted must have S = {meta.permutation.shape[0]} rows for this meta, got {x_sorted.shape[0]}")
+    check.same_device({"x_sorted": x_sorted, "w1": w1, "b1": b1, "w2": w2, "b2": b2})
     impl = _backend.implementation("grouped_mlp", _backend.resolve(backend, x_sorted.device))
     if impl == "torch":
         return grouped_mlp_torch(x_sorted, w1, b1, w2, b2, meta, activation)
@@ -182,13 +184,15 @@ def moe_mlp(
     backend's (``mars_kernels.backend.EXPERT_BLOCK_SIZE``).
     """
     check.float_matrix(x, "x")
-    check_meta(meta)
+    check_meta(meta, x.device)
     T, D = x.shape
     check.float_matrix(weights, "weights")
     check.shape(weights, (T, meta.top_k), "weights", "[T, k]")
     E = _check_expert_weights(x.dtype, D, w1, b1, w2, b2, activation)
     if E != meta.num_experts:
-        raise ValueError(f"w1/w2 must hold E = {meta.num_experts} experts for this meta, got {E}")
+        raise ValueError(f"w1/w2 must hold E = {meta.num_experts} experts for this meta (moe_align's "
+                         f"num_experts), got {E}")
+    check.same_device({"x": x, "weights": weights, "w1": w1, "b1": b1, "w2": w2, "b2": b2})
     name = _backend.resolve(backend, x.device)
     impl = _backend.implementation("moe_mlp", name)
     if impl == "torch":

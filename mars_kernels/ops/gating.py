@@ -74,14 +74,18 @@ def topk_gating_torch(
     ``softmax_topk``: p = softmax(logits) over all E experts, keep the k largest;
     with ``renormalize`` divide them by their sum. ``topk_softmax``: keep the k
     largest logits, softmax over those k (``renormalize`` changes nothing).
+
+    softmax_topk renormalised is computed as topk_softmax, which it equals: the
+    weights then depend on the k chosen logits only, so a row holding NaN gets
+    a gradient that is NaN at its k chosen experts and 0 elsewhere, as every
+    kernel gives (softmax_topk without renormalisation depends on the whole
+    row: NaN everywhere).
     """
     x = logits.to(compute_dtype(logits.dtype))
     indices = topk_order(x, k)
-    if mode == "softmax_topk":
+    if mode == "softmax_topk" and not renormalize:
         weights = torch.softmax(x, dim=-1).gather(1, indices)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-    elif mode == "topk_softmax":
+    elif mode in MODES:
         weights = torch.softmax(x.gather(1, indices), dim=-1)
     else:
         raise ValueError(f"mode must be 'softmax_topk' or 'topk_softmax', got {mode!r}")

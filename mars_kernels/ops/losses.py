@@ -28,9 +28,13 @@ __all__ = [
 
 
 def expert_counts(indices: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """How many of the assignments in ``indices`` (any shape) went to each of
-    ``num_experts`` experts, as a [E] tensor of ``dtype``. Exact (integer
-    counts) and free of device-to-host syncs."""
+    """How many of the assignments in ``indices`` (any shape, int32/int64,
+    values in [0, num_experts)) went to each of ``num_experts`` experts, as a
+    [E] tensor of ``dtype``. Exact (integer counts) and free of device-to-host
+    syncs (the range is checked on CPU tensors only)."""
+    check.integer_tensor(indices, "indices")
+    check.positive_int(num_experts, "num_experts")
+    check.values_in_range(indices, 0, num_experts - 1, "indices", f"[0, num_experts={num_experts})")
     flat = indices.reshape(-1).long()
     return torch.zeros(num_experts, dtype=dtype, device=indices.device).index_add_(
         0, flat, torch.ones(flat.numel(), dtype=dtype, device=indices.device)
@@ -53,6 +57,7 @@ def switch_balance_loss(
     T, E = logits.shape
     _assignments(indices, T)
     check.same_device({"logits": logits, "indices": indices})
+    check.values_in_range(indices, 0, E - 1, "indices", f"[0, E={E})")
     _, prob_sum = router_stats(logits, backend=backend)
     return switch_balance_from_stats(prob_sum, expert_counts(indices, E), T, indices.shape[1])
 

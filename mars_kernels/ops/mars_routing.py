@@ -61,6 +61,7 @@ def mars_routing(
         check.shape(noise, (T, E), "noise", "[T, E]")
         tensors["noise"] = noise
     check.same_device(tensors)
+    check.generator(generator, residual_logits.device)
     impl = _backend.implementation("mars_routing", _backend.resolve(backend, residual_logits.device))
     sigmas = dict(sigma_0=float(sigma_0), sigma_max=float(sigma_max), sigma_const=float(sigma_const))
     if impl == "torch":

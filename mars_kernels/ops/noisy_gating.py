@@ -64,6 +64,7 @@ def noisy_topk_gating(
         check.shape(noise, (T, E), "noise", "[T, E]")
         tensors["noise"] = noise
     check.same_device(tensors)
+    check.generator(generator, x.device)
     name = _backend.resolve(backend, x.device)
     impl = _backend.implementation("noisy_topk_gating", name)
     if impl == "torch":
