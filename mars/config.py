@@ -3,6 +3,8 @@ and :class:`TrainConfig` (a training run). Both round-trip through plain dicts
 (``config.json`` of a run directory)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 from mars_kernels.layers.mars_router import NOISE_MODES, RESIDUAL_INPUTS, ROUTINGS
@@ -10,11 +12,60 @@ from mars_kernels.layers.mars_router import NOISE_MODES, RESIDUAL_INPUTS, ROUTIN
 from . import methods
 from .data import MissingnessProtocol
 
-__all__ = ["ModelConfig", "TrainConfig", "NOISE_MODES", "ROUTINGS", "RESIDUAL_INPUTS", "RETRIEVER_VARIANTS",
-           "SHAPLEY_VARIANTS"]
+__all__ = ["ConfigError", "ModelConfig", "TrainConfig", "NOISE_MODES", "ROUTINGS", "RESIDUAL_INPUTS",
+           "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS", "MAX_SEED"]
 
 RETRIEVER_VARIANTS = ("paper", "code")
 SHAPLEY_VARIANTS = ("exact", "code")
+MAX_SEED = 2**62  # room for the per-rank offsets added to the seed under torchrun
+
+
+class ConfigError(ValueError):
+    """A configuration value of the wrong type or out of range; ``field`` names
+    it (``model.<name>`` for a model option read through :class:`TrainConfig`)."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
+def _check_types(cfg) -> None:
+    """Every field holds a value of its annotated type (``float`` fields take
+    any real number and store a float); raises :class:`ConfigError`."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if ok:
+                setattr(cfg, f.name, int(value))
+        elif kind == "float":
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if ok:
+                setattr(cfg, f.name, float(value))
+        elif kind == "str":
+            ok = isinstance(value, str)
+        elif kind == "str | None":
+            ok = value is None or isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f.name, f"expected {'a number' if kind == 'float' else kind}, got {value!r}")
+
+
+def _at_least(cfg, names, low: int) -> None:
+    for name in names:
+        if getattr(cfg, name) < low:
+            raise ConfigError(name, f"must be >= {low}, got {getattr(cfg, name)}")
+
+
+def _finite_at_least_zero(cfg, names) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(name, f"must be a finite number >= 0, got {value}")
 
 
 @dataclass
@@ -74,27 +125,32 @@ class ModelConfig:
     lambda_sub: float = 1.0
 
     def __post_init__(self):
-        self.method = methods.canonical(self.method)
+        _check_types(self)
+        try:
+            self.method = methods.canonical(self.method)
+        except ValueError as e:
+            raise ConfigError("method", str(e)) from None
         for name, allowed in (("noise", NOISE_MODES), ("routing", ROUTINGS), ("residual_input", RESIDUAL_INPUTS),
                               ("retriever_variant", RETRIEVER_VARIANTS), ("mce_shapley", SHAPLEY_VARIANTS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        _at_least(self, ("d_model", "d_hidden", "num_experts", "fusion_heads"), 1)
         if not 1 <= self.k <= self.num_experts:
-            raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got {self.k}")
-        if self.retriever_candidates < 1 or self.retriever_shared < 0:
-            raise ValueError("retriever_candidates must be >= 1 and retriever_shared >= 0, got "
-                             f"{self.retriever_candidates} and {self.retriever_shared}")
+            raise ConfigError("k", f"must be in [1, num_experts={self.num_experts}], got {self.k}")
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        _finite_at_least_zero(self, ("sigma_0", "sigma_max", "sigma_const", "lambda_complete", "lambda_imit",
+                                     "lambda_balance", "lambda_gate", "lambda_sep", "lambda_com", "lambda_sub"))
+        _at_least(self, ("retriever_candidates",), 1)
+        _at_least(self, ("retriever_shared", "retriever_warmup", "mce_teacher_epochs"), 0)
         allowed = self.retriever_candidates + self.retriever_shared
         if not 1 <= self.retriever_k <= allowed:
-            raise ValueError(f"retriever_k must be in [1, retriever_candidates + retriever_shared = {allowed}], "
-                             f"got {self.retriever_k}")
+            raise ConfigError("retriever_k", f"must be in [1, retriever_candidates + retriever_shared = {allowed}], "
+                              f"got {self.retriever_k}")
         if not 0.0 <= self.retriever_alpha <= 1.0:
-            raise ValueError(f"retriever_alpha must be in [0, 1], got {self.retriever_alpha}")
-        for name in ("retriever_warmup", "mce_teacher_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            raise ConfigError("retriever_alpha", f"must be in [0, 1], got {self.retriever_alpha}")
         if self.d_model % self.fusion_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by fusion_heads={self.fusion_heads}")
+            raise ConfigError("d_model", f"must be divisible by fusion_heads={self.fusion_heads}, got {self.d_model}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,21 +172,45 @@ class TrainConfig:
 
     def __post_init__(self):
         if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        MissingnessProtocol.parse(self.protocol)  # validates
+            try:
+                self.model = ModelConfig(**self.model)
+            except ConfigError as e:
+                raise ConfigError(f"model.{e.field}", e.message) from None
+            except TypeError as e:  # an unknown or missing key
+                raise ConfigError("model", str(e).replace("ModelConfig.__init__() ", "")) from None
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError("model", f"expected a ModelConfig or a dict of its fields, got {type(self.model).__name__}")
+        _check_types(self)
+        _at_least(self, ("epochs", "batch_size"), 1)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("lr", f"must be a finite number > 0, got {self.lr}")
+        _finite_at_least_zero(self, ("weight_decay",))
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError("seed", f"must be an integer in [0, 2**62], got {self.seed}")
+        if not self.data:
+            raise ConfigError("data", "must name a data source, got ''")
+        try:
+            MissingnessProtocol.parse(self.protocol)
+        except ValueError as e:
+            raise ConfigError("protocol", str(e)) from None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """From ``to_dict``'s form (``config.json``); every key and value is
+        checked (:class:`ConfigError`)."""
+        if not isinstance(d, dict):
+            raise ConfigError("config", f"expected a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
+            raise ConfigError("config", f"unknown keys {sorted(unknown)}")
+        if not isinstance(d.get("model", {}), dict):
+            raise ConfigError("model", f"expected a JSON object, got {d['model']!r}")
+        known_model = {f.name for f in fields(ModelConfig)}
+        unknown = set(d.get("model", {})) - known_model
+        if unknown:
+            raise ConfigError("model", f"unknown keys {sorted(unknown)}")
         return cls(**d)
