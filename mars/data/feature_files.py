@@ -20,8 +20,8 @@ or with one folder per split, each holding one array file per modality::
         meta.json
         train/  <modality>.npy ...  labels.npy  [available.npy]   (required)
         val/    <modality>.npy ...  labels.npy  [available.npy]   (optional:
-                absent = a stratified quarter of train/, fixed by the seed)
-        test/   <modality>.npy ...  labels.npy  [available.npy]   (required)
+                absent or empty = a stratified quarter of train/, fixed by the seed)
+        test/   <modality>.npy ...  labels.npy  [available.npy]   (required, non-empty)
 
 ``meta.json``, a JSON object:
 
@@ -58,9 +58,13 @@ has that modality; every row needs at least one True. Absent = all True.
 
 ``splits.json`` (one-folder layout only): ``{"train": [...], "val": [...],
 "test": [...]}``, lists of distinct sample indices in ``[0, N)``; no index in
-two splits; ``train`` non-empty; samples listed nowhere are unused. Absent = a
-stratified 0.6/0.2/0.2 split fixed by the seed
-(``mars.data.splits.stratified_split``).
+two splits; ``train`` and ``test`` non-empty; samples listed nowhere are
+unused. ``"val": []`` = a stratified quarter of ``train``, fixed by the seed
+(as for a split-folder dataset without ``val/``). Absent = a stratified
+0.6/0.2/0.2 split fixed by the seed (``mars.data.splits.stratified_split``),
+which needs enough samples for a non-empty test split (4 for 0.6/0.2/0.2).
+
+A validation split taken from ``train`` needs at least 3 training samples.
 
 Example (CREMA-D, audio + visual embeddings, 6 emotions)::
 
@@ -91,7 +95,7 @@ import torch
 from .dataset import MultimodalDataset, concat_datasets
 from .errors import DataFormatError
 from .benchmarks import benchmark_spec, check_meta_against_benchmark
-from .splits import DEFAULT_FRACTIONS, SPLIT_NAMES, split_dataset, standardize_splits, stratified_split, stratify_keys
+from .splits import DEFAULT_FRACTIONS, SPLIT_NAMES, standardize_splits, stratified_split, stratify_keys
 
 META_FILE = "meta.json"
 LABELS_FILE = "labels.npy"
@@ -209,7 +213,25 @@ def _read_splits(file: str, n: int) -> tuple[list[int], list[int], list[int]]:
         out.append(idx)
     if not out[0]:
         raise DataFormatError('"train" is empty; expected at least one training index', file)
+    if not out[2]:
+        raise DataFormatError('"test" is empty; expected at least one test index (the test split is what a run '
+                              'reports)', file)
     return tuple(out)  # type: ignore[return-value]
+
+
+def _with_val(labels: torch.Tensor, ignore_index: int | None, idx, seed: int, file: str):
+    """(train, val, test) index lists; an empty ``val`` is a stratified quarter
+    of ``train`` fixed by ``seed`` (``train`` keeps the rest)."""
+    train, val, test = (list(x) for x in idx)
+    if val:
+        return train, val, test
+    keys = stratify_keys(labels[torch.as_tensor(train, dtype=torch.long)], ignore_index)
+    tr, va, _ = stratified_split(keys, (0.75, 0.25, 0.0), seed)
+    if tr.numel() == 0 or va.numel() == 0:
+        raise DataFormatError(f"the validation split is empty and the training split has {len(train)} samples, too few "
+                              "to set a quarter aside for validation; expected at least 3 training samples or a "
+                              "non-empty validation split", file)
+    return [train[i] for i in tr.tolist()], [train[i] for i in va.tolist()], test
 
 
 def _read_labels(folder: str, meta: dict) -> np.ndarray:
@@ -326,8 +348,9 @@ def read_feature_dir(path: str | os.PathLike, seed: int = 0, benchmark: str | No
         return _read_split_folders(root, meta, name, seed)
     data = _read_arrays(root, meta, name)
     sp_file = os.path.join(root, SPLITS_FILE)
-    splits = _read_splits(sp_file, len(data)) if os.path.exists(sp_file) else None
-    return data, splits
+    if not os.path.exists(sp_file):
+        return data, None
+    return data, _with_val(data.labels, data.ignore_index, _read_splits(sp_file, len(data)), seed, sp_file)
 
 
 def _read_split_folders(root: str, meta: dict, name: str, seed: int):
@@ -340,17 +363,16 @@ def _read_split_folders(root: str, meta: dict, name: str, seed: int):
     present = [s for s in SPLIT_NAMES if os.path.isdir(os.path.join(root, s))]
     parts = {s: _read_arrays(os.path.join(root, s), meta, name) for s in present}
     _check_shapes_agree(parts, root)
-    if len(parts["train"]) == 0:
-        raise DataFormatError("has no samples; expected a non-empty training split", os.path.join(root, "train", LABELS_FILE))
+    for s in ("train", "test"):
+        if len(parts[s]) == 0:
+            raise DataFormatError(f"has no samples; expected a non-empty {'training' if s == 'train' else 'test'} split",
+                                  os.path.join(root, s, LABELS_FILE))
     starts = np.cumsum([0] + [len(parts[s]) for s in present])
     ranges = {s: list(range(int(starts[i]), int(starts[i + 1]))) for i, s in enumerate(present)}
-    if "val" not in parts:
-        keys = stratify_keys(parts["train"].labels, parts["train"].ignore_index)
-        tr, va, _ = stratified_split(keys, (0.75, 0.25, 0.0), seed)
-        ranges["val"] = [ranges["train"][i] for i in va.tolist()]
-        ranges["train"] = [ranges["train"][i] for i in tr.tolist()]
     data = concat_datasets([parts[s] for s in present], name=name)
-    return data, (ranges["train"], ranges["val"], ranges["test"])
+    where = os.path.join(root, "val") if "val" in parts else root
+    return data, _with_val(data.labels, data.ignore_index, (ranges["train"], ranges.get("val", []), ranges["test"]),
+                           seed, where)
 
 
 def load_feature_dir(
@@ -362,7 +384,14 @@ def load_feature_dir(
     with ``standardize``, per-modality standardisation fitted on train.
     ``benchmark`` checks the directory against that benchmark's spec."""
     data, idx = read_feature_dir(path, seed=seed, benchmark=benchmark)
-    splits = tuple(data.subset(i) for i in idx) if idx is not None else split_dataset(data, fractions, seed)
+    if idx is None:
+        file = os.path.join(os.fspath(path), LABELS_FILE)
+        idx = [t.tolist() for t in stratified_split(stratify_keys(data.labels, data.ignore_index), fractions, seed)]
+        if not idx[2]:
+            raise DataFormatError(f"{len(data)} samples are too few for a train/val/test split of {tuple(fractions)}: the "
+                                  f"test split would be empty; expected more samples or a {SPLITS_FILE}", file)
+        idx = _with_val(data.labels, data.ignore_index, idx, seed, file)
+    splits = tuple(data.subset(torch.as_tensor(i, dtype=torch.long)) for i in idx)
     if standardize:
         splits = standardize_splits(*splits)
     return splits  # type: ignore[return-value]
