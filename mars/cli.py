@@ -1,4 +1,10 @@
-"""The ``mars`` command: ``mars train``, ``mars eval``, ``mars compare``."""
+"""The ``mars`` command: ``mars train``, ``mars eval``, ``mars compare``.
+
+Every error the user can fix (an option out of range, a bad data or run file,
+an output directory that exists, a failed write) is one line
+``mars: error: <argument or file>: <what is wrong / expected>`` and exit code
+2; a diverged run exits with 3 and a failed peer process (torchrun) with 4.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +17,30 @@ from pathlib import Path
 import torch
 
 from . import methods
-from .config import NOISE_MODES, RESIDUAL_INPUTS, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, ModelConfig
+from .config import (
+    NOISE_MODES,
+    RESIDUAL_INPUTS,
+    RETRIEVER_VARIANTS,
+    ROUTINGS,
+    SHAPLEY_VARIANTS,
+    ConfigError,
+    ModelConfig,
+)
 from .data import DataFormatError
 from .distributed import DistributedFailure, context_from_env, shutdown
-from .train import TrainConfig, TrainingDiverged, make_model, prepare_model, train
+from .rundir import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    RunFileError,
+    atomic_write_bytes,
+    check_config_matches,
+    load_checkpoint,
+    open_output,
+    read_config,
+    write_json,
+    write_text,
+)
+from .train import TrainConfig, TrainingDiverged, check_setup, load_weights, make_model, prepare_model, train
 
 METHOD_CHOICES = methods.cli_names()
 
@@ -133,15 +159,29 @@ def _plots(run: Path, result: dict) -> None:
         plot_usage(usage, [r["name"] for r in result["test"]["subsets"]], run / "expert_usage.png")
 
 
-def cmd_train(a) -> int:
+RESUME_OPTIONS = ("epochs", "quiet")  # the options --resume takes (besides the run directory)
+
+
+def cmd_train(a, given: set[str]) -> int:
     """Single process, or data-parallel under torchrun (rank 0 prints and plots)."""
-    run = Path(a.resume or a.out)
+    if a.resume is not None:
+        extra = [name for name in sorted(given) if name not in RESUME_OPTIONS + ("resume",)]
+        if extra:
+            flags = ", ".join("--" + name.replace("_", "-") for name in extra)
+            raise ConfigError("resume", f"continues the run with the configuration in its {CONFIG_FILE}; {flags} cannot "
+                                        "be given with it (allowed: --epochs N to train up to N epochs in all, --quiet)")
+        if not a.resume.strip():
+            raise ConfigError("resume", "expected the directory of a run, got an empty path")
+    elif not a.out.strip():
+        raise ConfigError("out", "expected a directory for the run, got an empty path")
     ctx = context_from_env()
-    if a.resume:
-        result = train(None, run, resume=True, progress=not a.quiet, ctx=ctx)
+    if a.resume is not None:
+        result = train(None, a.resume, resume=True, progress=not a.quiet, ctx=ctx,
+                       epochs=a.epochs if "epochs" in given else None)
     else:
-        result = train(_config(a), run, progress=not a.quiet, ctx=ctx)
+        result = train(_config(a), a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite)
     shutdown(ctx)
+    run = Path(a.resume if a.resume is not None else a.out)
     if ctx.is_main:
         _print_results(result)
         _plots(run, result)
@@ -149,16 +189,20 @@ def cmd_train(a) -> int:
     return 0
 
 
-def cmd_eval(a) -> int:
+def cmd_eval(a, given: set[str]) -> int:
     from .data import load_data
     from .evaluate import evaluate_subsets
 
     run = Path(a.run_dir)
-    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    train_set, _, test_set = load_data(cfg.data, seed=cfg.seed)
+    if not run.is_dir():
+        raise RunFileError(run, "not a directory; expected a run directory written by mars train")
+    cfg = read_config(run)
+    state = load_checkpoint(run / CHECKPOINT_FILE, resume=False)
+    check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
+    train_set, val_set, test_set = load_data(cfg.data, seed=cfg.seed)
+    check_setup(cfg, (train_set, val_set, test_set))
     model = make_model(cfg, test_set)
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
-    model.load_state_dict(state["best"]["state"])
+    load_weights(model, state["best"]["state"], run / CHECKPOINT_FILE)
     prepare_model(model, cfg, train_set, resume=True)
     res = evaluate_subsets(model, test_set, mode="oracle" if a.oracle else "eval")
     how = "oracle: residual router" if a.oracle else (
@@ -168,15 +212,41 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def cmd_compare(a) -> int:
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+def cmd_compare(a, given: set[str]) -> int:
+    """Every method x seed in ``--out/<method>_seed<seed>``, then the tables.
+    Everything is checked before ``--out`` is touched; an existing non-empty
+    ``--out`` needs ``--overwrite`` (then the new results replace it when
+    complete)."""
+    from .data import load_data
+
+    if a.seeds < 1:
+        raise ConfigError("seeds", f"must be >= 1, got {a.seeds}")
+    if not a.out.strip():
+        raise ConfigError("out", "expected a directory for the results, got an empty path")
+    names = list(dict.fromkeys(m for group in a.methods for m in group))  # flattened, first occurrence kept
+    configs = {name: [_config(a, method=name, seed=seed) for seed in range(a.seeds)] for name in names}
+    data = load_data(a.data, seed=0)
+    for name in names:
+        check_setup(configs[name][0], data)
+    out = open_output(a.out, overwrite=a.overwrite, kind="compare")
+    try:
+        _compare(a, out.build, configs)
+        out.commit()
+    except (TrainingDiverged, DistributedFailure):
+        raise  # a replacement is kept beside the old results: its last good checkpoint is named
+    except Exception:
+        out.discard()
+        raise
+    print(f"wrote {Path(a.out) / 'compare.md'}")
+    return 0
+
+
+def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
     rows: dict[str, list[dict]] = {}
-    methods = list(dict.fromkeys(m for group in a.methods for m in group))  # flattened, first occurrence kept
-    for name in methods:
-        for seed in range(a.seeds):
-            print(f"== {name}, seed {seed}", flush=True)
-            res = train(_config(a, method=name, seed=seed), out / f"{name}_seed{seed}", progress=not a.quiet)
+    for name, cfgs in configs.items():
+        for cfg in cfgs:
+            print(f"== {name}, seed {cfg.seed}", flush=True)
+            res = train(cfg, out / f"{name}_seed{cfg.seed}", progress=not a.quiet)
             rows.setdefault(name, []).append(res["summary"])
 
     def stat(vals):
@@ -199,8 +269,8 @@ def cmd_compare(a) -> int:
                      f"{full[0]:.4f} ± {full[1]:.4f} | {secs:.0f} | {secs / a.epochs:.2f} | {summaries[0]['parameters']:,} | {agree_text} |")
     text = "\n".join(lines)
     print("\n" + text)
-    (out / "compare.md").write_text(text + "\n")
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "table": table}, indent=1) + "\n")
+    write_text(out / "compare.md", text + "\n")
+    write_json(out / "compare.json", {"rows": rows, "table": table})
     from .plots import plot_by_size
 
     curves = {}
@@ -208,31 +278,79 @@ def cmd_compare(a) -> int:
         keys = summaries[0]["test_by_size"].keys()
         curves[method] = {int(k): statistics.mean(s["test_by_size"][k] for s in summaries) for k in keys}
     plot_by_size(curves, out / "compare_by_observed.png")
-    print(f"wrote {out / 'compare.md'}")
-    return 0
+
+
+# config fields whose option is not --<field with dashes>
+_FIELD_OPTIONS = {"num_experts": "experts", "protocol": "missing", "mce_use_a": "mce_no_a", "mce_use_b": "mce_no_b"}
+
+
+def _option(parser: argparse.ArgumentParser, field: str) -> str:
+    """The command-line option of a config field (``num_experts`` -> ``--experts``),
+    or the field's name when the command has no such option."""
+    name = field.removeprefix("model.")
+    flag = "--" + _FIELD_OPTIONS.get(name, name).replace("_", "-")
+    return flag if flag in parser._option_string_actions else field
+
+
+_UNSET = object()
+
+
+def _given(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options of ``sub`` written on the command line
+    (parsed again with every default replaced by a marker)."""
+    saved = [(action, action.default) for action in sub._actions]
+    try:
+        for action, _ in saved:
+            action.default = _UNSET
+        ns = parser.parse_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return {k for k, v in vars(ns).items() if v is not _UNSET and k != "command"}
+
+
+def _os_error(exc: OSError) -> str:
+    if exc.filename is not None:
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else exc.filename
+        return f"{where}: {exc.strerror or exc}"
+    return str(exc) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mars", description="MARS: missingness-aware residual-guided MoE")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train and evaluate one model")
+    t = sub.add_parser("train", help="train and evaluate one model",
+                       epilog="--out must not exist or be empty, unless --overwrite is given. --resume RUN_DIR takes "
+                              "only --epochs (the total to train up to, to extend a run) and --quiet; the rest of "
+                              "the configuration comes from RUN_DIR/config.json.")
     _train_args(t)
-    t.add_argument("--out", default="runs/mars", help="run directory")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    t.add_argument("--out", default="runs/mars", help="run directory (must not exist or be empty; see --overwrite)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run directory --out; the new run is built beside it and replaces it "
+                        "only when complete")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run (with --epochs N: train it up to N epochs in all)")
     e = sub.add_parser("eval", help="evaluate a run's best checkpoint on every modality subset")
     e.add_argument("run_dir")
     e.add_argument("--oracle", action="store_true", help="gate with the residual router (needs complete data)")
     c = sub.add_parser("compare", help="MARS vs the baselines on the same data, splits, masks and budget")
     _train_args(c)
-    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1 for every method (>= 1)")
     defaults = [m for m in methods.REGISTRY.values() if m.compare_default]
     c.add_argument("--methods", nargs="+", type=method_list, default=[[m.name for m in defaults]],
                    metavar="METHOD", help=f"any of {', '.join(METHOD_CHOICES)}, separated by spaces or commas "
                    f"(default: {' '.join(m.cli_name for m in defaults)})")
-    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--out", default="runs/compare",
+                   help="results directory: <method>_seed<seed>/ run directories and the compare tables "
+                        "(must not exist or be empty; see --overwrite)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing results directory --out once every run is complete")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
+    command = {"train": t, "eval": e, "compare": c}[a.command]
+    given = _given(p, command, argv) if a.command == "train" else set()
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[a.command](a)
+        return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[a.command](a, given)
     except TrainingDiverged as exc:
         print(f"mars: {exc}", file=sys.stderr)
         return 3
@@ -243,8 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(4)
-    except (DataFormatError, FileNotFoundError, ValueError) as exc:
+    except ConfigError as exc:
+        print(f"mars: error: {_option(command, exc.field)}: {exc.message}", file=sys.stderr)
+        return 2
+    except (DataFormatError, RunFileError, ValueError) as exc:
         print(f"mars: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a failed read or write: a missing directory, no permission, disk full, read-only
+        print(f"mars: error: {_os_error(exc)}", file=sys.stderr)
         return 2
 
 

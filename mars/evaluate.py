@@ -56,8 +56,9 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
         sample, subset = ctx.shard(sample), ctx.shard(subset)
     correct = torch.zeros(n_sub, dtype=torch.float64)
     total = torch.zeros(n_sub, dtype=torch.float64)
-    inter = torch.zeros(n_sub, K, dtype=torch.float64)
-    union = torch.zeros(n_sub, K, dtype=torch.float64)
+    kc = K if data.task == "segmentation" else 0  # per-class IoU counts: segmentation only
+    inter = torch.zeros(n_sub, kc, dtype=torch.float64)
+    union = torch.zeros(n_sub, kc, dtype=torch.float64)
     usage = torch.zeros(n_sub, num_experts or 1, dtype=torch.float64)
     spoof = torch.zeros(4, n_sub, dtype=torch.float64)  # attacks, attacks accepted, bona fide, bona fide rejected
     for chunk in _batches(sample.numel(), counts.sum().item(), batch_size, ctx):
@@ -85,7 +86,7 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
             rows = sub.view(-1, 1, 1).expand_as(idx).reshape(-1)
             usage.index_put_((rows, idx.reshape(-1).cpu()), torch.ones(rows.numel(), dtype=torch.float64), accumulate=True)
     if ctx is not None:
-        ctx.sum_(correct, total, inter, union, usage, spoof)
+        ctx.sum_(*(t for t in (correct, total, inter, union, usage, spoof) if t.numel()))  # same shapes on every rank
     union -= inter
     rows = []
     for s in range(n_sub):

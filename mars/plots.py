@@ -2,7 +2,10 @@
 the expert-usage heatmap (missing pattern x expert)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from .rundir import atomic_write_bytes
 
 
 def _pyplot():
@@ -12,6 +15,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    """PNG bytes rendered in memory, then written atomically (no torn file)."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
 
 
 def plot_by_size(curves: dict[str, dict[int, float]], path: Path, ylabel: str = "test accuracy") -> None:
@@ -26,8 +39,7 @@ def plot_by_size(curves: dict[str, dict[int, float]], path: Path, ylabel: str = 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_usage(usage: list[list[float]], subsets: list[str], path: Path) -> None:
@@ -43,5 +55,4 @@ def plot_usage(usage: list[list[float]], subsets: list[str], path: Path) -> None
     ax.set_xticks(range(len(usage[0])))
     fig.colorbar(im, ax=ax, label="share of routed tokens")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)

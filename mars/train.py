@@ -5,7 +5,15 @@ A run directory holds ``config.json`` (the resolved configuration),
 at the end of every epoch: model, optimiser, RNG states, best weights),
 ``results.csv`` (test score per modality subset), ``summary.json`` and the
 plots. ``resume=True`` continues from ``checkpoint.pt`` and, on CPU with the
-same seed, ends with exactly the results of an uninterrupted run.
+same seed, ends with exactly the results of an uninterrupted run. How the
+files are written and read back, and how an existing directory is replaced
+(``overwrite=True``), is :mod:`mars.rundir`.
+
+Everything that can be checked is checked before the run directory is
+touched (:func:`check_setup`: non-empty splits, the protocol against the
+data's modalities, a model that fits in memory). A loss that becomes NaN or
+infinite, or weights that do after an epoch, stop training
+(:class:`TrainingDiverged`); non-finite weights are never checkpointed.
 
 :func:`train` runs five steps: set up the run (:func:`_set_up_run`), build or
 restore the state (:func:`_build_state`), the epoch loop (:func:`_epoch_loop`),
@@ -15,6 +23,7 @@ the final evaluation (:func:`_final_evaluation`) and the results
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -29,37 +38,39 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import methods
-from .config import ModelConfig, TrainConfig
+from .config import ConfigError, ModelConfig, TrainConfig
 from .data import MissingnessProtocol, MultimodalDataset, load_data
-from .distributed import DistContext, context_from_env, peer_failures
+from .distributed import DistContext, DistributedFailure, context_from_env, peer_failures
 from .evaluate import evaluate_subsets
 from .expert_sharding import average_expert_grads, full_state_dict, load_full_state_dict, shard_model_experts
 from .interface import TrainableModel
 from .methods import build_model
+from .rundir import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    OutputDir,
+    RunFileError,
+    append_line,
+    atomic_write_bytes,
+    check_config_matches,
+    keep_metrics_through,
+    load_checkpoint,
+    open_output,
+    read_config,
+    save_checkpoint,
+    write_json,
+    write_text,
+)
 
-__all__ = ["TrainConfig", "TrainingDiverged", "train", "make_model", "prepare_model", "save_checkpoint", "Progress"]
+__all__ = ["TrainConfig", "TrainingDiverged", "train", "make_model", "prepare_model", "save_checkpoint", "Progress",
+           "check_setup", "load_weights"]
+
+BYTES_PER_PARAMETER = 16  # float32 weights, gradients and AdamW's two moments
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, then rename: never a torn file."""
-    _atomic_write_bytes(path, lambda f: torch.save(state, f))
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    """The loss, or the weights, became NaN or infinite; the last good checkpoint is kept."""
 
 
 class Progress:
@@ -100,6 +111,59 @@ def _shapes(data: MultimodalDataset) -> dict[str, tuple[int, ...]]:
 
 def make_model(cfg: TrainConfig, data: MultimodalDataset) -> TrainableModel:
     return build_model(data.modalities, _shapes(data), data.num_classes, data.task, ModelConfig(**asdict(cfg.model)))
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not a POSIX system
+        return 1 << 40
+
+
+def _parameter_count(cfg: TrainConfig, data: MultimodalDataset) -> int:
+    """Parameters and buffers of the model, counted on the meta device (nothing
+    allocated); at least the readout's num_classes x d_model if that fails."""
+    try:
+        with torch.device("meta"):
+            model = make_model(cfg, data)
+        return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    except Exception:  # a builder that needs real data: the real build reports its own errors
+        return data.num_classes * cfg.model.d_model
+
+
+def check_setup(cfg: TrainConfig, splits) -> None:
+    """What a run needs of its data, checked before anything is written: every
+    split non-empty, the missingness protocol fits the data's modalities, and
+    the model (counted without allocating it) fits in this machine's memory.
+    Raises ``ValueError`` (:class:`ConfigError` for the protocol)."""
+    train_set, val_set, test_set = splits
+    for name, split in (("training", train_set), ("validation", val_set), ("test", test_set)):
+        if len(split) == 0:
+            raise ValueError(f"{cfg.data}: the {name} split is empty; expected at least one sample in each of "
+                             "train, val and test")
+    try:
+        MissingnessProtocol.parse(cfg.protocol).drop_probs(train_set.num_modalities)
+    except ValueError as e:
+        raise ConfigError("protocol", f"{e}; the data {cfg.data!r} has the modalities {list(train_set.modalities)}") from None
+    n = _parameter_count(cfg, train_set)
+    need, have = n * BYTES_PER_PARAMETER, _memory_bytes()
+    if need > have:
+        raise ValueError(
+            f"{cfg.data}: the {cfg.model.method} model for this data (num_classes={train_set.num_classes}, "
+            f"{train_set.num_modalities} modalities, d_model={cfg.model.d_model}, d_hidden={cfg.model.d_hidden}, "
+            f"experts={cfg.model.num_experts}) would have {n:,} parameters, needing at least {need / 2**30:,.1f} GiB "
+            f"for weights, gradients and optimiser state; this machine has {have / 2**30:,.1f} GiB; expected a "
+            "smaller num_classes or model")
+
+
+def load_weights(model: nn.Module, weights: dict, path: str | os.PathLike) -> None:
+    """``model.load_state_dict(weights)``; a mismatch is a :class:`RunFileError` naming ``path``."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        text = str(e).strip().splitlines()
+        raise RunFileError(path, f"its weights do not fit the model of {CONFIG_FILE} "
+                                 f"({text[0] if text else type(e).__name__}{' ...' if len(text) > 1 else ''})") from None
 
 
 def prepare_model(model: TrainableModel, cfg: TrainConfig, train_set: MultimodalDataset, *, resume: bool,
@@ -170,33 +234,35 @@ def _restore_training_state(state: dict, opt, gen, ctx: DistContext, path: Path)
     if per_rank is not None and len(per_rank) != ctx.world:
         raise ValueError(f"{path} was saved by an expert-parallel run of {len(per_rank)} processes; "
                          f"resume it with {len(per_rank)} processes, not {ctx.world}")
-    opt.load_state_dict(per_rank[ctx.rank] if per_rank is not None else state["optimizer"])
-    gen.set_state(state["generator"])
+    try:
+        opt.load_state_dict(per_rank[ctx.rank] if per_rank is not None else state["optimizer"])
+        for group in opt.param_groups:  # load_state_dict does not compare the shapes
+            for p in group["params"]:
+                for name, v in opt.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                        raise ValueError(f"{name} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}")
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise RunFileError(path, f"its optimiser state does not fit the model ({e})") from None
     by_rank = state.get("torch_rng_by_rank") or [state["torch_rng"]]
-    torch.set_rng_state(by_rank[ctx.rank] if len(by_rank) == ctx.world else state["torch_rng"])
-
-
-def _keep_metrics_through(path: Path, epoch: int) -> None:
-    """Drop metric lines of epochs after the checkpoint's (a run killed between
-    logging an epoch and checkpointing it repeats that epoch on resume)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
-    if len(kept) != len(lines):
-        _atomic_write_bytes(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+    try:
+        gen.set_state(state["generator"])
+        torch.set_rng_state(by_rank[ctx.rank] if len(by_rank) == ctx.world else state["torch_rng"])
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise RunFileError(path, f"an RNG state in it is invalid ({e})") from None
 
 
 def _write_results(run: Path, summary: dict, test: dict, test_set: MultimodalDataset) -> None:
-    with open(run / "results.csv", "w", newline="") as f:
-        extra = (["miou"] if test_set.task == "segmentation" else []) + (
-            ["apcer", "bpcer", "acer"] if test_set.bona_fide_class is not None else [])
-        w = csv.DictWriter(f, fieldnames=["name", "size", "n", "score"] + extra)
-        w.writeheader()
-        for row in test["subsets"]:
-            w.writerow({k: row.get(k) for k in w.fieldnames})
-    _write_json(run / "summary.json", summary)
-    torch.save({"usage": test.get("usage"), "subsets": [r["name"] for r in test["subsets"]]}, run / "usage.pt")
+    buf = io.StringIO(newline="")
+    extra = (["miou"] if test_set.task == "segmentation" else []) + (
+        ["apcer", "bpcer", "acer"] if test_set.bona_fide_class is not None else [])
+    w = csv.DictWriter(buf, fieldnames=["name", "size", "n", "score"] + extra)
+    w.writeheader()
+    for row in test["subsets"]:
+        w.writerow({k: row.get(k) for k in w.fieldnames})
+    write_text(run / "results.csv", buf.getvalue())
+    write_json(run / "summary.json", summary)
+    usage = {"usage": test.get("usage"), "subsets": [r["name"] for r in test["subsets"]]}
+    atomic_write_bytes(run / "usage.pt", lambda f: torch.save(usage, f))
 
 
 def _silent(*args, **kwargs) -> None:
@@ -206,15 +272,20 @@ def _silent(*args, **kwargs) -> None:
 @dataclass
 class _Run:
     """What the steps of :func:`train` share: set by :func:`_set_up_run`
-    (configuration, directory, process context) and :func:`_build_state`
-    (data, model, optimiser, generators, progress through the epochs)."""
+    (configuration, directory, process context, the checkpoint on resume) and
+    :func:`_build_state` (data, model, optimiser, generators, progress through
+    the epochs)."""
 
     cfg: TrainConfig
-    dir: Path
+    dir: Path  # where the files are written now (a sibling of the final directory while replacing one)
     ctx: DistContext
     resume: bool
     progress: bool
     log: Callable[..., None]
+    overwrite: bool = False
+    config_changed: bool = False  # on resume: config.json gets the new epoch budget
+    state: dict | None = None  # the checkpoint being resumed
+    out: OutputDir | None = None  # a new run's directory (None on resume)
     train_set: MultimodalDataset | None = None
     val_set: MultimodalDataset | None = None
     test_set: MultimodalDataset | None = None
@@ -230,57 +301,103 @@ class _Run:
 
     @property
     def ckpt_path(self) -> Path:
-        return self.dir / "checkpoint.pt"
+        return self.dir / CHECKPOINT_FILE
 
     @property
     def main(self) -> bool:
         return self.ctx.is_main
 
 
+def _main_decides(ctx: DistContext, fn):
+    """``fn()`` on rank 0 only (it looks at or creates the run directory);
+    every rank returns its result or raises its error."""
+    if not ctx.enabled:
+        return fn()
+    value, error = None, None
+    if ctx.is_main:
+        try:
+            value = fn()
+        except Exception as e:  # handed to the other ranks, raised here below
+            error = e
+    value, message = ctx.broadcast_object((value, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ValueError(message)
+    return value
+
+
 def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool, progress: bool, log,
-                ctx: DistContext) -> _Run:
-    """Step 1: the run directory (made on rank 0) and the configuration (read
-    back from ``config.json`` on resume). Only rank 0 logs and shows progress."""
+                ctx: DistContext, overwrite: bool, epochs: int | None) -> _Run:
+    """Step 1: the configuration. On resume it is read back from
+    ``config.json`` and checked against the checkpoint (read and checked
+    here, by every rank), with the epoch budget raised to ``epochs`` if given;
+    a new run's directory is only checked here (created in step 2, after the
+    data and the model). Only rank 0 logs and shows progress."""
     if not ctx.is_main:
         progress, log = False, _silent
+    if not os.fspath(run_dir).strip():
+        raise RunFileError(os.fspath(run_dir), "an empty path; expected a directory for the run (e.g. runs/mine)")
     run = Path(run_dir)
-    if resume:
-        if not (run / "checkpoint.pt").exists():
-            raise FileNotFoundError(f"cannot resume: {run / 'checkpoint.pt'} does not exist")
-        cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    elif ctx.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-    return _Run(cfg=cfg, dir=run, ctx=ctx, resume=resume, progress=progress, log=log)
+    if not resume:
+        if cfg is None:
+            raise ValueError("train: cfg is required for a new run (only resume=True reads it from the run directory)")
+        return _Run(cfg=cfg, dir=run, ctx=ctx, resume=False, progress=progress, log=log, overwrite=overwrite)
+    if not run.is_dir():
+        raise RunFileError(run, "not a directory; expected the directory of a run to resume")
+    cfg = read_config(run)
+    state = load_checkpoint(run / CHECKPOINT_FILE, resume=True)
+    check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
+    done = state["epoch"]
+    changed = False
+    if epochs is not None and epochs != cfg.epochs:
+        if epochs < done:
+            raise ConfigError("epochs", f"the run in {run} has trained {done} epochs already; expected at least {done} "
+                                        "(the total to train up to)")
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
+        changed = True
+    elif cfg.epochs < done:
+        raise RunFileError(run / CONFIG_FILE, f"epochs is {cfg.epochs}, but {CHECKPOINT_FILE} has trained {done} "
+                                              f"epochs; expected at least {done}")
+    return _Run(cfg=cfg, dir=run, ctx=ctx, resume=True, progress=progress, log=log, config_changed=changed, state=state)
 
 
 def _build_state(r: _Run, data) -> None:
-    """Step 2: data, model (restored from the checkpoint on resume, else the
-    run's config and an empty metrics log written), the method's set-up hook,
-    expert sharding, optimiser, generators, and the data-parallel wrapper."""
+    """Step 2: data and model, checked (:func:`check_setup`) before anything is
+    written; then the model restored from the checkpoint on resume, or a new
+    run directory made (rank 0) with the run's config and an empty metrics
+    log; the method's set-up hook, expert sharding, optimiser, generators,
+    and the data-parallel wrapper."""
     cfg, ctx = r.cfg, r.ctx
     r.train_set, r.val_set, r.test_set = data if data is not None else load_data(cfg.data, seed=cfg.seed)
+    check_setup(cfg, (r.train_set, r.val_set, r.test_set))
     torch.manual_seed(cfg.seed)
     r.model = model = make_model(cfg, r.train_set)
     r.protocol = MissingnessProtocol.parse(cfg.protocol)
     r.gen = torch.Generator().manual_seed(cfg.seed)
     r.best = {"score": -math.inf, "epoch": -1, "state": None}
-    state = None
+    state = r.state
     if r.resume:
-        state = torch.load(r.ckpt_path, weights_only=False)
-        model.load_state_dict(state["model"])  # checkpoints are single-process, also from expert-parallel runs
+        load_weights(model, state["model"], r.ckpt_path)  # checkpoints are single-process, also from expert-parallel runs
         r.start_epoch, r.best = state["epoch"], state["best"]
         if r.main:
-            _keep_metrics_through(r.dir / "metrics.jsonl", r.start_epoch)
+            keep_metrics_through(r.dir / METRICS_FILE, r.start_epoch)
+            if r.config_changed:
+                write_json(r.dir / CONFIG_FILE, cfg.to_dict())
         r.log(f"resuming {r.dir} at epoch {r.start_epoch}/{cfg.epochs}")
-    elif r.main:
-        _write_json(r.dir / "config.json", cfg.to_dict())
-        (r.dir / "metrics.jsonl").write_text("")
+    else:
+        r.out = _main_decides(ctx, lambda: open_output(r.dir, overwrite=r.overwrite))
+        r.dir = r.out.build
+        if r.main:
+            write_json(r.dir / CONFIG_FILE, cfg.to_dict())
+            write_text(r.dir / METRICS_FILE, "")
     prepare_model(model, cfg, r.train_set, resume=r.resume, log=r.log if r.progress else _silent)
     r.expert_parallel = cfg.expert_parallel and ctx.enabled
     sharded = shard_model_experts(model, cfg.model.method) if r.expert_parallel else []
     r.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if r.resume:
         _restore_training_state(state, r.opt, r.gen, ctx, r.ckpt_path)
+        r.state = None  # not needed any more
     r.net = model
     if ctx.enabled:
         if not r.resume:  # each rank its own dropout/noise stream (a resumed run restored its rank's stream)
@@ -289,10 +406,29 @@ def _build_state(r: _Run, data) -> None:
         r.net = DistributedDataParallel(model, find_unused_parameters=model.may_skip_parameters)
 
 
+def _weights_finite(model: nn.Module, ctx: DistContext) -> bool:
+    """Every floating parameter and buffer is finite (on every rank: expert
+    shards differ between ranks, so the ranks agree on one answer)."""
+    bad = any(not bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+    flag = torch.tensor([float(bad)], dtype=torch.float64)
+    ctx.sum_(flag)
+    return float(flag) == 0.0
+
+
+def _better(score: float, best: dict) -> bool:
+    """The first validated epoch, then any with a higher score (a NaN score,
+    e.g. no labelled pixel, ranks lowest)."""
+    if best["state"] is None:
+        return True
+    rank = lambda x: x if x == x else -math.inf  # noqa: E731
+    return rank(score) > rank(best["score"])
+
+
 def _epoch_loop(r: _Run) -> None:
-    """Step 3: train the remaining epochs; after each, validate, keep the best
-    weights, log the epoch (rank 0) and write the checkpoint atomically (rank
-    0, with every rank's RNG state and, expert-parallel, optimiser state)."""
+    """Step 3: train the remaining epochs; after each, check that the weights
+    are finite, validate, keep the best weights, log the epoch (rank 0) and
+    write the checkpoint atomically (rank 0, with every rank's RNG state and,
+    expert-parallel, optimiser state)."""
     cfg, ctx, model = r.cfg, r.ctx, r.model
     snapshot = (lambda: full_state_dict(model)) if r.expert_parallel else (
         lambda: {k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -301,9 +437,14 @@ def _epoch_loop(r: _Run) -> None:
     for epoch in range(r.start_epoch, cfg.epochs):
         with peer_failures(f"epoch {epoch + 1}"):  # also DDP's all-reduce and the shard gathers
             losses = _train_epoch(r.net, model, r.opt, r.train_set, r.protocol, r.gen, cfg, ctx, epoch, r.ckpt_path)
+            if not _weights_finite(model, ctx):
+                raise TrainingDiverged(
+                    f"the weights became NaN or infinite in epoch {epoch + 1} (the loss stayed finite; try a smaller "
+                    f"--lr); training stopped, nothing of that epoch was saved; the last good checkpoint is "
+                    f"{r.ckpt_path if r.ckpt_path.exists() else 'none (first epoch)'}")
             val = evaluate_subsets(model, r.val_set, ctx=ctx)
             state = snapshot()
-            if val["mean"] > r.best["score"]:  # the same decision on every rank (val is summed over ranks)
+            if _better(val["mean"], r.best):  # the same decision on every rank (val is summed over ranks)
                 r.best = {"score": val["mean"], "epoch": epoch + 1, "state": state}
             record = {"epoch": epoch + 1, "loss": losses, "val_mean": val["mean"], "val_by_size": val["by_size"],
                       "seconds": time.time() - r.t_start}
@@ -316,8 +457,7 @@ def _epoch_loop(r: _Run) -> None:
             rngs = [rng for rng, _ in gathered]
             optimizers = [o for _, o in gathered] if r.expert_parallel else [r.opt.state_dict()]
         if r.main:
-            with open(r.dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(r.dir / METRICS_FILE, json.dumps(record))
             save_checkpoint(r.ckpt_path, checkpoint | {
                 "optimizer": optimizers[0], "optimizer_by_rank": optimizers if r.expert_parallel else None,
                 "torch_rng": rngs[0], "torch_rng_by_rank": rngs,
@@ -333,6 +473,8 @@ def _final_evaluation(r: _Run) -> tuple[dict, float | None]:
     residual router agreement on the test set under the training protocol's
     masks (fixed by seed). -> (test results, agreement or None)."""
     method = methods.get(r.cfg.model.method)
+    if r.best["state"] is None:
+        raise RunFileError(r.ckpt_path, "holds no validated epoch to evaluate; resume with a larger --epochs")
     (load_full_state_dict if r.expert_parallel else nn.Module.load_state_dict)(r.model, r.best["state"])
     num_experts = r.cfg.model.num_experts if method.sparse_moe else None
     with peer_failures("the test evaluation"):
@@ -346,7 +488,8 @@ def _final_evaluation(r: _Run) -> tuple[dict, float | None]:
 
 
 def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
-    """Step 5: the summary; rank 0 writes results.csv, summary.json and usage.pt."""
+    """Step 5: the summary; rank 0 writes results.csv, summary.json and usage.pt
+    and, when it replaces an existing run, swaps the new directory in."""
     cfg = r.cfg
     summary = {
         "method": cfg.model.method, "data": cfg.data, "seed": cfg.seed, "best_epoch": r.best["epoch"],
@@ -359,22 +502,42 @@ def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
     }
     if r.main:
         _write_results(r.dir, summary, test, r.test_set)
+        if r.out is not None:
+            r.out.commit()
     r.ctx.barrier()
     return summary
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          data=None, log=print, ctx: DistContext | None = None) -> dict:
+def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          data=None, log=print, ctx: DistContext | None = None, overwrite: bool = False,
+          epochs: int | None = None) -> dict:
     """Train, evaluate on every modality subset, write the run directory; returns
-    {"summary", "test", "model", "modalities"}.
+    {"summary", "test", "model", "modalities", "run_dir"}.
+
+    A new run needs ``run_dir`` not to exist or to be empty; ``overwrite=True``
+    replaces an existing run directory, atomically once the new run is
+    complete (:func:`mars.rundir.open_output`). ``resume=True`` continues the
+    run in ``run_dir`` (``cfg`` is read from it; ``epochs`` raises its epoch
+    budget). Errors in the run's files are :class:`mars.rundir.RunFileError`.
 
     Under ``torchrun`` (or with an explicit ``ctx``) the run is data-parallel
     (see :mod:`mars.distributed`); only rank 0 writes files and shows progress,
-    and every rank returns the same summary. The ranks share ``run_dir``.
-    ``resume=True`` continues the run in ``run_dir`` (``cfg`` is read from it)."""
-    r = _set_up_run(cfg, run_dir, resume, progress, log, ctx or context_from_env())
-    _build_state(r, data)
-    _epoch_loop(r)
-    test, agreement = _final_evaluation(r)
-    summary = _write_run(r, test, agreement)
-    return {"summary": summary, "test": test, "model": r.model, "modalities": r.test_set.modalities}
+    and every rank returns the same summary. The ranks share ``run_dir``."""
+    r = _set_up_run(cfg, run_dir, resume, progress, log, ctx or context_from_env(), overwrite, epochs)
+    try:
+        _build_state(r, data)
+        _epoch_loop(r)
+        test, agreement = _final_evaluation(r)
+        summary = _write_run(r, test, agreement)
+    except BaseException as e:
+        out = r.out
+        if out is None or not out.replacing or not r.main:
+            raise
+        if isinstance(e, (TrainingDiverged, DistributedFailure)):  # keep the new run's last good checkpoint
+            raise type(e)(f"{e} (the new run is in {out.build}; {out.path} still holds the old one)") from e
+        if isinstance(e, Exception):
+            out.discard()
+        raise
+    final = r.out.path if r.out is not None else r.dir
+    return {"summary": summary, "test": test, "model": r.model, "modalities": r.test_set.modalities,
+            "run_dir": str(final)}

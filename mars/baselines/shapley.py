@@ -39,7 +39,7 @@ def shapley_matrix(num_modalities: int, variant: str = "exact", players: int | N
         raise ValueError(f"players (L) must be >= num_modalities={M}, got {players}")
     masks = subset_masks(M)
     sizes = masks.sum(dim=1).tolist()
-    W = torch.zeros(M, masks.shape[0], dtype=torch.float64)
+    W = torch.zeros(M, masks.shape[0], dtype=torch.float64, device="cpu")
     for col, (mask, s) in enumerate(zip(masks.tolist(), sizes)):
         for m in range(M):
             if variant == "exact":

@@ -191,7 +191,7 @@ def all_subsets(num_modalities: int) -> list[Tensor]:
     out = []
     for size in range(1, M + 1):
         for combo in itertools.combinations(range(M), size):
-            mask = torch.zeros(M, dtype=torch.bool)
+            mask = torch.zeros(M, dtype=torch.bool, device="cpu")  # CPU also under a meta-device context
             mask[list(combo)] = True
             out.append(mask)
     return out
