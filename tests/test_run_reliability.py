@@ -1,0 +1,558 @@
+"""The run directory under bad inputs (tier 1): checkpoints are loaded safely
+(never run code), existing runs are not clobbered, empty splits are handled up
+front, corrupt or mismatched run files, torn metric lines, options given with
+--resume, non-finite configuration values and weights, failed writes and
+out-of-range options all end in one ``mars: error: <what>: ...`` line and exit
+code 2 (3 for a diverged run), never in a traceback. Tiny data and models:
+each test takes seconds."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mars import cli, rundir
+from mars import train as train_mod
+from mars.config import ConfigError, ModelConfig, TrainConfig
+from mars.data import load_feature_dir, read_feature_dir, write_feature_dir
+from mars.train import TrainingDiverged, train
+
+MODEL = ["--d-model", "8", "--d-hidden", "8", "--experts", "2", "--batch-size", "16", "--quiet"]
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _tiny_data(n: int = 48, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    feats = {m: torch.randn(n, 4, generator=g) + labels[:, None].float() for m in ("a", "b")}
+    return {"features": feats, "labels": labels, "num_classes": 3}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return Path(write_feature_dir(tmp_path_factory.mktemp("data") / "d", _tiny_data()))
+
+
+@pytest.fixture(scope="module")
+def base_run(data_dir, tmp_path_factory) -> Path:
+    """A complete one-epoch run, copied by the tests that change it."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["train", "--data", str(data_dir), "--epochs", "1", *MODEL, "--out", str(run)]) == 0
+    return run
+
+
+@pytest.fixture
+def run(base_run, tmp_path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(base_run, dest)
+    return dest
+
+
+def mars(*args) -> tuple[int, str]:
+    """``mars ARGS`` in this process -> (exit code, stderr). An exception
+    escaping ``main`` (a traceback for the user) fails the test."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = cli.main([str(a) for a in args])
+    return code, err.getvalue()
+
+
+def assert_error(code: int, err: str, *names: str) -> None:
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("mars: ")]
+    assert len(lines) == 1 and lines[0].startswith("mars: error: "), err
+    for name in names:
+        assert name in lines[0], (name, err)
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+
+
+# -------------------------------------------------- 1. loading never runs code
+class _Payload:
+    """Unpickling calls exec(code): writes the marker file."""
+
+    def __init__(self, marker: Path):
+        self.code = f"open({str(marker)!r}, 'w').write('pwned')"
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+@pytest.mark.parametrize("where", ["whole", "inside"])
+def test_malicious_checkpoint_runs_nothing_on_eval_or_resume(run, tmp_path, where):
+    marker = tmp_path / "marker"
+    ckpt = run / "checkpoint.pt"
+    if where == "whole":
+        torch.save({"model": _Payload(marker), "best": _Payload(marker)}, ckpt)
+    else:  # a real checkpoint with one object hidden in it
+        state = torch.load(ckpt, weights_only=True)
+        state["best"]["extra"] = _Payload(marker)
+        torch.save(state, ckpt)
+    for args in (["eval", run], ["train", "--resume", run, "--quiet"]):
+        code, err = mars(*args)
+        assert_error(code, err, str(ckpt), "refusing to load it")
+        assert "weights_only" not in err  # no advice to load it unsafely
+        assert not marker.exists()
+    # the payload is real: an unsafe load would have run it
+    torch.load(ckpt, weights_only=False)
+    assert marker.read_text() == "pwned"
+
+
+def test_usage_file_and_checkpoints_of_every_method_load_with_weights_only(data_dir, tmp_path):
+    splits = load_feature_dir(data_dir)
+    for method in ("mars", "moe", "late_fusion", "moe_retriever", "mce"):
+        cfg = TrainConfig(data=str(data_dir), epochs=1, batch_size=16, model=ModelConfig(
+            method=method, d_model=8, d_hidden=8, num_experts=2, fusion_heads=2, mce_teacher_epochs=1,
+            retriever_candidates=2, retriever_shared=1, retriever_k=2))
+        out = tmp_path / method
+        train(cfg, out, data=splits, progress=False, log=lambda *a, **k: None)
+        state = rundir.load_checkpoint(out / "checkpoint.pt", resume=True)
+        assert state["epoch"] == 1 and state["config"]["model"]["method"] == method
+        torch.load(out / "usage.pt", weights_only=True)
+        code, err = mars("eval", out)
+        assert code == 0, err
+
+
+# -------------------------------------------------- 2. --out never destroys a run
+def test_refused_out_leaves_the_existing_run_byte_identical(run, data_dir):
+    before = snapshot(run)
+    # a protocol with the wrong number of rates for the data: refused before any write
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--missing", "independent:0.2,0.5,0.8", *MODEL,
+                     "--out", run)
+    assert_error(code, err, "--missing", "3 rates", "(2)")
+    assert snapshot(run) == before
+    # a valid run onto an existing run directory: refused without --overwrite
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", run)
+    assert_error(code, err, str(run), "already exists", "--overwrite")
+    assert snapshot(run) == before
+    assert siblings(run) == []
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(run, data_dir, monkeypatch):
+    before = snapshot(run)
+    real_loop = train_mod._epoch_loop
+    seen = {}
+
+    def loop(r):
+        seen["old intact"] = snapshot(run) == before
+        seen["building in"] = r.dir
+        real_loop(r)
+
+    monkeypatch.setattr(train_mod, "_epoch_loop", loop)
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--method", "late-fusion", *MODEL, "--out", run,
+                     "--overwrite")
+    assert code == 0, err
+    assert seen["old intact"] and seen["building in"].parent == run.parent and seen["building in"] != run
+    assert json.loads((run / "config.json").read_text())["model"]["method"] == "late_fusion"
+    assert not (run / "expert_usage.png").exists()  # a file of the old run only: the directory was replaced
+    assert siblings(run) == []
+
+
+def test_failed_overwrite_leaves_the_old_run_and_no_partial_directory(run, data_dir, monkeypatch):
+    before = snapshot(run)
+
+    def full(state, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.torch, "save", full)
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", run, "--overwrite")
+    assert_error(code, err, "checkpoint.pt", "No space left on device")
+    assert snapshot(run) == before
+    assert siblings(run) == []
+
+
+def test_out_must_be_a_usable_new_directory(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_args = ["train", "--data", data_dir, "--epochs", "1", *MODEL]
+    code, err = mars(*train_args, "--out", "")
+    assert_error(code, err, "--out", "empty")
+    assert os.listdir(tmp_path) == []  # nothing written into the current directory
+    (tmp_path / "file").write_text("keep")
+    code, err = mars(*train_args, "--out", "file")
+    assert_error(code, err, "file", "is a file")
+    code, err = mars(*train_args, "--out", "file/run")
+    assert_error(code, err, "file/run", "lies under file, which is a file")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
+    code, err = mars(*train_args, "--out", "notes", "--overwrite")
+    assert_error(code, err, "notes", "not a mars run directory")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep"
+    assert (tmp_path / "file").read_text() == "keep"
+    (tmp_path / "empty").mkdir()  # an empty directory is as good as a new one
+    code, err = mars(*train_args, "--out", "empty")
+    assert code == 0, err
+    assert (tmp_path / "empty" / "checkpoint.pt").exists()
+
+
+def test_compare_refuses_an_existing_out_unless_overwrite(tmp_path, data_dir):
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", data_dir, "--epochs", "1", *MODEL, "--seeds", "1", "--methods", "late-fusion",
+            "--out", out]
+    code, err = mars(*args)
+    assert code == 0, err
+    before = snapshot(out)
+    assert "late_fusion_seed0/checkpoint.pt" in before and "compare.md" in before
+    code, err = mars(*args)
+    assert_error(code, err, str(out), "already exists", "--overwrite")
+    assert snapshot(out) == before
+    code, err = mars(*args, "--overwrite")
+    assert code == 0, err
+    assert sorted(snapshot(out)) == sorted(before) and siblings(out) == []
+
+
+# -------------------------------------------------- 5. empty validation / test splits
+def test_empty_val_in_splits_json_falls_back_to_a_slice_of_train(tmp_path, data_dir):
+    d = Path(write_feature_dir(tmp_path / "d", _tiny_data(),
+                               splits={"train": list(range(32)), "val": [], "test": list(range(32, 48))}))
+    data, (tr, va, te) = read_feature_dir(d)
+    assert (len(tr), len(va), len(te)) == (24, 8, 16)
+    assert sorted(tr + va) == list(range(32)) and te == list(range(32, 48))
+    assert set(data.labels[va].tolist()) == {0, 1, 2}  # stratified
+    code, err = mars("train", "--data", d, "--epochs", "1", *MODEL, "--out", tmp_path / "run")
+    assert code == 0, err
+
+
+def test_empty_val_folder_falls_back_to_a_slice_of_train(tmp_path):
+    data = _tiny_data()
+    root = tmp_path / "d"
+    for split, idx in (("train", range(32)), ("val", range(0)), ("test", range(32, 48))):
+        (root / split).mkdir(parents=True)
+        idx = list(idx)
+        for m, x in data["features"].items():
+            np.save(root / split / f"{m}.npy", x[idx].numpy().reshape(len(idx), 4))
+        np.save(root / split / "labels.npy", data["labels"][idx].numpy())
+    (root / "meta.json").write_text(json.dumps({"task": "classification", "modalities": ["a", "b"], "num_classes": 3}))
+    tr, va, te = load_feature_dir(root, standardize=False)
+    assert (len(tr), len(va), len(te)) == (24, 8, 16)
+    code, err = mars("train", "--data", root, "--epochs", "1", *MODEL, "--out", tmp_path / "run")
+    assert code == 0, err
+
+
+def test_empty_test_split_is_refused_before_training(tmp_path):
+    d = Path(write_feature_dir(tmp_path / "d", _tiny_data(), splits={"train": list(range(40)), "val": list(range(40, 48)),
+                                                                      "test": []}))
+    code, err = mars("train", "--data", d, "--epochs", "1", *MODEL, "--out", tmp_path / "run")
+    assert_error(code, err, str(d / "splits.json"), '"test" is empty')
+    assert not (tmp_path / "run").exists()
+    three = Path(write_feature_dir(tmp_path / "three", _tiny_data(n=3)))
+    code, err = mars("train", "--data", three, "--epochs", "1", *MODEL, "--out", tmp_path / "run")
+    assert_error(code, err, str(three / "labels.npy"), "test split would be empty")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_empty_splits_given_in_memory(tmp_path, data_dir):
+    tr, va, te = load_feature_dir(data_dir)
+    cfg = TrainConfig(epochs=1, model=ModelConfig(d_model=8, d_hidden=8, num_experts=2))
+    with pytest.raises(ValueError, match="the validation split is empty"):
+        train(cfg, tmp_path / "run", data=(tr, va.subset(torch.arange(0)), te), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# -------------------------------------------------- 6. corrupt or mismatched run files
+def _truncate(p: Path):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _config_edit(**changes):
+    def edit(p: Path):
+        cfg = json.loads(p.read_text())
+        for key, value in changes.items():
+            target = cfg["model"] if key in cfg["model"] else cfg
+            target[key] = value
+        p.write_text(json.dumps(cfg))
+    return edit
+
+
+CORRUPTIONS = {
+    "checkpoint truncated": ("checkpoint.pt", _truncate, "truncated or corrupt"),
+    "checkpoint random": ("checkpoint.pt", lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)), "not a checkpoint"),
+    "checkpoint empty": ("checkpoint.pt", lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    "checkpoint deleted": ("checkpoint.pt", lambda p: p.unlink(), "file not found"),
+    "checkpoint a directory": ("checkpoint.pt", lambda p: (p.unlink(), p.mkdir()), "is a directory"),
+    "checkpoint byte flipped": ("checkpoint.pt", lambda p: _flip_weight(p), "checksum of record"),
+    "checkpoint not a dict": ("checkpoint.pt", lambda p: torch.save([1, 2], p), "not a dict"),
+    "checkpoint wrong shapes": ("checkpoint.pt", lambda p: torch.save(_reshaped(p), p), "do not fit the model"),
+    "config invalid JSON": ("config.json", lambda p: p.write_text('{"epochs": 1,'), "invalid JSON"),
+    "config wrong type": ("config.json", _config_edit(epochs="1"), "epochs: expected int"),
+    "config out of range": ("config.json", _config_edit(lr=-1.0), "lr: must be a finite number > 0"),
+    "config other method": ("config.json", _config_edit(method="late_fusion"), "model.method: 'late_fusion' here"),
+    "config unknown key": ("config.json", _config_edit(colour="blue"), "unknown keys ['colour']"),
+    "config deleted": ("config.json", lambda p: p.unlink(), "file not found"),
+    "config binary": ("config.json", lambda p: p.write_bytes(b"\xff\xfe\x00"), "not UTF-8"),
+}
+
+
+def _flip(data: bytes, at: int, mask: int = 0x5A) -> bytes:
+    b = bytearray(data)
+    b[at] ^= mask
+    return bytes(b)
+
+
+def _flip_weight(p: Path) -> None:
+    """Flip a byte inside a tensor's data record (torch.load alone would not notice)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(p) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size >= 16)
+    data = p.read_bytes()
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    p.write_bytes(_flip(data, info.header_offset + 30 + name_len + extra_len + 3))
+
+
+def _reshaped(p: Path) -> dict:
+    state = torch.load(p, weights_only=True)
+    for weights in (state["model"], state["best"]["state"]):
+        name = next(k for k, v in weights.items() if v.dim() == 2)
+        weights[name] = torch.zeros(3, 3)
+    return state
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupt_or_mismatched_run_files_are_clear_errors(run, case):
+    name, corrupt, expected = CORRUPTIONS[case]
+    corrupt(run / name)
+    for args in (["eval", run], ["train", "--resume", run, "--quiet"]):
+        code, err = mars(*args)
+        assert_error(code, err, str(run / name), expected)
+
+
+@pytest.mark.skipif(AS_ROOT, reason="file permissions do not stop root")
+def test_unreadable_checkpoint_is_a_clear_error(run):
+    (run / "checkpoint.pt").chmod(0)
+    try:
+        code, err = mars("eval", run)
+        assert_error(code, err, str(run / "checkpoint.pt"), "Permission denied")
+    finally:
+        (run / "checkpoint.pt").chmod(0o644)
+
+
+# -------------------------------------------------- 7. torn metrics line
+def test_resume_drops_a_torn_last_metrics_line(run):
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "loss": {"ta')  # an append cut short
+    code, err = mars("train", "--resume", run, "--epochs", "2", "--quiet")
+    assert code == 0, err
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_bad_metrics_line_before_the_last_names_the_line(run):
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text("not json\n" + text)
+    code, err = mars("train", "--resume", run, "--epochs", "2", "--quiet")
+    assert_error(code, err, str(run / "metrics.jsonl"), "line 1")
+
+
+# -------------------------------------------------- 8. options given with --resume
+def test_resume_refuses_other_options_and_extends_with_epochs(run, capsys):
+    before = snapshot(run)
+    code, err = mars("train", "--resume", run, "--epochs", "5", "--lr", "0.5", "--method", "late-fusion", "--out", "X")
+    assert_error(code, err, "--resume", "--lr, --method, --out cannot be given", "--epochs")
+    assert snapshot(run) == before and not Path("X").exists()
+    code, err = mars("train", "--resume", run, "--epochs", "0", "--quiet")
+    assert_error(code, err, "--epochs", "at least 1")
+    code, err = mars("train", "--resume", run, "--epochs", "2", "--quiet")
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert rundir.load_checkpoint(run / "checkpoint.pt", resume=True)["epoch"] == 2
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--resume RUN_DIR takes only --epochs" in " ".join(capsys.readouterr().out.split())
+
+
+# -------------------------------------------------- 9. non-finite values
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(lr=float("inf")), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=0.0), "lr"),
+    (dict(weight_decay=float("nan")), "weight_decay"), (dict(weight_decay=-1.0), "weight_decay"),
+    (dict(seed=-1), "seed"), (dict(seed=2**70), "seed"), (dict(epochs=True), "epochs"),
+    (dict(model=dict(dropout=float("nan"))), "model.dropout"), (dict(model=dict(dropout=1.0)), "model.dropout"),
+    (dict(model=dict(lambda_imit=float("inf"))), "model.lambda_imit"),
+    (dict(model=dict(lambda_balance=-5.0)), "model.lambda_balance"),
+    (dict(model=dict(lambda_gate=float("nan"))), "model.lambda_gate"),
+    (dict(model=dict(sigma_0=float("inf"))), "model.sigma_0"), (dict(model=dict(sigma_max=-1.0)), "model.sigma_max"),
+    (dict(model=dict(sigma_const=float("nan"))), "model.sigma_const"),
+    (dict(model=dict(num_experts=0)), "model.num_experts"), (dict(model=dict(fusion_heads=0)), "model.fusion_heads"),
+])
+def test_config_values_must_be_finite_and_in_range(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**kwargs)
+    assert info.value.field == field
+
+
+def test_non_finite_weights_after_an_epoch_stop_training_and_are_never_saved(tmp_path, data_dir, monkeypatch):
+    real = train_mod._train_epoch
+
+    def poisoned(net, model, opt, train_set, protocol, gen, cfg, ctx, epoch, ckpt_path):
+        losses = real(net, model, opt, train_set, protocol, gen, cfg, ctx, epoch, ckpt_path)
+        if epoch == 1:  # the last step of epoch 2 left an infinite weight; its loss was finite
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
+        return losses
+
+    monkeypatch.setattr(train_mod, "_train_epoch", poisoned)
+    code, err = mars("train", "--data", data_dir, "--epochs", "3", *MODEL, "--out", tmp_path / "run")
+    assert code == 3 and "weights became NaN or infinite in epoch 2" in err, err
+    state = rundir.load_checkpoint(tmp_path / "run" / "checkpoint.pt", resume=True)  # checks finiteness
+    assert state["epoch"] == 1 and state["best"]["epoch"] == 1
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+# -------------------------------------------------- 10. failed writes
+def test_disk_full_keeps_the_last_checkpoint_and_leaves_no_tmp(tmp_path, data_dir, monkeypatch):
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second epoch's checkpoint
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.torch, "save", save)
+    run = tmp_path / "run"
+    code, err = mars("train", "--data", data_dir, "--epochs", "2", *MODEL, "--out", run)
+    assert_error(code, err, str(run / "checkpoint.pt"), "No space left on device")
+    assert not (run / "checkpoint.pt.tmp").exists()
+    assert rundir.load_checkpoint(run / "checkpoint.pt", resume=True)["epoch"] == 1
+    monkeypatch.setattr(rundir.torch, "save", real_save)
+    code, err = mars("train", "--resume", run, "--quiet")
+    assert code == 0, err
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_atomic_write_removes_its_tmp_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "f.json"
+    rundir.write_json(target, {"old": 1})
+
+    def boom(f):
+        f.write(b"{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        rundir.atomic_write_bytes(target, boom)
+    assert info.value.filename == str(target)
+    assert json.loads(target.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_read_only_output_is_a_clear_error(run, tmp_path, data_dir, monkeypatch):
+    real_open = open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    before = snapshot(run)
+    monkeypatch.setattr(rundir, "open", read_only_open, raising=False)
+    code, err = mars("train", "--resume", run, "--epochs", "2", "--quiet")
+    assert_error(code, err, str(run), "Read-only file system")
+    assert snapshot(run) == before
+    monkeypatch.undo()
+
+    def no_mkdir(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", no_mkdir)
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", tmp_path / "new" / "run")
+    assert_error(code, err, str(tmp_path / "new"), "Read-only file system")
+
+
+@pytest.mark.skipif(AS_ROOT, reason="file permissions do not stop root")
+def test_out_in_a_read_only_directory_is_a_clear_error(tmp_path, data_dir):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, err = mars("train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", ro / "run")
+        assert_error(code, err, str(ro / "run"), "Permission denied")
+    finally:
+        ro.chmod(0o755)
+
+
+# -------------------------------------------------- 11. options out of range
+@pytest.mark.parametrize("args, option, expected", [
+    (["compare", "--seeds", "0"], "--seeds", "must be >= 1"),
+    (["train", "--experts", "0"], "--experts", "must be >= 1"),
+    (["train", "--d-model", "0"], "--d-model", "must be >= 1"),
+    (["train", "--seed", str(2**70)], "--seed", "must be an integer in [0, 2**62]"),
+    (["train", "--lambda-balance", "-5"], "--lambda-balance", "finite number >= 0"),
+    (["train", "--batch-size", "0"], "--batch-size", "must be >= 1"),
+    (["train", "--epochs", "-1"], "--epochs", "must be >= 1"),
+    (["train", "--lr", "inf"], "--lr", "finite number > 0"),
+    (["train", "--dropout", "nan"], "--dropout", "must be in [0, 1)"),
+    (["train", "--sigma-max", "inf"], "--sigma-max", "finite number >= 0"),
+    (["train", "--k", "3", "--experts", "2"], "--k", "must be in [1, num_experts=2]"),
+])
+def test_out_of_range_options_name_the_option(tmp_path, args, option, expected):
+    code, err = mars(*args, "--quiet", "--out", tmp_path / "out")
+    assert_error(code, err, f"mars: error: {option}: ", expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_huge_num_classes_is_refused_without_allocating(tmp_path):
+    d = Path(write_feature_dir(tmp_path / "d", _tiny_data()))
+    meta = json.loads((d / "meta.json").read_text())
+    meta["num_classes"] = 10**12
+    (d / "meta.json").write_text(json.dumps(meta))
+    code, err = mars("train", "--data", d, "--epochs", "1", *MODEL, "--out", tmp_path / "run")
+    assert_error(code, err, str(d), "num_classes=1000000000000", "parameters")
+    assert not (tmp_path / "run").exists()
+
+
+# -------------------------------------------------- fuzz: eval and resume of damaged runs
+_FILES = ("checkpoint.pt", "config.json", "metrics.jsonl")
+_damage = st.lists(st.tuples(st.sampled_from(_FILES), st.sampled_from(("truncate", "flip", "delete", "append")),
+                             st.floats(0, 1), st.integers(1, 255)), min_size=1, max_size=3)
+_fuzz_runs = itertools.count()
+
+
+def _apply(run: Path, name: str, op: str, where: float, byte: int) -> None:
+    p = run / name
+    if not p.exists():
+        return
+    data = p.read_bytes()
+    at = min(int(len(data) * where), len(data) - 1)
+    if op == "delete":
+        p.unlink()
+    elif op == "truncate":
+        p.write_bytes(data[: int(len(data) * where)])
+    elif op == "flip" and data:
+        p.write_bytes(_flip(data, at, byte))
+    elif op == "append":
+        p.write_bytes(data + bytes([byte]) * 7)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(damage=_damage)
+def test_fuzz_damaged_run_directories_never_give_a_traceback(base_run, tmp_path, damage):
+    run = tmp_path / f"run{next(_fuzz_runs)}"
+    shutil.copytree(base_run, run)
+    for d in damage:
+        _apply(run, *d)
+    try:
+        for args in (["eval", run], ["train", "--resume", run, "--quiet"]):
+            code, err = mars(*args)
+            if code != 0:
+                assert_error(code, err)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
