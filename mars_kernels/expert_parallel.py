@@ -39,7 +39,7 @@ from torch import nn
 
 from . import backend as _backend
 from . import checks as check
-from .ops import ACTIVATIONS, moe_align, moe_mlp, permute, unpermute
+from .ops import moe_align, moe_mlp, parse_activation, permute, unpermute
 from ._expert_parallel_comm import all_gather_stacked, all_to_all_rows, comm_timing, exchange_counts, group_rank_and_size
 from .layers import Experts, SparseMoE
 
@@ -103,8 +103,7 @@ class ShardedExperts(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        gated = parse_activation(activation).gated  # validates
         for name, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             check.positive_int(v, name)
         _backend.check_name(backend)
@@ -122,7 +121,7 @@ class ShardedExperts(nn.Module):
         self.expert_start, self.expert_stop = shard_range(num_experts, world_size, rank)
         self.num_local_experts = self.expert_stop - self.expert_start
         self._register_routing_tables()
-        h1 = 2 * d_hidden if activation == "swiglu" else d_hidden
+        h1 = 2 * d_hidden if gated else d_hidden
         n = self.num_local_experts
         self.w1 = nn.Parameter(torch.empty(n, d_model, h1))
         self.w2 = nn.Parameter(torch.empty(n, d_hidden, d_model))

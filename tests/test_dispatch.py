@@ -260,7 +260,7 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match=r"b1 must have shape \[E, 16\]"):
         mk.moe_mlp(x, torch.ones(2, 2), meta, w1, torch.zeros(4, 8), w2, None)
     with pytest.raises(ValueError, match="activation must be one of"):
-        mk.moe_mlp(x, torch.ones(2, 2), meta, w1, None, w2, None, "relu")
+        mk.moe_mlp(x, torch.ones(2, 2), meta, w1, None, w2, None, "tanh")
     with pytest.raises(ValueError, match=r"weights must have shape \[T, k\] = \(2, 2\)"):
         mk.moe_mlp(x, torch.ones(2, 3), meta, w1, None, w2, None)
     with pytest.raises(TypeError, match="meta must be a MoEMeta"):

@@ -118,7 +118,7 @@ def test_sparse_moe_rejects_bad_arguments():
     with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0"):
         mk.SparseMoE(8, 12, 4, 2, capacity_factor=0)
     with pytest.raises(ValueError, match="activation must be one of"):
-        mk.SparseMoE(8, 12, 4, 2, activation="relu")
+        mk.SparseMoE(8, 12, 4, 2, activation="tanh")
     with pytest.raises(ValueError, match=r"k must be in \[1, E=4\], got 5"):
         mk.SparseMoE(8, 12, 4, 5)
     with pytest.raises(ValueError, match=r"x must have shape \[..., d_model=8\]"):

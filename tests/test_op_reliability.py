@@ -293,7 +293,7 @@ def test_fuzz_dispatch_and_experts(data):
         meta = meta._replace(**{field: getattr(meta, field) + draw(st.sampled_from([-5, 3, 10**6]))})
     x = _tensor(draw, (T, D))
     w = _tensor(draw, (T, k), allow_bad=draw(st.booleans()))
-    act = draw(st.sampled_from(["gelu", "silu", "swiglu", "relu"]))
+    act = draw(st.sampled_from(["gelu", "silu", "swiglu", "relu", "tanh", "swiglu:interleaved"]))
     h1 = 2 * H if act == "swiglu" else H
     w1, w2 = _tensor(draw, (E, D, h1), dtype=x.dtype), _tensor(draw, (E, H, D), dtype=x.dtype)
     b1 = _tensor(draw, (E, h1), dtype=x.dtype) if draw(st.booleans()) else None

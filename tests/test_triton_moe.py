@@ -297,7 +297,7 @@ def test_moe_mlp_validation():
     p = _problem(5, 2, 4, 24, 40, "silu", True, torch.float32)
     args = (p["x"], p["weights"], p["meta"], p["w1"], p["b1"], p["w2"], p["b2"])
     with pytest.raises(ValueError, match="activation"):
-        fwd(*args, "relu")
+        fwd(*args, "tanh")
     with pytest.raises(ValueError, match="block_size"):
         bad = R.moe_align(p["meta"].permutation.new_zeros(5, 2), 4, 24)  # not a power of two
         fwd(p["x"], p["weights"], bad, *args[3:], "silu")

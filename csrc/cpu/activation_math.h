@@ -83,6 +83,43 @@ inline void gelu_and_grad(T x, T& a, T& da) {
   da = cdf + x * pdf;
 }
 
+// gelu, tanh form (PyTorch's approximate="tanh", HF's gelu_pytorch_tanh /
+// gelu_new): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+// tanh(u) = 1 - 2 / (e^{2u} + 1), which saturates cleanly with fast_exp's clamp.
+template <typename T>
+inline T tanh_fn(T u);
+template <>
+inline double tanh_fn<double>(double u) {
+  return std::tanh(u);
+}
+template <>
+inline float tanh_fn<float>(float u) {
+  return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f);
+}
+template <typename T>
+inline void gelu_tanh_and_grad(T x, T& a, T& da) {
+  const T c = T(0.79788456080286535588), k = T(0.044715);
+  const T t = tanh_fn<T>(c * (x + k * x * x * x));
+  a = T(0.5) * x * (T(1) + t);
+  da = T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * c * (T(1) + T(3) * k * x * x);
+}
+
+// relu(x) = max(x, 0); relu'(x) = [x > 0] (NaN stays NaN, as torch.relu).
+template <typename T>
+inline void relu_and_grad(T x, T& a, T& da) {
+  a = x > T(0) ? x : (x != x ? x : T(0));
+  da = x > T(0) ? T(1) : T(0);
+}
+
+// x sigmoid(alpha x) (the gate of the clamped SwiGLU of GPT-OSS-style experts;
+// alpha = 1 is silu); derivative s + alpha x s (1 - s).
+template <typename T>
+inline void silu_alpha_and_grad(T x, T alpha, T& a, T& da) {
+  const T s = sigmoid<T>(alpha * x);
+  a = x * s;
+  da = s + alpha * x * s * (T(1) - s);
+}
+
 // silu(x) = x sigmoid(x); silu'(x) = s (1 + x (1 - s)).
 template <typename T>
 inline T silu(T x) {

@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import backend as _backend
 from .. import checks as check
-from ..ops import ACTIVATIONS, moe_align, moe_mlp
+from ..ops import moe_align, moe_mlp, parse_activation
 
 __all__ = ["Experts"]
 
@@ -19,7 +19,7 @@ class Experts(nn.Module):
     forward(x [T, D], weights [T, k], indices [T, k] with values in [0, E],
     E meaning dropped) -> y [T, D], y[t] = sum_j weights[t, j] *
     Expert_{indices[t, j]}(x[t]). Parameters: w1 [E, D, H1], b1 [E, H1],
-    w2 [E, H, D], b2 [E, D] (H1 = 2H for swiglu), initialised like nn.Linear.
+    w2 [E, H, D], b2 [E, D] (H1 = 2H for a gated activation, see mars_kernels.ops.Activation), initialised like nn.Linear.
     """
 
     def __init__(
@@ -33,13 +33,12 @@ class Experts(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        gated = parse_activation(activation).gated  # validates
         for name, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             check.positive_int(v, name)
         self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
         self.activation, self.backend = activation, _backend.check_name(backend)
-        h1 = 2 * d_hidden if activation == "swiglu" else d_hidden
+        h1 = 2 * d_hidden if gated else d_hidden
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, h1))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         self.b1 = nn.Parameter(torch.empty(num_experts, h1)) if bias else None

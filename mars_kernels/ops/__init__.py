@@ -8,7 +8,7 @@ pure-PyTorch twin ``<op>_torch``; its Triton launchers and kernels sit in
 """
 from .common import compute_dtype, topk_order
 from .dispatch import DEFAULT_BLOCK_SIZE, MoEMeta, apply_capacity, moe_align, permute, unpermute
-from .expert_mlp import ACTIVATIONS, grouped_mlp, moe_mlp
+from .expert_mlp import ACTIVATIONS, Activation, grouped_mlp, moe_mlp, parse_activation
 from .gating import MODES, router_stats, topk_gating
 from .losses import (
     cv_squared,
@@ -25,7 +25,7 @@ from .noisy_gating import noisy_topk_gating
 from .residual_norm import residual_norm_mean
 
 __all__ = [
-    "ACTIVATIONS", "DEFAULT_BLOCK_SIZE", "MODES", "MoEMeta",
+    "ACTIVATIONS", "Activation", "parse_activation", "DEFAULT_BLOCK_SIZE", "MODES", "MoEMeta",
     "apply_capacity", "attention_keep_mask", "compute_dtype", "cv_squared", "expert_counts", "grouped_mlp",
     "mars_routing", "modality_attention", "moe_align", "moe_mlp", "noisy_balance_loss", "noisy_topk_gating",
     "permute", "residual_norm_mean", "router_stats", "router_z_loss", "switch_balance_from_stats",

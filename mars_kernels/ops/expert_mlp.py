@@ -3,8 +3,11 @@
 computation in token order (``moe_mlp``: gather, MLP and gate-weighted combine).
 
 Shapes: T tokens, k experts per token, S = T*k assignments, D model width, H
-expert hidden width (H1 = 2H for swiglu, whose w1 columns are [gate | up]), E
-experts. Everything is deterministic (no atomics).
+expert hidden width (H1 = 2H for the gated activations, whose w1 columns hold
+gate and up), E experts. Weights may be strided views (e.g. HF transformers'
+[E, 2I, D] layout transposed): the kernels take strides, and the weight
+gradients come back with the weights' strides. Everything is deterministic (no
+atomics). Activations: :class:`Activation`.
 
 Kernel-level ops (schemas in ``csrc/ops.cpp``): ``grouped_mlp_fwd/_bwd`` and
 ``moe_mlp_fwd/_bwd``; C++ in ``csrc/cpu/grouped_mlp.cpp`` and
@@ -13,6 +16,9 @@ Kernel-level ops (schemas in ``csrc/ops.cpp``): ``grouped_mlp_fwd/_bwd`` and
 weighting/scatter into the second, ScatterMoE style; also what ``cuda`` runs).
 """
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,27 +30,112 @@ from ..meta import MoEMeta
 from .common import compute_dtype
 from .dispatch import check_meta, permute_torch, unpermute_torch
 
-__all__ = ["ACTIVATIONS", "activation", "grouped_mlp", "grouped_mlp_torch", "moe_mlp", "moe_mlp_torch"]
+__all__ = [
+    "ACTIVATIONS", "Activation", "parse_activation", "activation",
+    "grouped_mlp", "grouped_mlp_torch", "moe_mlp", "moe_mlp_torch",
+]
 
-ACTIVATIONS = ("gelu", "silu", "swiglu")
+#: Element functions, applied to the hidden columns (H1 = H).
+PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+#: Gated activations, a = f(gate) * up with the gate and up columns in h (H1 = 2H): name -> f.
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu",
+                     "swiglu_clamp": "silu_alpha"}
+ACTIVATIONS = PLAIN_ACTIVATIONS + tuple(GATED_ACTIVATIONS)
 
 
-def activation(h: torch.Tensor, name: str) -> torch.Tensor:
-    """gelu (exact, erf), silu, or swiglu: h = [gate | up] -> silu(gate) * up."""
-    if name == "gelu":
-        return F.gelu(h)
-    if name == "silu":
-        return F.silu(h)
-    if name == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+class Activation(NamedTuple):
+    """An expert activation, as the ops take it: a string ``spec`` of the form
+    ``name[:interleaved][:alpha=A][:limit=L][:up_offset=C]``.
+
+    * ``gelu`` (erf), ``gelu_tanh`` (PyTorch's approximate="tanh"), ``silu``,
+      ``relu``: f(h) on the H hidden columns (w1 [E, D, H]).
+    * ``swiglu``, ``geglu``, ``geglu_tanh``, ``reglu``: f(gate) * up with f =
+      silu, gelu, gelu_tanh, relu; w1 [E, D, 2H] holds the gate and up
+      columns as [gate | up] halves, or, with ``:interleaved``, alternating
+      (gate in column 2j, up in 2j + 1: GPT-OSS's layout).
+    * ``swiglu_clamp``: the clamped SwiGLU of GPT-OSS-style experts,
+      a = g sigmoid(alpha g) * (clip(up, -L, L) + C) with g = min(gate, L);
+      defaults alpha 1, L = inf, C = 0 (then it is ``swiglu``).
+    """
+
+    name: str
+    fn: str  # the element function: gelu | gelu_tanh | silu | relu | silu_alpha
+    gated: bool
+    interleaved: bool = False
+    alpha: float = 1.0
+    limit: float = math.inf
+    up_offset: float = 0.0
+
+    @property
+    def clamp(self) -> bool:
+        return self.name == "swiglu_clamp"
+
+    @property
+    def spec(self) -> str:
+        parts = [self.name] + (["interleaved"] if self.interleaved else [])
+        if self.clamp:
+            parts += [f"alpha={self.alpha!r}", f"limit={self.limit!r}", f"up_offset={self.up_offset!r}"]
+        return ":".join(parts)
+
+
+def parse_activation(spec) -> Activation:
+    """The :class:`Activation` of a spec string (ValueError naming what is wrong)."""
+    if isinstance(spec, Activation):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"activation must be a str, got {type(spec).__name__}")
+    name, *options = spec.split(":")
+    if name in PLAIN_ACTIVATIONS:
+        act = Activation(name, name, False)
+    elif name in GATED_ACTIVATIONS:
+        act = Activation(name, GATED_ACTIVATIONS[name], True)
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} (with ':' options), got {spec!r}")
+    for option in options:
+        key, eq, value = option.partition("=")
+        if option == "interleaved" and act.gated:
+            act = act._replace(interleaved=True)
+        elif eq and act.clamp and key in ("alpha", "limit", "up_offset"):
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"activation {spec!r}: {option!r} is not a number") from None
+            if math.isnan(number) or (key == "limit" and number < 0) or (key != "limit" and math.isinf(number)):
+                raise ValueError(f"activation {spec!r}: {option!r} is out of range")
+            act = act._replace(**{key: number})
+        else:
+            raise ValueError(f"activation {spec!r}: unknown option {option!r} (gated activations take "
+                             "'interleaved'; swiglu_clamp takes alpha=, limit=, up_offset=)")
+    return act
+
+
+def _element(x: torch.Tensor, fn: str, alpha: float) -> torch.Tensor:
+    if fn == "gelu":
+        return F.gelu(x)
+    if fn == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if fn == "silu":
+        return F.silu(x)
+    if fn == "relu":
+        return F.relu(x)
+    return x * torch.sigmoid(alpha * x)
+
+
+def activation(h: torch.Tensor, spec) -> torch.Tensor:
+    """The activation of h [..., H1] -> [..., H] (see :class:`Activation`)."""
+    act = parse_activation(spec)
+    if not act.gated:
+        return _element(h, act.fn, act.alpha)
+    gate, up = (h[..., ::2], h[..., 1::2]) if act.interleaved else h.chunk(2, dim=-1)
+    if act.clamp:
+        gate = gate.clamp(max=act.limit)
+        up = up.clamp(min=-act.limit, max=act.limit) + act.up_offset
+    return _element(gate, act.fn, act.alpha) * up
 
 
 def _check_expert_weights(x_dtype, D, w1, b1, w2, b2, activation_name) -> int:
     """Validate w1 [E, D, H1], b1 [E, H1] or None, w2 [E, H, D], b2 [E, D] or None -> E."""
-    if activation_name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation_name!r}")
+    gated = parse_activation(activation_name).gated
     for name, t in (("w1", w1), ("w2", w2)):
         check.tensor(t, name)
         if t.dim() != 3:
@@ -52,8 +143,8 @@ def _check_expert_weights(x_dtype, D, w1, b1, w2, b2, activation_name) -> int:
         if t.dtype != x_dtype:
             raise TypeError(f"{name} must have the activations' dtype {x_dtype}, got {t.dtype}")
     E, H = w2.shape[0], w2.shape[1]
-    H1 = 2 * H if activation_name == "swiglu" else H
-    check.shape(w1, (E, D, H1), "w1", f"[E, D, {'2H' if activation_name == 'swiglu' else 'H'}]")
+    H1 = 2 * H if gated else H
+    check.shape(w1, (E, D, H1), "w1", f"[E, D, {'2H' if gated else 'H'}]")
     check.shape(w2, (E, H, D), "w2", "[E, H, D]")
     for name, b, n in (("b1", b1, H1), ("b2", b2, D)):
         if b is not None:

@@ -25,7 +25,10 @@ tile never straddles two experts and padding exists only in the index space.
 All row offsets are int64 (row indices come from int64 metadata); accumulation
 is fp32. ``UPCAST`` casts the ``tl.dot`` operands to fp32 (bf16 under the
 interpreter, whose bf16 dot is wrong). ``ACT``: 0 none, 1 gelu (erf), 2 silu,
-3 swiglu (A holds ``[gate | up]``, the up half ``UP_OFF`` columns to the right).
+3 gelu (tanh), 4 relu, 5 x sigmoid(alpha x); ``GATED``: A holds gate and up
+columns, each up ``UP_STEP`` elements after its gate (``[gate | up]`` halves or
+interleaved columns), a = f(gate) * up; ``CLAMP``: gate capped at ``limit``, up
+clipped to +-``limit`` plus ``up_offset`` (the clamped SwiGLU of GPT-OSS).
 """
 import triton
 import triton.language as tl
@@ -36,7 +39,9 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 ACT_NONE = 0
 ACT_GELU = 1
 ACT_SILU = 2
-ACT_SWIGLU = 3
+ACT_GELU_TANH = 3
+ACT_RELU = 4
+ACT_SILU_ALPHA = 5  # x sigmoid(alpha x): the gate function of the clamped SwiGLU
 
 
 # --------------------------------------------------------------------------
@@ -50,43 +55,73 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _act_fwd(h, ACT: tl.constexpr):
-    """gelu or silu of fp32 h (ACT 1 or 2); identity for ACT 0."""
+def _tanh(u):
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _act_fwd(h, ACT: tl.constexpr, alpha):
+    """f(h) of fp32 h for the element function ACT (identity for ACT 0)."""
     if ACT == 1:
         out = 0.5 * h * (1.0 + tl.math.erf(h * _INV_SQRT2))
     elif ACT == 2:
         out = h * _sigmoid(h)
+    elif ACT == 3:
+        out = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    elif ACT == 4:
+        out = tl.where(h > 0, h, tl.where(h != h, h, 0.0))
+    elif ACT == 5:
+        out = h * _sigmoid(alpha * h)
     else:
         out = h
     return out
 
 
 @triton.jit
-def _act_grad(h, ACT: tl.constexpr):
-    """d act / d h of fp32 h (ACT 1 or 2)."""
+def _act_grad(h, ACT: tl.constexpr, alpha):
+    """f'(h) of fp32 h for the element function ACT (1..5)."""
     if ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(h * _INV_SQRT2))
         out = cdf + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
-    else:
+    elif ACT == 2:
         s = _sigmoid(h)
         out = s * (1.0 + h * (1.0 - s))
+    elif ACT == 3:
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+        out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    elif ACT == 4:
+        out = tl.where(h > 0, 1.0, 0.0)
+    else:
+        s = _sigmoid(alpha * h)
+        out = s + alpha * h * s * (1.0 - s)
     return out
 
 
 @triton.jit
-def _load_act(ptrs, up_step, mask, ACT: tl.constexpr):
+def _gate_up(g, u, CLAMP: tl.constexpr, limit, up_offset):
+    """The clamped SwiGLU's inputs: min(gate, limit), clip(up, +-limit) + up_offset."""
+    if CLAMP:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit) + up_offset
+    return g, u
+
+
+@triton.jit
+def _load_act(ptrs, up_step, mask, ACT: tl.constexpr, GATED: tl.constexpr, CLAMP: tl.constexpr,
+              alpha, limit, up_offset):
     """Load a tile of h (pre-activation) and return act(h) in h's dtype.
 
-    For swiglu the up half is ``up_step`` elements further on; masked lanes
-    give 0 (act(0) = 0 for every activation here).
+    Gated: the up column of each gate column is ``up_step`` elements further on
+    (H for [gate | up] halves, 1 for interleaved columns), a = f(gate) * up;
+    masked lanes give 0 (f(0) = 0 for every activation here).
     """
     a = tl.load(ptrs, mask=mask, other=0.0)
-    if ACT == 3:
+    if GATED:
         u = tl.load(ptrs + up_step, mask=mask, other=0.0).to(tl.float32)
-        g = a.to(tl.float32)
-        a = (g * _sigmoid(g) * u).to(ptrs.dtype.element_ty)
+        g, u = _gate_up(a.to(tl.float32), u, CLAMP, limit, up_offset)
+        a = (_act_fwd(g, ACT, alpha) * u).to(ptrs.dtype.element_ty)
     elif ACT != 0:
-        a = _act_fwd(a.to(tl.float32), ACT).to(ptrs.dtype.element_ty)
+        a = _act_fwd(a.to(tl.float32), ACT, alpha).to(ptrs.dtype.element_ty)
     return a
 
 
@@ -112,13 +147,16 @@ def _block_tile(NUM_BLOCKS, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 def moe_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, gate_w_ptr, c_ptr,
     perm_ptr, block_expert_ptr, block_start_ptr, offsets_ptr,
-    N, K, NUM_BLOCKS, TOP_K, UP_OFF,
+    N, K, NUM_BLOCKS, TOP_K, UP_STEP,
     stride_am, stride_ak,
     stride_be, stride_bk, stride_bn,
     stride_biase, stride_biasn,
     stride_cm, stride_cn,
+    alpha, limit, up_offset,
     A_GATHER: tl.constexpr,
     ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    CLAMP: tl.constexpr,
     C_SCATTER: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
@@ -152,11 +190,10 @@ def moe_gemm_kernel(
     # weight offsets in int64 too: B may be a strided view of a larger tensor
     b_ptrs = (b_ptr + e * stride_be + offs_k[:, None].to(tl.int64) * stride_bk
               + offs_n[None, :].to(tl.int64) * stride_bn)
-    up_step = UP_OFF * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
-        a = _load_act(a_ptrs, up_step, row_mask[:, None] & k_mask[None, :], ACT)
+        a = _load_act(a_ptrs, UP_STEP, row_mask[:, None] & k_mask[None, :], ACT, GATED, CLAMP, alpha, limit, up_offset)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -185,13 +222,16 @@ def moe_gemm_kernel(
 def moe_bwd_dh_kernel(
     gy_ptr, w2_ptr, b2_ptr, h_ptr, gate_w_ptr, dh_ptr, gw_part_ptr,
     perm_ptr, block_expert_ptr, block_start_ptr, offsets_ptr,
-    H, D, NUM_BLOCKS, TOP_K, NUM_H_TILES,
+    H, D, NUM_BLOCKS, TOP_K, NUM_H_TILES, UP_STEP_H, UP_STEP_DH,
     stride_gym, stride_gyd,
     stride_w2e, stride_w2h, stride_w2d,
     stride_b2e, stride_b2d,
     stride_hm, stride_hn,
     stride_dhm, stride_dhn,
+    alpha, limit, up_offset,
     ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    CLAMP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -202,7 +242,8 @@ def moe_bwd_dh_kernel(
 ):
     """For the rows of one row block and hidden columns n of one tile:
     G = grad_y[tok] @ W2[e][n, :]^T (fp32), a = act(h[rows]) recomputed,
-    dh = act'(h) * w * G (swiglu: gate and up halves), stored at the sorted slot;
+    dh = act'(h) * w * G (gated: the gate and up columns, UP_STEP_* apart in
+    h / dh; 0 where a clamp cut the input), stored at the sorted slot;
     gw_part[flat, pid_n] = sum_n G * a (+ <grad_y[tok], b2[e]> on tile 0).
     Grid: (NUM_BLOCKS * NUM_H_TILES,)."""
     pid_m, pid_n = _block_tile(NUM_BLOCKS, H, BLOCK_N, GROUP_M)
@@ -242,18 +283,21 @@ def moe_bwd_dh_kernel(
     h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
     dh_ptrs = dh_ptr + rows[:, None] * stride_dhm + offs_n[None, :] * stride_dhn
     hv = tl.load(h_ptrs, mask=mask2, other=0.0).to(tl.float32)
-    if ACT == 3:
-        u = tl.load(h_ptrs + H * stride_hn, mask=mask2, other=0.0).to(tl.float32)
-        s = _sigmoid(hv)
-        silu = hv * s
-        a = silu * u
-        d_gate = d_a * u * (s * (1.0 + hv * (1.0 - s)))
-        d_up = d_a * silu
+    if GATED:
+        u_raw = tl.load(h_ptrs + UP_STEP_H, mask=mask2, other=0.0).to(tl.float32)
+        g, u = _gate_up(hv, u_raw, CLAMP, limit, up_offset)
+        f = _act_fwd(g, ACT, alpha)
+        a = f * u
+        d_gate = d_a * u * _act_grad(g, ACT, alpha)
+        d_up = d_a * f
+        if CLAMP:  # torch.clamp passes the gradient where the input is inside the bounds
+            d_gate = tl.where(hv <= limit, d_gate, 0.0)
+            d_up = tl.where((u_raw >= -limit) & (u_raw <= limit), d_up, 0.0)
         tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask2)
-        tl.store(dh_ptrs + H * stride_dhn, d_up.to(dh_ptr.dtype.element_ty), mask=mask2)
+        tl.store(dh_ptrs + UP_STEP_DH, d_up.to(dh_ptr.dtype.element_ty), mask=mask2)
     else:
-        a = _act_fwd(hv, ACT)
-        dh = d_a * _act_grad(hv, ACT)
+        a = _act_fwd(hv, ACT, alpha)
+        dh = d_a * _act_grad(hv, ACT, alpha)
         tl.store(dh_ptrs, dh.to(dh_ptr.dtype.element_ty), mask=mask2)
     # the forward fed act(h) to the dot rounded to h's dtype: use the same values
     a = a.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -270,13 +314,16 @@ def moe_bwd_dh_kernel(
 def moe_wgrad_kernel(
     a_ptr, b_ptr, gate_w_ptr, c_ptr, db_ptr,
     perm_ptr, offsets_ptr,
-    M_OUT, N_OUT, TOP_K, UP_OFF,
+    M_OUT, N_OUT, TOP_K, UP_STEP,
     stride_am, stride_ak,
     stride_bm, stride_bn,
     stride_ce, stride_cm, stride_cn,
     stride_dbe, stride_dbn,
+    alpha, limit, up_offset,
     A_GATHER: tl.constexpr,
     A_ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    CLAMP: tl.constexpr,
     B_GATHER: tl.constexpr,
     B_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -288,9 +335,10 @@ def moe_wgrad_kernel(
     """C[e, m, n] = sum over expert e's slots s of act(A[ra(s), m]) * B'[rb(s), n], with
     ra/rb = token (GATHER) or slot, B' = B * w[flat] (B_WEIGHT) rounded to B's dtype;
     db[e, n] = sum_s B'[rb(s), n] (written by the programs of output row tile 0).
-    Empty experts give zeros. Grid: (E, cdiv(M_OUT, BLOCK_M) * cdiv(N_OUT, BLOCK_N))."""
-    e = tl.program_id(0)
-    pid = tl.program_id(1)
+    Empty experts give zeros. Grid: (cdiv(M_OUT, BLOCK_M) * cdiv(N_OUT, BLOCK_N), E): the
+    tiles on axis 0, whose limit is 2^31 - 1 (axis 1 allows only 65535)."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
     num_n = tl.cdiv(N_OUT, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
@@ -303,7 +351,6 @@ def moe_wgrad_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    up_step = UP_OFF * stride_ak
     n_chunks = tl.cdiv(hi - lo, BLOCK_R).to(tl.int32)
     for i in range(0, n_chunks):
         rows = lo + i * BLOCK_R + offs_r  # int64 sorted slots
@@ -318,7 +365,8 @@ def moe_wgrad_kernel(
         else:
             b_rows = rows
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_m[None, :] * stride_ak
-        a = _load_act(a_ptrs, up_step, r_mask[:, None] & m_mask[None, :], A_ACT)
+        a = _load_act(a_ptrs, UP_STEP, r_mask[:, None] & m_mask[None, :], A_ACT, GATED, CLAMP, alpha, limit,
+                      up_offset)
         b_ptrs = b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn
         b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         if B_WEIGHT:

@@ -40,6 +40,7 @@ import triton
 
 from ...meta import MoEMeta
 from ..dispatch import row_blocks_from_offsets
+from ..expert_mlp import Activation, parse_activation
 from . import _expert_mlp_kernels as _k
 from .launch import device_guard
 
@@ -48,7 +49,8 @@ __all__ = ["moe_mlp_fwd", "moe_mlp_bwd", "grouped_mlp_fwd", "grouped_mlp_bwd"]
 #: The row-block size of grouped_mlp's identity metadata.
 GROUPED_BLOCK_M = 64
 
-_ACT_CODES = {"gelu": _k.ACT_GELU, "silu": _k.ACT_SILU, "swiglu": _k.ACT_SWIGLU}
+_FN_CODES = {"gelu": _k.ACT_GELU, "silu": _k.ACT_SILU, "gelu_tanh": _k.ACT_GELU_TANH, "relu": _k.ACT_RELU,
+             "silu_alpha": _k.ACT_SILU_ALPHA}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Launch configurations (fixed: no autotuning). "gemm": the row-tiled kernels
@@ -105,10 +107,29 @@ def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     return dict(DOT_PREC=prec, UPCAST=upcast)
 
 
+_NO_ACT = dict(ACT=_k.ACT_NONE, GATED=False, CLAMP=False)
+
+
+def _act_access(act: Activation | None, a: torch.Tensor) -> tuple[int, int, dict, tuple]:
+    """How a kernel reads act(A) from A = h [S, H1]: (column stride of the
+    activation's inputs, element step from a gate to its up value, the
+    ACT/GATED/CLAMP flags, (alpha, limit, up_offset)). Gated halves: the up of
+    column j is column H + j; interleaved: gate 2j, up 2j + 1."""
+    params = (1.0, 0.0, 0.0)
+    if act is None:
+        return a.stride(1), 0, _NO_ACT, params
+    params = (float(act.alpha), float(act.limit), float(act.up_offset))
+    flags = dict(ACT=_FN_CODES[act.fn], GATED=act.gated, CLAMP=act.clamp)
+    if not act.gated:
+        return a.stride(1), 0, flags, params
+    if act.interleaved:
+        return 2 * a.stride(1), a.stride(1), flags, params
+    return a.stride(1), (a.shape[1] // 2) * a.stride(1), flags, params
+
+
 def _check(x, weights, meta, w1, b1, w2, b2, activation):
-    """Validate and return (T, k, D, H, H1, E, act code)."""
-    if activation not in _ACT_CODES:
-        raise ValueError(f"activation must be one of {tuple(_ACT_CODES)}, got {activation!r}")
+    """Validate and return (T, k, D, H, H1, E, Activation)."""
+    act = parse_activation(activation)
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() != 2 or w1.dim() != 3 or w2.dim() != 3:
@@ -119,11 +140,11 @@ def _check(x, weights, meta, w1, b1, w2, b2, activation):
     T, D = x.shape
     E, D1, H1 = w1.shape
     H = w2.shape[1]
-    want_h1 = 2 * H if activation == "swiglu" else H
+    want_h1 = 2 * H if act.gated else H
     if D1 != D or tuple(w2.shape) != (E, H, D) or H1 != want_h1:
         raise ValueError(
             f"shape mismatch: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} "
-            f"(w1 must be [E, D, {'2H' if activation == 'swiglu' else 'H'}], w2 [E, H, D])"
+            f"(w1 must be [E, D, {'2H' if act.gated else 'H'}], w2 [E, H, D])"
         )
     for name, t, shape in (("w1", w1, None), ("w2", w2, None), ("b1", b1, (E, H1)), ("b2", b2, (E, D))):
         if t is None:
@@ -142,7 +163,7 @@ def _check(x, weights, meta, w1, b1, w2, b2, activation):
     bs = meta.block_size
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"block_size must be a power of two >= 16 for the Triton expert MLP, got {bs}")
-    return T, k, D, H, H1, E, _ACT_CODES[activation]
+    return T, k, D, H, H1, E, act
 
 
 def _combine(buf: torch.Tensor, meta, T: int, D: int, dtype: torch.dtype) -> torch.Tensor:
@@ -160,23 +181,26 @@ def _combine(buf: torch.Tensor, meta, T: int, D: int, dtype: torch.dtype) -> tor
     return out
 
 
-def _row_gemm(a, b3, strides_b, bias, gate_w, c, meta, N, K, up_off, *, a_gather, act, c_scatter, mul_weight):
-    """Launch :func:`moe_gemm_kernel`: c[rows, :N] from a[rows, :K] and b3[e] (strides_b = e, k, n)."""
+def _row_gemm(a, b3, strides_b, bias, gate_w, c, meta, N, K, act, *, a_gather, c_scatter, mul_weight):
+    """Launch :func:`moe_gemm_kernel`: c[rows, :N] from act(a[rows, :K]) (act None:
+    a itself) and b3[e] (strides_b = e, k, n)."""
     cfg = _config("gemm", a.device, a.dtype)
     nb = meta.block_expert.numel()
     grid = (nb * triton.cdiv(N, cfg["BLOCK_N"]),)
     has_bias = bias is not None
     bias_t = bias if has_bias else b3
+    stride_ak, up_step, flags, params = _act_access(act, a)
     _k.moe_gemm_kernel[grid](
         a, b3, bias_t, gate_w, c,
         meta.permutation, meta.block_expert, meta.block_start, meta.offsets,
-        N, K, nb, meta.top_k, up_off,
-        a.stride(0), a.stride(1),
+        N, K, nb, meta.top_k, up_step,
+        a.stride(0), stride_ak,
         *strides_b,
         bias_t.stride(0) if has_bias else 0, bias_t.stride(1) if has_bias else 0,
         c.stride(0), c.stride(1),
-        A_GATHER=a_gather, ACT=act, C_SCATTER=c_scatter, HAS_BIAS=has_bias, MUL_WEIGHT=mul_weight,
-        BLOCK_M=meta.block_size, **_dot_flags(a.dtype, a.device), **cfg,
+        *params,
+        A_GATHER=a_gather, C_SCATTER=c_scatter, HAS_BIAS=has_bias, MUL_WEIGHT=mul_weight,
+        BLOCK_M=meta.block_size, **flags, **_dot_flags(a.dtype, a.device), **cfg,
     )
 
 
@@ -226,12 +250,11 @@ def moe_mlp_fwd(
     buf = torch.empty((S, D), dtype=x.dtype, device=dev)
     with device_guard(x):
         # 1. h = x[tok] @ W1[e] + b1[e]  (sorted order)
-        _row_gemm(x, w1, (w1.stride(0), w1.stride(1), w1.stride(2)), b1, gate_w, h, meta, H1, D, 0,
-                  a_gather=True, act=_k.ACT_NONE, c_scatter=False, mul_weight=False)
+        _row_gemm(x, w1, (w1.stride(0), w1.stride(1), w1.stride(2)), b1, gate_w, h, meta, H1, D, None,
+                  a_gather=True, c_scatter=False, mul_weight=False)
         # 2. buf[flat] = w * (act(h) @ W2[e] + b2[e])  (assignment order)
-        _row_gemm(h, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), b2, gate_w, buf, meta, D, H,
-                  H if act == _k.ACT_SWIGLU else 0,
-                  a_gather=False, act=act, c_scatter=True, mul_weight=True)
+        _row_gemm(h, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), b2, gate_w, buf, meta, D, H, act,
+                  a_gather=False, c_scatter=True, mul_weight=True)
         # 3. y[t] = sum_j buf[t*k + j]
         y = _combine(buf, meta, T, D, x.dtype)
     return y, (h if save_h else x.new_empty((0, H1)))
@@ -280,8 +303,10 @@ def moe_mlp_bwd(
     if tuple(h.shape) != (S, H1):
         raise ValueError(f"h must be [S, H1] = {(S, H1)}, got {tuple(h.shape)}")
     dev = x.device
-    grad_w1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
-    grad_w2 = torch.empty_like(w2, memory_format=torch.contiguous_format)
+    # The weight gradients take the weights' strides, so a transposed view (HF's
+    # layout) gets its gradient back in the parameter's own layout, without a copy.
+    grad_w1 = torch.empty_like(w1)
+    grad_w2 = torch.empty_like(w2)
     grad_b1 = torch.empty((E, H1), dtype=w1.dtype, device=dev)
     grad_b2 = torch.empty((E, D), dtype=w2.dtype, device=dev)
     if S == 0:
@@ -301,29 +326,33 @@ def moe_mlp_bwd(
         if n_h > 0:
             has_b2 = b2 is not None
             b2_t = b2 if has_b2 else w2
+            h_col, h_up, act_flags, params = _act_access(act, h)
+            dh_col, dh_up, _, _ = _act_access(act, dh)
             _k.moe_bwd_dh_kernel[(nb * n_h,)](
                 grad_y, w2, b2_t, h, gate_w, dh, gw_part,
                 meta.permutation, meta.block_expert, meta.block_start, meta.offsets,
-                H, D, nb, k, n_h,
+                H, D, nb, k, n_h, h_up, dh_up,
                 grad_y.stride(0), grad_y.stride(1),
                 w2.stride(0), w2.stride(1), w2.stride(2),
                 b2_t.stride(0) if has_b2 else 0, b2_t.stride(1) if has_b2 else 0,
-                h.stride(0), h.stride(1),
-                dh.stride(0), dh.stride(1),
-                ACT=act, HAS_BIAS=has_b2, BLOCK_M=meta.block_size, **flags, **cfg,
+                h.stride(0), h_col,
+                dh.stride(0), dh_col,
+                *params,
+                HAS_BIAS=has_b2, BLOCK_M=meta.block_size, **act_flags, **flags, **cfg,
             )
         grad_weights = gw_part.sum(1).view(T, k).to(weights.dtype)
 
         # grad_x: buf[flat] = dh[s] @ W1[e]^T, then the top-k sum
         buf = torch.empty((S, D), dtype=x.dtype, device=dev)
         if D > 0:
-            _row_gemm(dh, w1, (w1.stride(0), w1.stride(2), w1.stride(1)), None, gate_w, buf, meta, D, H1, 0,
-                      a_gather=False, act=_k.ACT_NONE, c_scatter=True, mul_weight=False)
+            _row_gemm(dh, w1, (w1.stride(0), w1.stride(2), w1.stride(1)), None, gate_w, buf, meta, D, H1, None,
+                      a_gather=False, c_scatter=True, mul_weight=False)
         grad_x = _combine(buf, meta, T, D, x.dtype) if D > 0 else torch.zeros_like(x)
 
         cfg = _config("wgrad", dev, x.dtype)
-        # grad_w1[e] = x[tok]^T @ dh[rows], grad_b1[e] = sum dh[rows]
-        grid = (E, triton.cdiv(D, cfg["BLOCK_M"]) * triton.cdiv(H1, cfg["BLOCK_N"]))
+        # grad_w1[e] = x[tok]^T @ dh[rows], grad_b1[e] = sum dh[rows]. The output
+        # tiles go on grid axis 0 (up to 2^31 - 1 programs), the experts on axis 1.
+        grid = (triton.cdiv(D, cfg["BLOCK_M"]) * triton.cdiv(H1, cfg["BLOCK_N"]), E)
         _k.moe_wgrad_kernel[grid](
             x, dh, gate_w, grad_w1, grad_b1,
             meta.permutation, meta.offsets,
@@ -332,20 +361,24 @@ def moe_mlp_bwd(
             dh.stride(0), dh.stride(1),
             grad_w1.stride(0), grad_w1.stride(1), grad_w1.stride(2),
             grad_b1.stride(0), grad_b1.stride(1),
-            A_GATHER=True, A_ACT=_k.ACT_NONE, B_GATHER=False, B_WEIGHT=False,
+            1.0, 0.0, 0.0,
+            A_GATHER=True, A_ACT=_k.ACT_NONE, GATED=False, CLAMP=False, B_GATHER=False, B_WEIGHT=False,
             **flags, **cfg,
         )
         # grad_w2[e] = act(h[rows])^T @ (w * grad_y[tok]), grad_b2[e] = sum w * grad_y[tok]
-        grid = (E, triton.cdiv(H, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]))
+        h_col, h_up, act_flags, params = _act_access(act, h)
+        grid = (triton.cdiv(H, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]), E)
         _k.moe_wgrad_kernel[grid](
             h, grad_y, gate_w, grad_w2, grad_b2,
             meta.permutation, meta.offsets,
-            H, D, k, H if act == _k.ACT_SWIGLU else 0,
-            h.stride(0), h.stride(1),
+            H, D, k, h_up,
+            h.stride(0), h_col,
             grad_y.stride(0), grad_y.stride(1),
             grad_w2.stride(0), grad_w2.stride(1), grad_w2.stride(2),
             grad_b2.stride(0), grad_b2.stride(1),
-            A_GATHER=False, A_ACT=act, B_GATHER=True, B_WEIGHT=True,
+            *params,
+            A_GATHER=False, A_ACT=act_flags["ACT"], GATED=act_flags["GATED"], CLAMP=act_flags["CLAMP"],
+            B_GATHER=True, B_WEIGHT=True,
             **flags, **cfg,
         )
     return grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2
