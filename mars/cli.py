@@ -8,13 +8,10 @@ an output directory that exists, a failed write) is one line
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
-
-import torch
 
 from . import methods
 from .config import (
@@ -32,7 +29,6 @@ from .rundir import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     RunFileError,
-    atomic_write_bytes,
     check_config_matches,
     load_checkpoint,
     open_output,

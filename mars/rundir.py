@@ -30,7 +30,6 @@ one only once it is complete (:meth:`OutputDir.commit`).
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 import secrets

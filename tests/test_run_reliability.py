@@ -26,7 +26,7 @@ from mars import cli, rundir
 from mars import train as train_mod
 from mars.config import ConfigError, ModelConfig, TrainConfig
 from mars.data import load_feature_dir, read_feature_dir, write_feature_dir
-from mars.train import TrainingDiverged, train
+from mars.train import train
 
 MODEL = ["--d-model", "8", "--d-hidden", "8", "--experts", "2", "--batch-size", "16", "--quiet"]
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -219,6 +219,34 @@ def test_compare_refuses_an_existing_out_unless_overwrite(tmp_path, data_dir):
     assert sorted(snapshot(out)) == sorted(before) and siblings(out) == []
 
 
+def _ddp_onto_existing_run(rank, world, root, overwrite):
+    from mars.distributed import DistContext
+
+    cfg = TrainConfig(data=str(Path(root) / "d"), epochs=1, batch_size=16, model=ModelConfig(
+        method="late_fusion", d_model=8, d_hidden=8, num_experts=2))
+    try:
+        result = train(cfg, Path(root) / "run", progress=False, log=lambda *a, **k: None,
+                       ctx=DistContext(rank=rank, world=world), overwrite=overwrite)
+    except ValueError as e:
+        return f"refused: {e}"
+    return result["run_dir"]
+
+
+def test_data_parallel_ranks_agree_on_refusing_or_replacing_an_existing_run(base_run, data_dir, tmp_path):
+    from dist_utils import run_distributed
+
+    shutil.copytree(data_dir, tmp_path / "d")
+    shutil.copytree(base_run, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    refused = run_distributed(_ddp_onto_existing_run, 2, args=(str(tmp_path), False), timeout_s=60)
+    assert all(r.startswith("refused: ") and "already exists" in r for r in refused), refused
+    assert snapshot(tmp_path / "run") == before
+    done = run_distributed(_ddp_onto_existing_run, 2, args=(str(tmp_path), True), timeout_s=60)
+    assert done == [str(Path(os.path.abspath(tmp_path / "run")))] * 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["method"] == "late_fusion"
+    assert sorted(os.listdir(tmp_path)) == ["d", "run"]
+
+
 # -------------------------------------------------- 5. empty validation / test splits
 def test_empty_val_in_splits_json_falls_back_to_a_slice_of_train(tmp_path, data_dir):
     d = Path(write_feature_dir(tmp_path / "d", _tiny_data(),
@@ -336,14 +364,24 @@ def test_corrupt_or_mismatched_run_files_are_clear_errors(run, case):
         assert_error(code, err, str(run / name), expected)
 
 
-@pytest.mark.skipif(AS_ROOT, reason="file permissions do not stop root")
-def test_unreadable_checkpoint_is_a_clear_error(run):
-    (run / "checkpoint.pt").chmod(0)
+def test_unreadable_checkpoint_is_a_clear_error(run, monkeypatch):
+    ckpt = run / "checkpoint.pt"
+    if AS_ROOT:  # permissions do not stop root: the read fails as it would for another user
+        real = rundir.zipfile.ZipFile
+
+        def denied(file, *args, **kwargs):
+            if Path(file) == ckpt:
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real(file, *args, **kwargs)
+
+        monkeypatch.setattr(rundir.zipfile, "ZipFile", denied)
+    ckpt.chmod(0)
     try:
-        code, err = mars("eval", run)
-        assert_error(code, err, str(run / "checkpoint.pt"), "Permission denied")
+        for args in (["eval", run], ["train", "--resume", run, "--quiet"]):
+            code, err = mars(*args)
+            assert_error(code, err, str(ckpt), "cannot read it (Permission denied)")
     finally:
-        (run / "checkpoint.pt").chmod(0o644)
+        ckpt.chmod(0o644)
 
 
 # -------------------------------------------------- 7. torn metrics line
