@@ -22,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The HF coverage table, when the integration tier ran."""
+    import sys
+
+    module = sys.modules.get("test_hf_transformers")
+    coverage = getattr(module, "COVERAGE", None)
+    if coverage:
+        terminalreporter.section("HF experts classes with experts_implementation='mars_kernels'")
+        native = sorted(n for n, how in coverage.items() if how.startswith("native"))
+        terminalreporter.write_line(f"{len(native)} of {len(coverage)} classes run natively")
+        for name in sorted(coverage):
+            terminalreporter.write_line(f"  {name}: {coverage[name]}")

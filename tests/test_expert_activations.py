@@ -10,7 +10,7 @@ import mars_kernels as mk
 from helpers import TOLERANCES
 
 SPECS = [
-    "gelu", "gelu_tanh", "silu", "relu", "swiglu", "geglu", "geglu_tanh", "reglu",
+    "gelu", "gelu_tanh", "silu", "relu", "relu2", "swiglu", "geglu", "geglu_tanh", "reglu",
     "swiglu:interleaved", "geglu_tanh:interleaved",
     "swiglu_clamp:alpha=1.702:limit=0.7:up_offset=1",
     "swiglu_clamp:interleaved:alpha=1.702:limit=0.7:up_offset=1",

@@ -111,6 +111,14 @@ inline void relu_and_grad(T x, T& a, T& da) {
   da = x > T(0) ? T(1) : T(0);
 }
 
+// relu(x)^2 (squared ReLU, NemotronH's experts); derivative 2 relu(x).
+template <typename T>
+inline void relu2_and_grad(T x, T& a, T& da) {
+  const T r = x > T(0) ? x : (x != x ? x : T(0));
+  a = r * r;
+  da = T(2) * (x > T(0) ? x : T(0));
+}
+
 // x sigmoid(alpha x) (the gate of the clamped SwiGLU of GPT-OSS-style experts;
 // alpha = 1 is silu); derivative s + alpha x s (1 - s).
 template <typename T>

@@ -30,7 +30,7 @@ namespace cpu {
 // column 2j, up in 2j + 1: GPT-OSS's layout). The clamped form (GPT-OSS and
 // similar) caps gate at `limit`, clips up to [-limit, limit] and adds up_offset:
 // a = f(min(gate, L)) * (clip(up) + up_offset), f(x) = x sigmoid(alpha x).
-enum class Fn { Gelu, GeluTanh, Silu, Relu, SiluAlpha };
+enum class Fn { Gelu, GeluTanh, Silu, Relu, Relu2, SiluAlpha };
 
 struct Act {
   Fn fn = Fn::Gelu;
@@ -63,13 +63,14 @@ inline Act parse_activation(const std::string& spec) {
   else if (name == "gelu_tanh") act.fn = Fn::GeluTanh;
   else if (name == "silu") act.fn = Fn::Silu;
   else if (name == "relu") act.fn = Fn::Relu;
+  else if (name == "relu2") act.fn = Fn::Relu2;
   else if (name == "swiglu") act.fn = Fn::Silu, act.gated = true;
   else if (name == "geglu") act.fn = Fn::Gelu, act.gated = true;
   else if (name == "geglu_tanh") act.fn = Fn::GeluTanh, act.gated = true;
   else if (name == "reglu") act.fn = Fn::Relu, act.gated = true;
   else if (name == "swiglu_clamp") act.fn = Fn::SiluAlpha, act.gated = true, act.clamp = true;
   else
-    TORCH_CHECK_VALUE(false, "activation must be one of gelu, gelu_tanh, silu, relu, swiglu, geglu, geglu_tanh, "
+    TORCH_CHECK_VALUE(false, "activation must be one of gelu, gelu_tanh, silu, relu, relu2, swiglu, geglu, geglu_tanh, "
                       "reglu, swiglu_clamp (with ':' options), got '", spec, "'");
   for (size_t i = 1; i < items.size(); ++i) {
     const std::string& item = items[i];
@@ -94,6 +95,7 @@ inline void act_and_grad(T x, T alpha, T& a, T& da) {
   else if constexpr (F == Fn::GeluTanh) gelu_tanh_and_grad<T>(x, a, da);
   else if constexpr (F == Fn::Silu) silu_and_grad<T>(x, a, da);
   else if constexpr (F == Fn::Relu) relu_and_grad<T>(x, a, da);
+  else if constexpr (F == Fn::Relu2) relu2_and_grad<T>(x, a, da);
   else silu_alpha_and_grad<T>(x, alpha, a, da);
 }
 
@@ -108,6 +110,7 @@ inline void with_activation(const Act& act, F&& f) {
       case Fn::GeluTanh: return f(std::integral_constant<Fn, Fn::GeluTanh>{}, gated, interleaved, clamp);
       case Fn::Silu: return f(std::integral_constant<Fn, Fn::Silu>{}, gated, interleaved, clamp);
       case Fn::Relu: return f(std::integral_constant<Fn, Fn::Relu>{}, gated, interleaved, clamp);
+      case Fn::Relu2: return f(std::integral_constant<Fn, Fn::Relu2>{}, gated, interleaved, clamp);
       case Fn::SiluAlpha: return f(std::integral_constant<Fn, Fn::SiluAlpha>{}, gated, interleaved, clamp);
     }
   };

@@ -43,6 +43,10 @@ int main() {
     gelu_tanh_and_grad<double>(xe, A, DA);
     expect_within(a, A, 2e-6 * std::fmax(1.0, std::fabs(A)), "gelu_tanh", xe);
     expect_within(da, DA, 4e-6, "gelu_tanh'", xe);
+    relu2_and_grad<float>(x, a, da);
+    relu2_and_grad<double>(xe, A, DA);
+    expect_within(a, A, 1e-6 * std::fmax(1.0, std::fabs(A)), "relu^2", xe);
+    expect_within(da, DA, 1e-6 * std::fmax(1.0, std::fabs(DA)), "relu^2'", xe);
     silu_alpha_and_grad<float>(x, 1.702f, a, da);
     silu_alpha_and_grad<double>(xe, 1.702, A, DA);
     expect_within(a, A, 2e-6 * std::fmax(1.0, std::fabs(A)), "x sigmoid(1.702 x)", xe);

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: Element functions, applied to the hidden columns (H1 = H).
-PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2")
 #: Gated activations, a = f(gate) * up with the gate and up columns in h (H1 = 2H): name -> f.
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu",
                      "swiglu_clamp": "silu_alpha"}
@@ -48,7 +48,7 @@ class Activation(NamedTuple):
     ``name[:interleaved][:alpha=A][:limit=L][:up_offset=C]``.
 
     * ``gelu`` (erf), ``gelu_tanh`` (PyTorch's approximate="tanh"), ``silu``,
-      ``relu``: f(h) on the H hidden columns (w1 [E, D, H]).
+      ``relu``, ``relu2`` (relu(h)^2): f(h) on the H hidden columns (w1 [E, D, H]).
     * ``swiglu``, ``geglu``, ``geglu_tanh``, ``reglu``: f(gate) * up with f =
       silu, gelu, gelu_tanh, relu; w1 [E, D, 2H] holds the gate and up
       columns as [gate | up] halves, or, with ``:interleaved``, alternating
@@ -59,7 +59,7 @@ class Activation(NamedTuple):
     """
 
     name: str
-    fn: str  # the element function: gelu | gelu_tanh | silu | relu | silu_alpha
+    fn: str  # the element function: gelu | gelu_tanh | silu | relu | relu2 | silu_alpha
     gated: bool
     interleaved: bool = False
     alpha: float = 1.0
@@ -118,6 +118,8 @@ def _element(x: torch.Tensor, fn: str, alpha: float) -> torch.Tensor:
         return F.silu(x)
     if fn == "relu":
         return F.relu(x)
+    if fn == "relu2":
+        return F.relu(x).square()
     return x * torch.sigmoid(alpha * x)
 
 

@@ -25,7 +25,7 @@ tile never straddles two experts and padding exists only in the index space.
 All row offsets are int64 (row indices come from int64 metadata); accumulation
 is fp32. ``UPCAST`` casts the ``tl.dot`` operands to fp32 (bf16 under the
 interpreter, whose bf16 dot is wrong). ``ACT``: 0 none, 1 gelu (erf), 2 silu,
-3 gelu (tanh), 4 relu, 5 x sigmoid(alpha x); ``GATED``: A holds gate and up
+3 gelu (tanh), 4 relu, 5 x sigmoid(alpha x), 6 relu^2; ``GATED``: A holds gate and up
 columns, each up ``UP_STEP`` elements after its gate (``[gate | up]`` halves or
 interleaved columns), a = f(gate) * up; ``CLAMP``: gate capped at ``limit``, up
 clipped to +-``limit`` plus ``up_offset`` (the clamped SwiGLU of GPT-OSS).
@@ -42,6 +42,7 @@ ACT_SILU = 2
 ACT_GELU_TANH = 3
 ACT_RELU = 4
 ACT_SILU_ALPHA = 5  # x sigmoid(alpha x): the gate function of the clamped SwiGLU
+ACT_RELU2 = 6
 
 
 # --------------------------------------------------------------------------
@@ -72,6 +73,9 @@ def _act_fwd(h, ACT: tl.constexpr, alpha):
         out = tl.where(h > 0, h, tl.where(h != h, h, 0.0))
     elif ACT == 5:
         out = h * _sigmoid(alpha * h)
+    elif ACT == 6:
+        r = tl.where(h > 0, h, tl.where(h != h, h, 0.0))
+        out = r * r
     else:
         out = h
     return out
@@ -91,6 +95,8 @@ def _act_grad(h, ACT: tl.constexpr, alpha):
         out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
     elif ACT == 4:
         out = tl.where(h > 0, 1.0, 0.0)
+    elif ACT == 6:
+        out = 2.0 * tl.where(h > 0, h, 0.0)
     else:
         s = _sigmoid(alpha * h)
         out = s + alpha * h * s * (1.0 - s)

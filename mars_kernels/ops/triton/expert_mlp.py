@@ -50,7 +50,7 @@ __all__ = ["moe_mlp_fwd", "moe_mlp_bwd", "grouped_mlp_fwd", "grouped_mlp_bwd"]
 GROUPED_BLOCK_M = 64
 
 _FN_CODES = {"gelu": _k.ACT_GELU, "silu": _k.ACT_SILU, "gelu_tanh": _k.ACT_GELU_TANH, "relu": _k.ACT_RELU,
-             "silu_alpha": _k.ACT_SILU_ALPHA}
+             "relu2": _k.ACT_RELU2, "silu_alpha": _k.ACT_SILU_ALPHA}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Launch configurations (fixed: no autotuning). "gemm": the row-tiled kernels
