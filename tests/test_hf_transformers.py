@@ -48,6 +48,19 @@ FAMILIES = {
     "openai_privacy_filter": (_experts(5, 2), "transposed, bias, concatenated clamped SwiGLU"),
     "deepseek_v4": (_experts(5, 2), "clamped SwiGLU in its own _apply_gate"),
     "hy_v4": (_experts(7, 2), "clamped SwiGLU with F.silu, no act_fn"),
+    # more families of the interface, default flags, odd expert counts
+    "deepseek_v2": (dict(_experts(7, 3), num_key_value_heads=4), ""),
+    "glm4_moe": (_experts(9, 2), ""),
+    "jamba": (dict(_experts(5, 2), num_hidden_layers=2, attn_layer_period=1, attn_layer_offset=0,
+                   expert_layer_period=1, expert_layer_offset=0), "hybrid Mamba"),
+    "minimax": (_experts(7, 1), ""),
+    "phimoe": (_experts(5, 2), ""),
+    "qwen3_next": (dict(_experts(7, 3), layer_types=["linear_attention", "full_attention"]), "hybrid linear attention"),
+    "hunyuan_v1_moe": (_experts(5, 2), ""),
+    "flex_olmo": (_experts(7, 2), ""),
+    "granitemoeshared": (_experts(5, 3), ""),
+    "kimi_linear": (dict(_experts(9, 2), num_key_value_heads=4, layer_types=["linear_attention", "full_attention"],
+                         mlp_layer_types=["sparse", "sparse"]), "hybrid linear attention"),
 }
 
 

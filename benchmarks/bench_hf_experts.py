@@ -1,0 +1,191 @@
+"""The experts layer of HF transformers MoE families through HF's experts
+interface: ``mars_kernels`` against HF's ``eager`` loop, ``grouped_mm`` and
+``batched_mm``, and a dense SwiGLU MLP with the same GEMM FLOPs (the ceiling),
+all in the same run, forward and forward + backward.
+
+    python benchmarks/bench_hf_experts.py                 # all shapes, CPU fp32
+    python benchmarks/bench_hf_experts.py --shapes qwen3 --rounds 9
+    python benchmarks/bench_hf_experts.py --device cuda --dtype bfloat16 --shapes qwen3-30b-a3b
+
+Shapes (T tokens, D hidden, I expert intermediate, E experts, k per token):
+``qwen3`` (4096, 512, 256, 64, 8): Qwen3-30B-A3B's proportions scaled to a CPU;
+``mixtral`` (2048, 1024, 512, 16, 2); ``gpt-oss`` (2048, 512, 256, 32, 4) in
+GPT-OSS's layout (transposed, biases, interleaved clamped SwiGLU);
+``decode-1/4/16``: the qwen3 shape with T = 1, 4, 16 tokens, forward only;
+``qwen3-30b-a3b`` (32768, 2048, 768, 128, 8): the real one, for a GPU.
+
+Each round calls every implementation once (interleaved, so machine drift hits
+all alike); the table gives medians and the ratios of per-round medians.
+``batched_mm`` materialises one weight matrix per (token, expert) pair and is
+skipped where that would exceed ``--batched-mm-limit-gb``. JSON to
+``benchmarks/results/bench_hf_experts_<device>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import environment, print_header, print_rows, write_results  # noqa: E402
+
+SHAPES = {
+    "qwen3": dict(family="qwen3_moe", T=4096, D=512, I=256, E=64, k=8),
+    "mixtral": dict(family="mixtral", T=2048, D=1024, I=512, E=16, k=2),
+    "gpt-oss": dict(family="gpt_oss", T=2048, D=512, I=256, E=32, k=4),
+    "decode-1": dict(family="qwen3_moe", T=1, D=512, I=256, E=64, k=8, forward_only=True),
+    "decode-4": dict(family="qwen3_moe", T=4, D=512, I=256, E=64, k=8, forward_only=True),
+    "decode-16": dict(family="qwen3_moe", T=16, D=512, I=256, E=64, k=8, forward_only=True),
+    "qwen3-30b-a3b": dict(family="qwen3_moe", T=32768, D=2048, I=768, E=128, k=8),
+}
+DEFAULT_SHAPES = ["qwen3", "mixtral", "gpt-oss", "decode-1", "decode-4", "decode-16"]
+IMPLS = ["mars_kernels", "grouped_mm", "batched_mm", "eager"]
+
+
+def make_experts(shape: dict, dtype: torch.dtype, device: torch.device):
+    """An HF experts module of the shape's family, random weights."""
+    from transformers import AutoConfig
+
+    family = shape["family"]
+    cfg = AutoConfig.for_model(family, hidden_size=shape["D"], intermediate_size=shape["I"],
+                               moe_intermediate_size=shape["I"], num_experts=shape["E"],
+                               num_local_experts=shape["E"], num_experts_per_tok=shape["k"])
+    if family == "qwen3_moe":
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
+    elif family == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+    else:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
+    experts = cls(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in experts.named_parameters():
+            fan_in = shape["D"] if "gate_up" in name else shape["I"]
+            p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5 if "bias" not in name else torch.zeros(p.shape))
+    return experts.to(device=device, dtype=dtype)
+
+
+def routing(T: int, E: int, k: int, device, dtype, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    w, idx = torch.topk(logits.softmax(-1), k, dim=-1)
+    return idx.to(device), (w / w.sum(-1, keepdim=True)).to(device=device, dtype=dtype)
+
+
+def batched_mm_bytes(shape: dict, elem: int) -> int:
+    S = shape["T"] * shape["k"]
+    return S * (2 * shape["I"] * shape["D"] + shape["I"] * shape["D"]) * elem
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (CPU); 3x that for decode shapes")
+    p.add_argument("--batched-mm-limit-gb", type=float, default=3.0)
+    p.add_argument("--out", help="JSON path (default benchmarks/results/bench_hf_experts_<device>.json)")
+    a = p.parse_args()
+    import mars_kernels.transformers as mt
+
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    elem = torch.finfo(dtype).bits // 8
+    env = environment(device)
+    env["transformers"] = __import__("transformers").__version__
+    rows = []
+    for name in a.shapes:
+        shape = SHAPES[name]
+        T, D, I, E, k = (shape[c] for c in "TDIEk")
+        experts = make_experts(shape, dtype, device)
+        idx, w = routing(T, E, k, device, dtype)
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+        dense_up = torch.randn(D, 2 * k * I, device=device, dtype=dtype) / D**0.5
+        dense_down = torch.randn(k * I, D, device=device, dtype=dtype) / (k * I) ** 0.5
+        impls = [i for i in IMPLS if i != "batched_mm" or batched_mm_bytes(shape, elem) <= a.batched_mm_limit_gb * 2**30]
+        modes = ["forward"] if shape.get("forward_only") else ["forward", "forward+backward"]
+        for mode in modes:
+            train = mode != "forward"
+
+            def run_experts(impl):
+                def call():
+                    experts.config._experts_implementation = impl
+                    if train:
+                        xi = x.detach().requires_grad_(True)
+                        wi = w.detach().requires_grad_(True)
+                        experts.zero_grad(set_to_none=True)
+                        experts(xi, idx, wi).sum().backward()
+                    else:
+                        with torch.no_grad():
+                            experts(x, idx, w)
+                return call
+
+            def dense():
+                xi = x.detach().requires_grad_(train)
+                with torch.set_grad_enabled(train):
+                    dense_up.requires_grad_(train), dense_down.requires_grad_(train)
+                    gate, up = (xi @ dense_up).chunk(2, dim=-1)
+                    y = (F.silu(gate) * up) @ dense_down
+                    if train:
+                        y.sum().backward()
+                        dense_up.grad = dense_down.grad = None
+
+            fns = {impl: run_experts(impl) for impl in impls} | {"dense": dense}
+            rounds = a.rounds * (3 if shape.get("forward_only") else 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for fn in fns.values():
+                    fn()  # warm-up
+                samples = {n: [] for n in fns}
+                for _ in range(rounds):
+                    for n, fn in fns.items():
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        fn()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        samples[n].append(time.perf_counter() - t0)
+            med = {n: statistics.median(v) for n, v in samples.items()}
+            flops = 2 * T * k * (D * 2 * I + I * D) * (3 if train else 1)
+
+            def ratio(peer):
+                if peer not in samples:
+                    return None
+                return statistics.median(b / a_ for a_, b in zip(samples["mars_kernels"], samples[peer]))
+
+            best_hf = min((med[i], i) for i in impls if i != "mars_kernels")
+            row = dict(shape=name, family=shape["family"], T=T, D=D, I=I, E=E, k=k, mode=mode, dtype=str(dtype),
+                       ms={n: 1e3 * v for n, v in med.items()},
+                       ms_range={n: [1e3 * min(v), 1e3 * max(v)] for n, v in samples.items()},
+                       x_grouped_mm=ratio("grouped_mm"), x_eager=ratio("eager"), x_batched_mm=ratio("batched_mm"),
+                       best_hf=best_hf[1], x_best_hf=best_hf[0] / med["mars_kernels"],
+                       of_dense=med["dense"] / med["mars_kernels"],
+                       tflops=flops / med["mars_kernels"] / 1e12, rounds=rounds,
+                       native=mt.plan(experts).native)
+            row.update({f"{n}_ms": 1e3 * v for n, v in med.items()})
+            rows.append(row)
+            cols = [("shape", "shape", ""), ("mode", "mode", ""), ("mars_kernels_ms", "ours ms", ".2f"),
+                    ("grouped_mm_ms", "grouped_mm", ".2f"), ("batched_mm_ms", "batched_mm", ".2f"),
+                    ("eager_ms", "eager", ".2f"), ("dense_ms", "dense", ".2f"),
+                    ("x_grouped_mm", "x grouped", ".2f"), ("x_best_hf", "x best HF", ".2f"),
+                    ("of_dense", "of dense", ".0%")]
+            if len(rows) == 1:
+                print(f"{env['device']}, {dtype}, torch {env['torch']}, transformers {env['transformers']}")
+                print_header(cols)
+            print_rows([row], cols)
+    path = write_results("bench_hf_experts", env, rows, a.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
