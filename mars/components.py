@@ -16,7 +16,27 @@ from torch import nn
 import mars_kernels as mk
 
 __all__ = ["make_encoder", "ModalityEncoders", "ModalityAttentionFusion", "token_readout", "cross_entropy",
-           "total_and_parts"]
+           "total_and_parts", "as_dtype", "call_in_dtype"]
+
+
+def as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (a differentiable cast; ``t`` itself when it already
+    is, or None). Under ``torch.autocast`` the matmuls return bfloat16 while
+    the parameters stay float32 (the master weights); the fused ops take every
+    tensor in one dtype, so their parameter arguments are cast at the call."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def call_in_dtype(module: nn.Module, dtype: torch.dtype, *args, **kwargs):
+    """``module(*args, **kwargs)`` with its floating parameters cast to
+    ``dtype`` for this call (gradients flow back to the float32 parameters);
+    a plain call when they already are ``dtype``. For the mars_kernels layers
+    that run a fused op on their own parameters (the experts) under autocast."""
+    params = dict(module.named_parameters())
+    if all(not p.is_floating_point() or p.dtype == dtype for p in params.values()):
+        return module(*args, **kwargs)
+    cast = {name: as_dtype(p, dtype) if p.is_floating_point() else p for name, p in params.items()}
+    return torch.func.functional_call(module, cast, args, kwargs)
 
 
 def make_encoder(shape: tuple[int, ...], d: int, dropout: float) -> nn.Module:
@@ -107,7 +127,9 @@ class ModalityAttentionFusion(nn.Module):
         tokens = h.reshape(B * N, M, D)
         o = mk.modality_attention(self._project(tokens), heads, keep=keep, missing=proj_missing,
                                   observed=observed, backend=self.backend)
-        z = mk.residual_norm_mean(self.attn.out_proj(o), tokens, self.norm.weight, self.norm.bias, missing=missing,
+        y = self.attn.out_proj(o)
+        weight, bias = as_dtype(self.norm.weight, y.dtype), as_dtype(self.norm.bias, y.dtype)
+        z = mk.residual_norm_mean(y, as_dtype(tokens, y.dtype), weight, bias, missing=as_dtype(missing, y.dtype),
                                   observed=observed, eps=self.norm.eps, backend=self.backend)
         return z.view(*masks, B, N, D)
 

@@ -32,7 +32,14 @@ import mars_kernels as mk
 
 from . import methods
 from .baselines.late_fusion import LateFusion
-from .components import ModalityAttentionFusion, ModalityEncoders, cross_entropy, token_readout, total_and_parts
+from .components import (
+    ModalityAttentionFusion,
+    ModalityEncoders,
+    call_in_dtype,
+    cross_entropy,
+    token_readout,
+    total_and_parts,
+)
 from .config import NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, ModelConfig
 from .interface import MethodModel, Output
 from .methods import build_model, canonical
@@ -148,7 +155,8 @@ class MarsModel(MethodModel):
         """y = z + sum_e w_e Expert_e(z): z [B, N, D], routing [B, N, k] -> y [B, N, D]."""
         B, N, D = z.shape
         k = routing.indices.shape[-1]
-        y = self.experts(z.reshape(B * N, D), routing.weights.reshape(B * N, k), routing.indices.reshape(B * N, k))
+        y = call_in_dtype(self.experts, z.dtype, z.reshape(B * N, D), routing.weights.reshape(B * N, k),
+                          routing.indices.reshape(B * N, k))  # float32 gate weights: the op computes in float32
         return z + y.reshape(B, N, D)
 
     # ---------------------------------------------------------------- forward

@@ -42,7 +42,15 @@ from torch import Tensor, nn
 
 import mars_kernels as mk
 
-from ..components import ModalityAttentionFusion, ModalityEncoders, cross_entropy, token_readout, total_and_parts
+from ..components import (
+    ModalityAttentionFusion,
+    ModalityEncoders,
+    as_dtype,
+    call_in_dtype,
+    cross_entropy,
+    token_readout,
+    total_and_parts,
+)
 from ..interface import MethodModel, Output
 from .supporting import NONE, SupportingGroups, sample_supporting
 
@@ -95,7 +103,8 @@ class RestrictedSMoE(nn.Module):
             rows = (target == t).nonzero().squeeze(1)
             cols = self.allowed[t]
             w, local, importance, load = mk.noisy_topk_gating(
-                x[rows], self.w_gate[:, cols], self.w_noise[:, cols], k, training=training,
+                x[rows], as_dtype(self.w_gate[:, cols], x.dtype), as_dtype(self.w_noise[:, cols], x.dtype), k,
+                training=training,
                 noise=None if noise is None else noise[rows], backend=self.backend)
             weights = weights.index_copy(0, rows, w.to(x.dtype))
             indices = indices.index_copy(0, rows, cols[local])
@@ -105,7 +114,7 @@ class RestrictedSMoE(nn.Module):
 
     def forward(self, x: Tensor, target: Tensor, training: bool, noise: Tensor | None = None):
         weights, indices, balance = self.route(x, target, training, noise)
-        return self.experts(x, weights, indices), weights, indices, balance
+        return call_in_dtype(self.experts, x.dtype, x, weights, indices), weights, indices, balance
 
 
 class ContextRetriever(nn.Module):
