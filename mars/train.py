@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from . import methods
 from .config import ConfigError, ModelConfig, TrainConfig
@@ -74,24 +75,34 @@ class TrainingDiverged(RuntimeError):
 
 
 class Progress:
-    """A one-line progress bar on a terminal; plain per-epoch lines otherwise."""
+    """The epochs' progress on ``stream`` (default: stderr): a tqdm bar on a
+    terminal, plain lines ``epoch 3/40 <message>`` otherwise (a pipe or a log
+    file). ``initial``: the epochs already done (a resumed run)."""
 
-    def __init__(self, total: int, enabled: bool = True, stream=sys.stderr):
-        self.total, self.enabled, self.stream = total, enabled, stream
-        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+    def __init__(self, total: int, enabled: bool = True, stream=None, initial: int = 0):
+        self.total, self.enabled = total, enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = (tqdm(total=total, initial=initial, file=self.stream, unit="epoch", dynamic_ncols=True)
+                    if self.tty else None)
 
     def update(self, done: int, message: str) -> None:
+        """``done`` epochs of ``total`` are complete; ``message`` describes the last."""
         if not self.enabled:
             return
-        if self.tty:
-            width = 24
-            filled = int(width * done / max(self.total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {message}")
-            if done == self.total:
-                self.stream.write("\n")
+        if self.bar is not None:
+            self.bar.set_postfix_str(message, refresh=False)
+            self.bar.update(done - self.bar.n)
+            if done >= self.total:
+                self.close()
         else:
             self.stream.write(f"epoch {done}/{self.total} {message}\n")
-        self.stream.flush()
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _available(data: MultimodalDataset, idx: torch.Tensor) -> torch.Tensor:
@@ -432,8 +443,17 @@ def _epoch_loop(r: _Run) -> None:
     cfg, ctx, model = r.cfg, r.ctx, r.model
     snapshot = (lambda: full_state_dict(model)) if r.expert_parallel else (
         lambda: {k: v.detach().clone() for k, v in model.state_dict().items()})
-    bar = Progress(cfg.epochs, enabled=r.progress)
+    bar = Progress(cfg.epochs, enabled=r.progress, initial=r.start_epoch)
     r.t_start = time.time()
+    try:
+        _epochs(r, snapshot, bar)
+    finally:
+        bar.close()
+
+
+def _epochs(r: _Run, snapshot, bar: Progress) -> None:
+    """The epochs of step 3 (:func:`_epoch_loop`), each ending with ``bar.update``."""
+    cfg, ctx, model = r.cfg, r.ctx, r.model
     for epoch in range(r.start_epoch, cfg.epochs):
         with peer_failures(f"epoch {epoch + 1}"):  # also DDP's all-reduce and the shard gathers
             losses = _train_epoch(r.net, model, r.opt, r.train_set, r.protocol, r.gen, cfg, ctx, epoch, r.ckpt_path)
