@@ -8,7 +8,8 @@ module call (the layers resolve and hand the concrete name to every op).
 
 ``auto`` picks ``cuda`` (then ``triton``) for CUDA tensors and ``cpu`` for CPU
 tensors, and falls back to ``reference`` with a one-time warning when the
-compiled extension is missing. A backend asked for explicitly that cannot run
+compiled extension is missing; on a GPU the build has no code for (e.g. one
+newer than its PTX) it takes ``triton``, with a one-time warning. A backend asked for explicitly that cannot run
 raises instead of silently falling back.
 
 The *table* (:data:`TABLE`) says, per op family and backend, which
@@ -93,6 +94,18 @@ def cuda_ops_available() -> bool:
     return _available["cuda"]
 
 
+def cuda_kernels_run_on(device: torch.device) -> bool:
+    """Whether the compiled CUDA kernels hold code this GPU can run (the
+    matching SASS, or PTX its driver can JIT-compile). A build for sm_80/sm_90
+    with compute_90 PTX runs on Hopper, Ampere and newer GPUs; older GPUs, or a
+    build restricted by TORCH_CUDA_ARCH_LIST, may have none."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = f"cuda-arch-{index}"
+    if key not in _available:
+        _available[key] = bool(torch.ops.mars_kernels.cuda_kernels_run_on(index))
+    return _available[key]
+
+
 def triton_available() -> bool:
     if "triton" not in _available:
         try:
@@ -132,7 +145,13 @@ def resolve(backend: str | None, device: torch.device) -> str:
     if requested == "auto":
         if on_cuda:
             if cuda_ops_available():
-                return "cuda"
+                if cuda_kernels_run_on(device):
+                    return "cuda"
+                if triton_available():
+                    warn_once(f"arch-{device}", f"mars_kernels: the compiled CUDA kernels have no code for {device} "
+                              f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}; "
+                              "rebuild with TORCH_CUDA_ARCH_LIST naming it); using the Triton kernels")
+                    return "triton"
             if triton_available() and extension_available():
                 return "triton"
         elif device.type == "cpu" and extension_available():
@@ -154,6 +173,9 @@ def resolve(backend: str | None, device: torch.device) -> str:
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
         if not cuda_ops_available():
             raise RuntimeError("backend='cuda' needs mars_kernels._C built with CUDA (torch with CUDA and nvcc)")
+        if not cuda_kernels_run_on(device):
+            raise RuntimeError(f"backend='cuda': the compiled CUDA kernels have no code for {device}; rebuild with "
+                               "TORCH_CUDA_ARCH_LIST naming its compute capability, or use backend='triton'")
     elif requested == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install 'mars-kernels[triton]')")

@@ -2,9 +2,16 @@
 that can run here, and input makers."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 import mars_kernels as mk
+
+#: A CUDA GPU is present: the GPU tier runs and the Triton kernels run compiled.
+CUDA = torch.cuda.is_available()
+#: The Triton kernels run on CPU tensors under the interpreter (set by conftest.py without a GPU).
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 # (atol, rtol) for values produced in a given dtype.
 TOLERANCES = {
@@ -25,11 +32,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-def compiled_backends(device: str = "cpu") -> list[str]:
-    """Compiled backends to test against the reference on ``device``."""
+def compiled_backends(device: str = "cpu", *, interpreting: bool | None = None) -> list[str]:
+    """Compiled backends to test against the reference on ``device``: on CPU,
+    cpu and (only under TRITON_INTERPRET=1, i.e. without a GPU) triton; on
+    CUDA, cuda and triton."""
     if device == "cuda":
         return ["cuda", "triton"]
-    return ["cpu", "triton"]
+    interpreting = INTERPRETING if interpreting is None else interpreting
+    return ["cpu", "triton"] if interpreting else ["cpu"]
+
+
+def cpu_backends(reference: bool = False) -> list[str]:
+    """The backends that run on CPU tensors here (the reference first if asked)."""
+    return (["reference"] if reference else []) + compiled_backends("cpu")
 
 
 def make_logits(T: int, E: int, dtype=torch.float32, device="cpu", seed: int = 0, ties: bool = False) -> torch.Tensor:
@@ -42,11 +57,12 @@ def make_logits(T: int, E: int, dtype=torch.float32, device="cpu", seed: int = 0
     return x.to(dtype=dtype, device=device)
 
 
-def backend_params():
-    """(device, backend) pairs: the CPU tier here, the GPU tier marked ``gpu``."""
+def backend_params(*, interpreting: bool | None = None):
+    """(device, backend) pairs: the CPU tier here, the GPU tier marked ``gpu``
+    (skipped without a GPU by conftest.py)."""
     import pytest
 
-    cpu = [pytest.param("cpu", b, id=f"cpu-{b}") for b in compiled_backends("cpu")]
+    cpu = [pytest.param("cpu", b, id=f"cpu-{b}") for b in compiled_backends("cpu", interpreting=interpreting)]
     gpu = [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.gpu) for b in compiled_backends("cuda")]
     return cpu + gpu
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mars_kernels as mk
-from helpers import TOLERANCES
+from helpers import TOLERANCES, cpu_backends
 
 SPECS = [
     "gelu", "gelu_tanh", "silu", "relu", "relu2", "swiglu", "geglu", "geglu_tanh", "reglu",
@@ -42,7 +42,7 @@ def _run(tensors, idx, gy, spec, backend):
     return y.detach(), {n: t.grad for n, t in leaves.items()}
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("spec", SPECS)
 def test_activation_matches_reference(spec, backend):
     tensors, idx, gy = _problem(spec)
@@ -66,7 +66,7 @@ def test_activation_bf16_cpu(spec):
         torch.testing.assert_close(g.double(), rgrads[name], atol=8e-2, rtol=8e-2, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", cpu_backends(reference=True))
 def test_strided_weight_views_get_gradients_in_their_own_layout(backend):
     """HF stores gate_up_proj [E, 2I, D] and down_proj [E, D, I] and applies them
     as x @ W^T: the kernels take the transposed views, and the gradients reach
@@ -90,7 +90,7 @@ def test_grouped_mlp_activations():
     meta = mk.moe_align(idx, 5)
     xs = mk.permute(tensors["x"], meta)
     outs = [mk.grouped_mlp(xs, tensors["w1"], tensors["b1"], tensors["w2"], tensors["b2"], meta,
-                           "swiglu:interleaved", backend=b) for b in ("reference", "cpu", "triton")]
+                           "swiglu:interleaved", backend=b) for b in cpu_backends(reference=True)]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import mars_kernels as mk
-from helpers import assert_close
+from helpers import assert_close, cpu_backends
 
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = cpu_backends(reference=True)
 
 
 @pytest.mark.parametrize("cls", [mk.TopKRouter, mk.NoisyTopKRouter])

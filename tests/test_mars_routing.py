@@ -4,7 +4,7 @@ import torch
 
 import mars_kernels as mk
 from mars_kernels import reference as ref
-from helpers import ALL_DTYPES, assert_close, backend_params, make_logits
+from helpers import ALL_DTYPES, assert_close, backend_params, make_logits, cpu_backends
 
 SHAPES = [(0, 6, 2), (1, 1, 1), (5, 7, 3), (33, 7, 7), (130, 64, 2), (3, 257, 8)]
 SIGMAS = [dict(sigma_0=1.0, sigma_max=2.0), dict(sigma_0=0.0, sigma_max=1.0), dict(sigma_0=5.0, sigma_max=0.3, sigma_const=0.1)]
@@ -74,7 +74,7 @@ def test_semantics_against_definitions():
     assert_close(ps, pr.sum(0), torch.float64, "prob_sum")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", cpu_backends(reference=True))
 def test_gradcheck_float64(backend):
     # sigma depends on both routers but is detached by definition; gradcheck the
     # differentiable paths with sigma held constant (sigma_0 = 0).

@@ -9,7 +9,7 @@ from torch import nn
 
 import mars_kernels as mk
 from mars_kernels import reference as ref
-from helpers import ALL_DTYPES, assert_close, backend_params
+from helpers import ALL_DTYPES, assert_close, backend_params, cpu_backends
 
 # (T, M, D, H): T = 0 and 1, T not a multiple of the block, M = 1 (attention is the
 # identity on v), M = 7 (prime, not a power of two), odd head width, one head.
@@ -108,7 +108,7 @@ def test_missing_rows_equal_substituted_input():
     T, M, D, H = 23, 4, 8, 2
     qkv, (missing, observed) = _qkv(T, M, D), _missing(T, M, D)
     filled = torch.where(observed[..., None], qkv, missing)
-    for backend in ("cpu", "triton"):
+    for backend in cpu_backends():
         got = mk.modality_attention(qkv, H, missing=missing, observed=observed, backend=backend)
         assert_close(got, mk.modality_attention(filled, H, backend=backend), torch.float32, backend)
 
@@ -196,7 +196,7 @@ def test_masks_gradcheck_float64():
 
 def test_single_modality_returns_v():
     qkv = _qkv(9, 1, 8)
-    for backend in ("reference", "cpu", "triton"):
+    for backend in cpu_backends(reference=True):
         assert_close(mk.modality_attention(qkv, 2, backend=backend), qkv[:, :, 16:], torch.float32, backend)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mars_kernels as mk
-from helpers import assert_close, backend_params
+from helpers import assert_close, backend_params, cpu_backends
 from test_reference import loop_noisy_gating
 
 # (T, D, E, k): T = 0 and 1, T across the 128-token block, E = 1, prime E,
@@ -78,7 +78,7 @@ def test_importance_and_load_match_independent_loop(device, backend):
             assert load.cpu().tolist() == pytest.approx(lload, rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_gradcheck_float64(backend):
     x, wg, wn, noise = _inputs(9, 4, 6, torch.float64, "cpu", seed=2)
     for t in (x, wg, wn):
@@ -116,6 +116,17 @@ def test_sums_do_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
+def _near_tie_rows(inputs, k, rel=1e-5):
+    """Rows whose top k + 1 noisy values (computed with torch's ops) hold two
+    within rel of each other."""
+    x, w_gate, w_noise, noise = inputs
+    ct = torch.float32
+    std = torch.nn.functional.softplus((x @ w_noise).to(ct)) + 1e-2
+    noisy = (x @ w_gate).to(ct) + noise.to(ct) * std
+    top = noisy.sort(dim=1, descending=True).values[:, : k + 1]
+    return ((top[:, :-1] - top[:, 1:]).abs() <= rel * top[:, :-1].abs().clamp(min=1.0)).any(1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -123,8 +134,13 @@ def test_gpu_large(backend, dtype):
     inputs = _inputs(50000, 64, 160, dtype, "cuda")
     (w, i, imp, load), grads = _run(inputs, 8, True, backend)
     (w_r, i_r, imp_r, load_r), grads_r = _run(inputs, 8, True, "reference")
-    assert torch.equal(i, i_r)
-    assert_close(w, w_r, torch.float32, "weights")
+    # The GPU's exp/log differ from torch's in the last bits, so two noisy values
+    # closer than that may swap: a row whose selection differs must hold such a
+    # near tie (the kernels use no FMA contraction, so nothing else differs).
+    same = (i == i_r).all(1)
+    assert _near_tie_rows(inputs, 8)[~same].all()
+    assert same.float().mean() > 0.999
+    assert_close(w[same], w_r[same], torch.float32, "weights")
     torch.testing.assert_close(imp, imp_r, rtol=1e-4, atol=1e-2)
     torch.testing.assert_close(load, load_r, rtol=1e-4, atol=1e-2)
     for name, a, r in zip(("grad_x", "grad_w_gate", "grad_w_noise"), grads, grads_r):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import mars_kernels as mk
-from helpers import TOLERANCES
+from helpers import TOLERANCES, cpu_backends
 
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = cpu_backends(reference=True)
 
 
 # --------------------------------------------------------------------------- devices

@@ -7,7 +7,7 @@ from torch import nn
 
 import mars_kernels as mk
 from mars_kernels import reference as ref
-from helpers import ALL_DTYPES, assert_close, backend_params
+from helpers import ALL_DTYPES, assert_close, backend_params, cpu_backends
 
 # (T, M, D): T = 0 and 1, T not a multiple of any block, M = 1, M = 7 (prime),
 # D = 3 (odd), D wider than one block of rows. D = 1 has its own test.
@@ -124,7 +124,7 @@ def test_deterministic(device, backend):
 
 def test_masks_equal_one_call_per_mask():
     y, h, weight, bias, missing, observed = _inputs(23, 4, 12, 3)
-    for backend in ("reference", "cpu", "triton"):
+    for backend in cpu_backends(reference=True):
         z = mk.residual_norm_mean(y, h, weight, bias, missing=missing, observed=observed, backend=backend)
         for p in range(3):
             one = mk.residual_norm_mean(y[p], h, weight, bias, missing=missing, observed=observed[p], backend=backend)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mars_kernels as mk
-from helpers import ALL_DTYPES, assert_close, backend_params, make_logits
+from helpers import ALL_DTYPES, assert_close, backend_params, make_logits, cpu_backends
 
 # (T, E, k): DESIGN 5 edge shapes: T = 0 and 1, T off the block size, E = 1,
 # prime E, E = 160 and 257, k = 1 and k = E.
@@ -134,7 +134,7 @@ def test_router_stats_and_losses(device, backend, T, E, dtype):
     assert_close(run(backend)[3], sw_ref, torch.float32, "switch vs reference.switch_balance_loss")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode,renorm", MODES)
 def test_gradcheck_float64(backend, mode, renorm):
     logits = make_logits(5, 6, torch.float64).requires_grad_(True)

@@ -18,6 +18,8 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET != 1", allow_module_level=True)
+# With a GPU these run compiled on it: the GPU tier (`pytest -m gpu` selects them).
+pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
 
 from mars_kernels import reference as R  # noqa: E402
 from mars_kernels.ops.triton import mars_routing as M  # noqa: E402

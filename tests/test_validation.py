@@ -103,3 +103,51 @@ def test_switch_loss_rejects_bad_indices():
         mk.switch_balance_loss(x, torch.zeros(4, 2))
     with pytest.raises(ValueError, match=r"indices must be an int32/int64 \[T=4, k\]"):
         mk.switch_balance_loss(x, torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_test_collection_with_a_gpu_present():
+    """On a CUDA machine (no TRITON_INTERPRET) the CPU tier must not ask for the
+    triton backend on CPU tensors, and every GPU case carries the gpu mark."""
+    from helpers import backend_params, compiled_backends
+
+    assert compiled_backends("cpu", interpreting=False) == ["cpu"]
+    assert compiled_backends("cpu", interpreting=True) == ["cpu", "triton"]
+    params = backend_params(interpreting=False)
+    assert [p.values for p in params] == [("cpu", "cpu"), ("cuda", "cuda"), ("cuda", "triton")]
+    for p in params:
+        assert (p.values[0] == "cuda") == any(m.name == "gpu" for m in p.marks)
+
+
+def test_triton_test_modules_join_the_gpu_tier_on_a_gpu(monkeypatch):
+    """The compiled-Triton test modules mark themselves gpu when CUDA is present."""
+    import importlib
+    import sys
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("test_triton_gating", "test_triton_mars", "test_triton_moe"):
+        saved = sys.modules.pop(name, None)
+        try:
+            module = importlib.import_module(name)
+            assert module.DEVICE == "cuda"
+            assert [m.name for m in module.pytestmark] == ["gpu"]
+        finally:
+            sys.modules.pop(name, None)
+            if saved is not None:
+                sys.modules[name] = saved
+
+
+def test_auto_takes_triton_on_a_gpu_the_cuda_build_cannot_run(monkeypatch):
+    """CUDA mocked: compiled CUDA kernels present but without code for this GPU
+    (e.g. a Blackwell GPU and a build without PTX) -> triton, warned once;
+    asked for explicitly -> a clear error."""
+    monkeypatch.setattr(be, "_available", {"cuda": True, "triton": True, "cuda-arch-0": False})
+    monkeypatch.setattr(be, "_warned", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    gpu = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match="no code for cuda:0 .compute capability 12.0"):
+        assert be.resolve(None, gpu) == "triton"
+    assert be.resolve(None, gpu) == "triton"  # no second warning
+    with pytest.raises(RuntimeError, match="rebuild with TORCH_CUDA_ARCH_LIST"):
+        be.resolve("cuda", gpu)
+    monkeypatch.setattr(be, "_available", {"cuda": True, "triton": True, "cuda-arch-0": True})
+    assert be.resolve(None, gpu) == "cuda"

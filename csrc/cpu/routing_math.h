@@ -224,7 +224,8 @@ inline acc_t log_sum_exp(int64_t n, Get get) {
 
 template <typename acc_t>
 inline acc_t softplus(acc_t x) {
-  return std::max(x, acc_t(0)) + std::log1p(std::exp(-std::abs(x)));
+  // torch's formula (identity above 20), as the reference and the other backends.
+  return x > acc_t(20) ? x : std::log1p(std::exp(x));
 }
 
 template <typename acc_t>

@@ -87,10 +87,12 @@ __device__ __forceinline__ double quiet_nan<double>() {
   return __longlong_as_double(0x7fffffffffffffffll);
 }
 
-/// Stable softplus: max(x, 0) + log1p(exp(-|x|)).
+/// softplus as torch computes it: x above 20, else log1p(exp(x)) (the same
+/// formula as the reference and the other backends, so the noise scale and the
+/// selection agree with them up to the last bits of exp/log1p).
 template <typename Acc>
 __device__ __forceinline__ Acc softplus(Acc x) {
-  return add_rn(m_max(x, Acc(0)), m_log1p(m_exp(-m_abs(x))));
+  return x > Acc(20) ? x : m_log1p(m_exp(x));
 }
 /// 1 / (1 + exp(-x)); saturates to 0 / 1 without NaN.
 template <typename Acc>
@@ -788,6 +790,16 @@ cudaError_t launch_router_stats_bwd(const acc_t<scalar_t>* grad_lse,
   template cudaError_t launch_router_stats_bwd<S>(const acc_t<S>*, const acc_t<S>*, const S*,   \
                                                   const acc_t<S>*, int64_t, int64_t, S*,        \
                                                   cudaStream_t);
+
+cudaError_t kernel_image_status() {
+  // cudaFuncGetAttributes needs code this device can run: SASS for its
+  // architecture or PTX the driver can JIT-compile; else it reports
+  // cudaErrorNoKernelImageForDevice (or InvalidDeviceFunction).
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, column_sum_kernel<float>);
+  if (err != cudaSuccess) cudaGetLastError();  // clear the sticky-free error state
+  return err;
+}
 
 MARS_INSTANTIATE_GATING(float)
 MARS_INSTANTIATE_GATING(__half)

@@ -120,6 +120,10 @@ cudaError_t launch_noisy_topk_gating_bwd(
 // router statistics (auxiliary losses)
 // ---------------------------------------------------------------------------
 
+/// cudaSuccess when this build holds code the current device can run (the
+/// matching SASS, or PTX the driver can JIT-compile), else the CUDA error.
+cudaError_t kernel_image_status();
+
 /// Number of acc_t elements of scratch memory launch_router_stats_fwd needs.
 int64_t router_stats_fwd_workspace_elems(int64_t num_tokens, int64_t num_experts);
 

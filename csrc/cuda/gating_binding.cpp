@@ -224,7 +224,19 @@ Tensor router_stats_bwd_cuda(const Tensor& grad_lse, const Tensor& grad_prob_sum
   return grad_logits;
 }
 
+// Whether the compiled CUDA kernels can run on GPU `device` (mars_kernels.backend
+// falls back to Triton where they cannot, e.g. a GPU newer than the build's PTX).
+bool cuda_kernels_run_on(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return mk::kernel_image_status() == cudaSuccess;
+}
+
 }  // namespace
+
+// Not a tensor op: a catch-all kernel, defined here because only CUDA builds have it.
+TORCH_LIBRARY_FRAGMENT(mars_kernels, m) {
+  m.def("cuda_kernels_run_on(int device) -> bool", &cuda_kernels_run_on);
+}
 
 TORCH_LIBRARY_IMPL(mars_kernels, CUDA, m) {
   m.impl("topk_gating_fwd", &topk_gating_fwd_cuda);

@@ -51,7 +51,7 @@ def residual_norm_mean_fwd_kernel(
     I,
     M,
     D,
-    eps,
+    eps_ptr,  # [1] in CDT: a tensor so float64 math gets a float64 eps
     HAS_MISSING: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -67,7 +67,7 @@ def residual_norm_mean_fwd_kernel(
                              CDT, HAS_MISSING)
         mu = tl.sum(r, axis=1) / D
         diff = tl.where(tile_ok, r - mu[:, None], 0.0)
-        rs = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
+        rs = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + tl.load(eps_ptr))
         tl.store(mean_ptr + inst64 * M + m, mu, mask=row_ok)
         tl.store(rstd_ptr + inst64 * M + m, rs, mask=row_ok)
         z += diff * rs[:, None] * w[None, :] + b[None, :]

@@ -7,9 +7,10 @@ The ``cuda`` backend runs these kernels too. Inputs are expected validated;
 ``qkv`` and ``keep`` contiguous.
 
 Shapes: T positions, M modalities, D model width, H heads of DH = D / H.
-Grid: (ceil(T / BLOCK_T), H). The backward accumulates dk and dv over the
-query modalities in a float32 (float64) buffer owned by one program per
-(position block, head), so it is deterministic and needs no atomics.
+Grid: (ceil(T / BLOCK_T), H). The backward runs two kernels: the score
+gradients ds per instance, then per (position block, head) each target
+modality's dq, dk, dv summed over the masks in registers and stored once:
+deterministic, no atomics, no read-modify-write of global memory.
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def _dims(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
         )
     T, M, D3 = qkv.shape
     return T, M, D3 // 3, D3 // 3 // num_heads
+
+
+def _scale(dh: int, cdt: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1 / sqrt(DH) as a [1] tensor of the compute dtype: a Python float would
+    reach a compiled kernel as float32 (the interpreter keeps float64)."""
+    return torch.full((1,), 1.0 / math.sqrt(dh), dtype=cdt, device=device)
 
 
 def _launch(T: int, M: int, dh: int, num_heads: int, device: torch.device) -> tuple[tuple[int, int], dict]:
@@ -70,7 +77,7 @@ def modality_attention_fwd(
     with device_guard(qkv):
         _k.modality_attention_fwd_kernel[grid](
             qkv, probs if keep is None else keep, miss, obs, out, probs,
-            T, P * T, M, D, num_heads, 1.0 / math.sqrt(dh),
+            T, P * T, M, D, num_heads, _scale(dh, cdt, qkv.device),
             HAS_KEEP=keep is not None, HAS_MISSING=has_missing, CDT=tl_dtype(cdt), **meta,
         )
     return out, probs
@@ -95,10 +102,18 @@ def modality_attention_bwd(
     miss, obs, has_missing, P, _ = mask_args(qkv, missing, observed)
     part = torch.zeros((grid[0] if has_missing else 0, M, 3 * D), dtype=cdt, device=qkv.device)
     if T > 0 and M > 0:
+        scale = _scale(dh, cdt, qkv.device)
+        keep_t = probs if keep is None else keep
+        grad_out = grad_out.contiguous()
+        ds = torch.empty_like(probs)
+        score_grid, score_meta = _launch(P * T, M, dh, num_heads, qkv.device)
         with device_guard(qkv):
-            _k.modality_attention_bwd_kernel[grid](
-                grad_out.contiguous(), qkv, probs, probs if keep is None else keep, miss, obs, grad, part,
-                T, P, M, D, num_heads, 1.0 / math.sqrt(dh),
+            _k.modality_attention_bwd_scores_kernel[score_grid](
+                grad_out, qkv, probs, keep_t, miss, obs, ds, T, P * T, M, D, num_heads, scale,
+                HAS_KEEP=keep is not None, HAS_MISSING=has_missing, CDT=tl_dtype(cdt), **score_meta,
+            )
+            _k.modality_attention_bwd_grads_kernel[grid](
+                grad_out, qkv, probs, keep_t, ds, miss, obs, grad, part, T, P, M, D, num_heads,
                 HAS_KEEP=keep is not None, HAS_MISSING=has_missing, CDT=tl_dtype(cdt), **meta,
             )
     grad_missing = part.sum(0).to(missing.dtype) if has_missing else qkv.new_empty((0,))

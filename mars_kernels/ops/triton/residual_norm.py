@@ -44,7 +44,8 @@ def residual_norm_mean_fwd(y, h, weight, bias, missing, observed, eps):
     grid, meta = _launch(P * T, D, h.device)
     with device_guard(h):
         _k.residual_norm_mean_fwd_kernel[grid](
-            y, h, weight, bias, miss, obs, z, mean, rstd, T, P * T, M, D, float(eps),
+            y, h, weight, bias, miss, obs, z, mean, rstd, T, P * T, M, D,
+            torch.full((1,), float(eps), dtype=cdt, device=h.device),
             HAS_MISSING=has_missing, CDT=tl_dtype(cdt), **meta,
         )
     return z, mean, rstd
