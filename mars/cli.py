@@ -16,6 +16,7 @@ from pathlib import Path
 from . import methods
 from .config import (
     NOISE_MODES,
+    PRECISIONS,
     RESIDUAL_INPUTS,
     RETRIEVER_VARIANTS,
     ROUTINGS,
@@ -24,7 +25,8 @@ from .config import (
     ModelConfig,
 )
 from .data import DataFormatError
-from .distributed import DistributedFailure, context_from_env, shutdown
+from .devices import check_precision, resolve_device, set_up_device
+from .distributed import DistributedFailure, context_from_env, shutdown, world_from_env
 from .rundir import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -36,7 +38,17 @@ from .rundir import (
     write_json,
     write_text,
 )
-from .train import TrainConfig, TrainingDiverged, check_setup, load_weights, make_model, prepare_model, train
+from .train import (
+    TrainConfig,
+    TrainingDiverged,
+    check_setup,
+    load_weights,
+    make_model,
+    on_device,
+    prepare_model,
+    requested_device,
+    train,
+)
 
 METHOD_CHOICES = methods.cli_names()
 
@@ -97,6 +109,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--lambda-sub", type=float, default=1.0)
 
 
+def _device_args(p: argparse.ArgumentParser, *, run_default: bool = False) -> None:
+    """--device and --precision; ``run_default``: their defaults are the run's (mars eval)."""
+    p.add_argument("--device", default=None if run_default else "auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where to compute: auto (cuda when torch.cuda.is_available(), else cpu), cpu, cuda (under "
+                        "torchrun: cuda:LOCAL_RANK) or cuda:N" + (" (default: the run's device)" if run_default else ""))
+    p.add_argument("--precision", choices=PRECISIONS, default=None if run_default else "fp32",
+                   help="fp32, or bf16: the forward pass and the loss under torch.autocast to bfloat16, float32 "
+                        "weights" + (" (default: the run's precision)" if run_default else ""))
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="mfeat", help="'mfeat' (embedded), 'synthetic-seg', a feature directory, or BENCHMARK:DIR with BENCHMARK one of "
                    "crema-d, food-101, casia-surf, mcubes")
@@ -107,6 +129,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device_args(p)
     p.add_argument("--expert-parallel", action="store_true",
                    help="under torchrun: shard the experts over the processes (methods "
                    f"{' and '.join(m.cli_name for m in methods.REGISTRY.values() if m.sparse_moe)})")
@@ -127,7 +150,8 @@ def _config(a: argparse.Namespace, method: str | None = None, seed: int | None =
         lambda_sep=a.lambda_sep, lambda_com=a.lambda_com, lambda_sub=a.lambda_sub,
     )
     return TrainConfig(data=a.data, expert_parallel=a.expert_parallel, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                       seed=a.seed if seed is None else seed, protocol=a.protocol, model=model)
+                       seed=a.seed if seed is None else seed, protocol=a.protocol, device=a.device,
+                       precision=a.precision, model=model)
 
 
 def _print_results(result: dict) -> None:
@@ -155,7 +179,7 @@ def _plots(run: Path, result: dict) -> None:
         plot_usage(usage, [r["name"] for r in result["test"]["subsets"]], run / "expert_usage.png")
 
 
-RESUME_OPTIONS = ("epochs", "quiet")  # the options --resume takes (besides the run directory)
+RESUME_OPTIONS = ("epochs", "device", "quiet")  # the options --resume takes (besides the run directory)
 
 
 def cmd_train(a, given: set[str]) -> int:
@@ -165,17 +189,23 @@ def cmd_train(a, given: set[str]) -> int:
         if extra:
             flags = ", ".join("--" + name.replace("_", "-") for name in extra)
             raise ConfigError("resume", f"continues the run with the configuration in its {CONFIG_FILE}; {flags} cannot "
-                                        "be given with it (allowed: --epochs N to train up to N epochs in all, --quiet)")
+                                        "be given with it (allowed: --epochs N to train up to N epochs in all, "
+                                        "--device to move the run, --quiet)")
         if not a.resume.strip():
             raise ConfigError("resume", "expected the directory of a run, got an empty path")
     elif not a.out.strip():
         raise ConfigError("out", "expected a directory for the run, got an empty path")
-    ctx = context_from_env()
-    if a.resume is not None:
+    resume = a.resume is not None
+    cfg = None if resume else _config(a)
+    device = a.device if not resume or "device" in given else None  # resume: the run's unless given
+    # under torchrun the process group runs on the run's device: NCCL on CUDA, Gloo on CPU
+    ctx = context_from_env(requested_device(cfg, a.resume, resume=resume, device=device)
+                           if world_from_env() > 1 else "cpu")
+    if resume:
         result = train(None, a.resume, resume=True, progress=not a.quiet, ctx=ctx,
-                       epochs=a.epochs if "epochs" in given else None)
+                       epochs=a.epochs if "epochs" in given else None, device=device)
     else:
-        result = train(_config(a), a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite)
+        result = train(cfg, a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite)
     shutdown(ctx)
     run = Path(a.resume if a.resume is not None else a.out)
     if ctx.is_main:
@@ -193,14 +223,21 @@ def cmd_eval(a, given: set[str]) -> int:
     if not run.is_dir():
         raise RunFileError(run, "not a directory; expected a run directory written by mars train")
     cfg = read_config(run)
+    device = resolve_device(cfg.device if a.device is None else a.device,
+                            saved_in=run / CONFIG_FILE if a.device is None else None)
+    precision = cfg.precision if a.precision is None else a.precision
+    check_precision(precision, device)
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=False)
     check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
     train_set, val_set, test_set = load_data(cfg.data, seed=cfg.seed)
-    check_setup(cfg, (train_set, val_set, test_set))
+    check_setup(cfg, (train_set, val_set, test_set), device)
     model = make_model(cfg, test_set)
     load_weights(model, state["best"]["state"], run / CHECKPOINT_FILE)
+    set_up_device(device)
+    train_set, test_set = on_device(train_set, device), on_device(test_set, device)
+    model.to(device)
     prepare_model(model, cfg, train_set, resume=True)
-    res = evaluate_subsets(model, test_set, mode="oracle" if a.oracle else "eval")
+    res = evaluate_subsets(model, test_set, mode="oracle" if a.oracle else "eval", precision=precision)
     how = "oracle: residual router" if a.oracle else (
         "feature router" if methods.get(cfg.model.method).sparse_moe else cfg.model.method)
     print(f"{run}: test mean over subsets {res['mean']:.4f} ({how})")
@@ -221,9 +258,11 @@ def cmd_compare(a, given: set[str]) -> int:
         raise ConfigError("out", "expected a directory for the results, got an empty path")
     names = list(dict.fromkeys(m for group in a.methods for m in group))  # flattened, first occurrence kept
     configs = {name: [_config(a, method=name, seed=seed) for seed in range(a.seeds)] for name in names}
+    device = resolve_device(a.device)
+    check_precision(a.precision, device)
     data = load_data(a.data, seed=0)
     for name in names:
-        check_setup(configs[name][0], data)
+        check_setup(configs[name][0], data, device)
     out = open_output(a.out, overwrite=a.overwrite, kind="compare")
     try:
         _compare(a, out.build, configs)
@@ -317,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train and evaluate one model",
                        epilog="--out must not exist or be empty, unless --overwrite is given. --resume RUN_DIR takes "
-                              "only --epochs (the total to train up to, to extend a run) and --quiet; the rest of "
-                              "the configuration comes from RUN_DIR/config.json.")
+                              "only --epochs (the total to train up to, to extend a run), --device (to move the run "
+                              "to another device) and --quiet; the rest of the configuration comes from "
+                              "RUN_DIR/config.json.")
     _train_args(t)
     t.add_argument("--out", default="runs/mars", help="run directory (must not exist or be empty; see --overwrite)")
     t.add_argument("--overwrite", action="store_true",
@@ -329,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="evaluate a run's best checkpoint on every modality subset")
     e.add_argument("run_dir")
     e.add_argument("--oracle", action="store_true", help="gate with the residual router (needs complete data)")
+    _device_args(e, run_default=True)
     c = sub.add_parser("compare", help="MARS vs the baselines on the same data, splits, masks and budget")
     _train_args(c)
     c.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1 for every method (>= 1)")

@@ -13,10 +13,11 @@ from . import methods
 from .data import MissingnessProtocol
 
 __all__ = ["ConfigError", "ModelConfig", "TrainConfig", "NOISE_MODES", "ROUTINGS", "RESIDUAL_INPUTS",
-           "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS", "MAX_SEED"]
+           "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS", "MAX_SEED", "PRECISIONS", "check_device_spec"]
 
 RETRIEVER_VARIANTS = ("paper", "code")
 SHAPLEY_VARIANTS = ("exact", "code")
+PRECISIONS = ("fp32", "bf16")
 MAX_SEED = 2**62  # room for the per-rank offsets added to the seed under torchrun
 
 
@@ -27,6 +28,20 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
+
+
+def check_device_spec(spec) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N a non-negative integer),
+    returned in its plain spelling (``cuda:01`` -> ``cuda:1``); anything else is a :class:`ConfigError` of ``device``.
+    Whether this machine has the device is :func:`mars.devices.resolve_device`'s
+    question."""
+    if isinstance(spec, str):
+        name, sep, index = spec.partition(":")
+        if not sep and name in ("auto", "cpu", "cuda"):
+            return spec
+        if name == "cuda" and index.isascii() and index.isdigit():
+            return f"cuda:{int(index)}"
+    raise ConfigError("device", f"expected auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {spec!r}")
 
 
 def _check_types(cfg) -> None:
@@ -158,7 +173,17 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """A training run: data, schedule, missingness protocol and the model."""
+    """A training run: data, schedule, missingness protocol and the model.
+
+    device: "auto" | "cpu" | "cuda" | "cuda:N" (:mod:`mars.devices`); a run
+        stores the resolved one in ``config.json`` ("cpu", "cuda" or "cuda:N").
+        The default, and the value of a ``config.json`` written before the
+        field existed, is "cpu": every such run was trained on the CPU, so it
+        resumes there, bit-identical, unless moved with ``--resume RUN
+        --device ...``. (The ``mars`` command's default is "auto".)
+    precision: "fp32" | "bf16" (autocast of the forward pass and the loss to
+        bfloat16, float32 master weights); "fp32" for an older ``config.json``.
+    """
 
     data: str = "mfeat"
     epochs: int = 40
@@ -168,6 +193,8 @@ class TrainConfig:
     seed: int = 0
     protocol: str = "uniform"
     expert_parallel: bool = False
+    device: str = "cpu"
+    precision: str = "fp32"
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
@@ -189,6 +216,9 @@ class TrainConfig:
             raise ConfigError("seed", f"must be an integer in [0, 2**62], got {self.seed}")
         if not self.data:
             raise ConfigError("data", "must name a data source, got ''")
+        self.device = check_device_spec(self.device)
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         try:
             MissingnessProtocol.parse(self.protocol)
         except ValueError as e:

@@ -8,6 +8,11 @@ mean IoU; anti-spoofing data (``data.bona_fide_class`` set, e.g. CASIA-SURF)
 also APCER (attacks accepted as real), BPCER (real rejected as attacks) and
 ACER = (APCER + BPCER) / 2. Summaries: the mean over subsets and the mean by number of observed
 modalities.
+
+Everything runs on the data's device (the model must be there too): the
+pairs, the batches and the counts; the counts come back to the CPU once, at
+the end. ``precision="bf16"`` runs the forward passes under autocast
+(:func:`mars.devices.autocast`).
 """
 from __future__ import annotations
 
@@ -17,28 +22,30 @@ import statistics
 import torch
 
 from .data import MultimodalDataset, all_subsets, subset_name
+from .devices import autocast
 from .distributed import DistContext
 
 
 def _available(data: MultimodalDataset) -> torch.Tensor:
     if data.available is not None:
         return data.available
-    return torch.ones(len(data), data.num_modalities, dtype=torch.bool)
+    return torch.ones(len(data), data.num_modalities, dtype=torch.bool, device=data.device)
 
 
-def _batches(local: int, total: int, batch_size: int, ctx: DistContext | None) -> list[torch.Tensor]:
-    """Positions of each batch. Under a data-parallel ``ctx`` every rank makes
-    the same number of batches (expert-parallel layers need every rank in
-    every forward), sized from the largest rank's share."""
+def _batches(local: int, total: int, batch_size: int, ctx: DistContext | None,
+             device: torch.device) -> list[torch.Tensor]:
+    """Positions of each batch (on ``device``). Under a data-parallel ``ctx``
+    every rank makes the same number of batches (expert-parallel layers need
+    every rank in every forward), sized from the largest rank's share."""
     if ctx is None or not ctx.enabled:
-        return [torch.arange(s, min(s + batch_size, local)) for s in range(0, local, batch_size)]
+        return [torch.arange(s, min(s + batch_size, local), device=device) for s in range(0, local, batch_size)]
     n = max(1, math.ceil(math.ceil(total / ctx.world) / batch_size))
-    return list(torch.tensor_split(torch.arange(local), n))
+    return list(torch.tensor_split(torch.arange(local, device=device), n))
 
 
 @torch.no_grad()
 def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_size: int = 4096,
-                     num_experts: int | None = None, ctx: DistContext | None = None) -> dict:
+                     num_experts: int | None = None, ctx: DistContext | None = None, precision: str = "fp32") -> dict:
     """-> {"subsets": [{name, size, n, score, miou?, apcer?, bpcer?, acer?}], "mean",
     "by_size": {size: mean}, "miou_mean"? / "acer_mean"? (segmentation / anti-spoofing),
     "usage": [subsets, E] share of routed tokens per expert (when num_experts is given)}.
@@ -46,25 +53,26 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
     With a data-parallel ``ctx`` each rank evaluates a strided share of the
     (sample, subset) pairs and the counts are summed: every rank gets the result."""
     model.eval()
+    device = data.device
     avail = _available(data)
-    masks = torch.stack(all_subsets(data.num_modalities))  # [S, M]
+    masks = torch.stack(all_subsets(data.num_modalities)).to(device)  # [S, M]
     n_sub, K = masks.shape[0], data.num_classes
     observed_all = avail[:, None, :] & masks[None]  # [N, S, M]
     sample, subset = observed_all.any(dim=2).nonzero(as_tuple=True)  # the pairs to evaluate
-    counts = torch.bincount(subset, minlength=n_sub)
+    counts = torch.bincount(subset, minlength=n_sub).cpu()
     if ctx is not None and ctx.enabled:
         sample, subset = ctx.shard(sample), ctx.shard(subset)
-    correct = torch.zeros(n_sub, dtype=torch.float64)
-    total = torch.zeros(n_sub, dtype=torch.float64)
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+    correct, total = zeros(n_sub), zeros(n_sub)
     kc = K if data.task == "segmentation" else 0  # per-class IoU counts: segmentation only
-    inter = torch.zeros(n_sub, kc, dtype=torch.float64)
-    union = torch.zeros(n_sub, kc, dtype=torch.float64)
-    usage = torch.zeros(n_sub, num_experts or 1, dtype=torch.float64)
-    spoof = torch.zeros(4, n_sub, dtype=torch.float64)  # attacks, attacks accepted, bona fide, bona fide rejected
-    for chunk in _batches(sample.numel(), counts.sum().item(), batch_size, ctx):
+    inter, union = zeros(n_sub, kc), zeros(n_sub, kc)
+    usage = zeros(n_sub, num_experts or 1)
+    spoof = zeros(4, n_sub)  # attacks, attacks accepted, bona fide, bona fide rejected
+    for chunk in _batches(sample.numel(), int(counts.sum()), batch_size, ctx, device):
         s_idx, sub = sample[chunk], subset[chunk]
         feats = {m: data.features[m][s_idx] for m in data.modalities}
-        out = model(feats, observed_all[s_idx, sub], avail[s_idx], mode=mode)
+        with autocast(device, precision):
+            out = model(feats, observed_all[s_idx, sub], avail[s_idx], mode=mode)
         pred, labels = out.logits.argmax(dim=1), data.labels[s_idx]
         valid = labels != data.ignore_index if data.ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
         per_sample = lambda t: t.reshape(t.shape[0], -1).sum(dim=1).double()  # noqa: E731
@@ -84,9 +92,11 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
         if num_experts and "indices" in out.aux:
             idx = out.aux["indices"]  # [B, N, k]
             rows = sub.view(-1, 1, 1).expand_as(idx).reshape(-1)
-            usage.index_put_((rows, idx.reshape(-1).cpu()), torch.ones(rows.numel(), dtype=torch.float64), accumulate=True)
+            usage.index_put_((rows, idx.reshape(-1).to(device)), torch.ones(rows.numel(), dtype=torch.float64, device=device),
+                             accumulate=True)
     if ctx is not None:
         ctx.sum_(*(t for t in (correct, total, inter, union, usage, spoof) if t.numel()))  # same shapes on every rank
+    correct, total, inter, union, usage, spoof = (t.cpu() for t in (correct, total, inter, union, usage, spoof))
     union -= inter
     rows = []
     for s in range(n_sub):

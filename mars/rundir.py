@@ -12,8 +12,9 @@ when the run is resumed (:func:`keep_metrics_through`).
 Reading. ``config.json`` (:func:`read_config`), ``checkpoint.pt``
 (:func:`load_checkpoint`) and ``metrics.jsonl`` are read back by ``mars eval``
 and ``mars train --resume``. A checkpoint is loaded with
-``torch.load(weights_only=True)`` (tensors, numbers, strings and plain
-containers only: loading never runs code from the file) after the CRC-32 of
+``torch.load(weights_only=True, map_location="cpu")`` (tensors, numbers,
+strings and plain containers only: loading never runs code from the file;
+tensors saved on any device load on the CPU) after the CRC-32 of
 every record of its zip archive has been verified (``torch.load`` does not
 check them, so a flipped byte would otherwise load as a wrong weight); then
 its structure is checked, and its weights and optimiser state must be finite.
@@ -56,8 +57,9 @@ RUN_FILES = frozenset({CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, "results.csv"
                        "score_by_observed.png", "expert_usage.png"})
 COMPARE_FILES = frozenset({"compare.md", "compare.json", "compare_by_observed.png"})
 # config.json keys that may differ from the checkpoint's copy: the epoch budget
-# (to extend a run) and the kernel backend (the weights do not depend on it).
-MUTABLE_KEYS = ("epochs", "model.backend")
+# (to extend a run), the kernel backend and the device (the weights depend on
+# neither; --resume RUN --device moves a run).
+MUTABLE_KEYS = ("epochs", "model.backend", "device")
 
 
 class RunFileError(ValueError):
@@ -278,12 +280,13 @@ def load_checkpoint(path: str | os.PathLike, *, resume: bool) -> dict:
         _tensors(state["model"], "model", path)
         _byte_tensor(state["generator"], "generator", path)
         _byte_tensor(state["torch_rng"], "torch_rng", path)
-        by_rank = state.get("torch_rng_by_rank")
-        if by_rank is not None:
-            if not isinstance(by_rank, list) or not by_rank:
-                raise RunFileError(path, "torch_rng_by_rank is not a non-empty list of RNG states")
-            for i, rng in enumerate(by_rank):
-                _byte_tensor(rng, f"torch_rng_by_rank[{i}]", path)
+        for key in ("torch_rng_by_rank", "cuda_rng_by_rank"):  # cuda_rng_by_rank: written on a GPU only
+            by_rank = state.get(key)
+            if by_rank is not None:
+                if not isinstance(by_rank, list) or not by_rank:
+                    raise RunFileError(path, f"{key} is not a non-empty list of RNG states")
+                for i, rng in enumerate(by_rank):
+                    _byte_tensor(rng, f"{key}[{i}]", path)
         _optimizer_state(state["optimizer"], "optimizer", path)
         per_rank = state.get("optimizer_by_rank")
         if per_rank is not None:
@@ -322,7 +325,8 @@ def check_config_matches(state: dict, cfg: TrainConfig, config_path: str | os.Pa
         more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
         raise RunFileError(config_path, f"does not match the configuration saved in {Path(checkpoint_path).name} "
                                         f"({k}: {ours[k]!r} here, {theirs.get(k)!r} in the checkpoint{more}); "
-                                        f"restore it (only {' and '.join(MUTABLE_KEYS)} may change)")
+                                        f"restore it (only {', '.join(MUTABLE_KEYS[:-1])} and {MUTABLE_KEYS[-1]} "
+                                        "may change)")
 
 
 def _metric_epoch(line: str):

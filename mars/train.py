@@ -9,6 +9,14 @@ same seed, ends with exactly the results of an uninterrupted run. How the
 files are written and read back, and how an existing directory is replaced
 (``overwrite=True``), is :mod:`mars.rundir`.
 
+Device and precision (``cfg.device``, ``cfg.precision``; :mod:`mars.devices`):
+the splits are moved to the device once; each step indexes its batch there,
+with the batch order and the missingness masks drawn on the CPU by the run's
+generator and moved (the same masks on every device); the forward pass and
+the loss run under :func:`mars.devices.autocast`; evaluation runs on the
+device; checkpoints hold CPU tensors (and, on a GPU, every rank's CUDA RNG
+state), so they load anywhere.
+
 Everything that can be checked is checked before the run directory is
 touched (:func:`check_setup`: non-empty splits, the protocol against the
 data's modalities, a model that fits in memory). A loss that becomes NaN or
@@ -22,6 +30,7 @@ the final evaluation (:func:`_final_evaluation`) and the results
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -41,7 +50,17 @@ from tqdm import tqdm
 from . import methods
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import MissingnessProtocol, MultimodalDataset, load_data
-from .distributed import DistContext, DistributedFailure, context_from_env, peer_failures
+from .devices import (
+    autocast,
+    check_precision,
+    cuda_rng_state,
+    memory_bytes,
+    resolve_device,
+    set_cuda_rng_state,
+    set_up_device,
+    stored_device,
+)
+from .distributed import DistContext, DistributedFailure, context_from_env, peer_failures, world_from_env
 from .evaluate import evaluate_subsets
 from .expert_sharding import average_expert_grads, full_state_dict, load_full_state_dict, shard_model_experts
 from .interface import TrainableModel
@@ -65,7 +84,7 @@ from .rundir import (
 )
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "make_model", "prepare_model", "save_checkpoint", "Progress",
-           "check_setup", "load_weights"]
+           "check_setup", "load_weights", "on_device", "requested_device", "to_cpu"]
 
 BYTES_PER_PARAMETER = 16  # float32 weights, gradients and AdamW's two moments
 
@@ -107,13 +126,49 @@ class Progress:
 
 def _available(data: MultimodalDataset, idx: torch.Tensor) -> torch.Tensor:
     if data.available is None:
-        return torch.ones(idx.numel(), data.num_modalities, dtype=torch.bool)
+        return torch.ones(idx.numel(), data.num_modalities, dtype=torch.bool, device=data.device)
     return data.available[idx]
 
 
 def _batch(data: MultimodalDataset, idx: torch.Tensor):
+    """The features, availability and labels of the samples ``idx`` (moved to
+    the data's device: a no-op when it is already there)."""
+    idx = idx.to(data.device)
     feats = {m: data.features[m][idx] for m in data.modalities}
     return feats, _available(data, idx), data.labels[idx]
+
+
+def on_device(data: MultimodalDataset, device: torch.device) -> MultimodalDataset:
+    """``data`` with every tensor on ``device``, moved once per run; ``data``
+    itself (nothing copied) when it is there already. The copy is not
+    validated again (``MultimodalDataset.to`` would, reading values back from
+    the device): ``data`` was validated when it was made."""
+    tensors = [*data.features.values(), data.labels] + ([data.available] if data.available is not None else [])
+    if all(t.device == device for t in tensors):
+        return data
+    moved = copy.copy(data)
+    moved.features = {m: x.to(device) for m, x in data.features.items()}
+    moved.labels = data.labels.to(device)
+    moved.available = None if data.available is None else data.available.to(device)
+    return moved
+
+
+def to_cpu(obj, _memo: dict | None = None):
+    """``obj`` (dicts, lists and tuples of tensors and plain values) with
+    every tensor on the CPU; a tensor shared by two entries stays shared, and
+    CPU tensors are returned as they are."""
+    memo = {} if _memo is None else _memo
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.detach().cpu()
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        return {k: to_cpu(v, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v, memo) for v in obj)
+    return obj
 
 
 def _shapes(data: MultimodalDataset) -> dict[str, tuple[int, ...]]:
@@ -122,13 +177,6 @@ def _shapes(data: MultimodalDataset) -> dict[str, tuple[int, ...]]:
 
 def make_model(cfg: TrainConfig, data: MultimodalDataset) -> TrainableModel:
     return build_model(data.modalities, _shapes(data), data.num_classes, data.task, ModelConfig(**asdict(cfg.model)))
-
-
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not a POSIX system
-        return 1 << 40
 
 
 def _parameter_count(cfg: TrainConfig, data: MultimodalDataset) -> int:
@@ -142,11 +190,12 @@ def _parameter_count(cfg: TrainConfig, data: MultimodalDataset) -> int:
         return data.num_classes * cfg.model.d_model
 
 
-def check_setup(cfg: TrainConfig, splits) -> None:
+def check_setup(cfg: TrainConfig, splits, device: torch.device | None = None) -> None:
     """What a run needs of its data, checked before anything is written: every
     split non-empty, the missingness protocol fits the data's modalities, and
-    the model (counted without allocating it) fits in this machine's memory.
-    Raises ``ValueError`` (:class:`ConfigError` for the protocol)."""
+    the model (counted without allocating it) fits in the memory of ``device``
+    (default: this machine's). Raises ``ValueError`` (:class:`ConfigError` for
+    the protocol)."""
     train_set, val_set, test_set = splits
     for name, split in (("training", train_set), ("validation", val_set), ("test", test_set)):
         if len(split) == 0:
@@ -157,13 +206,15 @@ def check_setup(cfg: TrainConfig, splits) -> None:
     except ValueError as e:
         raise ConfigError("protocol", f"{e}; the data {cfg.data!r} has the modalities {list(train_set.modalities)}") from None
     n = _parameter_count(cfg, train_set)
-    need, have = n * BYTES_PER_PARAMETER, _memory_bytes()
+    device = torch.device("cpu") if device is None else device
+    need, have = n * BYTES_PER_PARAMETER, memory_bytes(device)
     if need > have:
         raise ValueError(
             f"{cfg.data}: the {cfg.model.method} model for this data (num_classes={train_set.num_classes}, "
             f"{train_set.num_modalities} modalities, d_model={cfg.model.d_model}, d_hidden={cfg.model.d_hidden}, "
             f"experts={cfg.model.num_experts}) would have {n:,} parameters, needing at least {need / 2**30:,.1f} GiB "
-            f"for weights, gradients and optimiser state; this machine has {have / 2**30:,.1f} GiB; expected a "
+            f"for weights, gradients and optimiser state; {'this machine' if device.type == 'cpu' else str(device)} "
+            f"has {have / 2**30:,.1f} GiB; expected a "
             "smaller num_classes or model")
 
 
@@ -201,9 +252,16 @@ def _train_epoch(net: nn.Module, model: TrainableModel, opt, train_set, protocol
 
     Every rank draws the same global batch and masks; it trains on its strided
     share, with the loss scaled by its share of the batch so that the ranks'
-    averaged gradients are the gradient of the global batch mean."""
+    averaged gradients are the gradient of the global batch mean.
+
+    The split lives on the run's device; the batch order and the masks are
+    drawn on the CPU (``gen`` is a CPU generator, so every device draws the
+    same ones) and only the batch's indices and masks are moved per step. The
+    forward pass and the loss run under ``cfg.precision``'s autocast."""
     model.train()
     model.set_epoch(epoch)
+    device = train_set.device
+    available = train_set.available.cpu()  # the masks' input, on the generator's device (no copy on CPU)
     perm = torch.randperm(len(train_set), generator=gen)
     sums: dict[str, float] = {}
     steps = 0
@@ -211,12 +269,13 @@ def _train_epoch(net: nn.Module, model: TrainableModel, opt, train_set, protocol
         batch = perm[start : start + cfg.batch_size]
         if batch.numel() < ctx.world:  # a trailing batch too small to give every rank a sample
             break
-        observed_all = protocol.sample(_available(train_set, batch), gen)  # the global batch's masks
+        observed_all = protocol.sample(available[batch], gen)  # the global batch's masks
         mine = ctx.shard(torch.arange(batch.numel()))
-        idx = batch[mine]
+        idx = batch[mine].to(device)
         feats, avail, labels = _batch(train_set, idx)
-        out = _forward_train(net, model, feats, observed_all[mine], avail, idx)
-        loss, parts = model.loss(out, labels, train_set.ignore_index)
+        with autocast(device, cfg.precision):
+            out = _forward_train(net, model, feats, observed_all[mine].to(device), avail, idx)
+            loss, parts = model.loss(out, labels, train_set.ignore_index)
         value = float(loss.detach())
         if ctx.enabled:  # one all-reduce: every rank sees the same value and stops together
             total = torch.tensor([value], dtype=torch.float64)
@@ -239,8 +298,11 @@ def _train_epoch(net: nn.Module, model: TrainableModel, opt, train_set, protocol
     return ctx.mean_floats({k: v / max(steps, 1) for k, v in sums.items()})
 
 
-def _restore_training_state(state: dict, opt, gen, ctx: DistContext, path: Path) -> None:
-    """Optimiser, mask generator and this rank's RNG stream from a checkpoint."""
+def _restore_training_state(state: dict, opt, gen, ctx: DistContext, path: Path, device: torch.device,
+                            seed: int) -> None:
+    """Optimiser, mask generator and this rank's RNG streams from a checkpoint
+    (the CPU one, and on a GPU the CUDA one when the checkpoint was written on
+    a GPU by as many processes; otherwise the CUDA RNG is seeded from ``seed``)."""
     per_rank = state.get("optimizer_by_rank")
     if per_rank is not None and len(per_rank) != ctx.world:
         raise ValueError(f"{path} was saved by an expert-parallel run of {len(per_rank)} processes; "
@@ -255,9 +317,11 @@ def _restore_training_state(state: dict, opt, gen, ctx: DistContext, path: Path)
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
         raise RunFileError(path, f"its optimiser state does not fit the model ({e})") from None
     by_rank = state.get("torch_rng_by_rank") or [state["torch_rng"]]
+    cuda_by_rank = state.get("cuda_rng_by_rank") or []
     try:
         gen.set_state(state["generator"])
         torch.set_rng_state(by_rank[ctx.rank] if len(by_rank) == ctx.world else state["torch_rng"])
+        set_cuda_rng_state(device, cuda_by_rank[ctx.rank] if len(cuda_by_rank) == ctx.world else None, seed)
     except (RuntimeError, ValueError, TypeError) as e:
         raise RunFileError(path, f"an RNG state in it is invalid ({e})") from None
 
@@ -290,6 +354,7 @@ class _Run:
     cfg: TrainConfig
     dir: Path  # where the files are written now (a sibling of the final directory while replacing one)
     ctx: DistContext
+    device: torch.device  # where this process computes (cfg.device resolved)
     resume: bool
     progress: bool
     log: Callable[..., None]
@@ -338,13 +403,38 @@ def _main_decides(ctx: DistContext, fn):
     return value
 
 
+def requested_device(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool,
+                     device: str | None = None) -> str:
+    """The ``--device`` a run asks for: ``device`` when given, else the new
+    run's ``cfg.device``, else (resume) the device in the run's ``config.json``."""
+    if device is not None:
+        return device
+    if not resume:
+        return cfg.device if cfg is not None else TrainConfig.device
+    return read_config(Path(run_dir)).device
+
+
+def _run_device(spec: str, ctx: DistContext, saved_in: Path | None = None) -> torch.device:
+    """``spec`` resolved for this process (:func:`mars.devices.resolve_device`),
+    which must be the process group's device type under torchrun. ``saved_in``:
+    the ``config.json`` the device comes from (a resumed run), for the message."""
+    device = resolve_device(spec, world=ctx.world, local_rank=ctx.local_rank, saved_in=saved_in)
+    if ctx.enabled and torch.device(ctx.device).type != device.type:
+        raise ConfigError("device", f"the run is on {spec} ({device}), but the process group was set up for "
+                                    f"{ctx.device}; expected the same device for both")
+    return device
+
+
 def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool, progress: bool, log,
-                ctx: DistContext, overwrite: bool, epochs: int | None) -> _Run:
-    """Step 1: the configuration. On resume it is read back from
-    ``config.json`` and checked against the checkpoint (read and checked
-    here, by every rank), with the epoch budget raised to ``epochs`` if given;
-    a new run's directory is only checked here (created in step 2, after the
-    data and the model). Only rank 0 logs and shows progress."""
+                ctx: DistContext, overwrite: bool, epochs: int | None, device: str | None = None) -> _Run:
+    """Step 1: the configuration and the device. On resume it is read back
+    from ``config.json`` and checked against the checkpoint (read and checked
+    here, by every rank), with the epoch budget raised to ``epochs`` and the
+    run moved to ``device`` if given; a new run's directory is only checked
+    here (created in step 2, after the data and the model). The device is
+    resolved (an unavailable one is a :class:`ConfigError` of ``device``) and
+    ``cfg.device`` holds its stored spelling. Only rank 0 logs and shows
+    progress."""
     if not ctx.is_main:
         progress, log = False, _silent
     if not os.fspath(run_dir).strip():
@@ -353,39 +443,55 @@ def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: boo
     if not resume:
         if cfg is None:
             raise ValueError("train: cfg is required for a new run (only resume=True reads it from the run directory)")
-        return _Run(cfg=cfg, dir=run, ctx=ctx, resume=False, progress=progress, log=log, overwrite=overwrite)
+        spec = cfg.device if device is None else device
+        where = _run_device(spec, ctx)
+        check_precision(cfg.precision, where)
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": stored_device(spec, where)})
+        return _Run(cfg=cfg, dir=run, ctx=ctx, device=where, resume=False, progress=progress, log=log,
+                    overwrite=overwrite)
     if not run.is_dir():
         raise RunFileError(run, "not a directory; expected the directory of a run to resume")
     cfg = read_config(run)
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=True)
     check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
     done = state["epoch"]
-    changed = False
+    changes = {}
     if epochs is not None and epochs != cfg.epochs:
         if epochs < done:
             raise ConfigError("epochs", f"the run in {run} has trained {done} epochs already; expected at least {done} "
                                         "(the total to train up to)")
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
-        changed = True
+        changes["epochs"] = epochs
     elif cfg.epochs < done:
         raise RunFileError(run / CONFIG_FILE, f"epochs is {cfg.epochs}, but {CHECKPOINT_FILE} has trained {done} "
                                               f"epochs; expected at least {done}")
-    return _Run(cfg=cfg, dir=run, ctx=ctx, resume=True, progress=progress, log=log, config_changed=changed, state=state)
+    spec = cfg.device if device is None else device
+    where = _run_device(spec, ctx, None if device is not None else run / CONFIG_FILE)
+    check_precision(cfg.precision, where)
+    if stored_device(spec, where) != cfg.device:
+        changes["device"] = stored_device(spec, where)
+    if changes:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **changes})
+    return _Run(cfg=cfg, dir=run, ctx=ctx, device=where, resume=True, progress=progress, log=log,
+                config_changed=bool(changes), state=state)
 
 
 def _build_state(r: _Run, data) -> None:
     """Step 2: data and model, checked (:func:`check_setup`) before anything is
     written; then the model restored from the checkpoint on resume, or a new
     run directory made (rank 0) with the run's config and an empty metrics
-    log; the method's set-up hook, expert sharding, optimiser, generators,
-    and the data-parallel wrapper."""
-    cfg, ctx = r.cfg, r.ctx
-    r.train_set, r.val_set, r.test_set = data if data is not None else load_data(cfg.data, seed=cfg.seed)
-    check_setup(cfg, (r.train_set, r.val_set, r.test_set))
+    log; the splits and the model moved to the device; the method's set-up
+    hook, expert sharding, optimiser, generators, and the data-parallel
+    wrapper. The model is built on the CPU from the seed (the same initial
+    weights on every device) and moved."""
+    cfg, ctx, device = r.cfg, r.ctx, r.device
+    splits = data if data is not None else load_data(cfg.data, seed=cfg.seed)
+    check_setup(cfg, splits, device)
+    set_up_device(device)
+    r.train_set, r.val_set, r.test_set = (on_device(split, device) for split in splits)
     torch.manual_seed(cfg.seed)
     r.model = model = make_model(cfg, r.train_set)
     r.protocol = MissingnessProtocol.parse(cfg.protocol)
-    r.gen = torch.Generator().manual_seed(cfg.seed)
+    r.gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU whatever the device: the same batches and masks
     r.best = {"score": -math.inf, "epoch": -1, "state": None}
     state = r.state
     if r.resume:
@@ -402,26 +508,31 @@ def _build_state(r: _Run, data) -> None:
         if r.main:
             write_json(r.dir / CONFIG_FILE, cfg.to_dict())
             write_text(r.dir / METRICS_FILE, "")
+    model.to(device)
     prepare_model(model, cfg, r.train_set, resume=r.resume, log=r.log if r.progress else _silent)
     r.expert_parallel = cfg.expert_parallel and ctx.enabled
     sharded = shard_model_experts(model, cfg.model.method) if r.expert_parallel else []
     r.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if r.resume:
-        _restore_training_state(state, r.opt, r.gen, ctx, r.ckpt_path)
+        # a run that comes from another device has no CUDA RNG state: seeded from the run's seed, rank and epoch
+        cuda_seed = (cfg.seed + 7919 * (ctx.rank + 1) + 104729 * r.start_epoch) % 2**63
+        _restore_training_state(state, r.opt, r.gen, ctx, r.ckpt_path, device, cuda_seed)
         r.state = None  # not needed any more
     r.net = model
     if ctx.enabled:
         if not r.resume:  # each rank its own dropout/noise stream (a resumed run restored its rank's stream)
             torch.manual_seed(cfg.seed + 7919 * (ctx.rank + 1))
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
-        r.net = DistributedDataParallel(model, find_unused_parameters=model.may_skip_parameters)
+        r.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=model.may_skip_parameters)
 
 
 def _weights_finite(model: nn.Module, ctx: DistContext) -> bool:
     """Every floating parameter and buffer is finite (on every rank: expert
-    shards differ between ranks, so the ranks agree on one answer)."""
-    bad = any(not bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
-    flag = torch.tensor([float(bad)], dtype=torch.float64)
+    shards differ between ranks, so the ranks agree on one answer). One
+    device-to-host read."""
+    checks = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    flag = (~torch.stack(checks)).any().double().reshape(1) if checks else torch.zeros(1, dtype=torch.float64)
     ctx.sum_(flag)
     return float(flag) == 0.0
 
@@ -438,8 +549,8 @@ def _better(score: float, best: dict) -> bool:
 def _epoch_loop(r: _Run) -> None:
     """Step 3: train the remaining epochs; after each, check that the weights
     are finite, validate, keep the best weights, log the epoch (rank 0) and
-    write the checkpoint atomically (rank 0, with every rank's RNG state and,
-    expert-parallel, optimiser state)."""
+    write the checkpoint atomically (rank 0, with every rank's RNG states and,
+    expert-parallel, optimiser state; every tensor copied to the CPU)."""
     cfg, ctx, model = r.cfg, r.ctx, r.model
     snapshot = (lambda: full_state_dict(model)) if r.expert_parallel else (
         lambda: {k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -462,7 +573,7 @@ def _epochs(r: _Run, snapshot, bar: Progress) -> None:
                     f"the weights became NaN or infinite in epoch {epoch + 1} (the loss stayed finite; try a smaller "
                     f"--lr); training stopped, nothing of that epoch was saved; the last good checkpoint is "
                     f"{r.ckpt_path if r.ckpt_path.exists() else 'none (first epoch)'}")
-            val = evaluate_subsets(model, r.val_set, ctx=ctx)
+            val = evaluate_subsets(model, r.val_set, ctx=ctx, precision=cfg.precision)
             state = snapshot()
             if _better(val["mean"], r.best):  # the same decision on every rank (val is summed over ranks)
                 r.best = {"score": val["mean"], "epoch": epoch + 1, "state": state}
@@ -473,15 +584,18 @@ def _epochs(r: _Run, snapshot, bar: Progress) -> None:
                 "config": cfg.to_dict(), "world_size": ctx.world,
                 "standardizer": getattr(r.train_set.standardizer, "state_dict", lambda: None)(),
             }
-            gathered = ctx.all_gather_object((torch.get_rng_state(), r.opt.state_dict() if r.expert_parallel else None))
-            rngs = [rng for rng, _ in gathered]
-            optimizers = [o for _, o in gathered] if r.expert_parallel else [r.opt.state_dict()]
+            mine = (torch.get_rng_state(), cuda_rng_state(r.device),
+                    to_cpu(r.opt.state_dict()) if r.expert_parallel else None)
+            gathered = ctx.all_gather_object(mine)
+            rngs, cuda_rngs = [g[0] for g in gathered], [g[1] for g in gathered]
+            optimizers = [g[2] for g in gathered] if r.expert_parallel else [r.opt.state_dict()]
         if r.main:
             append_line(r.dir / METRICS_FILE, json.dumps(record))
-            save_checkpoint(r.ckpt_path, checkpoint | {
+            save_checkpoint(r.ckpt_path, to_cpu(checkpoint | {
                 "optimizer": optimizers[0], "optimizer_by_rank": optimizers if r.expert_parallel else None,
                 "torch_rng": rngs[0], "torch_rng_by_rank": rngs,
-            })
+                "cuda_rng_by_rank": cuda_rngs if r.device.type == "cuda" else None,
+            }))
         ctx.barrier()  # the checkpoint is on disk before any rank starts the next epoch
         shown = sum(v for k, v in losses.items() if "/" not in k)  # "name/modality" parts are logged only
         bar.update(epoch + 1, f"loss {shown:.3f} val {val['mean']:.3f}")
@@ -498,12 +612,14 @@ def _final_evaluation(r: _Run) -> tuple[dict, float | None]:
     (load_full_state_dict if r.expert_parallel else nn.Module.load_state_dict)(r.model, r.best["state"])
     num_experts = r.cfg.model.num_experts if method.sparse_moe else None
     with peer_failures("the test evaluation"):
-        test = evaluate_subsets(r.model, r.test_set, num_experts=num_experts, ctx=r.ctx)
+        test = evaluate_subsets(r.model, r.test_set, num_experts=num_experts, ctx=r.ctx, precision=r.cfg.precision)
     agreement = None
     if method.residual_router:
         r.model.eval()
         feats, avail, _ = _batch(r.test_set, torch.arange(len(r.test_set)))
-        agreement = r.model.router_agreement(feats, r.protocol.fixed_masks(avail, r.cfg.seed), avail)
+        masks = r.protocol.fixed_masks(avail, r.cfg.seed)  # drawn on the CPU, moved to the device
+        with autocast(r.device, r.cfg.precision):
+            agreement = r.model.router_agreement(feats, masks, avail)
     return test, agreement
 
 
@@ -530,7 +646,7 @@ def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
 
 def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           data=None, log=print, ctx: DistContext | None = None, overwrite: bool = False,
-          epochs: int | None = None) -> dict:
+          epochs: int | None = None, device: str | None = None) -> dict:
     """Train, evaluate on every modality subset, write the run directory; returns
     {"summary", "test", "model", "modalities", "run_dir"}.
 
@@ -540,10 +656,17 @@ def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool =
     run in ``run_dir`` (``cfg`` is read from it; ``epochs`` raises its epoch
     budget). Errors in the run's files are :class:`mars.rundir.RunFileError`.
 
+    ``device`` ("auto", "cpu", "cuda", "cuda:N") overrides ``cfg.device``; on
+    resume it moves the run to that device (saved in ``config.json``). A
+    device this machine does not have is a :class:`ConfigError` of ``device``.
+
     Under ``torchrun`` (or with an explicit ``ctx``) the run is data-parallel
     (see :mod:`mars.distributed`); only rank 0 writes files and shows progress,
     and every rank returns the same summary. The ranks share ``run_dir``."""
-    r = _set_up_run(cfg, run_dir, resume, progress, log, ctx or context_from_env(), overwrite, epochs)
+    if ctx is None:  # the process group's device, under torchrun
+        ctx = context_from_env(requested_device(cfg, run_dir, resume=resume, device=device)
+                               if world_from_env() > 1 else "cpu")
+    r = _set_up_run(cfg, run_dir, resume, progress, log, ctx, overwrite, epochs, device)
     try:
         _build_state(r, data)
         _epoch_loop(r)
