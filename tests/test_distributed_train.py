@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with Gloo")
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--d-model", "32", "--d-hidden", "32", "--experts", "4", "--quiet"]
+# on the CPU also where a GPU is present (--device auto would train the single-process runs there)
+SMALL = ["--d-model", "32", "--d-hidden", "32", "--experts", "4", "--quiet", "--device", "cpu"]
 
 
 def _env(**extra) -> dict:
