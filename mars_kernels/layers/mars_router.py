@@ -10,6 +10,13 @@ KL(stopgrad(p_r) || p_f)). In training the residual router gates the experts,
 with noise scaled by how much the two routers disagree (discrepancy-aware
 noise, :func:`mars_kernels.mars_routing`); at inference the feature router
 gates them, without noise.
+
+Options that narrow the train-test router gap (all off by default; see
+:class:`MarsRouter`): the feature router may also read the observed-modality
+mask (known at test time), the residual router may read a low-dimensional
+bottleneck of the residual, training may hand some tokens to the feature
+router's choice (``mix``), and the imitation loss may be the cross-entropy on
+the residual router's top-k.
 """
 from __future__ import annotations
 
@@ -18,14 +25,17 @@ from torch import nn
 
 from .. import backend as _backend
 from .. import ops
+from ..ops.common import compute_dtype, topk_order
 from .routing import Routing
 
-__all__ = ["MarsRouter"]
+__all__ = ["MarsRouter", "mask_tokens"]
 
 MODES = ("train", "eval", "oracle")
 ROUTINGS = ("residual", "feature", "random")
 NOISE_MODES = ("adaptive", "constant", "none")
-RESIDUAL_INPUTS = ("concat", "diff")
+RESIDUAL_INPUTS = ("concat", "diff", "bottleneck")
+MIX_MODES = ("none", "prob", "blend")
+IMITATIONS = ("kl", "topk_ce")
 
 
 def _router_net(d_in: int, num_experts: int, mlp: bool) -> nn.Module:
@@ -33,6 +43,30 @@ def _router_net(d_in: int, num_experts: int, mlp: bool) -> nn.Module:
     if mlp:
         return nn.Sequential(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, num_experts))
     return nn.Linear(d_in, num_experts)
+
+
+def _bottleneck_net(d_model: int, width: int, num_experts: int) -> nn.Module:
+    """The residual router of ``residual_input="bottleneck"``: the residual
+    through a ``width``-wide code, Linear(D, width) -> GELU -> Linear(width, E)."""
+    return nn.Sequential(nn.Linear(d_model, width), nn.GELU(), nn.Linear(width, num_experts))
+
+
+def mask_tokens(observed: torch.Tensor | None, z: torch.Tensor, width: int) -> torch.Tensor:
+    """The observed-modality mask per token: observed [..., M] bool (M =
+    ``width``), broadcast to the leading dims of the tokens z [..., D] ->
+    [T, M] in z's dtype and device."""
+    if observed is None:
+        raise ValueError(f"this layer reads the observed-modality mask; pass observed [..., {width}] bool")
+    if not isinstance(observed, torch.Tensor) or observed.dim() < 1 or observed.shape[-1] != width:
+        got = tuple(observed.shape) if isinstance(observed, torch.Tensor) else type(observed).__name__
+        raise ValueError(f"observed must be a [..., M={width}] tensor, got {got}")
+    lead = z.shape[:-1]
+    try:
+        m = observed.to(device=z.device, dtype=z.dtype).expand(*lead, width)
+    except RuntimeError:
+        raise ValueError(f"observed {tuple(observed.shape)} does not broadcast to the tokens' leading dims "
+                         f"{tuple(lead)}") from None
+    return m.reshape(-1, width)
 
 
 def _tokens(x: torch.Tensor, d_model: int, name: str) -> torch.Tensor:
@@ -85,9 +119,30 @@ class MarsRouter(nn.Module):
     sigma_max)), "constant" (sigma = min(sigma_const, sigma_max)) or "none";
     ``residual_input`` "concat" (the residual router reads [z_i,
     stopgrad(z_c)], width 2D) or "diff" (stopgrad(z_c - z_i), width D);
+    or "bottleneck" (stopgrad(z_c - z_i) through a ``residual_dim``-wide
+    code: Linear(D, residual_dim) -> GELU -> Linear(residual_dim, E), a coarse
+    residual that the feature router can predict more easily);
     ``mlp``: both routers are Linear -> GELU -> Linear instead of Linear;
     ``residual_router=False`` builds the feature router only (vanilla MoE
     gating: ``routing`` must be "feature", no oracle mode).
+
+    ``mask_dim`` M > 0: the feature router reads [z_i, observed] (observed
+    [..., M] bool, the modalities present in z_i, known at test time); every
+    call that runs the feature router then needs ``observed``.
+
+    ``mix`` (residual routing in training only): "none"; "prob": each token
+    takes the feature router's top-k (its gate weights, with their gradient)
+    instead of the residual router's with probability
+    q = 1 - exp(-mix_scale * KL(p_r || p_f)), so the experts train on the
+    routes they get at test time where the routers disagree; "blend": the
+    gate is the top-k of p~ = (1 - a) softmax(l_r + sigma * eps) + a p_f with
+    a = 1 - exp(-mix_scale * KL) (the [RECON] mixing reading), weights
+    p~ renormalised over the k chosen. Both add ``feature_share`` to aux (the
+    mean of q or a).
+
+    ``imitation``: "kl" (KL(sg(p_r) || p_f), the fused op's) or "topk_ce"
+    (-1/k sum over the clean residual top-k of log p_f: the feature router
+    is asked for the residual router's choices only).
 
     Parameters: ``feature_router`` and ``residual_router`` (None without one),
     whatever the backend.
@@ -108,6 +163,11 @@ class MarsRouter(nn.Module):
         mlp: bool = False,
         residual_router: bool = True,
         backend: str | None = None,
+        mask_dim: int = 0,
+        residual_dim: int = 8,
+        mix: str = "none",
+        mix_scale: float = 1.0,
+        imitation: str = "kl",
     ):
         super().__init__()
         for name, v in (("d_model", d_model), ("num_experts", num_experts)):
@@ -115,8 +175,12 @@ class MarsRouter(nn.Module):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
             raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
+        for name, v in (("mask_dim", mask_dim), ("residual_dim", residual_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "mask_dim" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'mask_dim' else 1}, got {v!r}")
         for name, value, allowed in (("routing", routing, ROUTINGS), ("noise", noise, NOISE_MODES),
-                                     ("residual_input", residual_input, RESIDUAL_INPUTS)):
+                                     ("residual_input", residual_input, RESIDUAL_INPUTS), ("mix", mix, MIX_MODES),
+                                     ("imitation", imitation, IMITATIONS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not residual_router and routing != "feature":
@@ -127,14 +191,19 @@ class MarsRouter(nn.Module):
         self.sigma_0 = _non_negative(sigma_0, "sigma_0")
         self.sigma_max = _non_negative(sigma_max, "sigma_max")
         self.sigma_const = _non_negative(sigma_const, "sigma_const")
+        self.mix_scale = _non_negative(mix_scale, "mix_scale")
+        self.mask_dim, self.residual_dim, self.mix, self.imitation = mask_dim, residual_dim, mix, imitation
         self.backend = _backend.check_name(backend)
         # Registration order (feature, then residual) fixes the parameter order,
         # hence the optimiser state's layout in checkpoints.
-        self.feature_router = _router_net(d_model, num_experts, mlp)
+        self.feature_router = _router_net(d_model + mask_dim, num_experts, mlp)
         self.residual_router = None
         if residual_router:
-            d_res = 2 * d_model if residual_input == "concat" else d_model
-            self.residual_router = _router_net(d_res, num_experts, mlp)
+            if residual_input == "bottleneck":
+                self.residual_router = _bottleneck_net(d_model, residual_dim, num_experts)
+            else:
+                d_res = 2 * d_model if residual_input == "concat" else d_model
+                self.residual_router = _router_net(d_res, num_experts, mlp)
 
     # ------------------------------------------------------------ properties
     @property
@@ -161,14 +230,24 @@ class MarsRouter(nn.Module):
     # ---------------------------------------------------------------- pieces
     def residual(self, z_i: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
         """The residual router's input: [z_i, stopgrad(z_c)] [..., 2D] ("concat")
-        or stopgrad(z_c - z_i) [..., D] ("diff")."""
+        or stopgrad(z_c - z_i) [..., D] ("diff", "bottleneck"). ``z_c`` may
+        have fewer leading dimensions than ``z_i`` (one complete pass for P
+        incomplete ones): it is broadcast."""
+        z_c = z_c.expand_as(z_i)
         if self.residual_input == "concat":
             return torch.cat([z_i, z_c.detach()], dim=-1)
         return (z_c - z_i).detach()
 
-    def feature_logits(self, z_i: torch.Tensor) -> torch.Tensor:
-        """z_i [..., D] -> l_f [T, E]."""
-        return self.feature_router(_tokens(z_i, self.d_model, "z_i"))
+    def mask_features(self, observed: torch.Tensor | None, z_i: torch.Tensor) -> torch.Tensor:
+        """The observed mask as router input (see :func:`mask_tokens`)."""
+        return mask_tokens(observed, z_i, self.mask_dim)
+
+    def feature_logits(self, z_i: torch.Tensor, observed: torch.Tensor | None = None) -> torch.Tensor:
+        """z_i [..., D] (and, with ``mask_dim``, observed [..., M]) -> l_f [T, E]."""
+        x = _tokens(z_i, self.d_model, "z_i")
+        if self.mask_dim:
+            x = torch.cat([x, self.mask_features(observed, z_i)], dim=-1)
+        return self.feature_router(x)
 
     def residual_logits(self, z_i: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
         """z_i, z_c [..., D] -> l_r [T, E]."""
@@ -180,8 +259,12 @@ class MarsRouter(nn.Module):
     def _check_complete(self, z_i: torch.Tensor, z_c: torch.Tensor | None, why: str) -> None:
         if z_c is None:
             raise ValueError(f"{why} needs z_c, the complete tokens [..., D] shaped like z_i")
-        if not isinstance(z_c, torch.Tensor) or z_c.shape != z_i.shape:
-            raise ValueError(f"z_c must be a tensor shaped like z_i {tuple(z_i.shape)}, "
+        ok = isinstance(z_c, torch.Tensor) and z_c.dim() <= z_i.dim() and z_c.shape[-1] == z_i.shape[-1]
+        if ok:
+            ok = tuple(z_i.shape[z_i.dim() - z_c.dim():]) == tuple(z_c.shape)
+        if not ok:
+            raise ValueError(f"z_c must be a tensor shaped like z_i {tuple(z_i.shape)} (or like its trailing "
+                             f"dimensions: one complete pass for several incomplete ones), "
                              f"got {tuple(getattr(z_c, 'shape', ())) or type(z_c).__name__}")
 
     def _random(self, T: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None):
@@ -197,6 +280,7 @@ class MarsRouter(nn.Module):
         z_i: torch.Tensor,
         z_c: torch.Tensor | None = None,
         *,
+        observed: torch.Tensor | None = None,
         mode: str | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
@@ -206,17 +290,26 @@ class MarsRouter(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
         lead = z_i.shape[:-1]
-        l_f = self.feature_logits(z_i)
+        l_f = self.feature_logits(z_i, observed)
         T, E, k = l_f.shape[0], self.num_experts, self.k
         aux: dict[str, torch.Tensor] = {}
         if mode == "train" and self.routing == "residual":
             self._check_complete(z_i, z_c, "residual routing")
             l_r = self.residual_logits(z_i, z_c)
+            if l_r.dtype != l_f.dtype:  # e.g. a float32 bottleneck code under autocast
+                l_r = l_r.to(l_f.dtype)
             sigma_0, sigma_const = self.sigmas()
+            if noise is None and self.mix == "blend":  # the op's noise, drawn here to use it twice
+                noise = torch.randn(T, E, generator=generator, device=l_r.device, dtype=compute_dtype(l_r.dtype))
             w, idx, imitation, divergence, prob_sum = ops.mars_routing(
                 l_r, l_f, k, sigma_0=sigma_0, sigma_const=sigma_const, sigma_max=self.sigma_max,
                 noise=noise, generator=generator, backend=self.backend,
             )
+            if self.imitation == "topk_ce":
+                imitation = self._topk_ce(l_r, l_f)
+            if self.mix != "none":
+                w, idx, share = self._mix(l_r, l_f, w, idx, divergence, noise, generator)
+                aux["feature_share"] = share
             counts = ops.expert_counts(idx, E, prob_sum.dtype)
             aux["imitation_loss"] = imitation.mean()
             aux["divergence"] = divergence.mean()
@@ -242,17 +335,44 @@ class MarsRouter(nn.Module):
         aux["expert_counts"] = counts.detach()
         return Routing(w.reshape(*lead, k), idx.reshape(*lead, k), aux)
 
+    def _topk_ce(self, l_r: torch.Tensor, l_f: torch.Tensor) -> torch.Tensor:
+        """-1/k sum over the clean top-k of l_r of log softmax(l_f): [T]; gradient to l_f only."""
+        ct = compute_dtype(l_f.dtype)
+        top = topk_order(l_r.detach().to(ct), self.k)
+        return -torch.log_softmax(l_f.to(ct), dim=-1).gather(1, top).mean(dim=1)
+
+    def _mix(self, l_r, l_f, w_r, idx_r, divergence, noise, generator):
+        """The ``mix`` gate from the residual gate (w_r, idx_r [T, k]):
+        -> (weights [T, k], indices [T, k], mean feature share)."""
+        ct = compute_dtype(l_r.dtype)
+        share = 1.0 - torch.exp(-self.mix_scale * divergence.detach().to(ct))  # [T]
+        if self.mix == "prob":
+            w_f, idx_f = ops.topk_gating(l_f, self.k, backend=self.backend)
+            use_f = torch.rand(share.shape, generator=generator, device=share.device, dtype=ct) < share
+            w = torch.where(use_f[:, None], w_f.to(w_r.dtype), w_r)
+            return w, torch.where(use_f[:, None], idx_f.to(idx_r.dtype), idx_r), use_f.to(ct).mean()
+        sigma_0, sigma_const = self.sigmas()
+        sigma = torch.clamp(sigma_0 * divergence.detach().to(ct) + sigma_const, max=self.sigma_max)
+        noisy = l_r.to(ct) + sigma[:, None] * noise.to(ct)
+        p = (1.0 - share[:, None]) * torch.softmax(noisy, dim=-1) + share[:, None] * torch.softmax(l_f.to(ct), dim=-1)
+        idx = topk_order(p.detach(), self.k)
+        chosen = p.gather(1, idx)
+        return (chosen / chosen.sum(dim=1, keepdim=True)).to(w_r.dtype), idx.to(idx_r.dtype), share.mean()
+
     @torch.no_grad()
-    def agreement(self, z_i: torch.Tensor, z_c: torch.Tensor) -> float:
+    def agreement(self, z_i: torch.Tensor, z_c: torch.Tensor, observed: torch.Tensor | None = None) -> float:
         """Mean over tokens of |top-k(feature router) ∩ top-k(residual router)| / k:
         how well the feature router imitates the residual router (NaN without
-        tokens). z_i, z_c [..., D]."""
+        tokens). z_i, z_c [..., D] (z_c may be broadcast, see :meth:`residual`);
+        observed [..., M] with ``mask_dim``."""
         self._check_complete(z_i, z_c, "router agreement")
-        _, f_idx = ops.topk_gating(self.feature_logits(z_i), self.k, backend=self.backend)
+        _, f_idx = ops.topk_gating(self.feature_logits(z_i, observed), self.k, backend=self.backend)
         _, r_idx = ops.topk_gating(self.residual_logits(z_i, z_c), self.k, backend=self.backend)
         overlap = (f_idx.unsqueeze(2) == r_idx.unsqueeze(1)).any(dim=2).float().sum(dim=1) / self.k
         return float(overlap.mean()) if overlap.numel() else float("nan")
 
     def extra_repr(self) -> str:
+        extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
+                        (("mask_dim", 0), ("mix", "none"), ("imitation", "kl")) if getattr(self, name) != default)
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, routing={self.routing!r}, "
-                f"noise={self.noise!r}, residual_input={self.residual_input!r}, backend={self.backend!r}")
+                f"noise={self.noise!r}, residual_input={self.residual_input!r}{extra}, backend={self.backend!r}")
