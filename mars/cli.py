@@ -15,6 +15,9 @@ from pathlib import Path
 
 from . import methods
 from .config import (
+    BACKBONES,
+    IMITATIONS,
+    MIX_MODES,
     NOISE_MODES,
     PRECISIONS,
     RESIDUAL_INPUTS,
@@ -51,6 +54,7 @@ from .train import (
 )
 
 METHOD_CHOICES = methods.cli_names()
+_DEFAULT = ModelConfig()  # the defaults of the model options, written once (mars/config.py)
 
 
 def method(text: str) -> str:
@@ -78,16 +82,37 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts", type=int, default=8)
     g.add_argument("--k", type=int, default=2)
     g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--noise", choices=NOISE_MODES, default="adaptive", help="MARS noise on the residual router")
-    g.add_argument("--routing", choices=ROUTINGS, default="residual", help="router that gates in training (ablation)")
-    g.add_argument("--sigma-0", type=float, default=1.0)
-    g.add_argument("--sigma-max", type=float, default=1.0)
-    g.add_argument("--residual-input", choices=RESIDUAL_INPUTS, default="concat",
-                   help="residual router input: [z_i, stopgrad(z_c)] or stopgrad(z_c - z_i)")
-    g.add_argument("--router-mlp", action="store_true", help="MLP routers instead of linear ones")
-    g.add_argument("--lambda-imit", type=float, default=5.0)
-    g.add_argument("--lambda-balance", type=float, default=0.01)
-    g.add_argument("--lambda-complete", type=float, default=1.0)
+    g.add_argument("--backbone", choices=BACKBONES, default=_DEFAULT.backbone,
+                   help="fusion backbone of mars, vanilla-moe and backbone: attention across modalities, late "
+                        "(per-modality towers, mean) or mce (MCE's completion Transformer)")
+    g.add_argument("--noise", choices=NOISE_MODES, default=_DEFAULT.noise, help="MARS noise on the residual router")
+    g.add_argument("--routing", choices=ROUTINGS, default=_DEFAULT.routing,
+                   help="router that gates in training (ablation)")
+    g.add_argument("--sigma-0", type=float, default=_DEFAULT.sigma_0)
+    g.add_argument("--sigma-max", type=float, default=_DEFAULT.sigma_max)
+    g.add_argument("--sigma-const", type=float, default=_DEFAULT.sigma_const, help="sigma of --noise constant")
+    g.add_argument("--residual-input", choices=RESIDUAL_INPUTS, default=_DEFAULT.residual_input,
+                   help="residual router input: [z_i, stopgrad(z_c)] (concat), stopgrad(z_c - z_i) (diff), or the "
+                        "difference through a --residual-dim code (bottleneck)")
+    g.add_argument("--residual-dim", type=int, default=_DEFAULT.residual_dim,
+                   help="width of the bottleneck residual code")
+    g.add_argument("--router-mlp", action=argparse.BooleanOptionalAction, default=_DEFAULT.router_mlp,
+                   help="MLP routers instead of linear ones")
+    g.add_argument("--mask-router", action=argparse.BooleanOptionalAction, default=_DEFAULT.mask_router,
+                   help="the feature router also reads the observed-modality mask")
+    g.add_argument("--mask-experts", action=argparse.BooleanOptionalAction, default=_DEFAULT.mask_experts,
+                   help="the experts also read the observed-modality mask")
+    g.add_argument("--mix", choices=MIX_MODES, default=_DEFAULT.mix,
+                   help="MARS training gate: none, prob (tokens take the feature router's route with probability "
+                        "1 - exp(-mix_scale * KL)) or blend ((1 - a) p_r + a p_f)")
+    g.add_argument("--mix-scale", type=float, default=_DEFAULT.mix_scale)
+    g.add_argument("--imitation", choices=IMITATIONS, default=_DEFAULT.imitation,
+                   help="imitation loss: KL(sg(p_r) || p_f) or cross-entropy on the residual router's top-k")
+    g.add_argument("--lambda-imit", type=float, default=_DEFAULT.lambda_imit)
+    g.add_argument("--lambda-balance", type=float, default=_DEFAULT.lambda_balance)
+    g.add_argument("--lambda-complete", type=float, default=_DEFAULT.lambda_complete)
+    g.add_argument("--lambda-distill", type=float, default=_DEFAULT.lambda_distill,
+                   help="weight of KL(sg(head(z_c)) || head(y)): the complete pass distilled into the MoE output")
     g.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default=None)
     r = p.add_argument_group("MoE-Retriever (--method moe-retriever)")
     r.add_argument("--retriever-variant", choices=RETRIEVER_VARIANTS, default="paper",
@@ -120,7 +145,7 @@ def _device_args(p: argparse.ArgumentParser, *, run_default: bool = False) -> No
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="mfeat", help="'mfeat' (embedded), 'synthetic-seg', a feature directory, or BENCHMARK:DIR with BENCHMARK one of "
+    p.add_argument("--data", default="mfeat", help="'mfeat' (embedded), 'synthetic-missing', 'synthetic-seg', a feature directory, or BENCHMARK:DIR with BENCHMARK one of "
                    "crema-d, food-101, casia-surf, mcubes")
     p.add_argument("--protocol", "--missing", dest="protocol", default="uniform",
                    help="training missingness: uniform | independent:0.2,0.5,0.8 (one rate per modality) | fixed:0.5")
@@ -128,6 +153,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--masks-per-step", type=int, default=1, metavar="P",
+                   help="incomplete masks drawn per sample per step, for every method (MARS shares one complete "
+                        "pass across them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _device_args(p)
     p.add_argument("--expert-parallel", action="store_true",
@@ -136,12 +164,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
 
 
-def _config(a: argparse.Namespace, method: str | None = None, seed: int | None = None) -> TrainConfig:
+def _config(a: argparse.Namespace, method: str | None = None, seed: int | None = None,
+            backbone: str | None = None) -> TrainConfig:
     model = ModelConfig(
         method=method or a.method, dropout=a.dropout, d_model=a.d_model, d_hidden=a.d_hidden, num_experts=a.experts,
         k=a.k, noise=a.noise, routing=a.routing, residual_input=a.residual_input, router_mlp=a.router_mlp,
-        sigma_0=a.sigma_0, sigma_max=a.sigma_max, lambda_imit=a.lambda_imit,
-        lambda_balance=a.lambda_balance, lambda_complete=a.lambda_complete,
+        sigma_0=a.sigma_0, sigma_max=a.sigma_max, sigma_const=a.sigma_const, lambda_imit=a.lambda_imit,
+        lambda_balance=a.lambda_balance, lambda_complete=a.lambda_complete, lambda_distill=a.lambda_distill,
+        backbone=backbone or a.backbone, residual_dim=a.residual_dim, mask_router=a.mask_router,
+        mask_experts=a.mask_experts, mix=a.mix, mix_scale=a.mix_scale, imitation=a.imitation,
         backend=None if a.backend in (None, "auto") else a.backend,
         retriever_variant=a.retriever_variant, retriever_candidates=a.retriever_candidates,
         retriever_shared=a.retriever_shared, retriever_k=a.retriever_k, retriever_alpha=a.retriever_alpha,
@@ -151,7 +182,7 @@ def _config(a: argparse.Namespace, method: str | None = None, seed: int | None =
     )
     return TrainConfig(data=a.data, expert_parallel=a.expert_parallel, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        seed=a.seed if seed is None else seed, protocol=a.protocol, device=a.device,
-                       precision=a.precision, model=model)
+                       precision=a.precision, masks_per_step=a.masks_per_step, model=model)
 
 
 def _print_results(result: dict) -> None:
@@ -164,6 +195,8 @@ def _print_results(result: dict) -> None:
             print(f"test {label}, mean over subsets: {s[key]:.4f}")
     if s.get("router_agreement") is not None:
         print(f"feature-vs-residual router top-k agreement: {s['router_agreement']:.3f}")
+    if s.get("specialisation_nmi") is not None:
+        print(f"specialisation (NMI of missing pattern and expert): {s['specialisation_nmi']:.3f}")
     print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in s["test_by_size"].items()))
     ranked = sorted(test["subsets"], key=lambda r: r["score"])
     show = ranked[:3] + ranked[-3:] if len(ranked) > 6 else ranked
@@ -176,7 +209,10 @@ def _plots(run: Path, result: dict) -> None:
     plot_by_size({result["summary"]["method"]: result["summary"]["test_by_size"]}, run / "score_by_observed.png")
     usage = result["test"].get("usage")
     if usage is not None:
-        plot_usage(usage, [r["name"] for r in result["test"]["subsets"]], run / "expert_usage.png")
+        nmi = result["test"].get("specialisation_nmi")
+        plot_usage(usage, [r["name"] for r in result["test"]["subsets"]], run / "expert_usage.png",
+                   title=f"{result['summary']['method']}: expert usage by missing pattern (test)"
+                         + (f", NMI {nmi:.3f}" if nmi is not None else ""))
 
 
 RESUME_OPTIONS = ("epochs", "device", "quiet")  # the options --resume takes (besides the run directory)
@@ -231,38 +267,67 @@ def cmd_eval(a, given: set[str]) -> int:
     check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
     train_set, val_set, test_set = load_data(cfg.data, seed=cfg.seed)
     check_setup(cfg, (train_set, val_set, test_set), device)
+    if a.oracle and not methods.get(cfg.model.method).residual_router:
+        raise ConfigError("oracle", f"gates with the residual router; the method {cfg.model.method!r} has none")
     model = make_model(cfg, test_set)
     load_weights(model, state["best"]["state"], run / CHECKPOINT_FILE)
     set_up_device(device)
-    train_set, test_set = on_device(train_set, device), on_device(test_set, device)
+    split = {"test": test_set, "val": val_set}[a.split]
+    train_set, split = on_device(train_set, device), on_device(split, device)
     model.to(device)
     prepare_model(model, cfg, train_set, resume=True)
-    res = evaluate_subsets(model, test_set, mode="oracle" if a.oracle else "eval", precision=precision)
-    how = "oracle: residual router" if a.oracle else (
-        "feature router" if methods.get(cfg.model.method).sparse_moe else cfg.model.method)
-    print(f"{run}: test mean over subsets {res['mean']:.4f} ({how})")
+    method = methods.get(cfg.model.method)
+    num_experts = cfg.model.num_experts if method.sparse_moe else None
+    res = evaluate_subsets(model, split, mode="oracle" if a.oracle else "eval", precision=precision,
+                           num_experts=num_experts)
+    how = "oracle: residual router" if a.oracle else ("feature router" if method.sparse_moe else cfg.model.method)
+    print(f"{run}: {a.split} mean over subsets {res['mean']:.4f} ({how})")
     print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in res["by_size"].items()))
+    if res.get("specialisation_nmi") is not None:
+        print(f"specialisation (NMI of missing pattern and expert): {res['specialisation_nmi']:.3f}")
+    if method.residual_router:
+        from .data import MissingnessProtocol
+        from .evaluate import router_agreement
+
+        agreement = router_agreement(model, split, MissingnessProtocol.parse(cfg.protocol), cfg.seed, precision)
+        print(f"feature-vs-residual router top-k agreement ({a.split}, the training protocol's masks): "
+              f"{agreement:.3f}")
     return 0
 
 
+def _compare_rows(a) -> list[tuple[str, str, str]]:
+    """(row name, method, backbone) of every row of ``mars compare``: with
+    ``--backbones``, each method built on a backbone (mars, vanilla-moe,
+    backbone) once per backbone, as "method@backbone"; the others once."""
+    names = list(dict.fromkeys(m for group in a.methods for m in group))  # flattened, first occurrence kept
+    rows = []
+    for name in names:
+        if a.backbones and methods.get(name).on_backbone:
+            rows += [(f"{name}@{b}", name, b) for b in dict.fromkeys(a.backbones)]
+        else:
+            rows.append((name, name, a.backbone))
+    return rows
+
+
 def cmd_compare(a, given: set[str]) -> int:
-    """Every method x seed in ``--out/<method>_seed<seed>``, then the tables.
-    Everything is checked before ``--out`` is touched; an existing non-empty
-    ``--out`` needs ``--overwrite`` (then the new results replace it when
-    complete)."""
+    """Every method (x backbone) x seed in ``--out/<row>_seed<seed>``, then the
+    tables. Everything is checked before ``--out`` is touched; an existing
+    non-empty ``--out`` needs ``--overwrite`` (then the new results replace it
+    when complete)."""
     from .data import load_data
 
     if a.seeds < 1:
         raise ConfigError("seeds", f"must be >= 1, got {a.seeds}")
     if not a.out.strip():
         raise ConfigError("out", "expected a directory for the results, got an empty path")
-    names = list(dict.fromkeys(m for group in a.methods for m in group))  # flattened, first occurrence kept
-    configs = {name: [_config(a, method=name, seed=seed) for seed in range(a.seeds)] for name in names}
+    rows = _compare_rows(a)
+    configs = {row: [_config(a, method=name, seed=seed, backbone=b) for seed in range(a.seeds)]
+               for row, name, b in rows}
     device = resolve_device(a.device)
     check_precision(a.precision, device)
     data = load_data(a.data, seed=0)
-    for name in names:
-        check_setup(configs[name][0], data, device)
+    for row in configs:
+        check_setup(configs[row][0], data, device)
     out = open_output(a.out, overwrite=a.overwrite, kind="compare")
     try:
         _compare(a, out.build, configs)
@@ -276,43 +341,113 @@ def cmd_compare(a, given: set[str]) -> int:
     return 0
 
 
-def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
-    rows: dict[str, list[dict]] = {}
-    for name, cfgs in configs.items():
-        for cfg in cfgs:
-            print(f"== {name}, seed {cfg.seed}", flush=True)
-            res = train(cfg, out / f"{name}_seed{cfg.seed}", progress=not a.quiet)
-            rows.setdefault(name, []).append(res["summary"])
+def _reference_row(row: str, names: list[str]) -> str | None:
+    """The MARS row a row is compared with: MARS on the same backbone for a
+    "method@backbone" row, else the first MARS row."""
+    method, _, backbone = row.partition("@")
+    if backbone and f"mars@{backbone}" in names:
+        return f"mars@{backbone}"
+    return next((n for n in names if n.partition("@")[0] == "mars"), None)
+
+
+def compare_table(rows: dict[str, list[dict]], epochs: int, level: float = 0.95) -> tuple[dict, list[str]]:
+    """The summary table of ``mars compare`` from each row's per-seed run
+    summaries (seeds in the same order for every row) -> (table, markdown
+    lines). Per row: mean ± std over seeds of the test mean over subsets,
+    of one modality and of all modalities; the paired difference to its MARS
+    row (:func:`_reference_row`) per seed with a ``level`` paired-t interval
+    (:func:`mars.stats.paired_interval`; marked * when it excludes 0); train
+    seconds per epoch; parameters; router agreement; specialisation NMI."""
+    from .stats import paired_interval
 
     def stat(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None
         return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
-    lines = ["| method | mean over subsets | one modality | all modalities | train s | s / epoch | parameters | router agreement |",
-             "|---|---|---|---|---|---|---|---|"]
+    def by_size(s, size):
+        d = s["test_by_size"]
+        return d[str(size)] if str(size) in d else d[size]
+
+    names = list(rows)
     table = {}
-    for method, summaries in rows.items():
+    for row, summaries in rows.items():
         sizes = sorted(int(k) for k in summaries[0]["test_by_size"])
-        one = stat([s["test_by_size"][str(sizes[0])] if str(sizes[0]) in s["test_by_size"] else s["test_by_size"][sizes[0]] for s in summaries])
-        full = stat([s["test_by_size"][str(sizes[-1])] if str(sizes[-1]) in s["test_by_size"] else s["test_by_size"][sizes[-1]] for s in summaries])
-        mean = stat([s["test_mean"] for s in summaries])
         secs = statistics.mean(s["train_seconds"] for s in summaries)
-        table[method] = {"mean": mean, "one": one, "all": full, "seconds": secs, "seconds_per_epoch": secs / a.epochs, "parameters": summaries[0]["parameters"]}
-        agree = [s["router_agreement"] for s in summaries if s.get("router_agreement") is not None]
-        agree_text = f"{statistics.mean(agree):.3f}" if agree else "-"
-        table[method]["router_agreement"] = statistics.mean(agree) if agree else None
-        lines.append(f"| {method} | {mean[0]:.4f} ± {mean[1]:.4f} | {one[0]:.4f} ± {one[1]:.4f} | "
-                     f"{full[0]:.4f} ± {full[1]:.4f} | {secs:.0f} | {secs / a.epochs:.2f} | {summaries[0]['parameters']:,} | {agree_text} |")
+        entry = {
+            "mean": stat([s["test_mean"] for s in summaries]), "one": stat([by_size(s, sizes[0]) for s in summaries]),
+            "all": stat([by_size(s, sizes[-1]) for s in summaries]), "seconds": secs,
+            "seconds_per_epoch": secs / epochs, "parameters": summaries[0]["parameters"],
+            "router_agreement": stat([s.get("router_agreement") for s in summaries]),
+            "specialisation_nmi": stat([s.get("specialisation_nmi") for s in summaries]),
+            "per_seed": [s["test_mean"] for s in summaries], "seeds": [s["seed"] for s in summaries],
+        }
+        ref = _reference_row(row, names)
+        entry["reference"] = ref if ref != row else None
+        if entry["reference"] is not None:
+            ref_by_seed = {s["seed"]: s["test_mean"] for s in rows[ref]}
+            pairs = [(s["test_mean"], ref_by_seed[s["seed"]]) for s in summaries if s["seed"] in ref_by_seed]
+            entry["paired"] = paired_interval([x - y for x, y in pairs], level=level) if pairs else None
+        table[row] = entry
+
+    def fmt(v, digits=4):
+        return "-" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+
+    def diff(entry):
+        p = entry.get("paired")
+        if not p:
+            return "(reference)" if entry["reference"] is None else "-"
+        if p["n"] < 2:
+            return f"{p['mean']:+.4f}"
+        return f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]{'*' if p['significant'] else ''}"
+
+    pct = f"{100 * level:g}%"
+    lines = [f"| method | mean over subsets | vs MARS: paired diff. [{pct} CI] | one modality | all modalities | "
+             "s / epoch | parameters | router agreement | specialisation NMI |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row, e in table.items():
+        lines.append(f"| {row} | {fmt(e['mean'])} | {diff(e)} | {fmt(e['one'])} | {fmt(e['all'])} | "
+                     f"{e['seconds_per_epoch']:.2f} | {e['parameters']:,} | {fmt(e['router_agreement'], 3)} | "
+                     f"{fmt(e['specialisation_nmi'], 3)} |")
+    return table, lines
+
+
+PAIRED_NOTE = ("paired diff.: the row's test mean over subsets minus its MARS row's (the same backbone for "
+               "method@backbone rows) on each seed; mean and 95% paired-t interval over seeds; * = the interval "
+               "excludes 0")
+
+
+def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
+    rows: dict[str, list[dict]] = {}
+    usage: dict[str, tuple] = {}
+    for row, cfgs in configs.items():
+        for cfg in cfgs:
+            print(f"== {row}, seed {cfg.seed}", flush=True)
+            res = train(cfg, out / f"{row}_seed{cfg.seed}", progress=not a.quiet)
+            rows.setdefault(row, []).append(res["summary"])
+            if row not in usage and res["test"].get("usage") is not None:
+                usage[row] = (res["test"]["usage"], [r["name"] for r in res["test"]["subsets"]],
+                              res["test"].get("specialisation_nmi"), cfg.seed)
+    table, lines = compare_table(rows, a.epochs)
     text = "\n".join(lines)
-    print("\n" + text)
+    print("\n" + text + "\n" + PAIRED_NOTE)
     write_text(out / "compare.md", text + "\n")
-    write_json(out / "compare.json", {"rows": rows, "table": table})
-    from .plots import plot_by_size
+    first = next(iter(configs.values()))[0]
+    write_json(out / "compare.json", {
+        "rows": rows, "table": table, "command": "mars " + " ".join(sys.argv[1:]), "data": first.data,
+        "protocol": first.protocol, "epochs": first.epochs, "masks_per_step": first.masks_per_step,
+        "seeds": a.seeds, "note": PAIRED_NOTE})
+    from .plots import plot_by_size, plot_usage
 
     curves = {}
-    for method, summaries in rows.items():
+    for row, summaries in rows.items():
         keys = summaries[0]["test_by_size"].keys()
-        curves[method] = {int(k): statistics.mean(s["test_by_size"][k] for s in summaries) for k in keys}
+        curves[row] = {int(k): statistics.mean(s["test_by_size"][k] for s in summaries) for k in keys}
     plot_by_size(curves, out / "compare_by_observed.png")
+    for row, (u, names, nmi, seed) in usage.items():
+        title = f"{row}, seed {seed}: expert usage by missing pattern (test)" + (f", NMI {nmi:.3f}" if nmi is not None else "")
+        plot_usage(u, names, out / f"expert_usage_{row}.png", title=title)
 
 
 # config fields whose option is not --<field with dashes>
@@ -369,10 +504,16 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="evaluate a run's best checkpoint on every modality subset")
     e.add_argument("run_dir")
     e.add_argument("--oracle", action="store_true", help="gate with the residual router (needs complete data)")
+    e.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the split to evaluate (val: for choosing options without touching the test split)")
     _device_args(e, run_default=True)
     c = sub.add_parser("compare", help="MARS vs the baselines on the same data, splits, masks and budget")
     _train_args(c)
     c.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1 for every method (>= 1)")
+    c.add_argument("--backbones", nargs="+", choices=BACKBONES, default=None, metavar="BACKBONE",
+                   help=f"run each method built on a backbone (mars, vanilla-moe, backbone) once per backbone "
+                        f"({', '.join(BACKBONES)}), as rows method@backbone, each compared with MARS on its backbone "
+                        "(e.g. --methods mars backbone --backbones attention late mce: backbone alone vs backbone + MARS)")
     defaults = [m for m in methods.REGISTRY.values() if m.compare_default]
     c.add_argument("--methods", nargs="+", type=method_list, default=[[m.name for m in defaults]],
                    metavar="METHOD", help=f"any of {', '.join(METHOD_CHOICES)}, separated by spaces or commas "

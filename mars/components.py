@@ -136,6 +136,12 @@ class ModalityAttentionFusion(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self._attend(h)
 
+    def fuse_stack(self, h: torch.Tensor, missing: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """h [B, N, M, D] tokens, missing [M, D], observed [P, B, M] bool ->
+        z [P, B, N, D], one fused representation per mask, every mask in one
+        call of each op."""
+        return self._attend(h, missing, observed)
+
     def fuse_masked(self, h: torch.Tensor, missing: torch.Tensor, masks: list[torch.Tensor]) -> list[torch.Tensor]:
         """h [B, N, M, D] tokens, missing [M, D] embeddings, masks [B, M] bool
         -> one z [B, N, D] per mask, with the tokens of each modality the mask

@@ -7,14 +7,17 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 
-from mars_kernels.layers.mars_router import NOISE_MODES, RESIDUAL_INPUTS, ROUTINGS
+from mars_kernels.layers.mars_router import IMITATIONS, MIX_MODES, NOISE_MODES, RESIDUAL_INPUTS, ROUTINGS
 
 from . import methods
 from .data import MissingnessProtocol
 
 __all__ = ["ConfigError", "ModelConfig", "TrainConfig", "NOISE_MODES", "ROUTINGS", "RESIDUAL_INPUTS",
-           "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS", "MAX_SEED", "PRECISIONS", "check_device_spec"]
+           "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS", "MAX_SEED", "PRECISIONS", "check_device_spec", "BACKBONES",
+           "MIX_MODES", "IMITATIONS", "MAX_MASKS_PER_STEP"]
 
+BACKBONES = ("attention", "late", "mce")
+MAX_MASKS_PER_STEP = 64
 RETRIEVER_VARIANTS = ("paper", "code")
 SHAPLEY_VARIANTS = ("exact", "code")
 PRECISIONS = ("fp32", "bf16")
@@ -94,7 +97,19 @@ class ModelConfig:
         (sigma = sigma_const) | "none"; MARS only.
     routing: which router gates the experts in training — "residual" (MARS),
         "feature" or "random" (ablations; "moe" always uses "feature").
-    residual_input: "concat" ([z_i, stopgrad(z_c)]) or "diff" (stopgrad(z_c - z_i)).
+    residual_input: "concat" ([z_i, stopgrad(z_c)]), "diff" (stopgrad(z_c - z_i))
+        or "bottleneck" (the difference through a ``residual_dim``-wide code).
+    backbone: the fusion of the methods built on :class:`mars.model.MarsModel`
+        (MARS, vanilla MoE, the backbone alone): "attention" (attention across
+        modalities, mean), "late" (a per-modality MLP tower, mean over
+        modalities) or "mce" (MCE's completion Transformer across the modality
+        tokens, their concatenation projected to d_model); see mars/backbones.py.
+    mask_router / mask_experts: the feature router / the experts also read the
+        observed-modality mask (known at test time); MarsModel methods.
+    mix, mix_scale, imitation: MARS's training gate and imitation loss
+        (:class:`mars_kernels.MarsRouter`).
+    lambda_distill: weight of KL(sg(head(z_c)) || head(y)), the complete
+        pass's prediction distilled into the MoE output (MARS).
     The defaults residual_input="concat", lambda_imit=5 were chosen on the
     validation split of the embedded data (the test split was not used): with
     the complete tokens themselves as input, rather than their difference to
@@ -113,6 +128,13 @@ class ModelConfig:
     dropout: float = 0.1
     router_mlp: bool = False
     residual_input: str = "concat"
+    residual_dim: int = 8
+    backbone: str = "attention"
+    mask_router: bool = False
+    mask_experts: bool = False
+    mix: str = "none"
+    mix_scale: float = 1.0
+    imitation: str = "kl"
     noise: str = "adaptive"
     routing: str = "residual"
     sigma_0: float = 1.0
@@ -121,6 +143,7 @@ class ModelConfig:
     lambda_complete: float = 1.0
     lambda_imit: float = 5.0
     lambda_balance: float = 0.01
+    lambda_distill: float = 0.0
     backend: str | None = None
     # MoE-Retriever (mars.baselines.moe_retriever)
     retriever_variant: str = "paper"
@@ -146,16 +169,18 @@ class ModelConfig:
         except ValueError as e:
             raise ConfigError("method", str(e)) from None
         for name, allowed in (("noise", NOISE_MODES), ("routing", ROUTINGS), ("residual_input", RESIDUAL_INPUTS),
-                              ("retriever_variant", RETRIEVER_VARIANTS), ("mce_shapley", SHAPLEY_VARIANTS)):
+                              ("retriever_variant", RETRIEVER_VARIANTS), ("mce_shapley", SHAPLEY_VARIANTS),
+                              ("backbone", BACKBONES), ("mix", MIX_MODES), ("imitation", IMITATIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
-        _at_least(self, ("d_model", "d_hidden", "num_experts", "fusion_heads"), 1)
+        _at_least(self, ("d_model", "d_hidden", "num_experts", "fusion_heads", "residual_dim"), 1)
         if not 1 <= self.k <= self.num_experts:
             raise ConfigError("k", f"must be in [1, num_experts={self.num_experts}], got {self.k}")
         if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         _finite_at_least_zero(self, ("sigma_0", "sigma_max", "sigma_const", "lambda_complete", "lambda_imit",
-                                     "lambda_balance", "lambda_gate", "lambda_sep", "lambda_com", "lambda_sub"))
+                                     "lambda_balance", "lambda_gate", "lambda_sep", "lambda_com", "lambda_sub",
+                                     "mix_scale", "lambda_distill"))
         _at_least(self, ("retriever_candidates",), 1)
         _at_least(self, ("retriever_shared", "retriever_warmup", "mce_teacher_epochs"), 0)
         allowed = self.retriever_candidates + self.retriever_shared
@@ -183,6 +208,12 @@ class TrainConfig:
         --device ...``. (The ``mars`` command's default is "auto".)
     precision: "fp32" | "bf16" (autocast of the forward pass and the loss to
         bfloat16, float32 master weights); "fp32" for an older ``config.json``.
+    masks_per_step: P incomplete masks drawn per sample per step, the same
+        for every method (1: one, as before; 1 also for an older
+        ``config.json``). Models that take a stack of masks get observed
+        [P, B, M] (MARS and vanilla MoE fuse every mask, and MARS's one
+        complete pass, in one call of each fusion op); the others see the
+        batch repeated P times.
     """
 
     data: str = "mfeat"
@@ -195,6 +226,7 @@ class TrainConfig:
     expert_parallel: bool = False
     device: str = "cpu"
     precision: str = "fp32"
+    masks_per_step: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
@@ -208,7 +240,9 @@ class TrainConfig:
         if not isinstance(self.model, ModelConfig):
             raise ConfigError("model", f"expected a ModelConfig or a dict of its fields, got {type(self.model).__name__}")
         _check_types(self)
-        _at_least(self, ("epochs", "batch_size"), 1)
+        _at_least(self, ("epochs", "batch_size", "masks_per_step"), 1)
+        if self.masks_per_step > MAX_MASKS_PER_STEP:
+            raise ConfigError("masks_per_step", f"must be <= {MAX_MASKS_PER_STEP}, got {self.masks_per_step}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("lr", f"must be a finite number > 0, got {self.lr}")
         _finite_at_least_zero(self, ("weight_decay",))

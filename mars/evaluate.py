@@ -24,6 +24,7 @@ import torch
 from .data import MultimodalDataset, all_subsets, subset_name
 from .devices import autocast
 from .distributed import DistContext
+from .stats import specialisation_nmi
 
 
 def _available(data: MultimodalDataset) -> torch.Tensor:
@@ -48,7 +49,10 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
                      num_experts: int | None = None, ctx: DistContext | None = None, precision: str = "fp32") -> dict:
     """-> {"subsets": [{name, size, n, score, miou?, apcer?, bpcer?, acer?}], "mean",
     "by_size": {size: mean}, "miou_mean"? / "acer_mean"? (segmentation / anti-spoofing),
-    "usage": [subsets, E] share of routed tokens per expert (when num_experts is given)}.
+    "usage": [subsets, E] share of routed tokens per expert, "usage_counts": [subsets, E]
+    the (token, slot) assignments themselves and "specialisation_nmi" (NMI between
+    missing pattern and expert, :func:`mars.stats.specialisation_nmi`), when
+    num_experts is given}.
 
     With a data-parallel ``ctx`` each rank evaluates a strided share of the
     (sample, subset) pairs and the counts are summed: every rank gets the result."""
@@ -125,4 +129,19 @@ def evaluate_subsets(model, data: MultimodalDataset, mode: str = "eval", batch_s
             result[f"{metric}_mean"] = statistics.mean(values)
     if num_experts:
         result["usage"] = (usage / usage.sum(dim=1, keepdim=True).clamp(min=1)).tolist()
+        result["usage_counts"] = usage.tolist()
+        result["specialisation_nmi"] = specialisation_nmi(result["usage_counts"])
     return result
+
+
+@torch.no_grad()
+def router_agreement(model, data: MultimodalDataset, protocol, seed: int, precision: str = "fp32") -> float:
+    """Top-k agreement of the feature and residual routers (MARS) on ``data``
+    under ``protocol``'s masks fixed by ``seed`` (mars.data.MissingnessProtocol.fixed_masks;
+    drawn on the CPU, moved to the data's device)."""
+    model.eval()
+    avail = _available(data)
+    masks = protocol.fixed_masks(avail, seed)
+    feats = {m: data.features[m] for m in data.modalities}
+    with autocast(data.device, precision):
+        return model.router_agreement(feats, masks, avail)

@@ -57,6 +57,11 @@ class TrainableModel(Protocol):
         a training step can leave some parameters without gradient;
         data-parallel training then runs DistributedDataParallel with
         ``find_unused_parameters=True``.
+    ``takes_mask_stack`` (optional, default False)
+        the training forward takes ``observed`` [P, B, M], P masks per sample
+        (``--masks-per-step P``), and returns logits [P * B, ...] mask-major;
+        ``loss`` repeats the labels. Without it the training loop repeats the
+        batch P times instead.
     """
 
     takes_sample_index: bool
@@ -81,6 +86,7 @@ class MethodModel(nn.Module):
 
     takes_sample_index: bool = False
     may_skip_parameters: bool = False
+    takes_mask_stack: bool = False
 
     def prepare(self, train_set: MultimodalDataset, *, protocol: MissingnessProtocol, seed: int, resume: bool,
                 log: Callable[..., None] = print) -> None:

@@ -38,6 +38,8 @@ class Method:
     residual_router: the model has MARS's residual router (oracle evaluation,
         feature-vs-residual router agreement).
     compare_default: part of ``mars compare``'s default ``--methods``.
+    on_backbone: the model is built on a fusion backbone (``--backbone``):
+        ``mars compare --backbones`` runs it once per backbone.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Method:
     sparse_moe: bool = False
     residual_router: bool = False
     compare_default: bool = False
+    on_backbone: bool = False
 
     @property
     def spellings(self) -> tuple[str, ...]:
@@ -62,16 +65,18 @@ class Method:
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("mars", "mars", "mars.model:MarsModel",
            "MARS: residual-guided routing with discrepancy-aware noise", sparse_moe=True, residual_router=True,
-           compare_default=True),
+           compare_default=True, on_backbone=True),
     Method("moe", "vanilla-moe", "mars.model:MarsModel",
            "the same MoE gated by the feature router only", aliases=("vanilla_moe",), sparse_moe=True,
-           compare_default=True),
+           compare_default=True, on_backbone=True),
     Method("late_fusion", "late-fusion", "mars.baselines.late_fusion:LateFusion",
            "per-modality classifiers, logits averaged; no MoE", compare_default=True),
     Method("moe_retriever", "moe-retriever", "mars.baselines.moe_retriever:MoERetrieverModel",
            "MoE-Retriever: missing modalities retrieved from supporting samples", aliases=("retriever",)),
     Method("mce", "mce", "mars.baselines.mce:MCEModel",
            "MCE: learning- and representation-capability enhancement"),
+    Method("backbone", "backbone", "mars.model:BackboneModel",
+           "the fusion backbone alone (--backbone), no MoE", aliases=("backbone_only",), on_backbone=True),
 )}
 
 DEFAULT_METHOD = "mars"

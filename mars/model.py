@@ -9,13 +9,20 @@ H*W for feature maps), D model width, E experts, k experts per token.
 * Fuse: attention across the modality axis at each token position, then the
   mean over modalities -> z [B, N, D]. Training fuses twice: the complete pass
   z_c = F(h | available) and the incomplete pass z_i = F(h | observed).
-* Route: :class:`mars_kernels.MarsRouter` — in training the residual router
-  (on the contrast of z_c and z_i) gates the experts with discrepancy-scaled
-  noise and the feature router (on z_i) learns to imitate it; at inference
-  the feature router gates, no noise. ``mode="oracle"`` gates with the
-  residual router (needs complete data).
-* Experts: y = z_i + sum_e w_e Expert_e(z_i).
+  Other fusions (``config.backbone``): :mod:`mars.backbones`.
+* Route and mix: :class:`mars_kernels.MarsMoE` (:class:`mars_kernels.MarsRouter`
+  + experts) — in training the residual router (on the contrast of z_c and
+  z_i) gates the experts with discrepancy-scaled noise and the feature router
+  (on z_i) learns to imitate it; at inference the feature router gates, no
+  noise. ``mode="oracle"`` gates with the residual router (needs complete
+  data). y = z_i + sum_e w_e Expert_e(z_i).
 * Readout: the task head on y (and, in training, on z_c).
+* Several masks per step: ``observed`` [P, B, M] in training fuses the P
+  incomplete passes and the one complete pass in one call of each fusion op;
+  the logits are then [P * B, K] (mask-major).
+
+:class:`BackboneModel` (method "backbone") is the same encoders, fusion and
+head without the MoE: the backbone alone.
 
 This module also re-exports the names ``mars.model`` has always offered
 (:class:`ModelConfig`, :class:`Output`, :func:`build_model`, the shared
@@ -32,10 +39,12 @@ import mars_kernels as mk
 
 from . import methods
 from .baselines.late_fusion import LateFusion
+import torch.nn.functional as F
+
+from .backbones import make_fusion
 from .components import (
     ModalityAttentionFusion,
     ModalityEncoders,
-    call_in_dtype,
     cross_entropy,
     token_readout,
     total_and_parts,
@@ -44,7 +53,7 @@ from .config import NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS,
 from .interface import MethodModel, Output
 from .methods import build_model, canonical
 
-__all__ = ["MarsModel", "ModelConfig", "Output", "build_model", "ModalityEncoders", "ModalityAttentionFusion",
+__all__ = ["MarsModel", "BackboneModel", "ModelConfig", "Output", "build_model", "ModalityEncoders", "ModalityAttentionFusion",
            "LateFusion", "canonical_method", "METHODS", "METHOD_ALIASES", "SPARSE_MOE_METHODS", "NOISE_MODES",
            "ROUTINGS", "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS"]
 
@@ -87,6 +96,18 @@ class MarsModel(MethodModel):
     router) and, with residual routing, ``imitation`` (KL(sg(p_r) || p_f),
     mean over tokens) and ``divergence`` (mean KL(p_r || p_f), detached).
 
+    ``observed`` may be a stack [P, B, M] of P masks (training): the logits
+    are then [P * B, K] (or [P * B, K, H, W]), mask-major, and ``loss``
+    repeats the labels; the complete pass runs once.
+
+    With ``config.lambda_distill`` > 0 the loss also has ``distill``,
+    KL(sg(softmax(head(z_c))) || softmax(head(y))): the complete pass's
+    prediction distilled into the MoE output.
+
+    The MoE is one :class:`mars_kernels.MarsMoE` (:attr:`moe`); its
+    submodules are registered on the model itself (``router``, ``experts``,
+    ``mask_embed``), so the parameter names are those of the earlier models.
+
     ``residual_router``: build MARS's residual router; by default the method's
     registry entry decides (MARS: yes, vanilla MoE: no). Without it the
     feature router always gates (``config.routing`` is taken as "feature").
@@ -94,6 +115,8 @@ class MarsModel(MethodModel):
     ``router.residual_router``), ``experts``, ``head``; a state dict from before
     the routers moved into ``router`` loads as is.
     """
+
+    takes_mask_stack = True
 
     def __init__(self, modalities: list[str], shapes: dict[str, tuple[int, ...]], num_classes: int,
                  task: str, config: ModelConfig, *, residual_router: bool | None = None):
@@ -110,17 +133,34 @@ class MarsModel(MethodModel):
         self.modalities = list(modalities)
         d = config.d_model
         self.encode = ModalityEncoders(modalities, shapes, d, config.dropout)
-        self.fuse = ModalityAttentionFusion(d, config.fusion_heads, config.dropout, config.backend)
-        self.router = mk.MarsRouter(
-            d, config.num_experts, config.k, routing=config.routing, noise=config.noise, sigma_0=config.sigma_0,
-            sigma_max=config.sigma_max, sigma_const=config.sigma_const, residual_input=config.residual_input,
-            mlp=config.router_mlp, residual_router=residual_router, backend=config.backend,
+        self.fuse = make_fusion(config.backbone, len(modalities), d, config.fusion_heads, config.d_hidden,
+                                config.dropout, config.backend)
+        moe = mk.MarsMoE(
+            d, config.d_hidden, config.num_experts, config.k, routing=config.routing, noise=config.noise,
+            sigma_0=config.sigma_0, sigma_max=config.sigma_max, sigma_const=config.sigma_const,
+            residual_input=config.residual_input, residual_dim=config.residual_dim, router_mlp=config.router_mlp,
+            mix=config.mix, mix_scale=config.mix_scale, imitation=config.imitation, residual_router=residual_router,
+            num_modalities=len(modalities), mask_router=config.mask_router, mask_experts=config.mask_experts,
+            activation=config.activation, lambda_imit=config.lambda_imit, lambda_balance=config.lambda_balance,
+            backend=config.backend,
         )
-        self.experts = mk.Experts(d, config.d_hidden, config.num_experts, activation=config.activation,
-                                  backend=config.backend)
+        for name, child in moe.named_children():  # router, experts (, mask_embed): the model's own parameters
+            setattr(self, name, child)
+        self._layer = (moe,)  # not a submodule: its children are the model's
         self.head = nn.Linear(d, num_classes)
         self.map_size = self.encode.map_size
         self.register_load_state_dict_pre_hook(_load_old_router_keys)
+
+    @property
+    def moe(self) -> mk.MarsMoE:
+        """The model's :class:`mars_kernels.MarsMoE`, with the model's current
+        submodules (expert parallelism replaces ``experts`` by its shard)."""
+        layer = self._layer[0]
+        for name in list(layer._modules):
+            if name in self._modules:
+                layer._modules[name] = self._modules[name]
+        layer.training = self.training
+        return layer
 
     @property
     def backend(self) -> str | None:
@@ -129,7 +169,8 @@ class MarsModel(MethodModel):
 
     @backend.setter
     def backend(self, name: str | None) -> None:
-        self.config.backend = self.experts.backend = self.fuse.backend = self.router.backend = name
+        self.config.backend = self.fuse.backend = name
+        self.moe.backend = name
 
     @property
     def may_skip_parameters(self) -> bool:
@@ -139,64 +180,128 @@ class MarsModel(MethodModel):
 
     # ---------------------------------------------------------------- pieces
     def encode_and_fuse(self, features, observed: torch.Tensor, available: torch.Tensor | None = None):
-        """The incomplete pass z_i (observed modalities) and, when ``available``
-        is given, the complete pass z_c, both [B, N, D] (z_c None otherwise),
-        from one encoding and one in-projection of the tokens."""
-        h = self.encode(features)
-        masks = [observed] if available is None else [observed, available]
-        z = self.fuse.fuse_masked(h, self.encode.missing, masks)
-        return z[0], (z[1] if available is not None else None)
+        """The incomplete pass z_i and, when ``available`` is given, the
+        complete pass z_c [B, N, D] (None otherwise), from one encoding of the
+        tokens and one call of each fusion op. ``observed`` [B, M] gives z_i
+        [B, N, D]; a stack [P, B, M] gives z_i [P, B, N, D]."""
+        return _encode_and_fuse(self, features, observed, available)
 
     def readout(self, y: torch.Tensor) -> torch.Tensor:
         """y [B, N, D] -> logits [B, K] (mean over tokens) or [B, K, H, W]."""
         return token_readout(self.head, y, self.map_size)
 
-    def moe(self, z: torch.Tensor, routing: mk.Routing) -> torch.Tensor:
-        """y = z + sum_e w_e Expert_e(z): z [B, N, D], routing [B, N, k] -> y [B, N, D]."""
-        B, N, D = z.shape
-        k = routing.indices.shape[-1]
-        y = call_in_dtype(self.experts, z.dtype, z.reshape(B * N, D), routing.weights.reshape(B * N, k),
-                          routing.indices.reshape(B * N, k))  # float32 gate weights: the op computes in float32
-        return z + y.reshape(B, N, D)
-
     # ---------------------------------------------------------------- forward
     def forward(self, features, observed, available=None, mode: str = "eval") -> Output:
         if mode not in MODES:
             raise ValueError(f"mode must be 'train', 'eval' or 'oracle', got {mode!r}")
-        need_complete = mode == "oracle" or (mode == "train" and self.router.has_residual_router)
+        need_complete = mode == "oracle" or (mode == "train" and self.moe.has_residual_router)
         if need_complete and available is None:
             raise ValueError(f"mode={mode!r} needs `available` (the complete modalities) for the complete pass")
         z_i, z_c = self.encode_and_fuse(features, observed, available if need_complete else None)
         aux: dict[str, torch.Tensor] = {}
         if need_complete:
             aux["complete_logits"] = self.readout(z_c)
-        routing = self.router(z_i, z_c, mode=mode)
+        token_mask = observed.unsqueeze(-2)  # [(P,) B, 1, M]: every token of a sample has its mask
+        y, moe_aux = self.moe(z_i, z_c, token_mask, mode=mode)
         for ours, theirs in (("imitation", "imitation_loss"), ("divergence", "divergence"),
-                             ("balance", "balance_loss")):
-            if theirs in routing.aux:
-                aux[ours] = routing.aux[theirs]
-        aux["indices"] = routing.indices
-        return Output(self.readout(self.moe(z_i, routing)), aux)
+                             ("balance", "balance_loss"), ("feature_share", "feature_share")):
+            if theirs in moe_aux:
+                aux[ours] = moe_aux[theirs]
+        aux["indices"] = moe_aux["indices"]
+        return Output(self.readout(y.flatten(0, 1) if observed.dim() == 3 else y), aux)
 
     @torch.no_grad()
     def router_agreement(self, features, observed, available) -> float:
         """Mean overlap |top-k(feature router) ∩ top-k(residual router)| / k over
         tokens: how well the feature router imitates the residual router (MARS only)."""
-        if not self.router.has_residual_router:
+        if not self.moe.has_residual_router:
             raise ValueError(f"router agreement needs the residual router (method {self.config.method!r} has none)")
         z_i, z_c = self.encode_and_fuse(features, observed, available)
-        return self.router.agreement(z_i, z_c)
+        return self.moe.agreement(z_i, z_c, observed.unsqueeze(-2))
 
     def loss(self, out: Output, labels: torch.Tensor, ignore_index: int | None = None) -> tuple[torch.Tensor, dict]:
         """The training loss of DESIGN 3 and its parts (floats, for logging):
         task CE + lambda_complete CE(complete pass) + lambda_imit imitation
         + lambda_balance balance, each part present when ``out`` has it."""
         cfg = self.config
-        parts = {"task": cross_entropy(out.logits, labels, ignore_index)}
+        passes = out.logits.shape[0] // max(labels.shape[0], 1)
+        parts = {"task": cross_entropy(out.logits, _repeat(labels, passes), ignore_index)}
         if "complete_logits" in out.aux:
-            parts["complete"] = cfg.lambda_complete * cross_entropy(out.aux["complete_logits"], labels, ignore_index)
+            complete = out.aux["complete_logits"]
+            parts["complete"] = cfg.lambda_complete * cross_entropy(complete, labels, ignore_index)
+            if cfg.lambda_distill > 0:
+                parts["distill"] = cfg.lambda_distill * distillation(out.logits, _repeat(complete, passes))
         if "imitation" in out.aux:
             parts["imitation"] = cfg.lambda_imit * out.aux["imitation"]
         if "balance" in out.aux:
             parts["balance"] = cfg.lambda_balance * out.aux["balance"]
         return total_and_parts(parts)
+
+
+def _repeat(t: torch.Tensor, passes: int) -> torch.Tensor:
+    """t [B, ...] -> [passes * B, ...] (mask-major, as the stacked logits)."""
+    return t if passes == 1 else t.repeat(passes, *([1] * (t.dim() - 1)))
+
+
+def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(sg(teacher)) || softmax(logits)) over the class dim (dim 1),
+    mean over samples (and pixels): logits, teacher_logits [B, K] or [B, K, H, W]."""
+    teacher = F.log_softmax(teacher_logits.detach().float(), dim=1)
+    student = F.log_softmax(logits.float(), dim=1)
+    return (teacher.exp() * (teacher - student)).sum(dim=1).mean()
+
+
+def _encode_and_fuse(model, features, observed: torch.Tensor, available: torch.Tensor | None):
+    """z_i ([B, N, D] or, for observed [P, B, M], [P, B, N, D]) and z_c [B, N, D]
+    (None without ``available``), from one encoding and one fusion call."""
+    h = model.encode(features)
+    stack = observed if observed.dim() == 3 else observed.unsqueeze(0)
+    P = stack.shape[0]
+    masks = stack if available is None else torch.cat([stack, available.unsqueeze(0).to(stack.device)])
+    z = model.fuse.fuse_stack(h, model.encode.missing, masks)
+    z_i = z[:P] if observed.dim() == 3 else z[0]
+    return z_i, (z[P] if available is not None else None)
+
+
+class BackboneModel(MethodModel):
+    """The fusion backbone alone (method "backbone"): MARS's encoders, the
+    fusion ``config.backbone`` (:mod:`mars.backbones`) and a linear head on
+    z_i; no MoE, no complete pass. Trained with the task cross-entropy on the
+    incomplete passes (P masks per step like every method).
+
+    forward(features, observed [B, M] or [P, B, M], available=None (unused),
+    mode="train" | "eval") -> Output(logits [B or P * B, K] or [.., K, H, W], {}).
+    """
+
+    takes_mask_stack = True
+
+    def __init__(self, modalities: list[str], shapes: dict[str, tuple[int, ...]], num_classes: int,
+                 task: str, config: ModelConfig):
+        super().__init__()
+        self.config, self.task, self.num_classes = config, task, num_classes
+        self.modalities = list(modalities)
+        d = config.d_model
+        self.encode = ModalityEncoders(modalities, shapes, d, config.dropout)
+        self.fuse = make_fusion(config.backbone, len(modalities), d, config.fusion_heads, config.d_hidden,
+                                config.dropout, config.backend)
+        self.head = nn.Linear(d, num_classes)
+        self.map_size = self.encode.map_size
+
+    @property
+    def backend(self) -> str | None:
+        return self.config.backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        self.config.backend = self.fuse.backend = name
+
+    def forward(self, features, observed, available=None, mode: str = "eval") -> Output:
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval' (the backbone has no residual router), got {mode!r}")
+        z_i, _ = _encode_and_fuse(self, features, observed, None)
+        return Output(token_readout(self.head, z_i.flatten(0, 1) if observed.dim() == 3 else z_i, self.map_size), {})
+
+    def loss(self, out: Output, labels: torch.Tensor, ignore_index: int | None = None) -> tuple[torch.Tensor, dict]:
+        """The task cross-entropy over every pass."""
+        passes = out.logits.shape[0] // max(labels.shape[0], 1)
+        return total_and_parts({"task": cross_entropy(out.logits, _repeat(labels, passes), ignore_index)})

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 from .rundir import atomic_write_bytes
+from .stats import usage_order
 
 
 def _pyplot():
@@ -42,17 +43,26 @@ def plot_by_size(curves: dict[str, dict[int, float]], path: Path, ylabel: str = 
     _save(plt, fig, path)
 
 
-def plot_usage(usage: list[list[float]], subsets: list[str], path: Path) -> None:
-    """usage [patterns, E]: share of each pattern's tokens routed to each expert."""
+def plot_usage(usage: list[list[float]], subsets: list[str], path: Path, title: str | None = None,
+               ordered: bool = True) -> None:
+    """usage [patterns, E]: share of each pattern's tokens routed to each
+    expert. ``ordered``: experts by total share, patterns grouped by their
+    most used expert (:func:`mars.stats.usage_order`), so specialisation
+    shows as blocks down the diagonal; the axis labels keep the real names."""
     plt = _pyplot()
+    rows, cols = usage_order(usage) if ordered else (list(range(len(usage))), list(range(len(usage[0]))))
+    shown = [[usage[r][c] for c in cols] for r in rows]
     height = max(3.0, 0.14 * len(subsets) + 1)
     fig, ax = plt.subplots(figsize=(7.0, height), dpi=120)
-    im = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("observed modalities")
+    im = ax.imshow(shown, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert" + (" (by total share)" if ordered else ""))
+    ax.set_ylabel("observed modalities" + (" (grouped by top expert)" if ordered else ""))
     ax.set_yticks(range(len(subsets)))
-    ax.set_yticklabels(subsets, fontsize=5)
-    ax.set_xticks(range(len(usage[0])))
+    ax.set_yticklabels([subsets[r] for r in rows], fontsize=5)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([str(c) for c in cols])
+    if title:
+        ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=ax, label="share of routed tokens")
     fig.tight_layout()
     _save(plt, fig, path)

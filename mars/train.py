@@ -61,7 +61,7 @@ from .devices import (
     stored_device,
 )
 from .distributed import DistContext, DistributedFailure, context_from_env, peer_failures, world_from_env
-from .evaluate import evaluate_subsets
+from .evaluate import evaluate_subsets, router_agreement
 from .expert_sharding import average_expert_grads, full_state_dict, load_full_state_dict, shard_model_experts
 from .interface import TrainableModel
 from .methods import build_model
@@ -257,31 +257,43 @@ def _train_epoch(net: nn.Module, model: TrainableModel, opt, train_set, protocol
     The split lives on the run's device; the batch order and the masks are
     drawn on the CPU (``gen`` is a CPU generator, so every device draws the
     same ones) and only the batch's indices and masks are moved per step. The
-    forward pass and the loss run under ``cfg.precision``'s autocast."""
+    forward pass and the loss run under ``cfg.precision``'s autocast.
+
+    ``cfg.masks_per_step`` P > 1 draws P masks per sample (P draws of the
+    protocol, one after the other); a model with ``takes_mask_stack`` gets
+    them as observed [P, b, M], any other the batch repeated P times
+    (mask-major) with one mask per copy."""
     model.train()
     model.set_epoch(epoch)
     device = train_set.device
     available = train_set.available.cpu()  # the masks' input, on the generator's device (no copy on CPU)
     perm = torch.randperm(len(train_set), generator=gen)
+    P, stack = cfg.masks_per_step, getattr(model, "takes_mask_stack", False)
     sums: dict[str, float] = {}
     steps = 0
     for start in range(0, len(train_set), cfg.batch_size):
         batch = perm[start : start + cfg.batch_size]
         if batch.numel() < ctx.world:  # a trailing batch too small to give every rank a sample
             break
-        observed_all = protocol.sample(available[batch], gen)  # the global batch's masks
         mine = ctx.shard(torch.arange(batch.numel()))
         idx = batch[mine].to(device)
+        if P == 1:
+            observed = protocol.sample(available[batch], gen)[mine]  # the global batch's masks, this rank's rows
+        else:
+            observed = torch.stack([protocol.sample(available[batch], gen) for _ in range(P)])[:, mine]
+            if not stack:  # the batch repeated P times, one mask per copy
+                idx = idx.repeat(P)
+                observed = observed.reshape(-1, observed.shape[-1])
         feats, avail, labels = _batch(train_set, idx)
         with autocast(device, cfg.precision):
-            out = _forward_train(net, model, feats, observed_all[mine].to(device), avail, idx)
+            out = _forward_train(net, model, feats, observed.to(device), avail, idx)
             loss, parts = model.loss(out, labels, train_set.ignore_index)
         value = float(loss.detach())
         if ctx.enabled:  # one all-reduce: every rank sees the same value and stops together
             total = torch.tensor([value], dtype=torch.float64)
             ctx.sum_(total)
             value = float(total) / ctx.world
-            loss = loss * (idx.numel() * ctx.world / batch.numel())
+            loss = loss * (mine.numel() * ctx.world / batch.numel())
         if not math.isfinite(value):
             raise TrainingDiverged(
                 f"loss became {value} at epoch {epoch + 1}, step {steps + 1} (parts: {parts}); "
@@ -336,7 +348,8 @@ def _write_results(run: Path, summary: dict, test: dict, test_set: MultimodalDat
         w.writerow({k: row.get(k) for k in w.fieldnames})
     write_text(run / "results.csv", buf.getvalue())
     write_json(run / "summary.json", summary)
-    usage = {"usage": test.get("usage"), "subsets": [r["name"] for r in test["subsets"]]}
+    usage = {"usage": test.get("usage"), "usage_counts": test.get("usage_counts"),
+             "subsets": [r["name"] for r in test["subsets"]]}
     atomic_write_bytes(run / "usage.pt", lambda f: torch.save(usage, f))
 
 
@@ -615,11 +628,7 @@ def _final_evaluation(r: _Run) -> tuple[dict, float | None]:
         test = evaluate_subsets(r.model, r.test_set, num_experts=num_experts, ctx=r.ctx, precision=r.cfg.precision)
     agreement = None
     if method.residual_router:
-        r.model.eval()
-        feats, avail, _ = _batch(r.test_set, torch.arange(len(r.test_set)))
-        masks = r.protocol.fixed_masks(avail, r.cfg.seed)  # drawn on the CPU, moved to the device
-        with autocast(r.device, r.cfg.precision):
-            agreement = r.model.router_agreement(feats, masks, avail)
+        agreement = router_agreement(r.model, r.test_set, r.protocol, r.cfg.seed, r.cfg.precision)
     return test, agreement
 
 
@@ -630,6 +639,8 @@ def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
     summary = {
         "method": cfg.model.method, "data": cfg.data, "seed": cfg.seed, "best_epoch": r.best["epoch"],
         "router_agreement": agreement,
+        "specialisation_nmi": test.get("specialisation_nmi"),
+        "masks_per_step": cfg.masks_per_step,
         "val_mean": r.best["score"], "test_mean": test["mean"], "test_by_size": test["by_size"],
         **{f"test_{m}": test[f"{m}_mean"] for m in ("miou", "acer") if f"{m}_mean" in test},
         "train_seconds": time.time() - r.t_start,

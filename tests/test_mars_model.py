@@ -231,7 +231,8 @@ def test_method_registry_builds_every_method(mfeat_small):
         assert isinstance(model, TrainableModel)
         assert model.config.method == method.name
         skips[method.name] = model.may_skip_parameters
-    assert skips == {"mars": False, "moe": False, "late_fusion": False, "moe_retriever": True, "mce": False}
+    assert skips == {"mars": False, "moe": False, "late_fusion": False, "moe_retriever": True, "mce": False,
+                     "backbone": False}
     assert cli.METHOD_CHOICES == methods.cli_names()
     with pytest.raises(ValueError, match="method must be one of"):
         ModelConfig(method="foo")

@@ -25,8 +25,12 @@ class LateFusion(MethodModel):
 
     forward(features {m: [B, d_m] or [B, C_m, H, W]}, observed [B, M] bool,
     available=None (unused), mode="train" | "eval" (the same computation)) ->
-    Output(logits [B, K] or [B, K, H, W], {}).
+    Output(logits [B, K] or [B, K, H, W], {}). ``observed`` may be a stack
+    [P, B, M] of masks (``--masks-per-step``): the tokens are encoded once and
+    the logits are [P * B, ...], mask-major.
     """
+
+    takes_mask_stack = True
 
     def __init__(self, modalities: list[str], shapes: dict[str, tuple[int, ...]], num_classes: int,
                  task: str, config: ModelConfig):
@@ -42,7 +46,12 @@ class LateFusion(MethodModel):
         self.map_size = self.encode.map_size
 
     def forward(self, features, observed, available=None, mode: str = "eval") -> Output:
-        h = self.encode.with_missing(self.encode(features), observed)  # [B, N, M, D]
+        h = self.encode(features)
+        if observed.dim() == 3:  # P masks: [P * B, N, M, D], the encoding shared
+            P = observed.shape[0]
+            h = self.encode.with_missing(h.repeat(P, 1, 1, 1), observed.reshape(-1, observed.shape[-1]))
+        else:
+            h = self.encode.with_missing(h, observed)  # [B, N, M, D]
         logits = torch.stack([head(h[:, :, m]) for m, head in enumerate(self.heads)], dim=2).mean(dim=2)
         B, N, K = logits.shape
         if self.map_size is None:
@@ -50,5 +59,8 @@ class LateFusion(MethodModel):
         return Output(logits.transpose(1, 2).reshape(B, K, *self.map_size), {})
 
     def loss(self, out: Output, labels: torch.Tensor, ignore_index: int | None = None) -> tuple[torch.Tensor, dict]:
-        """The task cross-entropy (the only part)."""
+        """The task cross-entropy (the only part), over every pass."""
+        passes = out.logits.shape[0] // max(labels.shape[0], 1)
+        if passes > 1:
+            labels = labels.repeat(passes, *([1] * (labels.dim() - 1)))
         return total_and_parts({"task": cross_entropy(out.logits, labels, ignore_index)})

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mars.data import subset_masks
-from mars.model import SHAPLEY_VARIANTS
+from ..config import SHAPLEY_VARIANTS
 
 
 def shapley_matrix(num_modalities: int, variant: str = "exact", players: int | None = None) -> Tensor:

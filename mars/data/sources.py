@@ -8,13 +8,16 @@ from .dataset import MultimodalDataset
 from .feature_files import load_feature_dir
 from .mfeat import load_mfeat
 from .synthetic import make_segmentation
+from .synthetic_missing import make_missing
 
-BUILTIN_SOURCES = ("mfeat", "synthetic-seg")
+BUILTIN_SOURCES = ("mfeat", "synthetic-missing", "synthetic-seg")
 
 
 def load_data(source: str | os.PathLike, seed: int = 0, standardize: bool = True) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
     """(train, val, test) for ``source``: ``"mfeat"`` (embedded UCI Multiple
-    Features), ``"synthetic-seg"`` (``make_segmentation`` defaults), a path
+    Features), ``"synthetic-missing"`` (``make_missing`` defaults: the
+    controlled classification set of :mod:`mars.data.synthetic_missing`),
+    ``"synthetic-seg"`` (``make_segmentation`` defaults), a path
     to a feature directory (see ``mars.data.feature_files``), or
     ``"<benchmark>:<path>"`` (e.g. ``"casia-surf:/data/surf"``): a feature
     directory checked against that benchmark (``mars.data.benchmarks``)."""
@@ -28,6 +31,8 @@ def load_data(source: str | os.PathLike, seed: int = 0, standardize: bool = True
         return load_feature_dir(path, seed=seed, standardize=standardize, benchmark=spec.name)
     if text == "mfeat":
         return load_mfeat(seed=seed, standardize=standardize)
+    if text == "synthetic-missing":
+        return make_missing(seed=seed, standardize=standardize)
     if text == "synthetic-seg":
         return make_segmentation(seed=seed, standardize=standardize)
     if os.path.isdir(text):

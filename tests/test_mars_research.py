@@ -1,0 +1,313 @@
+"""The options of the MARS research issue: several masks per step for every
+method, the fusion backbones and the backbone alone, the complete-pass
+distillation, the synthetic-missing dataset, the comparison statistics
+(paired intervals, specialisation NMI, heatmap order) and the CLI around them."""
+import json
+import math
+
+import pytest
+import torch
+
+from mars import cli
+from mars.config import ConfigError, ModelConfig, TrainConfig
+from mars.data import generate_missing, load_data, load_mfeat, make_missing, missing_shift
+from mars.model import BackboneModel, MarsModel, build_model, distillation
+from mars.stats import paired_interval, specialisation_nmi, t_quantile, usage_order
+from mars.train import train
+
+
+@pytest.fixture(scope="module")
+def mfeat_small():
+    train_set, val_set, test_set = load_mfeat(seed=0)
+    return train_set.subset(torch.arange(96)), val_set.subset(torch.arange(40)), test_set.subset(torch.arange(40))
+
+
+def _shapes(d):
+    return {m: tuple(d.features[m].shape[1:]) for m in d.modalities}
+
+
+def _cfg(**kw):
+    base = dict(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, backend="cpu", dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _batch(data, n=6, P=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = {m: data.features[m][:n] for m in data.modalities}
+    observed = torch.rand(P, n, data.num_modalities, generator=g) > 0.5
+    observed[..., 0] = True
+    return feats, observed, torch.ones(n, data.num_modalities, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------ several masks per step
+@pytest.mark.parametrize("backbone", ["attention", "late", "mce"])
+def test_a_stack_of_masks_is_each_mask_on_its_own(mfeat_small, backbone):
+    """Vanilla-MoE and backbone models (deterministic gates, no dropout): the
+    stacked forward gives, mask by mask, the logits of one-mask forwards."""
+    data = mfeat_small[0]
+    feats, observed, avail = _batch(data)
+    for method in ("moe", "backbone"):
+        torch.manual_seed(0)
+        model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                            _cfg(method=method, backbone=backbone)).train()
+        out = model(feats, observed, avail, mode="train")
+        assert out.logits.shape == (3 * 6, data.num_classes)
+        for p in range(3):
+            one = model(feats, observed[p], avail, mode="train").logits
+            torch.testing.assert_close(out.logits[p * 6:(p + 1) * 6], one, atol=1e-5, rtol=1e-5)
+        _, parts = model.loss(out, data.labels[:6])
+        want = torch.nn.functional.cross_entropy(out.logits, data.labels[:6].repeat(3))
+        assert parts["task"] == pytest.approx(float(want.detach()), rel=1e-6)
+
+
+def test_mars_shares_one_complete_pass_across_the_masks(mfeat_small, monkeypatch):
+    data = mfeat_small[0]
+    feats, observed, avail = _batch(data)
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, _cfg()).train()
+    seen = []
+    original = type(model.fuse).fuse_stack
+    monkeypatch.setattr(type(model.fuse), "fuse_stack", lambda self, h, m, masks: seen.append(masks.shape) or original(self, h, m, masks))
+    out = model(feats, observed, avail, mode="train")
+    assert seen == [torch.Size([4, 6, data.num_modalities])]  # 3 incomplete + 1 complete, one call
+    assert out.logits.shape == (18, data.num_classes) and out.aux["complete_logits"].shape == (6, data.num_classes)
+    assert out.aux["indices"].shape == (3, 6, 1, 2)
+    loss, parts = model.loss(out, data.labels[:6])
+    assert {"task", "complete", "imitation", "balance"} <= parts.keys()
+    loss.backward()
+
+
+@pytest.mark.parametrize("method,stacked", [("mars", True), ("late_fusion", True), ("mce", False),
+                                            ("moe_retriever", False), ("backbone", True)])
+def test_masks_per_step_reach_every_method(tmp_path, mfeat_small, method, stacked, monkeypatch):
+    """P masks per sample per step: a stack [P, b, M] for the models that take
+    one, the batch repeated P times (one mask per copy) for the others."""
+    seen = []
+    from mars import train as train_module
+
+    original = train_module._forward_train
+
+    def spy(net, model, feats, observed, avail, idx):
+        seen.append((tuple(observed.shape), idx.numel(), next(iter(feats.values())).shape[0]))
+        return original(net, model, feats, observed, avail, idx)
+
+    monkeypatch.setattr(train_module, "_forward_train", spy)
+    cfg = TrainConfig(epochs=1, batch_size=32, masks_per_step=3, model=_cfg(method=method, mce_teacher_epochs=1))
+    res = train(cfg, tmp_path / "run", data=mfeat_small, progress=False, log=lambda *a: None)
+    assert res["summary"]["masks_per_step"] == 3
+    M = mfeat_small[0].num_modalities
+    if stacked:
+        assert seen[0] == ((3, 32, M), 32, 32)
+    else:
+        assert seen[0] == ((96, M), 96, 96)
+    assert math.isfinite(res["summary"]["test_mean"])
+
+
+def test_masks_per_step_draws_distinct_masks_and_one_mask_is_unchanged(tmp_path, mfeat_small):
+    """P = 1 is the earlier training (same result); P = 2 changes it."""
+    runs = {}
+    for P in (1, 2):
+        cfg = TrainConfig(epochs=1, batch_size=32, masks_per_step=P, model=_cfg(method="moe"))
+        runs[P] = train(cfg, tmp_path / f"p{P}", data=mfeat_small, progress=False)["summary"]
+    cfg = TrainConfig(epochs=1, batch_size=32, model=_cfg(method="moe"))
+    default = train(cfg, tmp_path / "default", data=mfeat_small, progress=False)["summary"]
+    assert runs[1]["val_mean"] == default["val_mean"]
+    assert runs[2]["val_mean"] != runs[1]["val_mean"] or runs[2]["test_mean"] != runs[1]["test_mean"]
+
+
+# ------------------------------------------------------------------ backbones
+def test_late_backbone_is_a_mean_of_per_modality_towers(mfeat_small):
+    data = mfeat_small[0]
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                        _cfg(method="backbone", backbone="late")).eval()
+    feats, observed, _ = _batch(data)
+    h = model.encode(feats)  # [B, 1, M, D]
+    x = torch.where(observed[0][:, None, :, None], h, model.encode.missing)
+    towers = model.fuse
+    want = torch.stack([torch.nn.functional.gelu(x[:, :, m] @ towers.w1[m] + towers.b1[m]) @ towers.w2[m] + towers.b2[m]
+                        for m in range(len(data.modalities))], dim=2).mean(dim=2)
+    torch.testing.assert_close(model.head(want.mean(dim=1)), model(feats, observed[0]).logits)
+
+
+@pytest.mark.parametrize("backbone", ["late", "mce"])
+def test_mars_on_every_backbone_trains_and_has_its_oracle(mfeat_small, backbone):
+    data = mfeat_small[0]
+    feats, observed, avail = _batch(data)
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, _cfg(backbone=backbone))
+    out = model(feats, observed, avail, mode="train")
+    loss, parts = model.loss(out, data.labels[:6])
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("router.residual")), \
+        [n for n, p in model.named_parameters() if p.grad is None]
+    model.eval()
+    assert model(feats, observed[0], avail, mode="oracle").logits.shape == (6, data.num_classes)
+    assert isinstance(model, MarsModel)
+    bb = build_model(data.modalities, _shapes(data), data.num_classes, data.task, _cfg(method="backbone",
+                                                                                        backbone=backbone))
+    assert isinstance(bb, BackboneModel)
+    with pytest.raises(ValueError, match="oracle"):
+        bb(feats, observed[0], avail, mode="oracle")
+
+
+def test_marsmodel_is_one_marsmoe_with_the_earlier_parameter_names(mfeat_small):
+    data = mfeat_small[0]
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                        _cfg(mask_router=True, mask_experts=True))
+    import mars_kernels as mk
+    assert isinstance(model.moe, mk.MarsMoE)
+    assert model.moe.router is model.router and model.moe.experts is model.experts
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert names == {"encode", "fuse", "router", "experts", "mask_embed", "head"}
+    assert model.router.feature_router.weight.shape[1] == 16 + data.num_modalities
+    replacement = mk.Experts(16, 16, 4)
+    model.experts = replacement  # as expert parallelism does
+    assert model.moe.experts is replacement
+
+
+def test_distillation_part(mfeat_small):
+    data = mfeat_small[0]
+    feats, observed, avail = _batch(data)
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, _cfg(lambda_distill=2.0))
+    out = model(feats, observed, avail, mode="train")
+    _, parts = model.loss(out, data.labels[:6])
+    teacher = torch.softmax(out.aux["complete_logits"], 1).repeat(3, 1)
+    want = (teacher * (teacher.log() - torch.log_softmax(out.logits, 1))).sum(1).mean()
+    assert parts["distill"] == pytest.approx(2.0 * float(want.detach()), rel=1e-5)
+    assert float(distillation(out.aux["complete_logits"], out.aux["complete_logits"]).detach()) == pytest.approx(0.0, abs=1e-6)
+    _, parts0 = build_model(data.modalities, _shapes(data), data.num_classes, data.task, _cfg()).loss(out, data.labels[:6])
+    assert "distill" not in parts0
+
+
+def test_new_options_are_validated():
+    for kw, field in ((dict(backbone="cnn"), "backbone"), (dict(mix="x"), "mix"), (dict(imitation="x"), "imitation"),
+                      (dict(lambda_distill=-1.0), "lambda_distill"), (dict(residual_dim=0), "residual_dim"),
+                      (dict(mix_scale=float("inf")), "mix_scale")):
+        with pytest.raises(ConfigError) as e:
+            ModelConfig(**kw)
+        assert e.value.field == field
+    for P in (0, 65):
+        with pytest.raises(ConfigError) as e:
+            TrainConfig(masks_per_step=P)
+        assert e.value.field == "masks_per_step"
+    old = TrainConfig().to_dict()
+    del old["masks_per_step"], old["model"]["backbone"], old["model"]["lambda_distill"]
+    assert TrainConfig.from_dict(old).masks_per_step == 1  # a config.json from before the options
+
+
+# ------------------------------------------------------------------ synthetic-missing data
+def test_synthetic_missing_is_deterministic_balanced_and_complete():
+    a, b = generate_missing(seed=3), generate_missing(seed=3)
+    for m in a.modalities:
+        assert torch.equal(a.features[m], b.features[m])
+    assert not torch.equal(generate_missing(seed=4).features["m0"], a.features["m0"])
+    assert a.modalities == ["m0", "m1", "m2", "m3"] and a.features["m0"].shape == (2400, 24)
+    assert torch.bincount(a.labels).tolist() == [300] * 8
+    tr, va, te = make_missing(seed=1)
+    assert (len(tr), len(va), len(te)) == (1440, 480, 480)
+    assert abs(float(tr.features["m2"].mean())) < 1e-4  # standardised on train
+    tr0, _, _ = load_data("synthetic-missing", seed=1)
+    assert torch.equal(tr0.features["m1"], tr.features["m1"])
+    shift = missing_shift(torch.tensor([[True, False, True, False]]))
+    assert shift.tolist() == [[False] * 4 + [True] * 4 + [False] * 4 + [True] * 4]
+    with pytest.raises(ValueError, match="strong > weak"):
+        generate_missing(strong=0.1, weak=0.2)
+
+
+def test_synthetic_missing_modalities_are_complementary():
+    """Each modality holds its own latent block well and the others poorly:
+    a least-squares read-out of each block from modality m's features
+    explains its own block far better than the other blocks."""
+    data, u = generate_missing(n=1200, seed=0, return_latent=True)
+    r = 4
+    for m in range(4):
+        x = torch.cat([data.features[f"m{m}"].double(), torch.ones(1200, 1, dtype=torch.float64)], 1)
+        fit = x @ torch.linalg.lstsq(x, u.double()).solution
+        r2 = 1 - ((u - fit) ** 2).sum(0) / ((u - u.mean(0)) ** 2).sum(0)  # [L]
+        own = r2[m * r:(m + 1) * r].mean()
+        others = torch.cat([r2[:m * r], r2[(m + 1) * r:]]).mean()
+        assert own > 0.75 and own - others > 0.25, (m, float(own), float(others))
+
+
+# ------------------------------------------------------------------ statistics
+def test_t_quantiles_match_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 4, 9, 29, 200):
+        for p in (0.6, 0.95, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(float(scipy_stats.t.ppf(p, df)), rel=1e-8)
+    assert t_quantile(0.025, 4) == pytest.approx(-t_quantile(0.975, 4))
+
+
+def test_paired_interval():
+    d = [0.01, 0.02, 0.015, 0.005, 0.012]
+    r = paired_interval(d)
+    sd = torch.tensor(d, dtype=torch.float64).std().item()
+    half = 2.7764451051977934 * sd / math.sqrt(5)
+    assert r["mean"] == pytest.approx(0.0124) and r["low"] == pytest.approx(0.0124 - half)
+    assert r["high"] == pytest.approx(0.0124 + half) and r["significant"]
+    assert not paired_interval([0.01, -0.02, 0.015, -0.005, 0.0])["significant"]
+    b = paired_interval(d, method="bootstrap")
+    assert b["low"] <= 0.0124 <= b["high"] and b["significant"] and b == paired_interval(d, method="bootstrap")
+    one = paired_interval([0.3])
+    assert math.isnan(one["low"]) and not one["significant"]
+    with pytest.raises(ValueError):
+        paired_interval([])
+
+
+def test_specialisation_nmi_and_heatmap_order():
+    assert specialisation_nmi([[10, 0], [0, 10]]) == pytest.approx(1.0)
+    assert specialisation_nmi([[5, 5], [5, 5]]) == pytest.approx(0.0)
+    assert specialisation_nmi([[3, 0, 0]]) == 0.0
+    assert math.isnan(specialisation_nmi([[0, 0], [0, 0]]))
+    mid = specialisation_nmi([[8, 2], [3, 7]])
+    assert 0.0 < mid < 1.0
+    rows, cols = usage_order([[0.1, 0.9, 0.0], [0.8, 0.2, 0.0], [0.0, 0.6, 0.4], [0.7, 0.1, 0.2]])
+    assert cols == [1, 0, 2]  # by total share
+    assert rows == [0, 2, 1, 3]  # grouped by top expert (1 first), then by its share
+
+
+# ------------------------------------------------------------------ CLI
+def test_compare_table_pairs_each_row_with_its_mars_row():
+    def summ(seed, mean):
+        return {"seed": seed, "test_mean": mean, "test_by_size": {"1": mean - 0.1, "2": mean}, "train_seconds": 10.0,
+                "parameters": 100, "router_agreement": None, "specialisation_nmi": None}
+    rows = {"mars@attention": [summ(s, 0.9 + 0.01 * s) for s in range(3)],
+            "backbone@attention": [summ(s, 0.88 + 0.01 * s + 0.001 * s * s) for s in range(3)],
+            "mars@late": [summ(s, 0.95) for s in range(3)],
+            "mce": [summ(s, 0.91 + 0.01 * s) for s in range(3)]}
+    table, lines = cli.compare_table(rows, epochs=10)
+    assert table["mars@attention"]["reference"] is None
+    assert table["backbone@attention"]["reference"] == "mars@attention"
+    assert table["mce"]["reference"] == "mars@attention"
+    assert table["mars@late"]["reference"] is None  # MARS on its own backbone is that backbone's reference
+    p = table["backbone@attention"]["paired"]
+    assert p["mean"] == pytest.approx(statistics_mean([-0.02, -0.019, -0.016]))
+    assert table["mce"]["paired"]["mean"] == pytest.approx(0.01) and table["mce"]["paired"]["significant"]
+    assert any(line.startswith("| backbone@attention |") and "[" in line for line in lines)
+
+
+def statistics_mean(v):
+    return sum(v) / len(v)
+
+
+def test_cli_masks_backbones_eval_split_and_compare(tmp_path, capsys, monkeypatch):
+    small = ["--epochs", "1", "--batch-size", "64", "--d-model", "16", "--d-hidden", "16", "--experts", "4",
+             "--quiet", "--data", "synthetic-missing"]
+    assert cli.main(["train", *small, "--masks-per-step", "2", "--mask-router", "--lambda-distill", "1",
+                     "--backbone", "late", "--out", str(tmp_path / "run")]) == 0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["masks_per_step"] == 2 and cfg["model"]["mask_router"] and cfg["model"]["backbone"] == "late"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0.0 <= summary["specialisation_nmi"] <= 1.0
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run"), "--split", "val", "--oracle"]) == 0
+    text = capsys.readouterr().out
+    assert "val mean over subsets" in text and "oracle" in text and "agreement (val" in text
+    assert cli.main(["compare", *small, "--seeds", "2", "--methods", "mars", "backbone", "--backbones", "attention",
+                     "late", "--out", str(tmp_path / "cmp")]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert list(result["table"]) == ["mars@attention", "mars@late", "backbone@attention", "backbone@late"]
+    assert result["table"]["backbone@late"]["reference"] == "mars@late"
+    assert result["table"]["backbone@late"]["paired"]["n"] == 2
+    assert (tmp_path / "cmp" / "expert_usage_mars@late.png").exists()
+    assert (tmp_path / "cmp" / "mars@late_seed1" / "summary.json").exists()
+    assert "paired diff" in (tmp_path / "cmp" / "compare.md").read_text()
