@@ -16,6 +16,10 @@ difference to the screen OTHER (same seeds) with a 95% paired-t interval.
 
 Writes docs/research/NAME.json (command, per-seed values, means and standard
 deviations, seconds per epoch) and prints one line.
+
+    python benchmarks/mars_screen.py --table NAME ...
+
+prints the markdown table of the named screens (the log's tables).
 """
 from __future__ import annotations
 
@@ -79,8 +83,30 @@ def screen_seed(args: argparse.Namespace, seed: int, run_dir: Path) -> dict:
     return row
 
 
+def table(names: list[str]) -> str:
+    """Markdown rows of the screens ``names`` (docs/research/NAME.json)."""
+    def f(v, d=4):
+        return "-" if v is None else f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
+
+    lines = ["| screen | options | val mean over subsets | one modality | all | oracle (val) | router agreement (val) "
+             "| NMI (val) | paired diff. [95% CI] | s / epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        r = json.loads((OUT / f"{name}.json").read_text())
+        opts = r["command"].split(" -- ", 1)[1] if " -- " in r["command"] else ""
+        pv = r.get("paired_vs")
+        diff = "-" if not pv else (f"{pv['mean']:+.4f} [{pv['low']:+.4f}, {pv['high']:+.4f}]"
+                                   f"{'*' if pv['significant'] else ''} vs {pv['ref']}")
+        lines.append(f"| {name} | `{opts}` | {f(r['val_mean'])} | {f(r['val_one'])} | {f(r['val_all'])} | "
+                     f"{f(r['oracle_val_mean'])} | {f(r['router_agreement_val'], 3)} | "
+                     f"{f(r['specialisation_nmi_val'], 3)} | {diff} | {r['seconds_per_epoch']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--table":
+        print(table(argv[1:]))
+        return 0
     if "--" in argv:
         cut = argv.index("--")
         ours, theirs = argv[:cut], argv[cut + 1:]

@@ -311,3 +311,18 @@ def test_cli_masks_backbones_eval_split_and_compare(tmp_path, capsys, monkeypatc
     assert (tmp_path / "cmp" / "expert_usage_mars@late.png").exists()
     assert (tmp_path / "cmp" / "mars@late_seed1" / "summary.json").exists()
     assert "paired diff" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_the_backbone_example_runs():
+    """examples/mars_on_your_backbone.py: its model trains and scores (1 epoch on a slice)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "mars_on_your_backbone.py"
+    spec = importlib.util.spec_from_file_location("mars_on_your_backbone", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    tr, va, te = make_missing(n=400, seed=0)
+    for use_mars in (False, True):
+        score = example.train_and_score(use_mars, (tr, va, te), epochs=1)
+        assert 0.0 <= score <= 1.0
