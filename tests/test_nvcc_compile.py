@@ -1,7 +1,8 @@
 """Compile checks for the CUDA sources; no GPU needed.
 
 * Every ``csrc/cuda/*.cu`` file is compiled with ``nvcc -c -std=c++17 -O3`` for
-  Hopper (``sm_90a``) and for Ampere (``sm_80``), with the ``__CUDA_NO_HALF*``
+  the build's default targets, Hopper (``sm_90`` plus ``compute_90`` PTX) and
+  Ampere (``sm_80``), with the ``__CUDA_NO_HALF*``
   defines torch's extension builder passes (no implicit half / bfloat16
   conversions). Skipped when ``nvcc`` is not on PATH.
 * Every ``csrc/cuda/*.cpp`` file (the torch bindings) gets a host-compiler
@@ -32,8 +33,10 @@ CPP_FILES = sorted(CUDA_SRC.glob("*.cpp"))
 
 NVCC = shutil.which("nvcc")
 GXX = shutil.which("g++")
+# The build's default targets (setup.py DEFAULT_CUDA_ARCHS "8.0;9.0+PTX"):
+# sm_90 SASS with compute_90 PTX, and sm_80 SASS.
 ARCHS = {
-    "sm_90a": "arch=compute_90a,code=sm_90a",
+    "sm_90+ptx": "arch=compute_90,code=[sm_90,compute_90]",
     "sm_80": "arch=compute_80,code=sm_80",
 }
 CXX_STDS = ("c++17", "c++20")
