@@ -14,6 +14,47 @@ namespace mars_kernels {
 namespace cpu {
 namespace {
 
+// KL(p_r || p_f) = sum_e p_r (a - (l_f - nf)) with a = l_r - nr, p_r = e^a
+// (a term is 0 where p_r is); p_r is added to part (the prob_sum partial).
+template <typename acc_t, typename scalar_t>
+acc_t divergence_row(const scalar_t* lr, const scalar_t* lf, int64_t E, acc_t nr, acc_t nf, acc_t* part) {
+  acc_t kl = 0;
+  int64_t e = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using vec8::f32x8;
+    const f32x8 vnr = vec8::splat(nr), vnf = vec8::splat(nf), zero = {};
+    f32x8 acc = {};
+    for (; e + vec8::kLanes <= E; e += vec8::kLanes) {
+      const f32x8 a = vec8::load(lr + e) - vnr;
+      const f32x8 p = vec8::exp(a);
+      vec8::store(part + e, vec8::load(part + e) + p);
+      const f32x8 term = p * (a - (vec8::load(lf + e) - vnf));
+      acc += p == zero ? zero : term;
+    }
+    kl = vec8::reduce_add(acc);
+  }
+  for (; e < E; ++e) {
+    const acc_t a = static_cast<acc_t>(lr[e]) - nr;
+    const acc_t p = exp_vec(a);
+    part[e] += p;
+    kl += p == 0 ? acc_t(0) : p * (a - (static_cast<acc_t>(lf[e]) - nf));
+  }
+  return kl;
+}
+
+// out = g * (p_f - p_r) with p_f = exp(l_f - nf): the gradient of the
+// imitation loss g * KL(stopgrad(p_r) || p_f) with respect to l_f.
+template <typename acc_t, typename scalar_t>
+void feature_grad_row(const scalar_t* lf, int64_t E, acc_t nf, acc_t g, const acc_t* pr, scalar_t* out) {
+  int64_t e = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const vec8::f32x8 vnf = vec8::splat(nf), vg = vec8::splat(g);
+    for (; e + vec8::kLanes <= E; e += vec8::kLanes)
+      vec8::store(out + e, vg * (vec8::exp(vec8::load(lf + e) - vnf) - vec8::load(pr + e)));
+  }
+  for (; e < E; ++e) out[e] = static_cast<scalar_t>(g * (exp_vec(static_cast<acc_t>(lf[e]) - nf) - pr[e]));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mars_routing_fwd(
     const at::Tensor& residual_logits, const at::Tensor& feature_logits, const at::Tensor& noise, int64_t k,
     double sigma_0, double sigma_const, double sigma_max) {
@@ -52,14 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const acc_t nr = row_log_sum_exp<acc_t>(lr, E), nf = row_log_sum_exp<acc_t>(lf, E);
           SR[t] = nr;
           SF[t] = nf;
-          // KL(p_r || p_f) = sum_e p_r (l_r - nr - l_f + nf); p_r accumulates into prob_sum.
-          acc_t kl = 0;
-          for (int64_t e = 0; e < E; ++e) {
-            const acc_t a = static_cast<acc_t>(lr[e]) - nr;
-            const acc_t p = std::exp(a);
-            part[e] += p;
-            kl += p == 0 ? acc_t(0) : p * (a - (static_cast<acc_t>(lf[e]) - nf));
-          }
+          const acc_t kl = divergence_row(lr, lf, E, nr, nf, part);
           DV[t] = kl;
           IM[t] = kl;
           const acc_t sigma = std::min(static_cast<acc_t>(sigma_0) * kl + static_cast<acc_t>(sigma_const),
@@ -110,11 +144,8 @@ std::tuple<at::Tensor, at::Tensor> mars_routing_bwd(const at::Tensor& grad_weigh
         acc_t s = 0;
         for (int64_t j = 0; j < k; ++j) s += G[t * k + j] * W[t * k + j];
         for (int64_t j = 0; j < k; ++j) buf[I[t * k + j]] += W[t * k + j] * (G[t * k + j] - s);
-        for (int64_t e = 0; e < E; ++e) {
-          DR[t * E + e] = static_cast<scalar_t>(buf[e]);
-          const acc_t pf = std::exp(static_cast<acc_t>(lf[e]) - SF[t]);
-          DF[t * E + e] = static_cast<scalar_t>(GI[t] * (pf - pr[e]));
-        }
+        store_row(buf.data(), E, DR + t * E);
+        feature_grad_row(lf, E, SF[t], GI[t], pr.data(), DF + t * E);
       }
     });
   });

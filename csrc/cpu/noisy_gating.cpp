@@ -13,12 +13,127 @@ namespace mars_kernels {
 namespace cpu {
 namespace {
 
+// The per-element loops of a row. The float versions run on eight lanes
+// (vec8.h: exp, softplus, sigmoid and the normal CDF and density written so
+// they vectorise; libm's erfcf, log1pf and expf were most of the time); the
+// double versions keep the C library functions.
+
+// stdev = softplus(raw) + eps and noisy = clean + noise * stdev.
+template <typename acc_t, typename scalar_t>
+void noisy_row(const scalar_t* clean, const scalar_t* raw, const acc_t* noise, int64_t E, acc_t eps, acc_t* stdev,
+               acc_t* noisy) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const vec8::f32x8 veps = vec8::splat(eps);
+    for (int64_t e = 0; e < E; e += vec8::kLanes) {
+      const int64_t n = E - e;
+      const vec8::f32x8 sd = vec8::softplus(vec8::load_n(raw + e, n)) + veps;
+      vec8::store_n(stdev + e, sd, n);
+      vec8::store_n(noisy + e, vec8::load_n(clean + e, n) + vec8::load_n(noise + e, n) * sd, n);
+    }
+  } else {
+    for (int64_t e = 0; e < E; ++e) {
+      stdev[e] = softplus(static_cast<acc_t>(raw[e])) + eps;
+      noisy[e] = static_cast<acc_t>(clean[e]) + noise[e] * stdev[e];
+    }
+  }
+}
+
+// stdev = softplus(raw) + eps.
+template <typename acc_t, typename scalar_t>
+void stdev_row(const scalar_t* raw, int64_t E, acc_t eps, acc_t* stdev) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (int64_t e = 0; e < E; e += vec8::kLanes)
+      vec8::store_n(stdev + e, vec8::softplus(vec8::load_n(raw + e, E - e)) + vec8::splat(eps), E - e);
+  } else {
+    for (int64_t e = 0; e < E; ++e) stdev[e] = softplus(static_cast<acc_t>(raw[e])) + eps;
+  }
+}
+
+// ld[e] += Phi((clean[e] - thr) / stdev[e]), thr = thr_in for a chosen expert, else thr_out.
+template <typename acc_t, typename scalar_t>
+void add_load_row(const scalar_t* clean, const acc_t* stdev, const acc_t* chosen, acc_t thr_in, acc_t thr_out,
+                  int64_t E, acc_t* ld) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using vec8::f32x8;
+    const f32x8 vin = vec8::splat(thr_in), vout = vec8::splat(thr_out), zero = {};
+    for (int64_t e = 0; e < E; e += vec8::kLanes) {
+      const int64_t n = E - e;
+      const f32x8 thr = vec8::load_n(chosen + e, n) != zero ? vin : vout;
+      const f32x8 z = (vec8::load_n(clean + e, n) - thr) / vec8::load_n(stdev + e, n, 1.0f);
+      vec8::store_n(ld + e, vec8::load_n(ld + e, n) + vec8::normal_cdf(z), n);
+    }
+  } else {
+    for (int64_t e = 0; e < E; ++e) {
+      const acc_t thr = chosen[e] != 0 ? thr_in : thr_out;
+      ld[e] += normal_cdf((static_cast<acc_t>(clean[e]) - thr) / stdev[e]);
+    }
+  }
+}
+
+// The load's gradient for one row: with z = (clean - thr) / stdev and
+// q = grad_load phi(z) / stdev, d_clean = q and d_std = -q z; returns in
+// *to_in and *to_out the sums of q over the chosen and the other experts.
+template <typename acc_t, typename scalar_t>
+void load_grad_row(const scalar_t* clean, const acc_t* stdev, const acc_t* chosen, acc_t thr_in, acc_t thr_out,
+                   const acc_t* grad_load, int64_t E, acc_t* d_clean, acc_t* d_std, acc_t* to_in, acc_t* to_out) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using vec8::f32x8;
+    const f32x8 vin = vec8::splat(thr_in), vout = vec8::splat(thr_out), zero = {};
+    f32x8 sin = {}, sout = {};
+    for (int64_t e = 0; e < E; e += vec8::kLanes) {
+      const int64_t n = E - e;
+      const auto is_in = vec8::load_n(chosen + e, n) != zero;
+      const f32x8 sd = vec8::load_n(stdev + e, n, 1.0f);
+      const f32x8 z = (vec8::load_n(clean + e, n) - (is_in ? vin : vout)) / sd;
+      const f32x8 q = vec8::load_n(grad_load + e, n) * vec8::normal_pdf(z) / sd;  // 0 in the padding lanes
+      vec8::store_n(d_clean + e, q, n);
+      vec8::store_n(d_std + e, zero - q * z, n);
+      sin += is_in ? q : zero;
+      sout += is_in ? zero : q;
+    }
+    *to_in = vec8::reduce_add(sin);
+    *to_out = vec8::reduce_add(sout);
+  } else {
+    acc_t tin = 0, tout = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const acc_t z = (static_cast<acc_t>(clean[e]) - (chosen[e] != 0 ? thr_in : thr_out)) / stdev[e];
+      const acc_t q = grad_load[e] * normal_pdf(z) / stdev[e];
+      d_clean[e] = q;
+      d_std[e] = -q * z;
+      (chosen[e] != 0 ? tin : tout) += q;
+    }
+    *to_in = tin;
+    *to_out = tout;
+  }
+}
+
+// grad_clean = d_clean + d_noisy; grad_raw = (d_std + d_noisy noise) sigmoid(raw).
+template <typename acc_t, typename scalar_t>
+void noisy_grad_row(const acc_t* d_clean, const acc_t* d_std, const acc_t* d_noisy, const acc_t* noise,
+                    const scalar_t* raw, int64_t E, scalar_t* grad_clean, scalar_t* grad_raw) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (int64_t e = 0; e < E; e += vec8::kLanes) {
+      const int64_t n = E - e;
+      const vec8::f32x8 dn = vec8::load_n(d_noisy + e, n);
+      const vec8::f32x8 dstd = vec8::load_n(d_std + e, n) + dn * vec8::load_n(noise + e, n);
+      vec8::store_n(grad_clean + e, vec8::load_n(d_clean + e, n) + dn, n);
+      vec8::store_n(grad_raw + e, dstd * vec8::sigmoid(vec8::load_n(raw + e, n)), n);
+    }
+  } else {
+    for (int64_t e = 0; e < E; ++e) {
+      const acc_t dstd = d_std[e] + d_noisy[e] * noise[e];
+      grad_clean[e] = static_cast<scalar_t>(d_clean[e] + d_noisy[e]);
+      grad_raw[e] = static_cast<scalar_t>(dstd * sigmoid(static_cast<acc_t>(raw[e])));
+    }
+  }
+}
+
 // Per-row scratch for one thread.
 template <typename acc_t>
 struct NoisyRow {
   std::vector<acc_t> noisy, stdev, val;
   std::vector<int64_t> sel, order;
-  std::vector<char> chosen;
+  std::vector<acc_t> chosen;  // 1 for the k chosen experts of the row, else 0
   NoisyRow(int64_t E, int64_t m)
       : noisy(E), stdev(E), val(m), sel(m), order(m > kInsertionSelectMax ? E : 0), chosen(E) {}
 
@@ -26,11 +141,13 @@ struct NoisyRow {
   template <typename scalar_t>
   void load(const scalar_t* clean, const scalar_t* raw, const acc_t* noise, int64_t E, int64_t m,
             acc_t eps) {
-    for (int64_t e = 0; e < E; ++e) {
-      stdev[e] = softplus(static_cast<acc_t>(raw[e])) + eps;
-      noisy[e] = static_cast<acc_t>(clean[e]) + noise[e] * stdev[e];
-    }
+    noisy_row(clean, raw, noise, E, eps, stdev.data(), noisy.data());
     select_topk<acc_t>(noisy.data(), E, m, sel.data(), val.data(), order.data());
+  }
+
+  void mark_chosen(int64_t E, int64_t k) {
+    std::fill(chosen.begin(), chosen.begin() + E, acc_t(0));
+    for (int64_t j = 0; j < k; ++j) chosen[sel[j]] = 1;
   }
 };
 
@@ -80,13 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> noisy_top
           }
           TI[t] = k < E ? r.sel[k] : -1;
           if (k == E) continue;
-          std::fill(r.chosen.begin(), r.chosen.end(), 0);
-          for (int64_t j = 0; j < k; ++j) r.chosen[r.sel[j]] = 1;
+          r.mark_chosen(E, k);
           const acc_t thr_in = r.noisy[r.sel[k]], thr_out = r.noisy[r.sel[k - 1]];
-          for (int64_t e = 0; e < E; ++e) {
-            const acc_t thr = r.chosen[e] ? thr_in : thr_out;
-            ld[e] += normal_cdf((static_cast<acc_t>(C[off + e]) - thr) / r.stdev[e]);
-          }
+          add_load_row(C + off, r.stdev.data(), r.chosen.data(), thr_in, thr_out, E, ld);
         }
       }
     });
@@ -128,44 +241,35 @@ std::tuple<at::Tensor, at::Tensor> noisy_topk_gating_bwd(
     scalar_t* DR = grad_raw.data_ptr<scalar_t>();
     const acc_t eps = static_cast<acc_t>(noise_eps);
     at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> d_noisy(E), d_clean(E), d_std(E), stdev(E);
-      std::vector<char> chosen(E);
+      std::vector<acc_t> d_noisy(E), d_clean(E), d_std(E), stdev(E), chosen(E);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t off = t * E;
         const int64_t* idx = I + t * k;
         std::fill(d_noisy.begin(), d_noisy.end(), acc_t(0));
-        std::fill(d_clean.begin(), d_clean.end(), acc_t(0));
-        std::fill(d_std.begin(), d_std.end(), acc_t(0));
         // Weights: softmax over the chosen noisy logits.
         acc_t s = 0;
         for (int64_t j = 0; j < k; ++j) s += (GW[t * k + j] + GI[idx[j]]) * W[t * k + j];
         for (int64_t j = 0; j < k; ++j)
           d_noisy[idx[j]] += W[t * k + j] * (GW[t * k + j] + GI[idx[j]] - s);
-        for (int64_t e = 0; e < E; ++e) stdev[e] = softplus(static_cast<acc_t>(R[off + e])) + eps;
+        stdev_row(R + off, E, eps, stdev.data());
         if (k < E) {
           // Load: Phi((clean - thr) / std), thr the noisy logit of rank k+1
           // (chosen experts) or rank k (the others).
           const int64_t a = TI[t], b = idx[k - 1];
           auto noisy_at = [&](int64_t e) { return static_cast<acc_t>(C[off + e]) + N[off + e] * stdev[e]; };
           const acc_t thr_in = noisy_at(a), thr_out = noisy_at(b);
-          std::fill(chosen.begin(), chosen.end(), 0);
+          std::fill(chosen.begin(), chosen.end(), acc_t(0));
           for (int64_t j = 0; j < k; ++j) chosen[idx[j]] = 1;
-          acc_t to_in = 0, to_out = 0;
-          for (int64_t e = 0; e < E; ++e) {
-            const acc_t z = (static_cast<acc_t>(C[off + e]) - (chosen[e] ? thr_in : thr_out)) / stdev[e];
-            const acc_t q = GL[e] * normal_pdf(z) / stdev[e];
-            d_clean[e] += q;
-            d_std[e] -= q * z;
-            (chosen[e] ? to_in : to_out) += q;
-          }
+          acc_t to_in, to_out;
+          load_grad_row(C + off, stdev.data(), chosen.data(), thr_in, thr_out, GL, E, d_clean.data(), d_std.data(),
+                        &to_in, &to_out);
           d_noisy[a] -= to_in;
           d_noisy[b] -= to_out;
+        } else {
+          std::fill(d_clean.begin(), d_clean.end(), acc_t(0));
+          std::fill(d_std.begin(), d_std.end(), acc_t(0));
         }
-        for (int64_t e = 0; e < E; ++e) {
-          const acc_t dstd = d_std[e] + d_noisy[e] * N[off + e];
-          DC[off + e] = static_cast<scalar_t>(d_clean[e] + d_noisy[e]);
-          DR[off + e] = static_cast<scalar_t>(dstd * sigmoid(static_cast<acc_t>(R[off + e])));
-        }
+        noisy_grad_row(d_clean.data(), d_std.data(), d_noisy.data(), N + off, R + off, E, DC + off, DR + off);
       }
     });
   });

@@ -1,6 +1,8 @@
-// Scalar building blocks shared by the CPU routing kernels and the C++ unit
-// tests: the ranking rule (descending, ties to the lower index, NaN as +inf),
-// top-m selection, and a few numerically stable functions.
+// Building blocks shared by the CPU routing kernels and the C++ unit tests:
+// the ranking rule (descending, ties to the lower index, NaN as +inf), top-m
+// selection, a few numerically stable functions, and the row passes (max,
+// log-sum-exp, softmax, scaled exp, dot) that run on vec8.h's eight float
+// lanes for float accumulation; double keeps plain loops and the C library.
 // Header-only and free of torch so the ctest executable can use it directly.
 #pragma once
 
@@ -12,6 +14,8 @@
 #include <numeric>
 #include <type_traits>
 #include <vector>
+
+#include "vec8.h"
 
 namespace mars_kernels {
 namespace cpu {
@@ -129,68 +133,176 @@ inline void select_topk(const scalar_t* row, int64_t E, int64_t m, int64_t* idx,
   }
 }
 
-// exp that the compiler can vectorise: Cody-Waite reduction x = n ln2 + r,
-// |r| <= ln2/2, and a degree-7 Taylor polynomial for e^r (error < 1e-7
-// relative, about 1 ulp). Exact at the edges: -inf -> 0, +inf -> inf, NaN -> NaN.
+// e^x for float: the operations of vec8::exp (see there) one lane at a time,
+// so a value computed here and one computed in a vectorised row loop agree
+// bit for bit. Exact at the edges: -inf -> 0, +inf -> inf, NaN -> NaN. This
+// scalar form does not vectorise (see vec8.h): loops over a row use the row_*
+// helpers below.
 __attribute__((always_inline)) inline float exp_vec(float x) {
-  const float n = __builtin_nearbyintf(x * 1.44269504088896341f);
-  const float c = std::min(std::max(n, -126.0f), 127.0f);
-  const float r = (x - c * 0.693145751953125f) - c * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(c) + 127) << 23;
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest even
+  n = n < 127.0f ? n : 127.0f;
+  n = n > -127.0f ? n : -127.0f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  const float r2 = r * r;
+  const float p01 = r + 1.0f;
+  const float p23 = r * (1.0f / 6.0f) + 0.5f;
+  const float p45 = r * (1.0f / 120.0f) + 1.0f / 24.0f;
+  const float p67 = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+  const float p = (p01 + r2 * p23) + (r2 * r2) * (p45 + r2 * p67);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  float y = p * scale;
-  y = x < -87.5f ? 0.0f : y;  // below the normal range (and -inf)
-  y = x > 88.7f ? std::numeric_limits<float>::infinity() : y;
-  return x != x ? x : y;
+  const float y = p * scale;
+  return x < -87.5f ? 0.0f : (x > 88.7f ? std::numeric_limits<float>::infinity() : y);
 }
 inline double exp_vec(double x) { return std::exp(x); }
+
+// Maximum of a row with NaN ranking as +inf (-inf for an empty or all -inf
+// row), and in *bad whether it is +inf: the row holds NaN or +inf.
+template <typename acc_t, typename scalar_t>
+inline acc_t row_max(const scalar_t* row, int64_t n, bool* bad) {
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using vec8::f32x8, vec8::i32x8, vec8::kLanes;
+    f32x8 mx = vec8::splat(-inf);
+    i32x8 nan = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const f32x8 v = vec8::load(row + j);
+      mx = vec8::max(v, mx);
+      nan |= v != v;
+    }
+    if (j < n) {
+      const f32x8 v = vec8::load_part(row + j, n - j, -inf);
+      mx = vec8::max(v, mx);
+      nan |= v != v;
+    }
+    const float m = vec8::reduce_max(nan ? vec8::splat(inf) : mx);
+    *bad = m == inf;
+    return m;
+  } else {
+    acc_t mx = -inf;
+    bool b = false;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = static_cast<acc_t>(row[j]);
+      b |= (v != v) | (v == inf);
+      mx = v > mx ? v : mx;
+    }
+    *bad = b;
+    return b ? inf : mx;
+  }
+}
+
+// sum_j exp(row[j] - shift); with out, also out[j] = exp(row[j] - shift).
+template <typename acc_t, typename scalar_t>
+inline acc_t row_exp_sum(const scalar_t* row, int64_t n, acc_t shift, acc_t* out) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using vec8::f32x8, vec8::kLanes;
+    const f32x8 s = vec8::splat(shift);
+    f32x8 sum = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const f32x8 e = vec8::exp(vec8::load(row + j) - s);
+      if (out) vec8::store(out + j, e);
+      sum += e;
+    }
+    if (j < n) {
+      const f32x8 e = vec8::exp(vec8::load_part(row + j, n - j, -std::numeric_limits<float>::infinity()) - s);
+      if (out) vec8::store_part(out + j, e, n - j);
+      sum += e;
+    }
+    return vec8::reduce_add(sum);
+  } else {
+    acc_t sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t e = exp_vec(static_cast<acc_t>(row[j]) - shift);
+      if (out) out[j] = e;
+      sum += e;
+    }
+    return sum;
+  }
+}
 
 // log(sum_j exp(v[j])) over a contiguous row, shifted by its maximum. NaN or
 // +inf anywhere gives NaN (softmax of such a row is NaN too); an all -inf row
 // gives NaN as well, like softmax.
 template <typename acc_t, typename scalar_t>
 inline acc_t row_log_sum_exp(const scalar_t* row, int64_t n) {
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
-  bool bad = false;
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t v = static_cast<acc_t>(row[j]);
-    bad |= (v != v) | (v == std::numeric_limits<acc_t>::infinity());
-    mx = v > mx ? v : mx;
-  }
+  bool bad;
+  const acc_t mx = row_max<acc_t>(row, n, &bad);
   if (bad || mx == -std::numeric_limits<acc_t>::infinity()) return std::numeric_limits<acc_t>::quiet_NaN();
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += exp_vec(static_cast<acc_t>(row[j]) - mx);
+  return mx + std::log(row_exp_sum<acc_t>(row, n, mx, static_cast<acc_t*>(nullptr)));
+}
+
+// The softmax of a row, p[j] = exp(row[j] - max) / sum with one exp per
+// element, written to out[0..n) (kAccumulate: added to it), and the row's
+// log-sum-exp as the result. `e` is scratch of length n (it may be `out` when
+// not accumulating). A row that row_log_sum_exp gives NaN for returns NaN and
+// leaves out untouched.
+template <bool kAccumulate, typename acc_t, typename scalar_t>
+inline acc_t row_softmax(const scalar_t* row, int64_t n, acc_t* e, acc_t* out) {
+  bool bad;
+  const acc_t mx = row_max<acc_t>(row, n, &bad);
+  if (bad || mx == -std::numeric_limits<acc_t>::infinity()) return std::numeric_limits<acc_t>::quiet_NaN();
+  const acc_t sum = row_exp_sum<acc_t>(row, n, mx, e);
+  const acc_t inv = acc_t(1) / sum;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const vec8::f32x8 vinv = vec8::splat(inv);
+    for (; j + vec8::kLanes <= n; j += vec8::kLanes) {
+      const vec8::f32x8 v = vec8::load(e + j) * vinv;
+      vec8::store(out + j, kAccumulate ? vec8::load(out + j) + v : v);
+    }
+  }
+  for (; j < n; ++j) out[j] = kAccumulate ? out[j] + e[j] * inv : e[j] * inv;
   return mx + std::log(sum);
 }
 
-// out[j] (+)= scale * exp(row[j] - shift) for j < n. Kept out of the
-// AT_DISPATCH lambdas because a #pragma cannot appear inside a macro argument.
+// out[j] (+)= scale * exp(row[j] - shift) for j < n.
 template <bool kAccumulate, typename acc_t, typename scalar_t>
 inline void row_scaled_exp(const scalar_t* row, int64_t n, acc_t shift, acc_t scale, acc_t* out) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t v = scale * exp_vec(static_cast<acc_t>(row[j]) - shift);
-    out[j] = kAccumulate ? out[j] + v : v;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using vec8::f32x8, vec8::kLanes;
+    const f32x8 s = vec8::splat(shift), k = vec8::splat(scale);
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const f32x8 v = k * vec8::exp(vec8::load(row + j) - s);
+      vec8::store(out + j, kAccumulate ? vec8::load(out + j) + v : v);
+    }
+    for (; j < n; ++j) {
+      const float v = scale * exp_vec(static_cast<float>(row[j]) - shift);
+      out[j] = kAccumulate ? out[j] + v : v;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = scale * exp_vec(static_cast<acc_t>(row[j]) - shift);
+      out[j] = kAccumulate ? out[j] + v : v;
+    }
   }
 }
 
-// sum_j w[j] * p[j] over n values.
+// sum_j w[j] * p[j] over n values, in an order fixed by n alone.
 template <typename acc_t>
 inline acc_t dot(const acc_t* w, const acc_t* p, int64_t n) {
   acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += w[j] * p[j];
+  int64_t j = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    vec8::f32x8 s = {};
+    for (; j + vec8::kLanes <= n; j += vec8::kLanes) s += vec8::load(w + j) * vec8::load(p + j);
+    sum = vec8::reduce_add(s);
+  }
+  for (; j < n; ++j) sum += w[j] * p[j];
   return sum;
+}
+
+// out[j] = static_cast<scalar_t>(v[j]) for j < n.
+template <typename acc_t, typename scalar_t>
+inline void store_row(const acc_t* v, int64_t n, scalar_t* out) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; j + vec8::kLanes <= n; j += vec8::kLanes) vec8::store(out + j, vec8::load(v + j));
+  }
+  for (; j < n; ++j) out[j] = static_cast<scalar_t>(v[j]);
 }
 
 // torch.logsumexp of a row for which row_log_sum_exp gave NaN: NaN if the row

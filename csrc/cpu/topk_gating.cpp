@@ -89,8 +89,7 @@ at::Tensor topk_gating_bwd(const at::Tensor& grad_weights, const at::Tensor& log
           std::fill(buf.begin(), buf.end(), acc_t(0));
           for (int64_t j = 0; j < k; ++j) buf[idx[j]] = w[j] * (g[j] - s);
         }
-        scalar_t* o = out + t * E;
-        for (int64_t e = 0; e < E; ++e) o[e] = static_cast<scalar_t>(buf[e]);
+        store_row(buf.data(), E, out + t * E);
       }
     });
   });
@@ -111,11 +110,12 @@ std::tuple<at::Tensor, at::Tensor> router_stats_fwd(const at::Tensor& logits) {
     acc_t* S = lse.data_ptr<acc_t>();
     std::vector<acc_t> partial(nblocks * E, acc_t(0));
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> ex(E);
       for (int64_t b = b0; b < b1; ++b) {
         acc_t* part = partial.data() + b * E;
         for (int64_t t = b * kTokenBlock; t < std::min(T, (b + 1) * kTokenBlock); ++t) {
           const scalar_t* row = L + t * E;
-          const acc_t norm = row_log_sum_exp<acc_t>(row, E);
+          const acc_t norm = row_softmax<true>(row, E, ex.data(), part);
           if (std::isnan(norm)) {
             // As torch: logsumexp is NaN, +inf or -inf; the softmax row is all NaN.
             S[t] = torch_log_sum_exp_nonfinite<acc_t>(row, E);
@@ -123,13 +123,28 @@ std::tuple<at::Tensor, at::Tensor> router_stats_fwd(const at::Tensor& logits) {
             continue;
           }
           S[t] = norm;
-          row_scaled_exp<true>(row, E, norm, acc_t(1), part);
         }
       }
     });
     prob_sum = sum_blocks(partial, nblocks, E, dtype);
   });
   return {lse, prob_sum};
+}
+
+// One row of router_stats_bwd: p = exp(row - lse), then
+// out = p * (grad_lse + grad_prob_sum - grad_prob_sum . p).
+template <typename acc_t, typename scalar_t>
+void router_stats_bwd_row(const scalar_t* row, int64_t E, acc_t lse, acc_t gl, const acc_t* gp, acc_t* p,
+                          scalar_t* out) {
+  row_scaled_exp<false>(row, E, lse, acc_t(1), p);
+  const acc_t gp_dot_p = dot(gp, p, E);
+  int64_t e = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const vec8::f32x8 vgl = vec8::splat(gl), vd = vec8::splat(gp_dot_p);
+    for (; e + vec8::kLanes <= E; e += vec8::kLanes)
+      vec8::store(out + e, vec8::load(p + e) * ((vgl + vec8::load(gp + e)) - vd));
+  }
+  for (; e < E; ++e) out[e] = static_cast<scalar_t>(p[e] * (gl + gp[e] - gp_dot_p));
 }
 
 at::Tensor router_stats_bwd(const at::Tensor& grad_lse, const at::Tensor& grad_prob_sum,
@@ -149,13 +164,8 @@ at::Tensor router_stats_bwd(const at::Tensor& grad_lse, const at::Tensor& grad_p
     scalar_t* out = grad.data_ptr<scalar_t>();
     at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> p(E);
-      for (int64_t t = begin; t < end; ++t) {
-        const scalar_t* row = L + t * E;
-        row_scaled_exp<false>(row, E, S[t], acc_t(1), p.data());
-        const acc_t gp_dot_p = dot(GP, p.data(), E);
-        for (int64_t e = 0; e < E; ++e)
-          out[t * E + e] = static_cast<scalar_t>(p[e] * (GL[t] + GP[e] - gp_dot_p));
-      }
+      for (int64_t t = begin; t < end; ++t)
+        router_stats_bwd_row(L + t * E, E, S[t], GL[t], GP, p.data(), out + t * E);
     });
   });
   return grad;
