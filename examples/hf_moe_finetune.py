@@ -58,7 +58,7 @@ def train(model, impl: str, batches, lr: float) -> tuple[list[float], float]:
         opt.step()
         seconds += time.perf_counter() - start
         tokens += ids.numel()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
     return losses, tokens / seconds
 
 
