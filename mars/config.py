@@ -144,6 +144,7 @@ class ModelConfig:
     lambda_imit: float = 5.0
     lambda_balance: float = 0.01
     lambda_distill: float = 0.0
+    lambda_align: float = 0.0
     backend: str | None = None
     # MoE-Retriever (mars.baselines.moe_retriever)
     retriever_variant: str = "paper"
@@ -179,7 +180,7 @@ class ModelConfig:
         if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         _finite_at_least_zero(self, ("sigma_0", "sigma_max", "sigma_const", "lambda_complete", "lambda_imit",
-                                     "lambda_balance", "lambda_gate", "lambda_sep", "lambda_com", "lambda_sub",
+                                     "lambda_balance", "lambda_align", "lambda_gate", "lambda_sep", "lambda_com", "lambda_sub",
                                      "mix_scale", "lambda_distill"))
         _at_least(self, ("retriever_candidates",), 1)
         _at_least(self, ("retriever_shared", "retriever_warmup", "mce_teacher_epochs"), 0)

@@ -142,7 +142,7 @@ class MarsModel(MethodModel):
             mix=config.mix, mix_scale=config.mix_scale, imitation=config.imitation, residual_router=residual_router,
             num_modalities=len(modalities), mask_router=config.mask_router, mask_experts=config.mask_experts,
             activation=config.activation, lambda_imit=config.lambda_imit, lambda_balance=config.lambda_balance,
-            backend=config.backend,
+            lambda_align=config.lambda_align, backend=config.backend,
         )
         for name, child in moe.named_children():  # router, experts (, mask_embed): the model's own parameters
             setattr(self, name, child)
@@ -204,7 +204,8 @@ class MarsModel(MethodModel):
         token_mask = observed.unsqueeze(-2)  # [(P,) B, 1, M]: every token of a sample has its mask
         y, moe_aux = self.moe(z_i, z_c, token_mask, mode=mode)
         for ours, theirs in (("imitation", "imitation_loss"), ("divergence", "divergence"),
-                             ("balance", "balance_loss"), ("feature_share", "feature_share")):
+                             ("balance", "balance_loss"), ("feature_share", "feature_share"),
+                             ("alignment", "alignment_loss")):
             if theirs in moe_aux:
                 aux[ours] = moe_aux[theirs]
         aux["indices"] = moe_aux["indices"]
@@ -222,7 +223,8 @@ class MarsModel(MethodModel):
     def loss(self, out: Output, labels: torch.Tensor, ignore_index: int | None = None) -> tuple[torch.Tensor, dict]:
         """The training loss of DESIGN 3 and its parts (floats, for logging):
         task CE + lambda_complete CE(complete pass) + lambda_imit imitation
-        + lambda_balance balance, each part present when ``out`` has it."""
+        + lambda_balance balance + lambda_align alignment, each part present
+        when ``out`` has it."""
         cfg = self.config
         passes = out.logits.shape[0] // max(labels.shape[0], 1)
         parts = {"task": cross_entropy(out.logits, _repeat(labels, passes), ignore_index)}
@@ -235,6 +237,8 @@ class MarsModel(MethodModel):
             parts["imitation"] = cfg.lambda_imit * out.aux["imitation"]
         if "balance" in out.aux:
             parts["balance"] = cfg.lambda_balance * out.aux["balance"]
+        if "alignment" in out.aux:
+            parts["alignment"] = cfg.lambda_align * out.aux["alignment"]
         return total_and_parts(parts)
 
 

@@ -169,6 +169,26 @@ def test_mix_blend_is_the_mixture_of_the_two_distributions():
     assert_close(r.aux["feature_share"], a.mean(), torch.float32, "share")
 
 
+def test_alignment_pulls_the_residual_router_towards_the_feature_router():
+    router = mk.MarsRouter(D, E, K, alignment=True, backend="reference")
+    z_i, z_c, _ = _inputs()
+    r = router(z_i, z_c, mode="train")
+    l_r = router.residual_router(router.residual(z_i, z_c).reshape(-1, 2 * D))
+    l_f = router.feature_router(z_i.reshape(-1, D))
+    p_f = l_f.softmax(1)
+    want = (p_f * (p_f.log() - l_r.log_softmax(1))).sum(1).mean()
+    assert_close(r.aux["alignment_loss"], want, torch.float32, "alignment")
+    r.aux["alignment_loss"].backward()
+    assert router.residual_router.weight.grad.abs().sum() > 0
+    assert router.feature_router.weight.grad is None  # p_f is the target, not moved
+    assert "alignment_loss" not in mk.MarsRouter(D, E, K, backend="reference")(z_i, z_c, mode="train").aux
+    # MarsMoE: lambda_align weighs it into the layer's loss
+    moe0, moe1 = _moe(), _moe(lambda_align=2.0)
+    _, a0 = moe0(z_i, z_c, mode="train", noise=torch.zeros(2 * 7, E))
+    _, a1 = moe1(z_i, z_c, mode="train", noise=torch.zeros(2 * 7, E))
+    assert_close(a1["loss"], a0["loss"] + 2.0 * a1["alignment_loss"], torch.float32, "layer loss")
+
+
 def test_options_are_validated():
     for kw, match in ((dict(mix="sometimes"), "mix must be"), (dict(imitation="mse"), "imitation must be"),
                       (dict(mask_dim=-1), "mask_dim"), (dict(residual_dim=0), "residual_dim"),
@@ -177,6 +197,8 @@ def test_options_are_validated():
             mk.MarsRouter(D, E, K, **kw)
     with pytest.raises(ValueError, match="lambda_imit"):
         mk.MarsMoE(D, H, E, K, lambda_imit=float("nan"))
+    with pytest.raises(ValueError, match="lambda_align"):
+        mk.MarsMoE(D, H, E, K, lambda_align=-1.0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

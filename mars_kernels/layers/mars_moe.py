@@ -51,8 +51,10 @@ class MarsMoE(nn.Module):
     residual router needs ``z_c``; inference needs ``z_i`` (and ``observed``
     when the layer reads the mask) only.
 
-    aux: ``loss`` (lambda_imit * imitation + lambda_balance * balance in
-    training, a 0 scalar otherwise: add it to your task loss),
+    aux: ``loss`` (lambda_imit * imitation + lambda_balance * balance
+    + lambda_align * alignment in training, a 0 scalar otherwise: add it to
+    your task loss), ``alignment_loss`` (with ``lambda_align`` > 0, see
+    :class:`MarsRouter`'s ``alignment``),
     ``imitation_loss``, ``balance_loss``, ``divergence`` (in training, as
     :class:`MarsRouter`), ``feature_share`` (with ``mix``), ``expert_counts``
     [E], ``indices`` [..., k] and ``weights`` [..., k] (the gate).
@@ -64,7 +66,8 @@ class MarsMoE(nn.Module):
     0: the layer never reads it) with ``mask_router`` (the feature router reads
     [z_i, observed]) and ``mask_experts`` (the experts read z_i plus a learned
     per-modality vector for each observed modality, U [M, D], initialised to
-    zero); ``activation`` of the experts; ``lambda_imit``, ``lambda_balance``.
+    zero); ``activation`` of the experts; ``lambda_imit``, ``lambda_balance``,
+    ``lambda_align`` (0: no alignment loss).
 
     Parameters: ``router`` (``router.feature_router``,
     ``router.residual_router``), ``experts`` and, with ``mask_experts``,
@@ -97,6 +100,7 @@ class MarsMoE(nn.Module):
         residual: bool = True,
         lambda_imit: float = 5.0,
         lambda_balance: float = 0.01,
+        lambda_align: float = 0.0,
         backend: str | None = None,
     ):
         super().__init__()
@@ -105,18 +109,20 @@ class MarsMoE(nn.Module):
         if (mask_router or mask_experts) and num_modalities == 0:
             raise ValueError("mask_router and mask_experts read the observed-modality mask; give num_modalities "
                              "(its width M)")
-        for name, v in (("lambda_imit", lambda_imit), ("lambda_balance", lambda_balance)):
+        for name, v in (("lambda_imit", lambda_imit), ("lambda_balance", lambda_balance),
+                        ("lambda_align", lambda_align)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         self.d_model, self.num_experts, self.k = d_model, num_experts, k
         self.num_modalities = num_modalities
         self.mask_router, self.mask_experts, self.residual = bool(mask_router), bool(mask_experts), bool(residual)
         self.lambda_imit, self.lambda_balance = float(lambda_imit), float(lambda_balance)
+        self.lambda_align = float(lambda_align)
         self.router = MarsRouter(
             d_model, num_experts, k, routing=routing, noise=noise, sigma_0=sigma_0, sigma_max=sigma_max,
             sigma_const=sigma_const, residual_input=residual_input, mlp=router_mlp, residual_router=residual_router,
             backend=backend, mask_dim=num_modalities if mask_router else 0, residual_dim=residual_dim, mix=mix,
-            mix_scale=mix_scale, imitation=imitation,
+            mix_scale=mix_scale, imitation=imitation, alignment=self.lambda_align > 0,
         )
         self.experts = Experts(d_model, d_hidden, num_experts, activation=activation, backend=backend)
         self.mask_embed = nn.Linear(num_modalities, d_model, bias=False) if mask_experts else None
@@ -181,6 +187,8 @@ class MarsMoE(nn.Module):
             loss = loss + self.lambda_imit * aux["imitation_loss"]
         if "balance_loss" in aux:
             loss = loss + self.lambda_balance * aux["balance_loss"]
+        if "alignment_loss" in aux:
+            loss = loss + self.lambda_align * aux["alignment_loss"]
         aux.update(loss=loss, indices=routing.indices, weights=routing.weights)
         return y, aux
 
@@ -192,5 +200,5 @@ class MarsMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_modalities={self.num_modalities}, mask_router={self.mask_router}, "
                 f"mask_experts={self.mask_experts}, residual={self.residual}, lambda_imit={self.lambda_imit}, "
-                f"lambda_balance={self.lambda_balance}")
+                f"lambda_balance={self.lambda_balance}" + (f", lambda_align={self.lambda_align}" if self.lambda_align else ""))
 

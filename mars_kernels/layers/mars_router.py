@@ -144,6 +144,13 @@ class MarsRouter(nn.Module):
     (-1/k sum over the clean residual top-k of log p_f: the feature router
     is asked for the residual router's choices only).
 
+    ``alignment``: with residual routing in training, also ``alignment_loss``
+    in aux, the mean over tokens of KL(stopgrad(p_f) || p_r): its gradient
+    reaches the residual router only, which then pays for routes the feature
+    router cannot reproduce from the incomplete input (the train-test router
+    gap closed from the residual side; imitation closes it from the feature
+    side).
+
     Parameters: ``feature_router`` and ``residual_router`` (None without one),
     whatever the backend.
     """
@@ -168,6 +175,7 @@ class MarsRouter(nn.Module):
         mix: str = "none",
         mix_scale: float = 1.0,
         imitation: str = "kl",
+        alignment: bool = False,
     ):
         super().__init__()
         for name, v in (("d_model", d_model), ("num_experts", num_experts)):
@@ -193,6 +201,7 @@ class MarsRouter(nn.Module):
         self.sigma_const = _non_negative(sigma_const, "sigma_const")
         self.mix_scale = _non_negative(mix_scale, "mix_scale")
         self.mask_dim, self.residual_dim, self.mix, self.imitation = mask_dim, residual_dim, mix, imitation
+        self.alignment = bool(alignment)
         self.backend = _backend.check_name(backend)
         # Registration order (feature, then residual) fixes the parameter order,
         # hence the optimiser state's layout in checkpoints.
@@ -307,6 +316,8 @@ class MarsRouter(nn.Module):
             )
             if self.imitation == "topk_ce":
                 imitation = self._topk_ce(l_r, l_f)
+            if self.alignment:
+                aux["alignment_loss"] = self._alignment(l_r, l_f).mean()
             if self.mix != "none":
                 w, idx, share = self._mix(l_r, l_f, w, idx, divergence, noise, generator)
                 aux["feature_share"] = share
@@ -341,6 +352,12 @@ class MarsRouter(nn.Module):
         top = topk_order(l_r.detach().to(ct), self.k)
         return -torch.log_softmax(l_f.to(ct), dim=-1).gather(1, top).mean(dim=1)
 
+    def _alignment(self, l_r: torch.Tensor, l_f: torch.Tensor) -> torch.Tensor:
+        """KL(sg(p_f) || p_r) per token [T]; gradient to l_r only."""
+        ct = compute_dtype(l_r.dtype)
+        log_f = torch.log_softmax(l_f.detach().to(ct), dim=-1)
+        return (log_f.exp() * (log_f - torch.log_softmax(l_r.to(ct), dim=-1))).sum(dim=-1)
+
     def _mix(self, l_r, l_f, w_r, idx_r, divergence, noise, generator):
         """The ``mix`` gate from the residual gate (w_r, idx_r [T, k]):
         -> (weights [T, k], indices [T, k], mean feature share)."""
@@ -373,6 +390,6 @@ class MarsRouter(nn.Module):
 
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
-                        (("mask_dim", 0), ("mix", "none"), ("imitation", "kl")) if getattr(self, name) != default)
+                        (("mask_dim", 0), ("mix", "none"), ("imitation", "kl"), ("alignment", False)) if getattr(self, name) != default)
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, routing={self.routing!r}, "
                 f"noise={self.noise!r}, residual_input={self.residual_input!r}{extra}, backend={self.backend!r}")
