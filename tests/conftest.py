@@ -2,7 +2,11 @@
 so it is decided here, before any test module imports mars_kernels."""
 import os
 
-import pytest
+# Before any GEMM (MKL reads it at its first call): bit-reproducible CPU GEMMs
+# whatever the operands' alignment, as the mars package sets for its users.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import pytest  # noqa: E402
 
 try:
     import torch
