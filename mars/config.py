@@ -110,6 +110,8 @@ class ModelConfig:
         (:class:`mars_kernels.MarsRouter`).
     lambda_distill: weight of KL(sg(head(z_c)) || head(y)), the complete
         pass's prediction distilled into the MoE output (MARS).
+    lambda_align: weight of KL(sg(p_f) || p_r), the residual router pulled
+        towards routes the feature router can reproduce (MARS; 0: off).
     The defaults residual_input="concat", lambda_imit=5 were chosen on the
     validation split of the embedded data (the test split was not used): with
     the complete tokens themselves as input, rather than their difference to

@@ -1,0 +1,61 @@
+"""Merge the per-seed rows of several ``mars compare`` result directories into
+one table (the rows paired with MARS seed by seed), e.g. the baselines run once
+and MARS run again after a change of its defaults:
+
+    python benchmarks/merge_compare.py OUT.json DIR_A DIR_B [...] [--note TEXT]
+
+Each DIR holds a ``compare.json`` of the same data, protocol, epochs and masks
+per step (checked). Writes OUT.json in ``compare.json``'s form (plus the source
+commands) and prints the markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mars.cli import PAIRED_NOTE, compare_table  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("--note", default="")
+    p.add_argument("--machine", default="")
+    a = p.parse_args(argv)
+    parts = []
+    for d in a.dirs:
+        path = d / "compare.json"
+        try:
+            parts.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            p.error(f"{path}: {e}")
+    keys = ("data", "protocol", "epochs", "masks_per_step", "seeds")
+    for part, d in zip(parts[1:], a.dirs[1:]):
+        for k in keys:
+            if part.get(k) != parts[0].get(k):
+                p.error(f"{d}: {k} is {part.get(k)!r}, the first directory's is {parts[0].get(k)!r}")
+    rows: dict[str, list[dict]] = {}
+    # MARS first: the other rows are paired with it.
+    for part in sorted(parts, key=lambda q: not any(r.split("@")[0] == "mars" for r in q["rows"])):
+        for row, summaries in part["rows"].items():
+            if row in rows:
+                p.error(f"row {row!r} appears in two directories")
+            rows[row] = summaries
+    table, lines = compare_table(rows, parts[0]["epochs"])
+    text = "\n".join(lines)
+    print(text + "\n" + PAIRED_NOTE)
+    out = {k: parts[0].get(k) for k in keys}
+    out.update(rows=rows, table=table, commands=[q["command"] for q in parts], note=a.note, machine=a.machine,
+               paired_note=PAIRED_NOTE, markdown=text)
+    a.out.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
