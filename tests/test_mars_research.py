@@ -326,3 +326,32 @@ def test_the_backbone_example_runs():
     for use_mars in (False, True):
         score = example.train_and_score(use_mars, (tr, va, te), epochs=1)
         assert 0.0 <= score <= 1.0
+
+
+def test_merge_compare_pairs_rows_from_several_directories(tmp_path):
+    """benchmarks/merge_compare.py: baselines and MARS from two compare runs -> one paired table."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_compare.py"
+    spec = importlib.util.spec_from_file_location("merge_compare", path)
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+
+    def summary(seed, mean):
+        return {"seed": seed, "test_mean": mean, "test_by_size": {"1": mean - 0.1, "2": mean + 0.01},
+                "train_seconds": 4.0, "parameters": 10}
+
+    head = {"data": "mfeat", "protocol": "uniform", "epochs": 2, "masks_per_step": 1, "seeds": 3}
+    for name, rows in (("a", {"moe": [summary(s, 0.80 + 0.01 * s) for s in range(3)]}),
+                       ("b", {"mars": [summary(s, 0.82 + 0.01 * s) for s in range(3)]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "compare.json").write_text(json.dumps({**head, "rows": rows, "command": f"mars {name}"}))
+    assert merge.main([str(tmp_path / "out.json"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert list(out["table"]) == ["mars", "moe"] and out["table"]["moe"]["reference"] == "mars"
+    assert abs(out["table"]["moe"]["paired"]["mean"] + 0.02) < 1e-12
+    # another protocol in one of the directories is refused
+    (tmp_path / "b" / "compare.json").write_text(json.dumps({**head, "protocol": "fixed:0.5", "rows": {}, "command": ""}))
+    with pytest.raises(SystemExit):
+        merge.main([str(tmp_path / "out2.json"), str(tmp_path / "a"), str(tmp_path / "b")])
