@@ -16,6 +16,7 @@ from pathlib import Path
 from . import methods
 from .config import (
     BACKBONES,
+    CLI_DEFAULT_MIX,
     IMITATIONS,
     MIX_MODES,
     NOISE_MODES,
@@ -102,9 +103,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="the feature router also reads the observed-modality mask")
     g.add_argument("--mask-experts", action=argparse.BooleanOptionalAction, default=_DEFAULT.mask_experts,
                    help="the experts also read the observed-modality mask")
-    g.add_argument("--mix", choices=MIX_MODES, default=_DEFAULT.mix,
+    g.add_argument("--mix", choices=MIX_MODES, default=CLI_DEFAULT_MIX,
                    help="MARS training gate: none, prob (tokens take the feature router's route with probability "
-                        "1 - exp(-mix_scale * KL)) or blend ((1 - a) p_r + a p_f)")
+                        "1 - exp(-mix_scale * KL); the default, chosen on validation, docs/mars_research.md) or "
+                        "blend ((1 - a) p_r + a p_f)")
     g.add_argument("--mix-scale", type=float, default=_DEFAULT.mix_scale)
     g.add_argument("--imitation", choices=IMITATIONS, default=_DEFAULT.imitation,
                    help="imitation loss: KL(sg(p_r) || p_f) or cross-entropy on the residual router's top-k")

@@ -14,10 +14,11 @@ from .data import MissingnessProtocol
 
 __all__ = ["ConfigError", "ModelConfig", "TrainConfig", "NOISE_MODES", "ROUTINGS", "RESIDUAL_INPUTS",
            "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS", "MAX_SEED", "PRECISIONS", "check_device_spec", "BACKBONES",
-           "MIX_MODES", "IMITATIONS", "MAX_MASKS_PER_STEP"]
+           "MIX_MODES", "IMITATIONS", "MAX_MASKS_PER_STEP", "CLI_DEFAULT_MIX"]
 
 BACKBONES = ("attention", "late", "mce")
 MAX_MASKS_PER_STEP = 64
+CLI_DEFAULT_MIX = "prob"
 RETRIEVER_VARIANTS = ("paper", "code")
 SHAPLEY_VARIANTS = ("exact", "code")
 PRECISIONS = ("fp32", "bf16")
@@ -107,7 +108,10 @@ class ModelConfig:
     mask_router / mask_experts: the feature router / the experts also read the
         observed-modality mask (known at test time); MarsModel methods.
     mix, mix_scale, imitation: MARS's training gate and imitation loss
-        (:class:`mars_kernels.MarsRouter`).
+        (:class:`mars_kernels.MarsRouter`). The ``mars`` command's default
+        mix is CLI_DEFAULT_MIX = "prob" (chosen on the validation split,
+        docs/mars_research.md); the field's default stays "none", the value
+        of a ``config.json`` written before the field existed.
     lambda_distill: weight of KL(sg(head(z_c)) || head(y)), the complete
         pass's prediction distilled into the MoE output (MARS).
     lambda_align: weight of KL(sg(p_f) || p_r), the residual router pulled
