@@ -5,7 +5,8 @@ and MARS run again after a change of its defaults:
     python benchmarks/merge_compare.py OUT.json DIR_A DIR_B [...] [--note TEXT]
 
 Each DIR holds a ``compare.json`` of the same data, protocol, epochs and masks
-per step (checked). Writes OUT.json in ``compare.json``'s form (plus the source
+per step (checked); the seeds may differ (rows are paired with MARS seed by
+seed, over the seeds both have). Writes OUT.json in ``compare.json``'s form (plus the source
 commands) and prints the markdown table.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
             parts.append(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             p.error(f"{path}: {e}")
-    keys = ("data", "protocol", "epochs", "masks_per_step", "seeds")
+    keys = ("data", "protocol", "epochs", "masks_per_step")
     for part, d in zip(parts[1:], a.dirs[1:]):
         for k in keys:
             if part.get(k) != parts[0].get(k):
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text + "\n" + PAIRED_NOTE)
     out = {k: parts[0].get(k) for k in keys}
+    out["seeds"] = {row: [s["seed"] for s in summaries] for row, summaries in rows.items()}
     out.update(rows=rows, table=table, commands=[q["command"] for q in parts], note=a.note, machine=a.machine,
                paired_note=PAIRED_NOTE, markdown=text)
     a.out.write_text(json.dumps(out, indent=1) + "\n")
