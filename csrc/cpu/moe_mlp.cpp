@@ -136,7 +136,7 @@ std::pair<int64_t, int64_t> group_slots(const SortedRouting& route, const int64_
 // Columns per task of the column-split row passes: at least 64, and enough
 // that a task covers ~16K elements of the n rows, so a handful of rows (decode:
 // one token per expert) runs inline instead of paying a fork/join per pass.
-inline int64_t column_grain(int64_t n, int64_t D) {
+inline int64_t column_grain(int64_t n) {
   return std::max<int64_t>(64, (int64_t{16384} + n - 1) / std::max<int64_t>(n, 1));
 }
 
@@ -154,7 +154,7 @@ void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const at::Tensor& 
     const scalar_t* B = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     acc_t* A = acc.data_ptr<acc_t>();
     const acc_t* W = scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, D, column_grain(n, D), [&](int64_t d0, int64_t d1) {
+    at::parallel_for(0, D, column_grain(n), [&](int64_t d0, int64_t d1) {
       for (int64_t i = 0; i < n; ++i) {
         const acc_t w = W ? W[i] : acc_t(1);
         acc_t* a = A + tok[i] * D;
@@ -178,7 +178,7 @@ void scale_rows_and_sum(at::Tensor& rows, const at::Tensor& scale, at::Tensor& s
     scalar_t* R = rows.data_ptr<scalar_t>();
     scalar_t* S = sums.data_ptr<scalar_t>();
     const acc_t* W = scale.const_data_ptr<acc_t>();
-    at::parallel_for(0, D, column_grain(n, D), [&](int64_t d0, int64_t d1) {
+    at::parallel_for(0, D, column_grain(n), [&](int64_t d0, int64_t d1) {
       double col[64];
       for (int64_t d = d0; d < d1; d += 64) {
         const int64_t m = std::min<int64_t>(64, d1 - d);
