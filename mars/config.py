@@ -116,6 +116,8 @@ class ModelConfig:
         pass's prediction distilled into the MoE output (MARS).
     lambda_align: weight of KL(sg(p_f) || p_r), the residual router pulled
         towards routes the feature router can reproduce (MARS; 0: off).
+    lambda_recon: weight of mean |y - sg(z_c)|, the experts completing the
+        incomplete tokens towards the complete pass (MARS; 0: off).
     The defaults residual_input="concat", lambda_imit=5 were chosen on the
     validation split of the embedded data (the test split was not used): with
     the complete tokens themselves as input, rather than their difference to
@@ -151,6 +153,7 @@ class ModelConfig:
     lambda_balance: float = 0.01
     lambda_distill: float = 0.0
     lambda_align: float = 0.0
+    lambda_recon: float = 0.0
     backend: str | None = None
     # MoE-Retriever (mars.baselines.moe_retriever)
     retriever_variant: str = "paper"
@@ -187,7 +190,7 @@ class ModelConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         _finite_at_least_zero(self, ("sigma_0", "sigma_max", "sigma_const", "lambda_complete", "lambda_imit",
                                      "lambda_balance", "lambda_align", "lambda_gate", "lambda_sep", "lambda_com", "lambda_sub",
-                                     "mix_scale", "lambda_distill"))
+                                     "mix_scale", "lambda_distill", "lambda_recon"))
         _at_least(self, ("retriever_candidates",), 1)
         _at_least(self, ("retriever_shared", "retriever_warmup", "mce_teacher_epochs"), 0)
         allowed = self.retriever_candidates + self.retriever_shared

@@ -142,7 +142,7 @@ class MarsModel(MethodModel):
             mix=config.mix, mix_scale=config.mix_scale, imitation=config.imitation, residual_router=residual_router,
             num_modalities=len(modalities), mask_router=config.mask_router, mask_experts=config.mask_experts,
             activation=config.activation, lambda_imit=config.lambda_imit, lambda_balance=config.lambda_balance,
-            lambda_align=config.lambda_align, backend=config.backend,
+            lambda_align=config.lambda_align, lambda_recon=config.lambda_recon, backend=config.backend,
         )
         for name, child in moe.named_children():  # router, experts (, mask_embed): the model's own parameters
             setattr(self, name, child)
@@ -205,7 +205,7 @@ class MarsModel(MethodModel):
         y, moe_aux = self.moe(z_i, z_c, token_mask, mode=mode)
         for ours, theirs in (("imitation", "imitation_loss"), ("divergence", "divergence"),
                              ("balance", "balance_loss"), ("feature_share", "feature_share"),
-                             ("alignment", "alignment_loss")):
+                             ("alignment", "alignment_loss"), ("reconstruction", "reconstruction_loss")):
             if theirs in moe_aux:
                 aux[ours] = moe_aux[theirs]
         aux["indices"] = moe_aux["indices"]
@@ -223,7 +223,8 @@ class MarsModel(MethodModel):
     def loss(self, out: Output, labels: torch.Tensor, ignore_index: int | None = None) -> tuple[torch.Tensor, dict]:
         """The training loss of DESIGN 3 and its parts (floats, for logging):
         task CE + lambda_complete CE(complete pass) + lambda_imit imitation
-        + lambda_balance balance + lambda_align alignment, each part present
+        + lambda_balance balance + lambda_align alignment + lambda_recon
+        reconstruction, each part present
         when ``out`` has it."""
         cfg = self.config
         passes = out.logits.shape[0] // max(labels.shape[0], 1)
@@ -239,6 +240,8 @@ class MarsModel(MethodModel):
             parts["balance"] = cfg.lambda_balance * out.aux["balance"]
         if "alignment" in out.aux:
             parts["alignment"] = cfg.lambda_align * out.aux["alignment"]
+        if "reconstruction" in out.aux:
+            parts["reconstruction"] = cfg.lambda_recon * out.aux["reconstruction"]
         return total_and_parts(parts)
 
 

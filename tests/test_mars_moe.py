@@ -189,6 +189,24 @@ def test_alignment_pulls_the_residual_router_towards_the_feature_router():
     assert_close(a1["loss"], a0["loss"] + 2.0 * a1["alignment_loss"], torch.float32, "layer loss")
 
 
+def test_reconstruction_pulls_the_output_towards_the_detached_complete_tokens():
+    z_i, z_c, _ = _inputs()
+    z_c = z_c.clone().requires_grad_(True)
+    noise = torch.zeros(2 * 7, E)
+    moe0, moe1 = _moe(), _moe(lambda_recon=0.5)
+    y0, a0 = moe0(z_i, z_c, mode="train", noise=noise)
+    y1, a1 = moe1(z_i, z_c, mode="train", noise=noise)
+    assert "reconstruction_loss" not in a0
+    want = (y1 - z_c.unsqueeze(0)).abs().mean()  # one complete pass shared by the P = 2 incomplete ones
+    assert_close(a1["reconstruction_loss"], want, torch.float32, "reconstruction")
+    assert_close(a1["loss"], a0["loss"] + 0.5 * want, torch.float32, "layer loss")
+    a1["reconstruction_loss"].backward()
+    assert z_c.grad is None  # the complete pass is the target, not moved
+    assert moe1.experts.w1.grad.abs().sum() > 0 and z_i.grad.abs().sum() > 0
+    moe1.eval()
+    assert "reconstruction_loss" not in moe1(z_i, z_c)[1]  # inference: no loss
+
+
 def test_options_are_validated():
     for kw, match in ((dict(mix="sometimes"), "mix must be"), (dict(imitation="mse"), "imitation must be"),
                       (dict(mask_dim=-1), "mask_dim"), (dict(residual_dim=0), "residual_dim"),
@@ -199,6 +217,8 @@ def test_options_are_validated():
         mk.MarsMoE(D, H, E, K, lambda_imit=float("nan"))
     with pytest.raises(ValueError, match="lambda_align"):
         mk.MarsMoE(D, H, E, K, lambda_align=-1.0)
+    with pytest.raises(ValueError, match="lambda_recon"):
+        mk.MarsMoE(D, H, E, K, lambda_recon=float("inf"))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -181,7 +181,7 @@ def test_distillation_part(mfeat_small):
 def test_new_options_are_validated():
     for kw, field in ((dict(backbone="cnn"), "backbone"), (dict(mix="x"), "mix"), (dict(imitation="x"), "imitation"),
                       (dict(lambda_distill=-1.0), "lambda_distill"), (dict(residual_dim=0), "residual_dim"),
-                      (dict(mix_scale=float("inf")), "mix_scale")):
+                      (dict(mix_scale=float("inf")), "mix_scale"), (dict(lambda_recon=-0.5), "lambda_recon")):
         with pytest.raises(ConfigError) as e:
             ModelConfig(**kw)
         assert e.value.field == field

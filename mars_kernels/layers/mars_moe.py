@@ -54,7 +54,9 @@ class MarsMoE(nn.Module):
     aux: ``loss`` (lambda_imit * imitation + lambda_balance * balance
     + lambda_align * alignment in training, a 0 scalar otherwise: add it to
     your task loss), ``alignment_loss`` (with ``lambda_align`` > 0, see
-    :class:`MarsRouter`'s ``alignment``),
+    :class:`MarsRouter`'s ``alignment``), ``reconstruction_loss`` (with
+    ``lambda_recon`` > 0 and z_c, in training: mean |y - sg(z_c)|, the
+    experts completing the incomplete tokens towards the complete ones),
     ``imitation_loss``, ``balance_loss``, ``divergence`` (in training, as
     :class:`MarsRouter`), ``feature_share`` (with ``mix``), ``expert_counts``
     [E], ``indices`` [..., k] and ``weights`` [..., k] (the gate).
@@ -67,7 +69,8 @@ class MarsMoE(nn.Module):
     [z_i, observed]) and ``mask_experts`` (the experts read z_i plus a learned
     per-modality vector for each observed modality, U [M, D], initialised to
     zero); ``activation`` of the experts; ``lambda_imit``, ``lambda_balance``,
-    ``lambda_align`` (0: no alignment loss).
+    ``lambda_align`` (0: no alignment loss), ``lambda_recon`` (0: no
+    reconstruction loss).
 
     Parameters: ``router`` (``router.feature_router``,
     ``router.residual_router``), ``experts`` and, with ``mask_experts``,
@@ -101,6 +104,7 @@ class MarsMoE(nn.Module):
         lambda_imit: float = 5.0,
         lambda_balance: float = 0.01,
         lambda_align: float = 0.0,
+        lambda_recon: float = 0.0,
         backend: str | None = None,
     ):
         super().__init__()
@@ -110,7 +114,7 @@ class MarsMoE(nn.Module):
             raise ValueError("mask_router and mask_experts read the observed-modality mask; give num_modalities "
                              "(its width M)")
         for name, v in (("lambda_imit", lambda_imit), ("lambda_balance", lambda_balance),
-                        ("lambda_align", lambda_align)):
+                        ("lambda_align", lambda_align), ("lambda_recon", lambda_recon)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         self.d_model, self.num_experts, self.k = d_model, num_experts, k
@@ -118,6 +122,7 @@ class MarsMoE(nn.Module):
         self.mask_router, self.mask_experts, self.residual = bool(mask_router), bool(mask_experts), bool(residual)
         self.lambda_imit, self.lambda_balance = float(lambda_imit), float(lambda_balance)
         self.lambda_align = float(lambda_align)
+        self.lambda_recon = float(lambda_recon)
         self.router = MarsRouter(
             d_model, num_experts, k, routing=routing, noise=noise, sigma_0=sigma_0, sigma_max=sigma_max,
             sigma_const=sigma_const, residual_input=residual_input, mlp=router_mlp, residual_router=residual_router,
@@ -189,6 +194,12 @@ class MarsMoE(nn.Module):
             loss = loss + self.lambda_balance * aux["balance_loss"]
         if "alignment_loss" in aux:
             loss = loss + self.lambda_align * aux["alignment_loss"]
+        if self.lambda_recon > 0 and z_c is not None and mode == "train":
+            # The experts complete the incomplete tokens: y approaches the
+            # complete pass (the teacher, detached), i.e. the experts' output
+            # approaches the residual z_c - z_i the residual router routes on.
+            aux["reconstruction_loss"] = (y.float() - z_c.detach().float()).abs().mean()
+            loss = loss + self.lambda_recon * aux["reconstruction_loss"]
         aux.update(loss=loss, indices=routing.indices, weights=routing.weights)
         return y, aux
 
