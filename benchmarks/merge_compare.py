@@ -4,9 +4,11 @@ and MARS run again after a change of its defaults:
 
     python benchmarks/merge_compare.py OUT.json DIR_A DIR_B [...] [--note TEXT]
 
-Each DIR holds a ``compare.json`` of the same data, protocol, epochs and masks
-per step (checked); the seeds may differ (rows are paired with MARS seed by
-seed, over the seeds both have). Writes OUT.json in ``compare.json``'s form (plus the source
+Each DIR holds a ``compare.json`` of the same data, protocol and epochs
+(checked); the seeds may differ (rows are paired with MARS seed by seed, over
+the seeds both have). The masks per step may differ: a row trained at another
+P than its method's default (``mars.methods``) is named "ROW (P=N)", so the
+same method at two budgets gets two rows. Writes OUT.json in ``compare.json``'s form (plus the source
 commands) and prints the markdown table.
 """
 from __future__ import annotations
@@ -19,7 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mars import methods  # noqa: E402
 from mars.cli import PAIRED_NOTE, compare_table  # noqa: E402
+
+
+def _row_name(row: str, summaries: list[dict]) -> str:
+    P = summaries[0].get("masks_per_step", 1)
+    method = summaries[0].get("method", row.partition("@")[0])
+    return row if P == methods.get(method).masks_per_step else f"{row} (P={P})"
 
 
 def main(argv=None) -> int:
@@ -36,7 +45,7 @@ def main(argv=None) -> int:
             parts.append(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             p.error(f"{path}: {e}")
-    keys = ("data", "protocol", "epochs", "masks_per_step")
+    keys = ("data", "protocol", "epochs")
     for part, d in zip(parts[1:], a.dirs[1:]):
         for k in keys:
             if part.get(k) != parts[0].get(k):
@@ -45,6 +54,7 @@ def main(argv=None) -> int:
     # MARS first: the other rows are paired with it.
     for part in sorted(parts, key=lambda q: not any(r.split("@")[0] == "mars" for r in q["rows"])):
         for row, summaries in part["rows"].items():
+            row = _row_name(row, summaries)
             if row in rows:
                 p.error(f"row {row!r} appears in two directories")
             rows[row] = summaries
@@ -52,6 +62,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text + "\n" + PAIRED_NOTE)
     out = {k: parts[0].get(k) for k in keys}
+    out["masks_per_step"] = {row: summaries[0].get("masks_per_step", 1) for row, summaries in rows.items()}
     out["seeds"] = {row: [s["seed"] for s in summaries] for row, summaries in rows.items()}
     out.update(rows=rows, table=table, commands=[q["command"] for q in parts], note=a.note, machine=a.machine,
                paired_note=PAIRED_NOTE, markdown=text)

@@ -161,9 +161,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--masks-per-step", type=int, default=1, metavar="P",
+    p.add_argument("--masks-per-step", type=int, default=None, metavar="P",
                    help="incomplete masks drawn per sample per step, for every method (MARS shares one complete "
-                        "pass across them)")
+                        "pass across them); default: the method's own, chosen on validation (" +
+                        ", ".join(f"{m.cli_name} {m.masks_per_step}" for m in methods.REGISTRY.values()) + ")")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _device_args(p)
     p.add_argument("--expert-parallel", action="store_true",
@@ -191,7 +192,9 @@ def _config(a: argparse.Namespace, method: str | None = None, seed: int | None =
     )
     return TrainConfig(data=a.data, expert_parallel=a.expert_parallel, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        seed=a.seed if seed is None else seed, protocol=a.protocol, device=a.device,
-                       precision=a.precision, masks_per_step=a.masks_per_step, model=model)
+                       precision=a.precision, model=model,
+                       masks_per_step=methods.get(model.method).masks_per_step if a.masks_per_step is None
+                       else a.masks_per_step)
 
 
 def _print_results(result: dict) -> None:
@@ -391,6 +394,7 @@ def compare_table(rows: dict[str, list[dict]], epochs: int, level: float = 0.95)
             "router_agreement": stat([s.get("router_agreement") for s in summaries]),
             "specialisation_nmi": stat([s.get("specialisation_nmi") for s in summaries]),
             "per_seed": [s["test_mean"] for s in summaries], "seeds": [s["seed"] for s in summaries],
+            "masks_per_step": summaries[0].get("masks_per_step", 1),
         }
         ref = _reference_row(row, names)
         entry["reference"] = ref if ref != row else None
@@ -413,12 +417,12 @@ def compare_table(rows: dict[str, list[dict]], epochs: int, level: float = 0.95)
 
     pct = f"{100 * level:g}%"
     lines = [f"| method | mean over subsets | vs MARS: paired diff. [{pct} CI] | one modality | all modalities | "
-             "s / epoch | parameters | router agreement | specialisation NMI |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "masks / step | s / epoch | parameters | router agreement | specialisation NMI |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row, e in table.items():
         lines.append(f"| {row} | {fmt(e['mean'])} | {diff(e)} | {fmt(e['one'])} | {fmt(e['all'])} | "
-                     f"{e['seconds_per_epoch']:.2f} | {e['parameters']:,} | {fmt(e['router_agreement'], 3)} | "
-                     f"{fmt(e['specialisation_nmi'], 3)} |")
+                     f"{e['masks_per_step']} | {e['seconds_per_epoch']:.2f} | {e['parameters']:,} | "
+                     f"{fmt(e['router_agreement'], 3)} | {fmt(e['specialisation_nmi'], 3)} |")
     return table, lines
 
 
@@ -445,7 +449,8 @@ def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
     first = next(iter(configs.values()))[0]
     write_json(out / "compare.json", {
         "rows": rows, "table": table, "command": "mars " + " ".join(sys.argv[1:]), "data": first.data,
-        "protocol": first.protocol, "epochs": first.epochs, "masks_per_step": first.masks_per_step,
+        "protocol": first.protocol, "epochs": first.epochs,
+        "masks_per_step": {row: cfgs[0].masks_per_step for row, cfgs in configs.items()},
         "seeds": a.seeds, "note": PAIRED_NOTE})
     from .plots import plot_by_size, plot_usage
 

@@ -40,6 +40,9 @@ class Method:
     compare_default: part of ``mars compare``'s default ``--methods``.
     on_backbone: the model is built on a fusion backbone (``--backbone``):
         ``mars compare --backbones`` runs it once per backbone.
+    masks_per_step: the ``mars`` command's default ``--masks-per-step`` for
+        the method (chosen on validation; ``TrainConfig``'s own default stays
+        1, the value of an older ``config.json``).
     """
 
     name: str
@@ -51,6 +54,7 @@ class Method:
     residual_router: bool = False
     compare_default: bool = False
     on_backbone: bool = False
+    masks_per_step: int = 1
 
     @property
     def spellings(self) -> tuple[str, ...]:
@@ -65,7 +69,7 @@ class Method:
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("mars", "mars", "mars.model:MarsModel",
            "MARS: residual-guided routing with discrepancy-aware noise", sparse_moe=True, residual_router=True,
-           compare_default=True, on_backbone=True),
+           compare_default=True, on_backbone=True, masks_per_step=8),  # docs/mars_research.md
     Method("moe", "vanilla-moe", "mars.model:MarsModel",
            "the same MoE gated by the feature router only", aliases=("vanilla_moe",), sparse_moe=True,
            compare_default=True, on_backbone=True),

@@ -313,6 +313,19 @@ def test_cli_masks_backbones_eval_split_and_compare(tmp_path, capsys, monkeypatc
     assert "paired diff" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
+def test_masks_per_step_default_is_the_methods_own():
+    import argparse
+    p = argparse.ArgumentParser()
+    cli._train_args(p)
+    for method, want in (("mars", 8), ("vanilla-moe", 1), ("late-fusion", 1), ("mce", 1), ("moe-retriever", 1)):
+        assert cli._config(p.parse_args(["--method", method])).masks_per_step == want, method
+        assert cli._config(p.parse_args(["--method", method, "--masks-per-step", "3"])).masks_per_step == 3
+    # mars compare: every row at its method's default, or all at the P given
+    a = p.parse_args([])
+    assert [cli._config(a, method=m).masks_per_step for m in ("mars", "moe", "late_fusion")] == [8, 1, 1]
+    assert TrainConfig().masks_per_step == 1  # the API default (and an older config.json's)
+
+
 def test_the_backbone_example_runs():
     """examples/mars_on_your_backbone.py: its model trains and scores (1 epoch on a slice)."""
     import importlib.util
@@ -338,19 +351,23 @@ def test_merge_compare_pairs_rows_from_several_directories(tmp_path):
     merge = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(merge)
 
-    def summary(seed, mean):
+    def summary(seed, mean, method, P=1):
         return {"seed": seed, "test_mean": mean, "test_by_size": {"1": mean - 0.1, "2": mean + 0.01},
-                "train_seconds": 4.0, "parameters": 10}
+                "train_seconds": 4.0, "parameters": 10, "method": method, "masks_per_step": P}
 
     head = {"data": "mfeat", "protocol": "uniform", "epochs": 2, "masks_per_step": 1, "seeds": 3}
-    for name, rows in (("a", {"moe": [summary(s, 0.80 + 0.01 * s) for s in range(3)]}),
-                       ("b", {"mars": [summary(s, 0.82 + 0.01 * s) for s in range(3)]})):
+    for name, rows in (("a", {"moe": [summary(s, 0.80 + 0.01 * s, "moe") for s in range(3)]}),
+                       ("b", {"mars": [summary(s, 0.82 + 0.01 * s, "mars", 8) for s in range(3)]}),
+                       ("c", {"moe": [summary(s, 0.83, "moe", 8) for s in range(3)]})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "compare.json").write_text(json.dumps({**head, "rows": rows, "command": f"mars {name}"}))
-    assert merge.main([str(tmp_path / "out.json"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert merge.main([str(tmp_path / "out.json"), *(str(tmp_path / n) for n in "abc")]) == 0
     out = json.loads((tmp_path / "out.json").read_text())
-    assert list(out["table"]) == ["mars", "moe"] and out["table"]["moe"]["reference"] == "mars"
+    # the same method at another budget than its default gets its own row, named by its P
+    assert list(out["table"]) == ["mars", "moe", "moe (P=8)"] and out["table"]["moe"]["reference"] == "mars"
+    assert out["masks_per_step"] == {"mars": 8, "moe": 1, "moe (P=8)": 8}
     assert abs(out["table"]["moe"]["paired"]["mean"] + 0.02) < 1e-12
+    assert out["table"]["moe (P=8)"]["reference"] == "mars" and out["table"]["moe (P=8)"]["masks_per_step"] == 8
     # another protocol in one of the directories is refused
     (tmp_path / "b" / "compare.json").write_text(json.dumps({**head, "protocol": "fixed:0.5", "rows": {}, "command": ""}))
     with pytest.raises(SystemExit):
