@@ -207,6 +207,34 @@ def test_reconstruction_pulls_the_output_towards_the_detached_complete_tokens():
     assert "reconstruction_loss" not in moe1(z_i, z_c)[1]  # inference: no loss
 
 
+def test_pattern_residual_is_the_per_pattern_mean_of_the_residual():
+    from mars_kernels.layers.mars_router import pattern_mean
+    z_i, z_c, observed = _inputs()
+    router = mk.MarsRouter(D, E, K, residual_input="pattern", backend="reference")
+    r = router.residual(z_i, z_c, observed)
+    assert r.shape == z_i.shape and not r.requires_grad
+    diff = (z_c - z_i).detach().reshape(-1, D)
+    m = observed.reshape(-1, M)
+    for t in range(m.shape[0]):
+        same = (m == m[t]).all(dim=1)
+        assert_close(r.reshape(-1, D)[t], diff[same].mean(dim=0), torch.float32, f"token {t}")
+    # a mask broadcast over tokens ([B, 1, M] for [B, N, D]) gives the same as the expanded mask
+    zi, zc = torch.randn(4, 3, D), torch.randn(4, 3, D)
+    ob = torch.tensor([[1, 0, 1], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool).unsqueeze(1)
+    assert torch.equal(pattern_mean(zc - zi, ob), pattern_mean(zc - zi, ob.expand(4, 3, M)))
+    with pytest.raises(ValueError, match="pattern"):
+        router.residual(z_i, z_c)
+    # the layer hands the mask to the residual router; training, oracle and agreement run
+    moe = _moe(residual_input="pattern")
+    y, aux = moe(z_i, z_c, observed, mode="train")
+    aux["loss"].backward()
+    assert moe.router.residual_router.weight.grad is not None
+    assert moe(z_i, z_c, observed, mode="oracle")[0].shape == z_i.shape
+    assert 0.0 <= moe.agreement(z_i, z_c, observed) <= 1.0
+    moe.eval()
+    assert moe(z_i)[0].shape == z_i.shape  # inference: the feature router, no mask needed
+
+
 def test_options_are_validated():
     for kw, match in ((dict(mix="sometimes"), "mix must be"), (dict(imitation="mse"), "imitation must be"),
                       (dict(mask_dim=-1), "mask_dim"), (dict(residual_dim=0), "residual_dim"),

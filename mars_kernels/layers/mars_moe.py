@@ -148,6 +148,12 @@ class MarsMoE(nn.Module):
         return self.router.has_residual_router
 
     @property
+    def routes_on_mask(self) -> bool:
+        """Whether a router reads ``observed`` (the feature router with
+        ``mask_router``; the residual router with ``residual_input="pattern"``)."""
+        return self.mask_router or self.router.residual_input == "pattern"
+
+    @property
     def reads_mask(self) -> bool:
         """Whether the layer needs ``observed`` (at inference too)."""
         return self.mask_router or self.mask_experts
@@ -178,8 +184,8 @@ class MarsMoE(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if mode is None:
             mode = "train" if self.training else "eval"
-        routing = self.router(z_i, z_c, observed=observed if self.mask_router else None, mode=mode, noise=noise,
-                              generator=generator)
+        routing = self.router(z_i, z_c, observed=observed if self.routes_on_mask else None, mode=mode,
+                              noise=noise, generator=generator)
         x = self.expert_input(z_i, observed)
         lead, D, k = z_i.shape[:-1], z_i.shape[-1], self.k
         tokens = x.reshape(-1, D)
@@ -206,7 +212,7 @@ class MarsMoE(nn.Module):
     @torch.no_grad()
     def agreement(self, z_i: torch.Tensor, z_c: torch.Tensor, observed: torch.Tensor | None = None) -> float:
         """Top-k overlap of the feature and residual routers (see :meth:`MarsRouter.agreement`)."""
-        return self.router.agreement(z_i, z_c, observed if self.mask_router else None)
+        return self.router.agreement(z_i, z_c, observed if self.routes_on_mask else None)
 
     def extra_repr(self) -> str:
         return (f"num_modalities={self.num_modalities}, mask_router={self.mask_router}, "

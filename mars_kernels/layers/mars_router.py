@@ -33,7 +33,7 @@ __all__ = ["MarsRouter", "mask_tokens"]
 MODES = ("train", "eval", "oracle")
 ROUTINGS = ("residual", "feature", "random")
 NOISE_MODES = ("adaptive", "constant", "none")
-RESIDUAL_INPUTS = ("concat", "diff", "bottleneck")
+RESIDUAL_INPUTS = ("concat", "diff", "bottleneck", "pattern")
 MIX_MODES = ("none", "prob", "blend")
 IMITATIONS = ("kl", "topk_ce")
 
@@ -67,6 +67,26 @@ def mask_tokens(observed: torch.Tensor | None, z: torch.Tensor, width: int) -> t
         raise ValueError(f"observed {tuple(observed.shape)} does not broadcast to the tokens' leading dims "
                          f"{tuple(lead)}") from None
     return m.reshape(-1, width)
+
+
+def pattern_mean(r: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
+    """r [..., D] -> [..., D]: each token's row replaced by the mean of r over
+    the tokens with the same missing pattern (``observed`` [..., M] bool,
+    broadcast to r's leading dims). What is left of the residual is what the
+    pattern does to the representation on average, not what the sample is."""
+    if observed is None:
+        raise ValueError("residual_input='pattern' needs observed [..., M] bool, the missing pattern of each token")
+    width = observed.shape[-1] if isinstance(observed, torch.Tensor) and observed.dim() else 0
+    if width > 62:
+        raise ValueError(f"residual_input='pattern' codes the mask in an int64; at most 62 modalities, got {width}")
+    m = mask_tokens(observed, r, width).bool()  # [T, M]
+    codes = (m.long() << torch.arange(width, device=m.device)).sum(dim=1)
+    _, group = torch.unique(codes, return_inverse=True)
+    flat = r.reshape(-1, r.shape[-1])
+    sums = torch.zeros(int(group.max()) + 1 if group.numel() else 0, flat.shape[1], dtype=flat.dtype,
+                       device=flat.device).index_add_(0, group, flat)
+    counts = torch.bincount(group, minlength=sums.shape[0]).to(flat.dtype).unsqueeze(1)
+    return (sums / counts)[group].reshape(r.shape)
 
 
 def _tokens(x: torch.Tensor, d_model: int, name: str) -> torch.Tensor:
@@ -237,15 +257,20 @@ class MarsRouter(nn.Module):
         return {"adaptive": (self.sigma_0, 0.0), "constant": (0.0, self.sigma_const), "none": (0.0, 0.0)}[self.noise]
 
     # ---------------------------------------------------------------- pieces
-    def residual(self, z_i: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-        """The residual router's input: [z_i, stopgrad(z_c)] [..., 2D] ("concat")
-        or stopgrad(z_c - z_i) [..., D] ("diff", "bottleneck"). ``z_c`` may
-        have fewer leading dimensions than ``z_i`` (one complete pass for P
-        incomplete ones): it is broadcast."""
+    def residual(self, z_i: torch.Tensor, z_c: torch.Tensor, observed: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual router's input: [z_i, stopgrad(z_c)] [..., 2D] ("concat"),
+        stopgrad(z_c - z_i) [..., D] ("diff", "bottleneck"), or for "pattern"
+        the mean of stopgrad(z_c - z_i) over the tokens of the call that share
+        the token's missing pattern (``observed`` [..., M] bool, broadcast to
+        the tokens) [..., D]. ``z_c`` may have fewer leading dimensions than
+        ``z_i`` (one complete pass for P incomplete ones): it is broadcast."""
         z_c = z_c.expand_as(z_i)
         if self.residual_input == "concat":
             return torch.cat([z_i, z_c.detach()], dim=-1)
-        return (z_c - z_i).detach()
+        r = (z_c - z_i).detach()
+        if self.residual_input != "pattern":
+            return r
+        return pattern_mean(r, observed)
 
     def mask_features(self, observed: torch.Tensor | None, z_i: torch.Tensor) -> torch.Tensor:
         """The observed mask as router input (see :func:`mask_tokens`)."""
@@ -258,11 +283,13 @@ class MarsRouter(nn.Module):
             x = torch.cat([x, self.mask_features(observed, z_i)], dim=-1)
         return self.feature_router(x)
 
-    def residual_logits(self, z_i: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-        """z_i, z_c [..., D] -> l_r [T, E]."""
+    def residual_logits(self, z_i: torch.Tensor, z_c: torch.Tensor,
+                        observed: torch.Tensor | None = None) -> torch.Tensor:
+        """z_i, z_c [..., D] (and for ``residual_input="pattern"`` observed
+        [..., M]) -> l_r [T, E]."""
         if self.residual_router is None:
             raise ValueError("this MarsRouter has no residual router (residual_router=False)")
-        r = self.residual(z_i, z_c)
+        r = self.residual(z_i, z_c, observed)
         return self.residual_router(r.reshape(-1, r.shape[-1]))
 
     def _check_complete(self, z_i: torch.Tensor, z_c: torch.Tensor | None, why: str) -> None:
@@ -304,7 +331,7 @@ class MarsRouter(nn.Module):
         aux: dict[str, torch.Tensor] = {}
         if mode == "train" and self.routing == "residual":
             self._check_complete(z_i, z_c, "residual routing")
-            l_r = self.residual_logits(z_i, z_c)
+            l_r = self.residual_logits(z_i, z_c, observed)
             if l_r.dtype != l_f.dtype:  # e.g. a float32 bottleneck code under autocast
                 l_r = l_r.to(l_f.dtype)
             sigma_0, sigma_const = self.sigmas()
@@ -333,7 +360,7 @@ class MarsRouter(nn.Module):
         else:
             if mode == "oracle":
                 self._check_complete(z_i, z_c, "mode='oracle'")
-                gate_logits = self.residual_logits(z_i, z_c)
+                gate_logits = self.residual_logits(z_i, z_c, observed)
             else:
                 gate_logits = l_f
             w, idx = ops.topk_gating(gate_logits, k, backend=self.backend)
@@ -384,7 +411,7 @@ class MarsRouter(nn.Module):
         observed [..., M] with ``mask_dim``."""
         self._check_complete(z_i, z_c, "router agreement")
         _, f_idx = ops.topk_gating(self.feature_logits(z_i, observed), self.k, backend=self.backend)
-        _, r_idx = ops.topk_gating(self.residual_logits(z_i, z_c), self.k, backend=self.backend)
+        _, r_idx = ops.topk_gating(self.residual_logits(z_i, z_c, observed), self.k, backend=self.backend)
         overlap = (f_idx.unsqueeze(2) == r_idx.unsqueeze(1)).any(dim=2).float().sum(dim=1) / self.k
         return float(overlap.mean()) if overlap.numel() else float("nan")
 
