@@ -16,7 +16,9 @@ Options that narrow the train-test router gap (all off by default; see
 mask (known at test time), the residual router may read a low-dimensional
 bottleneck of the residual, training may hand some tokens to the feature
 router's choice (``mix``), and the imitation loss may be the cross-entropy on
-the residual router's top-k.
+the residual router's top-k. With ``residual_input="pattern"`` the residual
+router reads the per-pattern mean of the residual, and the experts specialise
+by missing pattern.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from .. import ops
 from ..ops.common import compute_dtype, topk_order
 from .routing import Routing
 
-__all__ = ["MarsRouter", "mask_tokens"]
+__all__ = ["MarsRouter", "mask_tokens", "pattern_mean"]
 
 MODES = ("train", "eval", "oracle")
 ROUTINGS = ("residual", "feature", "random")
@@ -141,7 +143,12 @@ class MarsRouter(nn.Module):
     stopgrad(z_c)], width 2D) or "diff" (stopgrad(z_c - z_i), width D);
     or "bottleneck" (stopgrad(z_c - z_i) through a ``residual_dim``-wide
     code: Linear(D, residual_dim) -> GELU -> Linear(residual_dim, E), a coarse
-    residual that the feature router can predict more easily);
+    residual that the feature router can predict more easily) or "pattern"
+    (the mean of stopgrad(z_c - z_i) over the call's tokens with the same
+    missing pattern, :func:`pattern_mean`: what the pattern does to the
+    representation, free of the sample's identity, so the residual router
+    cannot route on the label that z_c carries; training, ``mode="oracle"``
+    and :meth:`agreement` then need ``observed``);
     ``mlp``: both routers are Linear -> GELU -> Linear instead of Linear;
     ``residual_router=False`` builds the feature router only (vanilla MoE
     gating: ``routing`` must be "feature", no oracle mode).
