@@ -4,6 +4,10 @@ and MARS run again after a change of its defaults:
 
     python benchmarks/merge_compare.py OUT.json DIR_A DIR_B [...] [--note TEXT]
 
+A directory given as ``DIR=LABEL`` has LABEL appended to its row names
+("mars" -> "mars (pattern)" for ``DIR=(pattern)``): another configuration of
+the same method gets its own row, paired with the first directory's MARS row.
+
 Each DIR holds a ``compare.json`` of the same data, protocol and epochs
 (checked); the seeds may differ (rows are paired with MARS seed by seed, over
 the seeds both have). The masks per step may differ: a row trained at another
@@ -34,17 +38,24 @@ def _row_name(row: str, summaries: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("dirs", nargs="+", help="compare directories, each DIR or DIR=LABEL")
     p.add_argument("--note", default="")
     p.add_argument("--machine", default="")
     a = p.parse_args(argv)
-    parts = []
-    for d in a.dirs:
-        path = d / "compare.json"
+    parts, labels, dirs = [], [], []
+    for given in a.dirs:
+        d, _, label = str(given).partition("=")
+        dirs.append(Path(d))
+        labels.append(label)
+        path = Path(d) / "compare.json"
         try:
             parts.append(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             p.error(f"{path}: {e}")
+    for part, label in zip(parts, labels):
+        if label:
+            part["rows"] = {f"{row} {label}": summaries for row, summaries in part["rows"].items()}
+    a.dirs = dirs
     keys = ("data", "protocol", "epochs")
     for part, d in zip(parts[1:], a.dirs[1:]):
         for k in keys:

@@ -368,6 +368,14 @@ def test_merge_compare_pairs_rows_from_several_directories(tmp_path):
     assert out["masks_per_step"] == {"mars": 8, "moe": 1, "moe (P=8)": 8}
     assert abs(out["table"]["moe"]["paired"]["mean"] + 0.02) < 1e-12
     assert out["table"]["moe (P=8)"]["reference"] == "mars" and out["table"]["moe (P=8)"]["masks_per_step"] == 8
+    # DIR=LABEL: another configuration of MARS gets its own row, paired with the first MARS row
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "compare.json").write_text(json.dumps(
+        {**head, "rows": {"mars": [summary(s, 0.81 + 0.01 * s, "mars", 8) for s in range(3)]}, "command": "mars d"}))
+    assert merge.main([str(tmp_path / "out3.json"), str(tmp_path / "b"), f"{tmp_path / 'd'}=(pattern)"]) == 0
+    out = json.loads((tmp_path / "out3.json").read_text())
+    assert list(out["table"]) == ["mars", "mars (pattern)"]
+    assert abs(out["table"]["mars (pattern)"]["paired"]["mean"] + 0.01) < 1e-12
     # another protocol in one of the directories is refused
     (tmp_path / "b" / "compare.json").write_text(json.dumps({**head, "protocol": "fixed:0.5", "rows": {}, "command": ""}))
     with pytest.raises(SystemExit):
