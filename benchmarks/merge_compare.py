@@ -55,9 +55,8 @@ def main(argv=None) -> int:
     for part, label in zip(parts, labels):
         if label:
             part["rows"] = {f"{row} {label}": summaries for row, summaries in part["rows"].items()}
-    a.dirs = dirs
     keys = ("data", "protocol", "epochs")
-    for part, d in zip(parts[1:], a.dirs[1:]):
+    for part, d in zip(parts[1:], dirs[1:]):
         for k in keys:
             if part.get(k) != parts[0].get(k):
                 p.error(f"{d}: {k} is {part.get(k)!r}, the first directory's is {parts[0].get(k)!r}")

@@ -79,16 +79,11 @@ def pattern_mean(r: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor
     if observed is None:
         raise ValueError("residual_input='pattern' needs observed [..., M] bool, the missing pattern of each token")
     width = observed.shape[-1] if isinstance(observed, torch.Tensor) and observed.dim() else 0
-    if width > 62:
-        raise ValueError(f"residual_input='pattern' codes the mask in an int64; at most 62 modalities, got {width}")
     m = mask_tokens(observed, r, width).bool()  # [T, M]
-    codes = (m.long() << torch.arange(width, device=m.device)).sum(dim=1)
-    _, group = torch.unique(codes, return_inverse=True)
+    _, group, counts = torch.unique(m, dim=0, return_inverse=True, return_counts=True)
     flat = r.reshape(-1, r.shape[-1])
-    sums = torch.zeros(int(group.max()) + 1 if group.numel() else 0, flat.shape[1], dtype=flat.dtype,
-                       device=flat.device).index_add_(0, group, flat)
-    counts = torch.bincount(group, minlength=sums.shape[0]).to(flat.dtype).unsqueeze(1)
-    return (sums / counts)[group].reshape(r.shape)
+    sums = flat.new_zeros(counts.numel(), flat.shape[1]).index_add_(0, group, flat)
+    return (sums / counts.to(flat.dtype).unsqueeze(1))[group].reshape(r.shape)
 
 
 def _tokens(x: torch.Tensor, d_model: int, name: str) -> torch.Tensor:
