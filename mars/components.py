@@ -84,6 +84,19 @@ class ModalityEncoders(nn.Module):
         return torch.where(observed[:, None, :, None], h, self.missing.to(h.dtype))
 
 
+class ModalityHeads(nn.Module):
+    """One linear head per modality, batched: x [..., M, D] -> [..., M, K]."""
+
+    def __init__(self, num_modalities: int, d: int, num_classes: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(d)  # nn.Linear's default initialisation range
+        self.weight = nn.Parameter(torch.empty(num_modalities, num_classes, d).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_modalities, num_classes).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...md,mkd->...mk", x, self.weight) + self.bias
+
+
 class ModalityAttentionFusion(nn.Module):
     """Self-attention across the modality axis at each token, then the mean
     over modalities: h [B, N, M, D] -> z [B, N, D].

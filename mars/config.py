@@ -118,6 +118,8 @@ class ModelConfig:
         towards routes the feature router can reproduce (MARS; 0: off).
     lambda_recon: weight of mean |y - sg(z_c)|, the experts completing the
         incomplete tokens towards the complete pass (MARS; 0: off).
+    lambda_unimodal: weight of the cross-entropy of one linear head per
+        modality on its encoder's tokens (MarsModel methods; 0: off, no heads).
     The defaults residual_input="concat", lambda_imit=5 were chosen on the
     validation split of the embedded data (the test split was not used): with
     the complete tokens themselves as input, rather than their difference to
@@ -154,6 +156,7 @@ class ModelConfig:
     lambda_distill: float = 0.0
     lambda_align: float = 0.0
     lambda_recon: float = 0.0
+    lambda_unimodal: float = 0.0
     backend: str | None = None
     # MoE-Retriever (mars.baselines.moe_retriever)
     retriever_variant: str = "paper"
@@ -190,7 +193,7 @@ class ModelConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         _finite_at_least_zero(self, ("sigma_0", "sigma_max", "sigma_const", "lambda_complete", "lambda_imit",
                                      "lambda_balance", "lambda_align", "lambda_gate", "lambda_sep", "lambda_com", "lambda_sub",
-                                     "mix_scale", "lambda_distill", "lambda_recon"))
+                                     "mix_scale", "lambda_distill", "lambda_recon", "lambda_unimodal"))
         _at_least(self, ("retriever_candidates",), 1)
         _at_least(self, ("retriever_shared", "retriever_warmup", "mce_teacher_epochs"), 0)
         allowed = self.retriever_candidates + self.retriever_shared

@@ -45,6 +45,7 @@ from .backbones import make_fusion
 from .components import (
     ModalityAttentionFusion,
     ModalityEncoders,
+    ModalityHeads,
     cross_entropy,
     token_readout,
     total_and_parts,
@@ -104,6 +105,14 @@ class MarsModel(MethodModel):
     KL(sg(softmax(head(z_c))) || softmax(head(y))): the complete pass's
     prediction distilled into the MoE output.
 
+    With ``config.lambda_unimodal`` > 0 the model has ``unimodal_heads`` (one
+    linear head per modality on its encoder's tokens, before fusion) and in
+    training aux ``unimodal_logits`` [B, M, K] (or [B, M, K, H, W]) and
+    ``unimodal_weight`` [B, M] (the available modalities); the loss then has
+    ``unimodal``, the cross-entropy of every available modality's head:
+    each encoder learns to classify on its own, what a sample with one
+    observed modality relies on. The heads are not used at inference.
+
     The MoE is one :class:`mars_kernels.MarsMoE` (:attr:`moe`); its
     submodules are registered on the model itself (``router``, ``experts``,
     ``mask_embed``), so the parameter names are those of the earlier models.
@@ -148,6 +157,8 @@ class MarsModel(MethodModel):
             setattr(self, name, child)
         self._layer = (moe,)  # not a submodule: its children are the model's
         self.head = nn.Linear(d, num_classes)
+        if config.lambda_unimodal > 0:
+            self.unimodal_heads = ModalityHeads(len(modalities), d, num_classes)
         self.map_size = self.encode.map_size
         self.register_load_state_dict_pre_hook(_load_old_router_keys)
 
@@ -197,8 +208,15 @@ class MarsModel(MethodModel):
         need_complete = mode == "oracle" or (mode == "train" and self.moe.has_residual_router)
         if need_complete and available is None:
             raise ValueError(f"mode={mode!r} needs `available` (the complete modalities) for the complete pass")
-        z_i, z_c = self.encode_and_fuse(features, observed, available if need_complete else None)
+        unimodal = mode == "train" and self.config.lambda_unimodal > 0
+        z_i, z_c, h = _encode_and_fuse(self, features, observed, available if need_complete else None,
+                                       return_tokens=True)
         aux: dict[str, torch.Tensor] = {}
+        if unimodal:
+            aux["unimodal_logits"] = _modality_logits(self.unimodal_heads, h, self.map_size)
+            B, M = h.shape[0], h.shape[2]
+            aux["unimodal_weight"] = (available.to(h.device) if available is not None
+                                      else torch.ones(B, M, dtype=torch.bool, device=h.device))
         if need_complete:
             aux["complete_logits"] = self.readout(z_c)
         token_mask = observed.unsqueeze(-2)  # [(P,) B, 1, M]: every token of a sample has its mask
@@ -242,6 +260,9 @@ class MarsModel(MethodModel):
             parts["alignment"] = cfg.lambda_align * out.aux["alignment"]
         if "reconstruction" in out.aux:
             parts["reconstruction"] = cfg.lambda_recon * out.aux["reconstruction"]
+        if "unimodal_logits" in out.aux:
+            parts["unimodal"] = cfg.lambda_unimodal * unimodal_loss(
+                out.aux["unimodal_logits"], out.aux["unimodal_weight"], labels, ignore_index)
         return total_and_parts(parts)
 
 
@@ -258,16 +279,46 @@ def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Te
     return (teacher.exp() * (teacher - student)).sum(dim=1).mean()
 
 
-def _encode_and_fuse(model, features, observed: torch.Tensor, available: torch.Tensor | None):
+def _modality_logits(heads: ModalityHeads, h: torch.Tensor, map_size) -> torch.Tensor:
+    """Per-modality heads on the encoder tokens h [B, N, M, D]: [B, M, K]
+    (mean over the N tokens) for vectors, [B, M, K, H, W] for maps."""
+    logits = heads(h)  # [B, N, M, K]
+    if map_size is None:
+        return logits.mean(dim=1)
+    B, N, M, K = logits.shape
+    return logits.permute(0, 2, 3, 1).reshape(B, M, K, *map_size)
+
+
+def unimodal_loss(logits: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                  ignore_index: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the per-modality heads over the (sample,
+    modality) pairs with ``weight`` true and the valid pixels: logits
+    [B, M, K] or [B, M, K, H, W], weight [B, M] bool, labels [B] or [B, H, W]."""
+    B, M = weight.shape
+    labels = labels.to(logits.device).repeat_interleave(M, dim=0)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels, reduction="none",
+                         ignore_index=-100 if ignore_index is None else ignore_index)  # [B*M(, H, W)]
+    w = weight.reshape(B * M, *([1] * (ce.dim() - 1))).to(ce.dtype)
+    if ignore_index is not None:
+        w = w * (labels != ignore_index).to(ce.dtype)
+    else:
+        w = w.expand_as(ce)
+    return (ce * w).sum() / w.sum().clamp(min=1)
+
+
+def _encode_and_fuse(model, features, observed: torch.Tensor, available: torch.Tensor | None,
+                     return_tokens: bool = False):
     """z_i ([B, N, D] or, for observed [P, B, M], [P, B, N, D]) and z_c [B, N, D]
-    (None without ``available``), from one encoding and one fusion call."""
+    (None without ``available``), from one encoding and one fusion call; with
+    ``return_tokens`` also the encoder tokens h [B, N, M, D]."""
     h = model.encode(features)
     stack = observed if observed.dim() == 3 else observed.unsqueeze(0)
     P = stack.shape[0]
     masks = stack if available is None else torch.cat([stack, available.unsqueeze(0).to(stack.device)])
     z = model.fuse.fuse_stack(h, model.encode.missing, masks)
     z_i = z[:P] if observed.dim() == 3 else z[0]
-    return z_i, (z[P] if available is not None else None)
+    z_c = z[P] if available is not None else None
+    return (z_i, z_c, h) if return_tokens else (z_i, z_c)
 
 
 class BackboneModel(MethodModel):

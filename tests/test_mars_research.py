@@ -11,7 +11,7 @@ import torch
 from mars import cli
 from mars.config import ConfigError, ModelConfig, TrainConfig
 from mars.data import generate_missing, load_data, load_mfeat, make_missing, missing_shift
-from mars.model import BackboneModel, MarsModel, build_model, distillation
+from mars.model import BackboneModel, MarsModel, build_model, distillation, unimodal_loss
 from mars.stats import paired_interval, specialisation_nmi, t_quantile, usage_order
 from mars.train import train
 
@@ -178,10 +178,54 @@ def test_distillation_part(mfeat_small):
     assert "distill" not in parts0
 
 
+@pytest.mark.parametrize("method", ["mars", "moe"])
+def test_unimodal_heads_classify_each_available_modality_alone(mfeat_small, method):
+    data = mfeat_small[0]
+    feats, observed, avail = _batch(data)
+    avail[1, 2] = avail[4, 0] = False  # pairs without the modality do not count
+    observed &= avail
+    observed[:, 1, 0] = observed[:, 4, 1] = True
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                        _cfg(method=method, lambda_unimodal=0.5))
+    out = model(feats, observed, avail, mode="train")
+    logits = out.aux["unimodal_logits"]
+    M = data.num_modalities
+    assert logits.shape == (6, M, data.num_classes)
+    labels = data.labels[:6]
+    # the head of modality m on the encoder of m alone: the other modalities' features do not enter
+    h = model.encode(feats)  # [B, 1, M, D]
+    for m in range(M):
+        want = h[:, 0, m] @ model.unimodal_heads.weight[m].T + model.unimodal_heads.bias[m]
+        torch.testing.assert_close(logits[:, m], want)
+    ce = torch.stack([torch.nn.functional.cross_entropy(logits[b, m:m + 1], labels[b:b + 1])
+                      for b in range(6) for m in range(M) if avail[b, m]])
+    total, parts = model.loss(out, labels)
+    assert parts["unimodal"] == pytest.approx(0.5 * float(ce.mean().detach()), rel=1e-5)
+    total.backward()
+    assert model.unimodal_heads.weight.grad.abs().sum() > 0
+    # pixels labelled ignore_index leave the mean (maps): weight [B, M], labels [B, H, W]
+    lg = torch.randn(2, 3, 4, 2, 2)
+    lab = torch.randint(0, 4, (2, 2, 2))
+    lab[0, 0, 0] = -1
+    w = torch.tensor([[True, False, True], [True, True, True]])
+    keep = [(b, m, i, j) for b in range(2) for m in range(3) for i in range(2) for j in range(2)
+            if w[b, m] and lab[b, i, j] != -1]
+    want = torch.stack([torch.nn.functional.cross_entropy(lg[b, m, :, i, j][None], lab[b, i, j][None])
+                        for b, m, i, j in keep]).mean()
+    torch.testing.assert_close(unimodal_loss(lg, w, lab, ignore_index=-1), want)
+    # off: no heads, no part; inference needs no heads' output
+    plain = build_model(data.modalities, _shapes(data), data.num_classes, data.task, _cfg(method=method))
+    assert not hasattr(plain, "unimodal_heads")
+    assert "unimodal" not in plain.loss(plain(feats, observed, avail, mode="train"), labels)[1]
+    model.eval()
+    assert "unimodal_logits" not in model(feats, observed[0]).aux
+
+
 def test_new_options_are_validated():
     for kw, field in ((dict(backbone="cnn"), "backbone"), (dict(mix="x"), "mix"), (dict(imitation="x"), "imitation"),
                       (dict(lambda_distill=-1.0), "lambda_distill"), (dict(residual_dim=0), "residual_dim"),
-                      (dict(mix_scale=float("inf")), "mix_scale"), (dict(lambda_recon=-0.5), "lambda_recon")):
+                      (dict(mix_scale=float("inf")), "mix_scale"), (dict(lambda_recon=-0.5), "lambda_recon"),
+                      (dict(lambda_unimodal=float("nan")), "lambda_unimodal")):
         with pytest.raises(ConfigError) as e:
             ModelConfig(**kw)
         assert e.value.field == field

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..components import ModalityEncoders, cross_entropy, make_encoder, total_and_parts
+from ..components import ModalityEncoders, ModalityHeads, cross_entropy, make_encoder, total_and_parts
 from ..interface import MethodModel, Output
 
 from .shapley import batch_factors, shapley_matrix
@@ -93,19 +93,6 @@ class CompletionTransformer(nn.Module):
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(T, M, D)))
         x = x + self.ffn(self.norm2(x))
         return x.reshape(*lead, M, D)
-
-
-class ModalityHeads(nn.Module):
-    """One linear head per modality, batched: x [..., M, D] -> [..., M, K]."""
-
-    def __init__(self, num_modalities: int, d: int, num_classes: int):
-        super().__init__()
-        bound = 1.0 / math.sqrt(d)  # nn.Linear's default initialisation range
-        self.weight = nn.Parameter(torch.empty(num_modalities, num_classes, d).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(num_modalities, num_classes).uniform_(-bound, bound))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.einsum("...md,mkd->...mk", x, self.weight) + self.bias
 
 
 class UnimodalModel(nn.Module):
