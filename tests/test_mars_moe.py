@@ -207,7 +207,7 @@ def test_reconstruction_pulls_the_output_towards_the_detached_complete_tokens():
     assert "reconstruction_loss" not in moe1(z_i, z_c)[1]  # inference: no loss
 
 
-def test_pattern_residual_is_the_per_pattern_mean_of_the_residual():
+def test_pattern_residual_is_the_per_pattern_mean_of_the_residual(monkeypatch):
     from mars_kernels.layers.mars_router import pattern_mean
     z_i, z_c, observed = _inputs()
     router = mk.MarsRouter(D, E, K, residual_input="pattern", backend="reference")
@@ -222,6 +222,21 @@ def test_pattern_residual_is_the_per_pattern_mean_of_the_residual():
     zi, zc = torch.randn(4, 3, D), torch.randn(4, 3, D)
     ob = torch.tensor([[1, 0, 1], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool).unsqueeze(1)
     assert torch.equal(pattern_mean(zc - zi, ob), pattern_mean(zc - zi, ob.expand(4, 3, M)))
+    # masks up to 62 wide are grouped by an int64 code, wider ones by their rows: the same means either way
+    import mars_kernels.layers.mars_router as mars_router
+    for width in (62, 63):
+        obs = torch.rand(6, 5, width) > 0.5
+        obs[3:] = obs[0]  # repeated patterns
+        obs[1, :, width - 1] = ~obs[1, :, width - 1]  # differs from others only in the top bit
+        rr = torch.randn(6, 5, D)
+        got = pattern_mean(rr, obs)
+        monkeypatch.setattr(mars_router, "_CODE_BITS", 0)
+        assert torch.equal(got, pattern_mean(rr, obs)), width
+        monkeypatch.undo()
+        flat_obs, flat_r = obs.reshape(-1, width), rr.reshape(-1, D)
+        for t in (0, 5, 29):
+            same = (flat_obs == flat_obs[t]).all(dim=1)
+            assert_close(got.reshape(-1, D)[t], flat_r[same].mean(dim=0), torch.float32, f"width {width} token {t}")
     with pytest.raises(ValueError, match="pattern"):
         router.residual(z_i, z_c)
     # the layer hands the mask to the residual router; training, oracle and agreement run

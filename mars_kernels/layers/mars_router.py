@@ -71,6 +71,9 @@ def mask_tokens(observed: torch.Tensor | None, z: torch.Tensor, width: int) -> t
     return m.reshape(-1, width)
 
 
+_CODE_BITS = 62  # masks up to this wide are grouped by an int64 code (2^62 fits, sign bit untouched)
+
+
 def pattern_mean(r: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
     """r [..., D] -> [..., D]: each token's row replaced by the mean of r over
     the tokens with the same missing pattern (``observed`` [..., M] bool,
@@ -80,7 +83,13 @@ def pattern_mean(r: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor
         raise ValueError("residual_input='pattern' needs observed [..., M] bool, the missing pattern of each token")
     width = observed.shape[-1] if isinstance(observed, torch.Tensor) and observed.dim() else 0
     m = mask_tokens(observed, r, width).bool()  # [T, M]
-    _, group, counts = torch.unique(m, dim=0, return_inverse=True, return_counts=True)
+    if m.shape[1] <= _CODE_BITS:
+        # one int64 code per pattern: a flat unique is a plain sort, far cheaper than unique(dim=0)'s row sort
+        bit = torch.ones((), dtype=torch.int64, device=m.device).bitwise_left_shift(
+            torch.arange(m.shape[1], device=m.device))
+        _, group, counts = torch.unique((m.to(torch.int64) * bit).sum(dim=1), return_inverse=True, return_counts=True)
+    else:
+        _, group, counts = torch.unique(m, dim=0, return_inverse=True, return_counts=True)
     flat = r.reshape(-1, r.shape[-1])
     sums = flat.new_zeros(counts.numel(), flat.shape[1]).index_add_(0, group, flat)
     return (sums / counts.to(flat.dtype).unsqueeze(1))[group].reshape(r.shape)
