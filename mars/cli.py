@@ -121,9 +121,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lambda-recon", type=float, default=_DEFAULT.lambda_recon,
                    help="weight of mean |y - stopgrad(z_c)|: the experts complete the incomplete tokens towards the "
                         "complete pass (0: off)")
-    g.add_argument("--lambda-unimodal", type=float, default=_DEFAULT.lambda_unimodal,
+    g.add_argument("--lambda-unimodal", type=float, default=None,
                    help="weight of the cross-entropy of one linear head per modality on its encoder's tokens "
-                        "(mars, vanilla-moe; 0: off)")
+                        "(mars, vanilla-moe; 0: off); default: the method's own, chosen on validation (" +
+                        ", ".join(f"{m.cli_name} {m.lambda_unimodal:g}" for m in methods.REGISTRY.values()
+                                  if m.sparse_moe) + ")")
     g.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default=None)
     r = p.add_argument_group("MoE-Retriever (--method moe-retriever)")
     r.add_argument("--retriever-variant", choices=RETRIEVER_VARIANTS, default="paper",
@@ -183,7 +185,9 @@ def _config(a: argparse.Namespace, method: str | None = None, seed: int | None =
         k=a.k, noise=a.noise, routing=a.routing, residual_input=a.residual_input, router_mlp=a.router_mlp,
         sigma_0=a.sigma_0, sigma_max=a.sigma_max, sigma_const=a.sigma_const, lambda_imit=a.lambda_imit,
         lambda_balance=a.lambda_balance, lambda_complete=a.lambda_complete, lambda_distill=a.lambda_distill,
-        lambda_align=a.lambda_align, lambda_recon=a.lambda_recon, lambda_unimodal=a.lambda_unimodal,
+        lambda_align=a.lambda_align, lambda_recon=a.lambda_recon,
+        lambda_unimodal=methods.get(method or a.method).lambda_unimodal if a.lambda_unimodal is None
+        else a.lambda_unimodal,
         backbone=backbone or a.backbone, residual_dim=a.residual_dim, mask_router=a.mask_router,
         mask_experts=a.mask_experts, mix=a.mix, mix_scale=a.mix_scale, imitation=a.imitation,
         backend=None if a.backend in (None, "auto") else a.backend,

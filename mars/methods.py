@@ -43,6 +43,9 @@ class Method:
     masks_per_step: the ``mars`` command's default ``--masks-per-step`` for
         the method (chosen on validation; ``TrainConfig``'s own default stays
         1, the value of an older ``config.json``).
+    lambda_unimodal: the ``mars`` command's default ``--lambda-unimodal`` (the
+        per-modality heads of :class:`mars.model.MarsModel`; chosen on
+        validation; ``ModelConfig``'s own default stays 0).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Method:
     compare_default: bool = False
     on_backbone: bool = False
     masks_per_step: int = 1
+    lambda_unimodal: float = 0.0
 
     @property
     def spellings(self) -> tuple[str, ...]:
@@ -69,7 +73,8 @@ class Method:
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("mars", "mars", "mars.model:MarsModel",
            "MARS: residual-guided routing with discrepancy-aware noise", sparse_moe=True, residual_router=True,
-           compare_default=True, on_backbone=True, masks_per_step=8),  # docs/mars_research.md
+           compare_default=True, on_backbone=True, masks_per_step=8,
+           lambda_unimodal=0.3),  # docs/mars_research.md
     Method("moe", "vanilla-moe", "mars.model:MarsModel",
            "the same MoE gated by the feature router only", aliases=("vanilla_moe",), sparse_moe=True,
            compare_default=True, on_backbone=True),

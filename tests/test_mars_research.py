@@ -370,6 +370,21 @@ def test_masks_per_step_default_is_the_methods_own():
     assert TrainConfig().masks_per_step == 1  # the API default (and an older config.json's)
 
 
+def test_lambda_unimodal_default_is_the_methods_own():
+    import argparse
+    p = argparse.ArgumentParser()
+    cli._train_args(p)
+    for method, want in (("mars", 0.3), ("vanilla-moe", 0.0), ("late-fusion", 0.0), ("mce", 0.0)):
+        assert cli._config(p.parse_args(["--method", method])).model.lambda_unimodal == want, method
+        assert cli._config(p.parse_args(["--method", method, "--lambda-unimodal", "0.7"])).model.lambda_unimodal == 0.7
+    a = p.parse_args([])
+    assert [cli._config(a, method=m).model.lambda_unimodal for m in ("mars", "moe")] == [0.3, 0.0]
+    assert ModelConfig().lambda_unimodal == 0.0  # the API default (and an older config.json's)
+    old = TrainConfig().to_dict()
+    del old["model"]["lambda_unimodal"]
+    assert TrainConfig.from_dict(old).model.lambda_unimodal == 0.0
+
+
 def test_the_backbone_example_runs():
     """examples/mars_on_your_backbone.py: its model trains and scores (1 epoch on a slice)."""
     import importlib.util
