@@ -370,6 +370,25 @@ def test_masks_per_step_default_is_the_methods_own():
     assert TrainConfig().masks_per_step == 1  # the API default (and an older config.json's)
 
 
+def test_unimodal_heads_on_feature_maps_give_one_logit_map_per_modality():
+    cfg = _cfg(lambda_unimodal=0.3, num_experts=2, k=1)
+    shapes = {"a": (3, 4, 5), "b": (2, 4, 5)}
+    model = build_model(["a", "b"], shapes, 3, "segmentation", cfg)
+    g = torch.Generator().manual_seed(0)
+    feats = {m: torch.randn(2, *shapes[m], generator=g) for m in shapes}
+    observed = torch.tensor([[[True, False], [True, True]]] * 2)
+    out = model(feats, observed, torch.ones(2, 2, dtype=torch.bool), mode="train")
+    logits = out.aux["unimodal_logits"]
+    assert logits.shape == (2, 2, 3, 4, 5)
+    tokens = model.unimodal_heads(model.encode(feats))  # [B, H*W, M, K], row-major positions
+    torch.testing.assert_close(logits[:, 1, :, 2, 3], tokens[:, 2 * 5 + 3, 1, :])
+    labels = torch.randint(0, 3, (2, 4, 5), generator=g)
+    labels[0, 0, 0] = 255
+    _, parts = model.loss(out, labels, ignore_index=255)
+    assert parts["unimodal"] == pytest.approx(0.3 * float(unimodal_loss(logits, torch.ones(2, 2, dtype=torch.bool),
+                                                                        labels, 255).detach()), rel=1e-6)
+
+
 def test_lambda_unimodal_default_is_the_methods_own():
     import argparse
     p = argparse.ArgumentParser()
