@@ -171,6 +171,39 @@ def token_readout(head: nn.Module, y: torch.Tensor, map_size: tuple[int, int] | 
     return logits.transpose(1, 2).reshape(y.shape[0], logits.shape[-1], *map_size)
 
 
+# ------------------------------------------------------------------ per-sample scores
+def _valid(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    return labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+
+
+def _sum_per_sample(t: torch.Tensor) -> torch.Tensor:
+    """[B] or [B, H, W] -> [B] (sums over pixels; works for B = 0)."""
+    return t.flatten(1).sum(dim=1) if t.dim() > 1 else t
+
+
+def ce_sum_count(logits: torch.Tensor, labels: torch.Tensor,
+                 ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample cross-entropy summed over valid pixels and the valid count:
+    logits [B, K] or [B, K, H, W], labels [B] or [B, H, W] -> ([B], [B])."""
+    valid = _valid(labels, ignore_index)
+    ce = F.cross_entropy(logits, labels.masked_fill(~valid, 0), reduction="none") * valid
+    return _sum_per_sample(ce), _sum_per_sample(valid).to(ce.dtype)
+
+
+def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """CE per sample, the mean over its valid pixels for segmentation: [B]."""
+    total, count = ce_sum_count(logits, labels, ignore_index)
+    return total / count.clamp(min=1)
+
+
+def per_sample_score(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """1/0 correctness (classification) or pixel accuracy over valid pixels
+    (segmentation; 0 without valid pixels) per sample, detached: [B] float."""
+    valid = _valid(labels, ignore_index)
+    hit = (logits.detach().argmax(dim=1) == labels) & valid
+    return _sum_per_sample(hit).float() / _sum_per_sample(valid).clamp(min=1)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
     """Mean cross-entropy, pixels labelled ``ignore_index`` left out."""
     if ignore_index is None:

@@ -46,6 +46,7 @@ from .components import (
     ModalityAttentionFusion,
     ModalityEncoders,
     ModalityHeads,
+    ce_sum_count,
     cross_entropy,
     token_readout,
     total_and_parts,
@@ -294,16 +295,11 @@ def unimodal_loss(logits: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     """Mean cross-entropy of the per-modality heads over the (sample,
     modality) pairs with ``weight`` true and the valid pixels: logits
     [B, M, K] or [B, M, K, H, W], weight [B, M] bool, labels [B] or [B, H, W]."""
-    B, M = weight.shape
-    labels = labels.to(logits.device).repeat_interleave(M, dim=0)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels, reduction="none",
-                         ignore_index=-100 if ignore_index is None else ignore_index)  # [B*M(, H, W)]
-    w = weight.reshape(B * M, *([1] * (ce.dim() - 1))).to(ce.dtype)
-    if ignore_index is not None:
-        w = w * (labels != ignore_index).to(ce.dtype)
-    else:
-        w = w.expand_as(ce)
-    return (ce * w).sum() / w.sum().clamp(min=1)
+    M = weight.shape[1]
+    total, count = ce_sum_count(logits.flatten(0, 1).float(), labels.to(logits.device).repeat_interleave(M, dim=0),
+                                ignore_index)  # [B*M] each
+    w = weight.reshape(-1).to(total.dtype)
+    return (total * w).sum() / (count * w).sum().clamp(min=1)
 
 
 def _encode_and_fuse(model, features, observed: torch.Tensor, available: torch.Tensor | None,

@@ -49,7 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..components import ModalityEncoders, ModalityHeads, cross_entropy, make_encoder, total_and_parts
+from ..components import (
+    ModalityEncoders,
+    ModalityHeads,
+    ce_sum_count,
+    cross_entropy,
+    make_encoder,
+    per_sample_ce,
+    per_sample_score,
+    total_and_parts,
+)
 from ..interface import MethodModel, Output
 
 from .shapley import batch_factors, shapley_matrix
@@ -113,38 +122,6 @@ class UnimodalModel(nn.Module):
         if self.task == "segmentation":
             return self.head(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.head(z.mean(dim=(2, 3)))
-
-
-# ------------------------------------------------------------------ per-sample scores
-def _valid(labels: Tensor, ignore_index: int | None) -> Tensor:
-    return labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
-
-
-def _sum_per_sample(t: Tensor) -> Tensor:
-    """[B] or [B, H, W] -> [B] (sums over pixels; works for B = 0)."""
-    return t.flatten(1).sum(dim=1) if t.dim() > 1 else t
-
-
-def ce_sum_count(logits: Tensor, labels: Tensor, ignore_index: int | None) -> tuple[Tensor, Tensor]:
-    """Per-sample cross-entropy summed over valid pixels and the valid count:
-    logits [B, K] or [B, K, H, W], labels [B] or [B, H, W] -> ([B], [B])."""
-    valid = _valid(labels, ignore_index)
-    ce = F.cross_entropy(logits, labels.masked_fill(~valid, 0), reduction="none") * valid
-    return _sum_per_sample(ce), _sum_per_sample(valid).to(ce.dtype)
-
-
-def per_sample_ce(logits: Tensor, labels: Tensor, ignore_index: int | None) -> Tensor:
-    """CE per sample, the mean over its valid pixels for segmentation: [B]."""
-    total, count = ce_sum_count(logits, labels, ignore_index)
-    return total / count.clamp(min=1)
-
-
-def per_sample_score(logits: Tensor, labels: Tensor, ignore_index: int | None) -> Tensor:
-    """1/0 correctness (classification) or pixel accuracy over valid pixels
-    (segmentation; 0 without valid pixels) per sample, detached: [B] float."""
-    valid = _valid(labels, ignore_index)
-    hit = (logits.detach().argmax(dim=1) == labels) & valid
-    return _sum_per_sample(hit).float() / _sum_per_sample(valid).clamp(min=1)
 
 
 class MCEModel(MethodModel):

@@ -83,11 +83,10 @@ def pattern_mean(r: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor
         raise ValueError("residual_input='pattern' needs observed [..., M] bool, the missing pattern of each token")
     width = observed.shape[-1] if isinstance(observed, torch.Tensor) and observed.dim() else 0
     m = mask_tokens(observed, r, width).bool()  # [T, M]
-    if m.shape[1] <= _CODE_BITS:
+    if width <= _CODE_BITS:
         # one int64 code per pattern: a flat unique is a plain sort, far cheaper than unique(dim=0)'s row sort
-        bit = torch.ones((), dtype=torch.int64, device=m.device).bitwise_left_shift(
-            torch.arange(m.shape[1], device=m.device))
-        _, group, counts = torch.unique((m.to(torch.int64) * bit).sum(dim=1), return_inverse=True, return_counts=True)
+        codes = (m.long() << torch.arange(width, device=m.device)).sum(dim=1)
+        _, group, counts = torch.unique(codes, return_inverse=True, return_counts=True)
     else:
         _, group, counts = torch.unique(m, dim=0, return_inverse=True, return_counts=True)
     flat = r.reshape(-1, r.shape[-1])
