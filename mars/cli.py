@@ -126,6 +126,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(mars, vanilla-moe; 0: off); default: the method's own, chosen on validation (" +
                         ", ".join(f"{m.cli_name} {m.lambda_unimodal:g}" for m in methods.REGISTRY.values()
                                   if m.sparse_moe) + ")")
+    g.add_argument("--unimodal-vote", type=float, default=None, metavar="W",
+                   help="weight of those per-modality heads in the prediction at inference: log_softmax(head(y)) + "
+                        "W * mean over the observed modalities of log_softmax(head_m) (0: the heads only train); "
+                        "default: the method's own when the heads are on, chosen on validation (" +
+                        ", ".join(f"{m.cli_name} {m.unimodal_vote:g}" for m in methods.REGISTRY.values()
+                                  if m.sparse_moe) + "), else 0")
     g.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default=None)
     r = p.add_argument_group("MoE-Retriever (--method moe-retriever)")
     r.add_argument("--retriever-variant", choices=RETRIEVER_VARIANTS, default="paper",
@@ -180,14 +186,17 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _config(a: argparse.Namespace, method: str | None = None, seed: int | None = None,
             backbone: str | None = None) -> TrainConfig:
+    own = methods.get(method or a.method)
+    lambda_unimodal = own.lambda_unimodal if a.lambda_unimodal is None else a.lambda_unimodal
+    # the method's vote needs its heads: with --lambda-unimodal 0 the default vote is 0 (an explicit one is refused)
+    unimodal_vote = (own.unimodal_vote if lambda_unimodal > 0 else 0.0) if a.unimodal_vote is None else a.unimodal_vote
     model = ModelConfig(
         method=method or a.method, dropout=a.dropout, d_model=a.d_model, d_hidden=a.d_hidden, num_experts=a.experts,
         k=a.k, noise=a.noise, routing=a.routing, residual_input=a.residual_input, router_mlp=a.router_mlp,
         sigma_0=a.sigma_0, sigma_max=a.sigma_max, sigma_const=a.sigma_const, lambda_imit=a.lambda_imit,
         lambda_balance=a.lambda_balance, lambda_complete=a.lambda_complete, lambda_distill=a.lambda_distill,
         lambda_align=a.lambda_align, lambda_recon=a.lambda_recon,
-        lambda_unimodal=methods.get(method or a.method).lambda_unimodal if a.lambda_unimodal is None
-        else a.lambda_unimodal,
+        lambda_unimodal=lambda_unimodal, unimodal_vote=unimodal_vote,
         backbone=backbone or a.backbone, residual_dim=a.residual_dim, mask_router=a.mask_router,
         mask_experts=a.mask_experts, mix=a.mix, mix_scale=a.mix_scale, imitation=a.imitation,
         backend=None if a.backend in (None, "auto") else a.backend,

@@ -120,6 +120,10 @@ class ModelConfig:
         incomplete tokens towards the complete pass (MARS; 0: off).
     lambda_unimodal: weight of the cross-entropy of one linear head per
         modality on its encoder's tokens (MarsModel methods; 0: off, no heads).
+    unimodal_vote: weight W of those heads in the prediction at inference
+        (MarsModel methods; 0: off, the heads are a training signal only):
+        log_softmax(head(y)) + W * the mean over the observed modalities of
+        log_softmax(head_m(h_m)). Needs lambda_unimodal > 0.
     The defaults residual_input="concat", lambda_imit=5 were chosen on the
     validation split of the embedded data (the test split was not used): with
     the complete tokens themselves as input, rather than their difference to
@@ -157,6 +161,7 @@ class ModelConfig:
     lambda_align: float = 0.0
     lambda_recon: float = 0.0
     lambda_unimodal: float = 0.0
+    unimodal_vote: float = 0.0
     backend: str | None = None
     # MoE-Retriever (mars.baselines.moe_retriever)
     retriever_variant: str = "paper"
@@ -193,7 +198,11 @@ class ModelConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         _finite_at_least_zero(self, ("sigma_0", "sigma_max", "sigma_const", "lambda_complete", "lambda_imit",
                                      "lambda_balance", "lambda_align", "lambda_gate", "lambda_sep", "lambda_com", "lambda_sub",
-                                     "mix_scale", "lambda_distill", "lambda_recon", "lambda_unimodal"))
+                                     "mix_scale", "lambda_distill", "lambda_recon", "lambda_unimodal",
+                                     "unimodal_vote"))
+        if self.unimodal_vote > 0 and self.lambda_unimodal == 0:
+            raise ConfigError("unimodal_vote", f"needs the per-modality heads (lambda_unimodal > 0), got "
+                                               f"unimodal_vote={self.unimodal_vote} with lambda_unimodal=0")
         _at_least(self, ("retriever_candidates",), 1)
         _at_least(self, ("retriever_shared", "retriever_warmup", "mce_teacher_epochs"), 0)
         allowed = self.retriever_candidates + self.retriever_shared

@@ -46,6 +46,9 @@ class Method:
     lambda_unimodal: the ``mars`` command's default ``--lambda-unimodal`` (the
         per-modality heads of :class:`mars.model.MarsModel`; chosen on
         validation; ``ModelConfig``'s own default stays 0).
+    unimodal_vote: the ``mars`` command's default ``--unimodal-vote`` (the
+        heads' weight in the prediction at inference; used when the heads
+        are on; chosen on validation; ``ModelConfig``'s own default stays 0).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Method:
     on_backbone: bool = False
     masks_per_step: int = 1
     lambda_unimodal: float = 0.0
+    unimodal_vote: float = 0.0
 
     @property
     def spellings(self) -> tuple[str, ...]:
@@ -74,7 +78,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("mars", "mars", "mars.model:MarsModel",
            "MARS: residual-guided routing with discrepancy-aware noise", sparse_moe=True, residual_router=True,
            compare_default=True, on_backbone=True, masks_per_step=8,
-           lambda_unimodal=0.3),  # docs/mars_research.md
+           lambda_unimodal=0.3, unimodal_vote=2.0),  # docs/mars_research.md
     Method("moe", "vanilla-moe", "mars.model:MarsModel",
            "the same MoE gated by the feature router only", aliases=("vanilla_moe",), sparse_moe=True,
            compare_default=True, on_backbone=True),

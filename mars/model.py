@@ -112,7 +112,10 @@ class MarsModel(MethodModel):
     ``unimodal_weight`` [B, M] (the available modalities); the loss then has
     ``unimodal``, the cross-entropy of every available modality's head:
     each encoder learns to classify on its own, what a sample with one
-    observed modality relies on. The heads are not used at inference.
+    observed modality relies on. With ``config.unimodal_vote`` W > 0 they also
+    vote at inference (modes "eval" and "oracle"): the logits are then
+    log-probability scores, log_softmax(head(y)) + W * the mean over the
+    observed modalities of log_softmax(head_m) (:func:`unimodal_vote`).
 
     The MoE is one :class:`mars_kernels.MarsMoE` (:attr:`moe`); its
     submodules are registered on the model itself (``router``, ``experts``,
@@ -210,11 +213,14 @@ class MarsModel(MethodModel):
         if need_complete and available is None:
             raise ValueError(f"mode={mode!r} needs `available` (the complete modalities) for the complete pass")
         unimodal = mode == "train" and self.config.lambda_unimodal > 0
+        vote = mode != "train" and self.config.unimodal_vote > 0
         z_i, z_c, h = _encode_and_fuse(self, features, observed, available if need_complete else None,
                                        return_tokens=True)
         aux: dict[str, torch.Tensor] = {}
+        if unimodal or vote:
+            modality_logits = _modality_logits(self.unimodal_heads, h, self.map_size)
         if unimodal:
-            aux["unimodal_logits"] = _modality_logits(self.unimodal_heads, h, self.map_size)
+            aux["unimodal_logits"] = modality_logits
             B, M = h.shape[0], h.shape[2]
             aux["unimodal_weight"] = (available.to(h.device) if available is not None
                                       else torch.ones(B, M, dtype=torch.bool, device=h.device))
@@ -228,7 +234,10 @@ class MarsModel(MethodModel):
             if theirs in moe_aux:
                 aux[ours] = moe_aux[theirs]
         aux["indices"] = moe_aux["indices"]
-        return Output(self.readout(y.flatten(0, 1) if observed.dim() == 3 else y), aux)
+        logits = self.readout(y.flatten(0, 1) if observed.dim() == 3 else y)
+        if vote:
+            logits = unimodal_vote(logits, modality_logits, observed, self.config.unimodal_vote)
+        return Output(logits, aux)
 
     @torch.no_grad()
     def router_agreement(self, features, observed, available) -> float:
@@ -288,6 +297,22 @@ def _modality_logits(heads: ModalityHeads, h: torch.Tensor, map_size) -> torch.T
         return logits.mean(dim=1)
     B, N, M, K = logits.shape
     return logits.permute(0, 2, 3, 1).reshape(B, M, K, *map_size)
+
+
+def unimodal_vote(logits: torch.Tensor, modality_logits: torch.Tensor, observed: torch.Tensor,
+                  weight: float) -> torch.Tensor:
+    """The prediction with the per-modality heads' vote: log_softmax(logits)
+    + weight * the mean over the observed modalities of log_softmax of their
+    heads (a sample with none observed keeps its own log-probabilities).
+    logits [B, K] (or [B, K, H, W]); modality_logits [B, M, K] (or [B, M, K,
+    H, W]); observed [B, M] bool, or a stack [P, B, M] with logits [P * B, ...]
+    mask-major. -> log-probability scores of the shape of ``logits``."""
+    stack = observed if observed.dim() == 3 else observed.unsqueeze(0)
+    P, B, M = stack.shape
+    votes = modality_logits.float().log_softmax(dim=2)  # [B, M, K(, H, W)]
+    w = stack.to(votes.dtype).reshape(P, B, M, *[1] * (votes.dim() - 2))
+    mean = (votes.unsqueeze(0) * w).sum(dim=2) / w.sum(dim=2).clamp(min=1)  # [P, B, K(, H, W)]
+    return logits.float().log_softmax(dim=1) + weight * mean.flatten(0, 1)
 
 
 def unimodal_loss(logits: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 from mars import cli
 from mars.config import ConfigError, ModelConfig, TrainConfig
 from mars.data import generate_missing, load_data, load_mfeat, make_missing, missing_shift
-from mars.model import BackboneModel, MarsModel, build_model, distillation, unimodal_loss
+from mars.model import BackboneModel, MarsModel, build_model, distillation, unimodal_loss, unimodal_vote
 from mars.stats import paired_interval, specialisation_nmi, t_quantile, usage_order
 from mars.train import train
 
@@ -225,7 +225,10 @@ def test_new_options_are_validated():
     for kw, field in ((dict(backbone="cnn"), "backbone"), (dict(mix="x"), "mix"), (dict(imitation="x"), "imitation"),
                       (dict(lambda_distill=-1.0), "lambda_distill"), (dict(residual_dim=0), "residual_dim"),
                       (dict(mix_scale=float("inf")), "mix_scale"), (dict(lambda_recon=-0.5), "lambda_recon"),
-                      (dict(lambda_unimodal=float("nan")), "lambda_unimodal")):
+                      (dict(lambda_unimodal=float("nan")), "lambda_unimodal"),
+                      (dict(lambda_unimodal=0.3, unimodal_vote=-1.0), "unimodal_vote"),
+                      (dict(lambda_unimodal=0.3, unimodal_vote=float("inf")), "unimodal_vote"),
+                      (dict(unimodal_vote=2.0), "unimodal_vote")):  # a vote without heads
         with pytest.raises(ConfigError) as e:
             ModelConfig(**kw)
         assert e.value.field == field
@@ -402,6 +405,67 @@ def test_lambda_unimodal_default_is_the_methods_own():
     old = TrainConfig().to_dict()
     del old["model"]["lambda_unimodal"]
     assert TrainConfig.from_dict(old).model.lambda_unimodal == 0.0
+
+
+@pytest.mark.parametrize("method", ["mars", "moe"])
+def test_unimodal_vote_adds_the_observed_modalities_heads_at_inference(mfeat_small, method):
+    data = mfeat_small[0]
+    feats, observed, avail = _batch(data)
+    observed[1, 2] = False
+    observed[1, 2, 3] = True  # a sample whose only observed modality is not the first
+    cfg = _cfg(method=method, lambda_unimodal=0.3, unimodal_vote=1.5)
+    torch.manual_seed(0)
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, cfg)
+    torch.manual_seed(0)
+    plain = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                        _cfg(method=method, lambda_unimodal=0.3))
+    plain.load_state_dict(model.state_dict())
+    model.eval(), plain.eval()
+    h = model.encode(feats)  # [B, 1, M, D]
+    heads = torch.stack([h[:, 0, m] @ model.unimodal_heads.weight[m].T + model.unimodal_heads.bias[m]
+                         for m in range(data.num_modalities)], dim=1).log_softmax(-1)  # [B, M, K]
+    modes = ("eval", "oracle") if method == "mars" else ("eval",)
+    for mode in modes:
+        for obs in observed:  # each [B, M] mask: one pass
+            got = model(feats, obs, avail, mode=mode).logits
+            base = plain(feats, obs, avail, mode=mode).logits.log_softmax(-1)
+            for b in range(6):
+                want = base[b] + 1.5 * heads[b, obs[b]].mean(dim=0)  # the observed modalities' heads only
+                torch.testing.assert_close(got[b], want)
+        # a stack of masks: mask-major, each mask its own observed heads
+        torch.testing.assert_close(model(feats, observed, avail, mode=mode).logits,
+                                   torch.cat([model(feats, obs, avail, mode=mode).logits for obs in observed]))
+    # training keeps the raw logits of the fused prediction (the vote is for inference only)
+    model.train(), plain.train()
+    torch.manual_seed(1)
+    a = model(feats, observed, avail, mode="train").logits
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, plain(feats, observed, avail, mode="train").logits)
+    # nothing observed: the sample keeps its own log-probabilities; maps: per pixel
+    lg, mods = torch.randn(2, 3, 4, 5), torch.randn(2, 2, 3, 4, 5)
+    obs = torch.tensor([[False, False], [True, False]])
+    out = unimodal_vote(lg, mods, obs, 2.0)
+    torch.testing.assert_close(out[0], lg[0].log_softmax(0))
+    torch.testing.assert_close(out[1], lg[1].log_softmax(0) + 2.0 * mods[1, 0].log_softmax(0))
+
+
+def test_unimodal_vote_default_is_the_methods_own_when_its_heads_are_on():
+    import argparse
+    p = argparse.ArgumentParser()
+    cli._train_args(p)
+    got = lambda *args: cli._config(p.parse_args(list(args))).model.unimodal_vote  # noqa: E731
+    assert got() == 2.0 and got("--method", "mars") == 2.0
+    assert got("--method", "vanilla-moe") == 0.0 and got("--method", "mce") == 0.0
+    assert got("--lambda-unimodal", "0") == 0.0  # the default vote follows the heads
+    assert got("--unimodal-vote", "0.5") == 0.5
+    assert got("--method", "vanilla-moe", "--lambda-unimodal", "0.3", "--unimodal-vote", "1") == 1.0
+    with pytest.raises(ConfigError) as e:
+        cli._config(p.parse_args(["--lambda-unimodal", "0", "--unimodal-vote", "1"]))
+    assert e.value.field == "unimodal_vote"
+    assert ModelConfig().unimodal_vote == 0.0  # the API default (and an older config.json's)
+    old = TrainConfig(model=ModelConfig(lambda_unimodal=0.3)).to_dict()
+    del old["model"]["unimodal_vote"]
+    assert TrainConfig.from_dict(old).model.unimodal_vote == 0.0
 
 
 def test_the_backbone_example_runs():
