@@ -20,6 +20,12 @@ deviations, seconds per epoch) and prints one line.
     python benchmarks/mars_screen.py --table NAME ...
 
 prints the markdown table of the named screens (the log's tables).
+
+    python benchmarks/mars_screen.py --pool NEW:REF [NEW:REF ...]
+
+pairs each screen NEW with REF seed by seed (docs/research/*.json) and prints
+every paired difference and their pooled mean with a 95% paired-t interval
+(e.g. one variant over several data sets and seed ranges).
 """
 from __future__ import annotations
 
@@ -102,10 +108,35 @@ def table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def pool(pairs: list[str]) -> str:
+    """The per-seed differences of each NEW:REF pair of screens and their
+    pooled paired interval, as text."""
+    diffs, lines = [], []
+    for pair in pairs:
+        new, sep, ref = pair.partition(":")
+        if not sep or not new or not ref:
+            raise SystemExit(f"--pool: expected NEW:REF (two screen names), got {pair!r}")
+        a, b = ({r["seed"]: r["val_mean"] for r in json.loads((OUT / f"{n}.json").read_text())["seeds"]}
+                for n in (new, ref))
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            raise SystemExit(f"--pool: {new} and {ref} share no seed")
+        d = [a[s] - b[s] for s in seeds]
+        diffs += d
+        lines.append(f"{new} vs {ref}, seeds {seeds}: " + ", ".join(f"{x:+.4f}" for x in d))
+    pv = paired_interval(diffs)
+    lines.append(f"pooled over {pv['n']} paired runs ({sum(x > 0 for x in diffs)} positive): {pv['mean']:+.4f} "
+                 f"[{pv['low']:+.4f}, {pv['high']:+.4f}]{'*' if pv['significant'] else ''}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--table":
         print(table(argv[1:]))
+        return 0
+    if argv and argv[0] == "--pool":
+        print(pool(argv[1:]))
         return 0
     if "--" in argv:
         cut = argv.index("--")

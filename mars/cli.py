@@ -18,6 +18,7 @@ from .config import (
     BACKBONES,
     CLI_DEFAULT_MIX,
     IMITATIONS,
+    LR_SCHEDULES,
     MIX_MODES,
     NOISE_MODES,
     PRECISIONS,
@@ -171,6 +172,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="constant, or cosine: per step from --lr down to 0 at the last epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks-per-step", type=int, default=None, metavar="P",
                    help="incomplete masks drawn per sample per step, for every method (MARS shares one complete "
@@ -208,7 +211,7 @@ def _config(a: argparse.Namespace, method: str | None = None, seed: int | None =
     )
     return TrainConfig(data=a.data, expert_parallel=a.expert_parallel, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        seed=a.seed if seed is None else seed, protocol=a.protocol, device=a.device,
-                       precision=a.precision, model=model,
+                       precision=a.precision, model=model, lr_schedule=a.lr_schedule,
                        masks_per_step=methods.get(model.method).masks_per_step if a.masks_per_step is None
                        else a.masks_per_step)
 

@@ -22,6 +22,7 @@ CLI_DEFAULT_MIX = "prob"
 RETRIEVER_VARIANTS = ("paper", "code")
 SHAPLEY_VARIANTS = ("exact", "code")
 PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
 MAX_SEED = 2**62  # room for the per-rank offsets added to the seed under torchrun
 
 
@@ -236,6 +237,11 @@ class TrainConfig:
         [P, B, M] (MARS and vanilla MoE fuse every mask, and MARS's one
         complete pass, in one call of each fusion op); the others see the
         batch repeated P times.
+    lr_schedule: "constant" (``lr`` throughout; also an older
+        ``config.json``'s) | "cosine" (per step, from ``lr`` down to 0 at the
+        end of ``epochs``: lr * (1 + cos(pi * step / total steps)) / 2; a
+        closed form of the step, so a resumed run continues it, and a resume
+        that raises ``epochs`` stretches it from that step on).
     """
 
     data: str = "mfeat"
@@ -249,6 +255,7 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "fp32"
     masks_per_step: int = 1
+    lr_schedule: str = "constant"
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
@@ -273,6 +280,8 @@ class TrainConfig:
         if not self.data:
             raise ConfigError("data", "must name a data source, got ''")
         self.device = check_device_spec(self.device)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError("lr_schedule", f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         try:

@@ -246,6 +246,14 @@ def _forward_train(net: nn.Module, model: TrainableModel, feats, observed, avail
     return net(feats, observed, avail, mode="train")
 
 
+def scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total``
+    under ``cfg.lr_schedule`` (:class:`mars.config.TrainConfig`)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
 def _train_epoch(net: nn.Module, model: TrainableModel, opt, train_set, protocol, gen, cfg: TrainConfig,
                  ctx: DistContext, epoch: int, ckpt_path: Path) -> dict[str, float]:
     """One pass over the training set; returns the mean loss parts (over steps and ranks).
@@ -271,6 +279,7 @@ def _train_epoch(net: nn.Module, model: TrainableModel, opt, train_set, protocol
     P, stack = cfg.masks_per_step, getattr(model, "takes_mask_stack", False)
     sums: dict[str, float] = {}
     steps = 0
+    per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     for start in range(0, len(train_set), cfg.batch_size):
         batch = perm[start : start + cfg.batch_size]
         if batch.numel() < ctx.world:  # a trailing batch too small to give every rank a sample
@@ -303,6 +312,9 @@ def _train_epoch(net: nn.Module, model: TrainableModel, opt, train_set, protocol
         loss.backward()
         if ctx.enabled:
             average_expert_grads(model, ctx.world)
+        if cfg.lr_schedule != "constant":
+            for group in opt.param_groups:
+                group["lr"] = scheduled_lr(cfg, epoch * per_epoch + steps, cfg.epochs * per_epoch)
         opt.step()
         for name, v in parts.items():
             sums[name] = sums.get(name, 0.0) + v

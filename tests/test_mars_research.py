@@ -115,6 +115,40 @@ def test_masks_per_step_draws_distinct_masks_and_one_mask_is_unchanged(tmp_path,
     assert runs[2]["val_mean"] != runs[1]["val_mean"] or runs[2]["test_mean"] != runs[1]["test_mean"]
 
 
+def test_cosine_lr_schedule_decays_per_step_to_zero(tmp_path, mfeat_small, monkeypatch):
+    from mars.train import scheduled_lr
+
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    for schedule in ("constant", "cosine"):
+        seen.clear()
+        cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, lr_schedule=schedule, model=_cfg(method="moe"))
+        train(cfg, tmp_path / schedule, data=mfeat_small, progress=False, log=lambda *a: None)
+        assert len(seen) == 6  # 96 samples, batches of 32, 2 epochs
+        want = [1e-3] * 6 if schedule == "constant" else [1e-3 * 0.5 * (1 + math.cos(math.pi * t / 6)) for t in range(6)]
+        assert seen == pytest.approx(want, rel=1e-12), schedule
+    cfg = TrainConfig(lr=2.0, lr_schedule="cosine")
+    assert [scheduled_lr(cfg, t, 4) for t in (0, 2, 4, 9)] == pytest.approx([2.0, 1.0, 0.0, 0.0], abs=1e-12)
+    assert scheduled_lr(TrainConfig(lr=2.0), 3, 4) == 2.0
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(lr_schedule="linear")
+    assert e.value.field == "lr_schedule"
+    old = TrainConfig().to_dict()
+    del old["lr_schedule"]
+    assert TrainConfig.from_dict(old).lr_schedule == "constant"  # an older config.json
+    import argparse
+    p = argparse.ArgumentParser()
+    cli._train_args(p)
+    assert cli._config(p.parse_args([])).lr_schedule == "constant"
+    assert cli._config(p.parse_args(["--lr-schedule", "cosine"])).lr_schedule == "cosine"
+
+
 # ------------------------------------------------------------------ backbones
 def test_late_backbone_is_a_mean_of_per_modality_towers(mfeat_small):
     data = mfeat_small[0]
