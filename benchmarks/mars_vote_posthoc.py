@@ -60,20 +60,24 @@ class _Voting(torch.nn.Module):
 
 
 def _score(run: Path, weights: list[float]) -> dict[float, float]:
+    """The validation mean of the run's best checkpoint at each vote weight
+    (one model, built and prepared once; only the weight changes)."""
     cfg = read_config(run)
+    mce = cfg.model.method == "mce"
+    if not mce and cfg.model.lambda_unimodal == 0:
+        raise SystemExit(f"{run}: trained without per-modality heads (--lambda-unimodal 0)")
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=False)
     train_set, val_set, _ = load_data(cfg.data, seed=cfg.seed)
+    model = make_model(cfg, val_set)
+    load_weights(model, state["best"]["state"], run / CHECKPOINT_FILE)
+    prepare_model(model, cfg, train_set, resume=True)
     scores = {}
     for w in weights:
-        if cfg.model.method == "mce":
-            model = make_model(cfg, val_set)
-        else:
-            if cfg.model.lambda_unimodal == 0:
-                raise SystemExit(f"{run}: trained without per-modality heads (--lambda-unimodal 0)")
-            model = make_model(replace(cfg, model=replace(cfg.model, unimodal_vote=w)) if w > 0 else cfg, val_set)
-        load_weights(model, state["best"]["state"], run / CHECKPOINT_FILE)
-        prepare_model(model, cfg, train_set, resume=True)
-        scored = _Voting(model, w) if cfg.model.method == "mce" and w > 0 else model
+        if mce:
+            scored = _Voting(model, w) if w > 0 else model
+        else:  # MarsModel reads the weight from its config at every forward
+            model.config = replace(cfg.model, unimodal_vote=w)
+            scored = model
         scores[w] = evaluate_subsets(scored, val_set)["mean"]
     return scores
 

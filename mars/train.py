@@ -312,9 +312,8 @@ def _train_epoch(net: nn.Module, model: TrainableModel, opt, train_set, protocol
         loss.backward()
         if ctx.enabled:
             average_expert_grads(model, ctx.world)
-        if cfg.lr_schedule != "constant":
-            for group in opt.param_groups:
-                group["lr"] = scheduled_lr(cfg, epoch * per_epoch + steps, cfg.epochs * per_epoch)
+        for group in opt.param_groups:
+            group["lr"] = scheduled_lr(cfg, epoch * per_epoch + steps, cfg.epochs * per_epoch)
         opt.step()
         for name, v in parts.items():
             sums[name] = sums.get(name, 0.0) + v
