@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import methods
-from .config import ConfigError, ModelConfig, TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import MissingnessProtocol, MultimodalDataset, load_data
 from .devices import (
     autocast,
@@ -176,7 +176,7 @@ def _shapes(data: MultimodalDataset) -> dict[str, tuple[int, ...]]:
 
 
 def make_model(cfg: TrainConfig, data: MultimodalDataset) -> TrainableModel:
-    return build_model(data.modalities, _shapes(data), data.num_classes, data.task, ModelConfig(**asdict(cfg.model)))
+    return build_model(data.modalities, _shapes(data), data.num_classes, data.task, copy.deepcopy(cfg.model))
 
 
 def _parameter_count(cfg: TrainConfig, data: MultimodalDataset) -> int:

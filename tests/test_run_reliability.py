@@ -22,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import model_config
 from mars import cli, rundir
 from mars import train as train_mod
 from mars.config import ConfigError, ModelConfig, TrainConfig
@@ -29,6 +30,7 @@ from mars.data import load_feature_dir, read_feature_dir, write_feature_dir
 from mars.train import train
 
 MODEL = ["--d-model", "8", "--d-hidden", "8", "--experts", "2", "--batch-size", "16", "--quiet"]
+MODEL_ANY = ["--d-model", "8", "--d-hidden", "8", "--batch-size", "16", "--quiet"]  # options every method reads
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -119,7 +121,7 @@ def test_malicious_checkpoint_runs_nothing_on_eval_or_resume(run, tmp_path, wher
 def test_usage_file_and_checkpoints_of_every_method_load_with_weights_only(data_dir, tmp_path):
     splits = load_feature_dir(data_dir)
     for method in ("mars", "moe", "late_fusion", "moe_retriever", "mce"):
-        cfg = TrainConfig(data=str(data_dir), epochs=1, batch_size=16, model=ModelConfig(
+        cfg = TrainConfig(data=str(data_dir), epochs=1, batch_size=16, model=model_config(
             method=method, d_model=8, d_hidden=8, num_experts=2, fusion_heads=2, mce_teacher_epochs=1,
             retriever_candidates=2, retriever_shared=1, retriever_k=2))
         out = tmp_path / method
@@ -157,7 +159,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(run, data_dir
         real_loop(r)
 
     monkeypatch.setattr(train_mod, "_epoch_loop", loop)
-    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--method", "late-fusion", *MODEL, "--out", run,
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--method", "late-fusion", *MODEL_ANY, "--out", run,
                      "--overwrite")
     assert code == 0, err
     assert seen["old intact"] and seen["building in"].parent == run.parent and seen["building in"] != run
@@ -205,7 +207,7 @@ def test_out_must_be_a_usable_new_directory(tmp_path, data_dir, monkeypatch):
 
 def test_compare_refuses_an_existing_out_unless_overwrite(tmp_path, data_dir):
     out = tmp_path / "cmp"
-    args = ["compare", "--data", data_dir, "--epochs", "1", *MODEL, "--seeds", "1", "--methods", "late-fusion",
+    args = ["compare", "--data", data_dir, "--epochs", "1", *MODEL_ANY, "--seeds", "1", "--methods", "late-fusion",
             "--out", out]
     code, err = mars(*args)
     assert code == 0, err
@@ -222,7 +224,7 @@ def test_compare_refuses_an_existing_out_unless_overwrite(tmp_path, data_dir):
 def _ddp_onto_existing_run(rank, world, root, overwrite):
     from mars.distributed import DistContext
 
-    cfg = TrainConfig(data=str(Path(root) / "d"), epochs=1, batch_size=16, model=ModelConfig(
+    cfg = TrainConfig(data=str(Path(root) / "d"), epochs=1, batch_size=16, model=model_config(
         method="late_fusion", d_model=8, d_hidden=8, num_experts=2))
     try:
         result = train(cfg, Path(root) / "run", progress=False, log=lambda *a, **k: None,
@@ -289,7 +291,7 @@ def test_empty_test_split_is_refused_before_training(tmp_path):
 
 def test_train_refuses_empty_splits_given_in_memory(tmp_path, data_dir):
     tr, va, te = load_feature_dir(data_dir)
-    cfg = TrainConfig(epochs=1, model=ModelConfig(d_model=8, d_hidden=8, num_experts=2))
+    cfg = TrainConfig(epochs=1, model=model_config(d_model=8, d_hidden=8, num_experts=2))
     with pytest.raises(ValueError, match="the validation split is empty"):
         train(cfg, tmp_path / "run", data=(tr, va.subset(torch.arange(0)), te), progress=False)
     assert not (tmp_path / "run").exists()
@@ -322,7 +324,9 @@ CORRUPTIONS = {
     "config invalid JSON": ("config.json", lambda p: p.write_text('{"epochs": 1,'), "invalid JSON"),
     "config wrong type": ("config.json", _config_edit(epochs="1"), "epochs: expected int"),
     "config out of range": ("config.json", _config_edit(lr=-1.0), "lr: must be a finite number > 0"),
-    "config other method": ("config.json", _config_edit(method="late_fusion"), "model.method: 'late_fusion' here"),
+    "config other method": ("config.json", _config_edit(method="late_fusion"),
+                            "model.num_experts: is not used by late-fusion"),
+    "config other precision": ("config.json", _config_edit(precision="bf16"), "precision: 'bf16' here"),
     "config unknown key": ("config.json", _config_edit(colour="blue"), "unknown keys ['colour']"),
     "config deleted": ("config.json", lambda p: p.unlink(), "file not found"),
     "config binary": ("config.json", lambda p: p.write_bytes(b"\xff\xfe\x00"), "not UTF-8"),
@@ -423,11 +427,14 @@ def test_resume_refuses_other_options_and_extends_with_epochs(run, capsys):
     (dict(weight_decay=float("nan")), "weight_decay"), (dict(weight_decay=-1.0), "weight_decay"),
     (dict(seed=-1), "seed"), (dict(seed=2**70), "seed"), (dict(epochs=True), "epochs"),
     (dict(model=dict(dropout=float("nan"))), "model.dropout"), (dict(model=dict(dropout=1.0)), "model.dropout"),
-    (dict(model=dict(lambda_imit=float("inf"))), "model.lambda_imit"),
-    (dict(model=dict(lambda_balance=-5.0)), "model.lambda_balance"),
-    (dict(model=dict(lambda_gate=float("nan"))), "model.lambda_gate"),
-    (dict(model=dict(sigma_0=float("inf"))), "model.sigma_0"), (dict(model=dict(sigma_max=-1.0)), "model.sigma_max"),
-    (dict(model=dict(sigma_const=float("nan"))), "model.sigma_const"),
+    (dict(model=dict(mars=dict(lambda_imit=float("inf")))), "model.mars.lambda_imit"),
+    (dict(model=dict(mars=dict(lambda_balance=-5.0))), "model.mars.lambda_balance"),
+    (dict(model=dict(method="moe_retriever", retriever=dict(lambda_gate=float("nan")))), "model.retriever.lambda_gate"),
+    (dict(model=dict(mars=dict(sigma_0=float("inf")))), "model.mars.sigma_0"),
+    (dict(model=dict(mars=dict(sigma_max=-1.0))), "model.mars.sigma_max"),
+    (dict(model=dict(mars=dict(sigma_const=float("nan")))), "model.mars.sigma_const"),
+    (dict(model=dict(lambda_unimodal=10**400)), "model.lambda_unimodal"),
+    (dict(model=dict(method="mce", mars=dict(sigma_0=2.0))), "model.mars.sigma_0"),  # an option mce does not read
     (dict(model=dict(num_experts=0)), "model.num_experts"), (dict(model=dict(fusion_heads=0)), "model.fusion_heads"),
 ])
 def test_config_values_must_be_finite_and_in_range(kwargs, field):

@@ -1,7 +1,7 @@
 """Screen one configuration on the VALIDATION split (the MARS research log,
 docs/mars_research.md).
 
-    python benchmarks/mars_screen.py NAME --seeds 0 1 2 [--ref OTHER] -- <mars train options>
+    python experiments/mars_screen.py NAME --seeds 0 1 2 [--ref OTHER] -- <mars train options>
 
 trains ``mars train <options> --seed S`` for each seed (run directories under
 ``runs/screen/NAME/``) and reports, on the validation split only: the mean
@@ -14,16 +14,16 @@ methods the specialisation NMI (missing pattern vs expert). Test scores are
 neither read nor printed. With ``--ref OTHER`` also the per-seed paired
 difference to the screen OTHER (same seeds) with a 95% paired-t interval.
 
-Writes docs/research/NAME.json (command, per-seed values, means and standard
+Writes experiments/results/screens/NAME.json (command, per-seed values, means and standard
 deviations, seconds per epoch) and prints one line.
 
-    python benchmarks/mars_screen.py --table NAME ...
+    python experiments/mars_screen.py --table NAME ...
 
 prints the markdown table of the named screens (the log's tables).
 
-    python benchmarks/mars_screen.py --pool NEW:REF [NEW:REF ...]
+    python experiments/mars_screen.py --pool NEW:REF [NEW:REF ...]
 
-pairs each screen NEW with REF seed by seed (docs/research/*.json) and prints
+pairs each screen NEW with REF seed by seed (experiments/results/screens/*.json) and prints
 every paired difference and their pooled mean with a 95% paired-t interval
 (e.g. one variant over several data sets and seed ranges).
 """
@@ -35,6 +35,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,13 +49,7 @@ from mars.evaluate import evaluate_subsets, router_agreement  # noqa: E402
 from mars.stats import paired_interval  # noqa: E402
 from mars.train import train  # noqa: E402
 
-OUT = ROOT / "docs" / "research"
-
-
-def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mars train")
-    cli._train_args(p)
-    return p
+OUT = ROOT / "experiments" / "results" / "screens"
 
 
 def _mean_sd(values):
@@ -64,8 +59,8 @@ def _mean_sd(values):
     return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
 
-def screen_seed(args: argparse.Namespace, seed: int, run_dir: Path) -> dict:
-    cfg = cli._config(args, seed=seed)
+def screen_seed(train_argv: list[str], seed: int, run_dir: Path) -> dict:
+    cfg = replace(cli.config_from_args(train_argv), seed=seed)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     t0 = time.time()
@@ -90,7 +85,7 @@ def screen_seed(args: argparse.Namespace, seed: int, run_dir: Path) -> dict:
 
 
 def table(names: list[str]) -> str:
-    """Markdown rows of the screens ``names`` (docs/research/NAME.json)."""
+    """Markdown rows of the screens ``names`` (experiments/results/screens/NAME.json)."""
     def f(v, d=4):
         return "-" if v is None else f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
 
@@ -146,18 +141,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ref", default=None, help="a screen to pair with (docs/research/REF.json)")
+    p.add_argument("--ref", default=None, help="a screen to pair with (experiments/results/screens/REF.json)")
     p.add_argument("--note", default="", help="what the variant tests")
     a = p.parse_args(ours)
-    targs = _train_parser().parse_args(theirs + ["--quiet"])
+    targs = theirs
     torch.set_num_threads(torch.get_num_threads())
     rows = [screen_seed(targs, s, ROOT / "runs" / "screen" / a.name / f"seed{s}") for s in a.seeds]
     sizes = sorted({int(k) for r in rows for k in r["val_by_size"]})
     result = {
         "name": a.name, "note": a.note, "split": "val",
-        "command": f"python benchmarks/mars_screen.py {a.name} --seeds {' '.join(map(str, a.seeds))} -- "
+        "command": f"python experiments/mars_screen.py {a.name} --seeds {' '.join(map(str, a.seeds))} -- "
                    + " ".join(theirs),
-        "config": cli._config(targs, seed=a.seeds[0]).to_dict(),
+        "config": replace(cli.config_from_args(targs), seed=a.seeds[0]).to_dict(),
         "seeds": rows,
         "val_mean": _mean_sd([r["val_mean"] for r in rows]),
         "val_one": _mean_sd([r["val_by_size"][sizes[0]] for r in rows]),

@@ -2,7 +2,7 @@
 one table (the rows paired with MARS seed by seed), e.g. the baselines run once
 and MARS run again after a change of its defaults:
 
-    python benchmarks/merge_compare.py OUT.json DIR_A DIR_B [...] [--note TEXT]
+    python experiments/merge_compare.py OUT.json DIR_A DIR_B [...] [--note TEXT]
 
 A directory given as ``DIR=LABEL`` has LABEL appended to its row names
 ("mars" -> "mars (pattern)" for ``DIR=(pattern)``): another configuration of
@@ -25,14 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mars import methods  # noqa: E402
 from mars.cli import PAIRED_NOTE, compare_table  # noqa: E402
+from mars.config import default_config  # noqa: E402
 
 
 def _row_name(row: str, summaries: list[dict]) -> str:
     P = summaries[0].get("masks_per_step", 1)
     method = summaries[0].get("method", row.partition("@")[0])
-    return row if P == methods.get(method).masks_per_step else f"{row} (P={P})"
+    return row if P == default_config(method).masks_per_step else f"{row} (P={P})"
 
 
 def main(argv=None) -> int:

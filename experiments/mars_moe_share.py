@@ -1,13 +1,13 @@
 """How much the experts contribute in trained runs, on the VALIDATION split
 (the MARS research log, docs/mars_research.md):
 
-    python benchmarks/mars_moe_share.py NAME SCREEN [SCREEN ...]
+    python experiments/mars_moe_share.py NAME SCREEN [SCREEN ...]
 
 For each seed run of each screen (``runs/screen/SCREEN/seed*``, written by
-benchmarks/mars_screen.py) it evaluates the best checkpoint on validation as
+experiments/mars_screen.py) it evaluates the best checkpoint on validation as
 deployed (feature router), and again with the experts' output dropped
 (y = z_i: the backbone and the head alone), and measures the mean norm of the
-experts' output relative to z_i. Writes docs/research/NAME.json and prints a
+experts' output relative to z_i. Writes experiments/results/screens/NAME.json and prints a
 line per screen. Test scores are neither read nor printed.
 """
 from __future__ import annotations
@@ -64,12 +64,12 @@ def main(argv=None) -> int:
     p.add_argument("screens", nargs="+")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    out = {"name": a.name, "split": "val", "command": "python benchmarks/mars_moe_share.py " + " ".join(sys.argv[1:]),
+    out = {"name": a.name, "split": "val", "command": "python experiments/mars_moe_share.py " + " ".join(sys.argv[1:]),
            "screens": {}}
     for screen in a.screens:
         runs = sorted((ROOT / "runs" / "screen" / screen).glob("seed*"))
         if not runs:
-            p.error(f"no runs under runs/screen/{screen}: run benchmarks/mars_screen.py {screen} first")
+            p.error(f"no runs under runs/screen/{screen}: run experiments/mars_screen.py {screen} first")
         rows = [measure(r) for r in runs]
         drop = [r["val_mean_without_experts"] - r["val_mean"] for r in rows]
         out["screens"][screen] = {"runs": rows, "mean_change_without_experts": statistics.mean(drop),
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
               f"{statistics.mean(r['val_mean_without_experts'] for r in rows):.4f} "
               f"(change {statistics.mean(drop):+.4f}, per seed {', '.join(f'{d:+.4f}' for d in drop)}), "
               f"|experts' output| / |z_i| {out['screens'][screen]['mean_norm_ratio']:.2f}")
-    (ROOT / "docs" / "research" / f"{a.name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (ROOT / "experiments" / "results" / "screens" / f"{a.name}.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 
