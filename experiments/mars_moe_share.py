@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mars.data import load_data  # noqa: E402
+from mars.train import run_data  # noqa: E402
 from mars.evaluate import evaluate_subsets  # noqa: E402
 from mars.rundir import load_checkpoint, read_config  # noqa: E402
 from mars.train import load_weights, make_model  # noqa: E402
@@ -32,7 +32,7 @@ from mars.train import load_weights, make_model  # noqa: E402
 def measure(run: Path) -> dict:
     cfg = read_config(run)
     state = load_checkpoint(run / "checkpoint.pt", resume=False)
-    _, val, _ = load_data(cfg.data, seed=cfg.seed)
+    _, val, _ = run_data(cfg)
     model = make_model(cfg, val)
     load_weights(model, state["best"]["state"], run / "checkpoint.pt")
     model.eval()

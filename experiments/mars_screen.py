@@ -67,9 +67,9 @@ def screen_seed(train_argv: list[str], seed: int, run_dir: Path) -> dict:
     res = train(cfg, run_dir, progress=False, log=lambda *a, **k: None)
     seconds = time.time() - t0
     model, summary = res["model"], res["summary"]
-    from mars.data import load_data
+    from mars.train import run_data
 
-    _, val_set, _ = load_data(cfg.data, seed=cfg.seed)
+    _, val_set, _ = run_data(cfg)
     method = methods.get(cfg.model.method)
     num_experts = cfg.model.num_experts if method.sparse_moe else None
     val = evaluate_subsets(model, val_set, num_experts=num_experts)

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mars.data import load_data  # noqa: E402
+from mars.train import run_data  # noqa: E402
 from mars.evaluate import evaluate_subsets  # noqa: E402
 from mars.rundir import CHECKPOINT_FILE, load_checkpoint, read_config  # noqa: E402
 from mars.train import load_weights, make_model, prepare_model  # noqa: E402
@@ -67,7 +67,7 @@ def _score(run: Path, weights: list[float]) -> dict[float, float]:
     if not mce and cfg.model.lambda_unimodal == 0:
         raise SystemExit(f"{run}: trained without per-modality heads (--lambda-unimodal 0)")
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=False)
-    train_set, val_set, _ = load_data(cfg.data, seed=cfg.seed)
+    train_set, val_set, _ = run_data(cfg)
     model = make_model(cfg, val_set)
     load_weights(model, state["best"]["state"], run / CHECKPOINT_FILE)
     prepare_model(model, cfg, train_set, resume=True)

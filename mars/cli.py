@@ -11,6 +11,7 @@ import argparse
 import os
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import methods
@@ -39,6 +40,7 @@ from .train import (
     on_device,
     prepare_model,
     requested_device,
+    run_data,
     train,
 )
 
@@ -117,19 +119,20 @@ def config_from_args(argv: list[str]) -> TrainConfig:
 
 
 def _print_results(result: dict) -> None:
-    s, test = result["summary"], result["test"]
+    s, res = result["summary"], result["test"]
+    split = s.get("evaluated", "test")  # "val" with --evaluate val: the test split was not read
     print(f"\n{s['method']} on {s['data']} (seed {s['seed']}): best epoch {s['best_epoch']}, "
           f"{s['train_seconds']:.0f} s, {s['parameters']:,} parameters")
-    print(f"test score, mean over all {len(test['subsets'])} modality subsets: {s['test_mean']:.4f}")
-    for key, label in (("test_miou", "mIoU"), ("test_acer", "ACER (lower is better)")):
+    print(f"{split} score, mean over all {len(res['subsets'])} modality subsets: {res['mean']:.4f}")
+    for key, label in ((f"{split}_miou", "mIoU"), (f"{split}_acer", "ACER (lower is better)")):
         if key in s:
-            print(f"test {label}, mean over subsets: {s[key]:.4f}")
+            print(f"{split} {label}, mean over subsets: {s[key]:.4f}")
     if s.get("router_agreement") is not None:
         print(f"feature-vs-residual router top-k agreement: {s['router_agreement']:.3f}")
     if s.get("specialisation_nmi") is not None:
         print(f"specialisation (NMI of missing pattern and expert): {s['specialisation_nmi']:.3f}")
-    print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in s["test_by_size"].items()))
-    ranked = sorted(test["subsets"], key=lambda r: r["score"])
+    print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in s[f"{split}_by_size"].items()))
+    ranked = sorted(res["subsets"], key=lambda r: r["score"])
     show = ranked[:3] + ranked[-3:] if len(ranked) > 6 else ranked
     print("worst / best subsets: " + ", ".join(f"{r['name']} {r['score']:.3f}" for r in show))
 
@@ -137,12 +140,13 @@ def _print_results(result: dict) -> None:
 def _plots(run: Path, result: dict) -> None:
     from .plots import plot_by_size, plot_usage
 
-    plot_by_size({result["summary"]["method"]: result["summary"]["test_by_size"]}, run / "score_by_observed.png")
+    split = result["summary"].get("evaluated", "test")
+    plot_by_size({result["summary"]["method"]: result["summary"][f"{split}_by_size"]}, run / "score_by_observed.png")
     usage = result["test"].get("usage")
     if usage is not None:
         nmi = result["test"].get("specialisation_nmi")
         plot_usage(usage, [r["name"] for r in result["test"]["subsets"]], run / "expert_usage.png",
-                   title=f"{result['summary']['method']}: expert usage by missing pattern (test)"
+                   title=f"{result['summary']['method']}: expert usage by missing pattern ({split})"
                          + (f", NMI {nmi:.3f}" if nmi is not None else ""))
 
 
@@ -173,7 +177,7 @@ def cmd_train(a, given: set[str], parser: argparse.ArgumentParser) -> int:
         result = train(None, a.resume, resume=True, progress=not a.quiet, ctx=ctx, epochs=values.get("epochs"),
                        device=device)
     else:
-        result = train(cfg, a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite)
+        result = train(cfg, a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite, evaluate=a.evaluate)
     shutdown(ctx)
     run = Path(a.resume if a.resume is not None else a.out)
     if ctx.is_main:
@@ -184,7 +188,6 @@ def cmd_train(a, given: set[str], parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_eval(a, given: set[str], parser: argparse.ArgumentParser) -> int:
-    from .data import load_data
     from .evaluate import evaluate_subsets
 
     run = Path(a.run_dir)
@@ -197,7 +200,7 @@ def cmd_eval(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     check_precision(precision, device)
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=False)
     check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
-    train_set, val_set, test_set = load_data(cfg.data, seed=cfg.seed)
+    train_set, val_set, test_set = run_data(cfg)
     check_setup(cfg, (train_set, val_set, test_set), device)
     if a.oracle and not methods.get(cfg.model.method).residual_router:
         raise ConfigError("oracle", f"gates with the residual router; the method {cfg.model.method!r} has none")
@@ -273,7 +276,6 @@ def cmd_compare(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     tables. Everything is checked before ``--out`` is touched; an existing
     non-empty ``--out`` needs ``--overwrite`` (then the new results replace it
     when complete)."""
-    from .data import load_data
 
     if not a.out.strip():
         raise ConfigError("out", "expected a directory for the results, got an empty path")
@@ -281,7 +283,7 @@ def cmd_compare(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     first = next(iter(configs.values()))[0]
     device = resolve_device(first.device)
     check_precision(first.precision, device)
-    data = load_data(first.data, seed=0)
+    data = run_data(replace(first, seed=0))
     for row in configs:
         check_setup(configs[row][0], data, device)
     out = open_output(a.out, overwrite=a.overwrite, kind="compare")
@@ -446,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing run directory --out; the new run is built beside it and replaces it "
                         "only when complete")
+    t.add_argument("--evaluate", choices=("test", "val"), default="test",
+                   help="the split the best epoch is evaluated on at the end: test, or val (for choosing options "
+                        "without reading the test split)")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run (with --epochs N: train it up to N epochs in all)")
     e = sub.add_parser("eval", help="evaluate a run's best checkpoint on every modality subset")

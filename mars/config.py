@@ -37,12 +37,14 @@ from mars_kernels.ops import ACTIVATIONS
 
 from . import methods
 from .data import MissingnessProtocol
+from .data.sources import TEST_SPLITS
 from .research.router_inputs import FEATURE_INPUTS, RESIDUAL_INPUTS
 
 __all__ = [
     "ConfigError", "TrainConfig", "ModelConfig", "MarsConfig", "ResearchConfig", "RetrieverConfig", "MCEConfig",
+    "LateFusionConfig",
     "SECTIONS", "USED_BY", "METHOD_DEFAULTS", "CONFIG_VERSION", "V1_DEFAULTS", "REMOVED_V1", "default_config",
-    "used_by", "field_paths", "check_device_spec", "BACKBONES", "BACKENDS", "PRECISIONS", "LR_SCHEDULES",
+    "used_by", "field_paths", "ADVANCED_MARS", "check_device_spec", "BACKBONES", "BACKENDS", "PRECISIONS", "LR_SCHEDULES",
     "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS", "MAX_SEED", "MAX_MASKS_PER_STEP", "MAX_UNIMODAL_VOTE",
     "NOISE_MODES", "ROUTINGS", "MIX_MODES",
 ]
@@ -171,8 +173,10 @@ def _check_fields(obj, prefix: str = "") -> None:
 class ResearchConfig:
     """Variants of MARS still under study (:mod:`mars.research`)."""
 
-    residual_input: str = opt("concat", "the residual router reads [z_i, sg(z_c)] (concat), sg(z_c - z_i) (diff) or "
-                              "its mean over the batch's tokens with the same missing pattern (pattern)",
+    residual_input: str = opt("concat", "the residual router reads [z_i, sg(z_c)] (concat), sg(z_c - z_i) (diff), "
+                              "its mean over the batch's tokens with the same missing pattern (pattern), or diff / "
+                              "concat with the task head's row space projected out (diff-label-free, "
+                              "concat-label-free)",
                               choices=tuple(RESIDUAL_INPUTS), advanced=True)
     feature_input: str = opt("tokens", "the feature router reads z_i (tokens), z_i and the observed mask "
                              "(tokens+mask) or the mask only (mask: a router by missing pattern)",
@@ -188,10 +192,10 @@ class RetrieverConfig:
 
     variant: str = opt("paper", "paper: attention + restricted noisy top-k MoE retrieval; code: the official code's "
                        "0.5/0.5 mean imputation", choices=RETRIEVER_VARIANTS)
-    candidates: int = opt(8, "modality-specific experts per modality", low=1)
-    shared: int = opt(4, "shared experts", low=0)
+    candidates: int = opt(8, "modality-specific experts per modality", low=1, advanced=True)
+    shared: int = opt(4, "shared experts", low=0, advanced=True)
     k: int = opt(4, "experts per token", low=1)
-    alpha: float = opt(0.5, "weight of the inter-modal context", low=0.0, high=1.0)
+    alpha: float = opt(0.5, "weight of the inter-modal context", low=0.0, high=1.0, advanced=True)
     warmup: int = opt(0, "epochs before retrieval starts", low=0)
     lambda_gate: float = opt(0.01, "weight of the retriever's balance loss", low=0.0, flag="--lambda-gate")
 
@@ -210,17 +214,28 @@ class MCEConfig:
     teacher_epochs: int = opt(10, "epochs of the frozen unimodal models", low=0)
     use_a: bool = opt(True, "the dataset-level factor 1/(1 - r_m)", advanced=True)
     use_b: bool = opt(True, "the Shapley batch-level factor", advanced=True)
-    lambda_sep: float = opt(1.0, "weight of the separation loss", low=0.0, flag="--lambda-sep")
-    lambda_com: float = opt(1.0, "weight of the completion loss", low=0.0, flag="--lambda-com")
-    lambda_sub: float = opt(1.0, "weight of the subset loss", low=0.0, flag="--lambda-sub")
+    lambda_sep: float = opt(1.0, "weight of the separation loss", low=0.0, flag="--lambda-sep", advanced=True)
+    lambda_com: float = opt(1.0, "weight of the completion loss", low=0.0, flag="--lambda-com", advanced=True)
+    lambda_sub: float = opt(1.0, "weight of the subset loss", low=0.0, flag="--lambda-sub", advanced=True)
 
     def __post_init__(self):
         _check_fields(self, "model.mce.")
 
 
+@dataclass
+class LateFusionConfig:
+    """Late fusion (:mod:`mars.baselines.late_fusion`)."""
+
+    average: str = opt("all", "average the per-modality logits over all modalities (missing ones through their "
+                       "learned embedding) or over the observed ones only", choices=("all", "observed"))
+
+    def __post_init__(self):
+        _check_fields(self, "model.late_fusion.")
+
+
 #: ModelConfig's sections: name -> (dataclass, prefix of its command-line options).
 SECTIONS = {"mars": (MarsConfig, ""), "research": (ResearchConfig, ""), "retriever": (RetrieverConfig, "retriever-"),
-            "mce": (MCEConfig, "mce-")}
+            "mce": (MCEConfig, "mce-"), "late_fusion": (LateFusionConfig, "late-fusion-")}
 
 
 # ---------------------------------------------------------------------- model
@@ -253,6 +268,7 @@ class ModelConfig:
     research: ResearchConfig = field(default_factory=ResearchConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     mce: MCEConfig = field(default_factory=MCEConfig)
+    late_fusion: LateFusionConfig = field(default_factory=LateFusionConfig)
 
     def __post_init__(self):
         _check_fields(self, "model.")
@@ -325,6 +341,12 @@ class TrainConfig:
                     "BENCHMARK:DIR (crema-d, food-101, casia-surf, mcubes)")
     protocol: str = opt("uniform", "training missingness: uniform | independent:0.2,0.5,0.8 (one rate per modality) "
                         "| fixed:0.5")
+    train_missing: str = opt("none", "training data: none (complete, as the data has it), or a protocol: each "
+                             "training sample keeps one fixed subset of its modalities, drawn once, and no method "
+                             "sees the rest")
+    test_split: str = opt("fixed", "fixed: the same test samples for every seed (the seed draws train/val); "
+                          "per-seed: all three drawn by the seed (earlier releases)", choices=TEST_SPLITS,
+                          advanced=True)
     epochs: int = opt(40, "epochs to train (with --resume: the total)", low=1)
     batch_size: int = opt(64, "samples per step", low=1)
     lr: float = opt(2e-3, "learning rate (AdamW)", above=0.0)
@@ -353,10 +375,13 @@ class TrainConfig:
         if not self.data:
             raise ConfigError("data", "must name a data source, got ''")
         self.device = check_device_spec(self.device)
-        try:
-            MissingnessProtocol.parse(self.protocol)
-        except ValueError as e:
-            raise ConfigError("protocol", str(e)) from None
+        for name in ("protocol", "train_missing"):
+            if name == "train_missing" and self.train_missing == "none":
+                continue
+            try:
+                MissingnessProtocol.parse(getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(name, str(e)) from None
         if self.expert_parallel and not methods.get(self.model.method).sparse_moe:
             raise ConfigError("expert_parallel", f"shards the experts of {_methods_of('expert_parallel')}, "
                                                  f"not of {self.model.method}")
@@ -440,7 +465,12 @@ USED_BY: dict[str, tuple[str, ...]] = {
     "model.research.feature_input": ("mars", "moe"),
     "expert_parallel": tuple(m.name for m in methods.REGISTRY.values() if m.sparse_moe),
 }
-_SECTION_USERS = {"mars": ("mars",), "research": ("mars",), "retriever": ("moe_retriever",), "mce": ("mce",)}
+#: Options of the kernel package's MarsConfig (which has no say in the
+#: command line) listed by ``--help-all`` only.
+ADVANCED_MARS = {"model.mars.sigma_const", "model.mars.mix_scale", "model.mars.router_mlp",
+                 "model.mars.lambda_balance"}
+_SECTION_USERS = {"mars": ("mars",), "research": ("mars",), "retriever": ("moe_retriever",), "mce": ("mce",),
+                  "late_fusion": ("late_fusion",)}
 
 
 def used_by(path: str) -> tuple[str, ...]:
@@ -529,6 +559,11 @@ V1_DEFAULTS = {
         "lambda_com": 1.0, "lambda_sub": 1.0,
     },
 }
+#: Version-2 options a version-1 run had implicitly: its test split was drawn
+#: by its seed, and its training data were complete (as the data had them).
+V1_IMPLIED = {"test_split": "per-seed", "train_missing": "none"}
+#: ... and its late fusion averaged the logits of all modalities.
+V1_IMPLIED_MODEL = {"late_fusion": {"average": "all"}}
 #: Version-1 options removed in version 2 (rejected by the research log) and
 #: the value under which a version-1 run did not use them.
 REMOVED_V1 = {"imitation": "kl", "lambda_distill": 0.0, "lambda_align": 0.0, "lambda_recon": 0.0,
@@ -583,6 +618,9 @@ def _from_v1(d: dict) -> dict:
         if key != "method" and method not in used_by(path):
             continue  # recorded by version 1 for every method; read by others only
         (new[section] if section else new)[name] = value
-    run = {**{k: v for k, v in V1_DEFAULTS.items() if k != "model"}, **{k: v for k, v in d.items() if k != "model"}}
+    run = {**{k: v for k, v in V1_DEFAULTS.items() if k != "model"}, **{k: v for k, v in d.items() if k != "model"},
+           **V1_IMPLIED}
+    for section, values in V1_IMPLIED_MODEL.items():
+        new[section] = {k: v for k, v in values.items() if method in used_by(f"model.{section}.{k}")}
     return {**run, "model": {k: v for k, v in new.items() if v != {}}}
 

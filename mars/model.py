@@ -129,11 +129,12 @@ class MarsModel(MethodModel):
         self.fuse = make_fusion(config.backbone, len(modalities), d, config.fusion_heads, config.d_hidden,
                                 config.dropout, config.backend)
         M = len(modalities)
+        research = config.research
         self.moe = mk.MarsMoE(
             d, config.d_hidden, config.num_experts, config.k,
             config.mars if residual_router else replace(config.mars, routing="feature"),
-            residual_input=residual_input(config.research.residual_input, M) if residual_router else None,
-            feature_input=feature_input(config.research.feature_input, M),
+            residual_input=residual_input(research.residual_input, M, lambda: self.head) if residual_router else None,
+            feature_input=feature_input(research.feature_input, M),
             residual_router=residual_router, activation=config.activation, backend=config.backend,
         )
         self.head = nn.Linear(d, num_classes)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from . import methods
 from .config import (
+    ADVANCED_MARS,
     SECTIONS,
     V1_DEFAULTS,
     ConfigError,
@@ -79,7 +80,7 @@ def add_config_options(p: argparse.ArgumentParser, method_type: Callable, *, wit
     each section (MARS, research variants, MoE-Retriever, MCE)."""
     titles = {None: "run", "mars": "MARS (mars; router_mlp and lambda_balance also vanilla-moe)",
               "research": "MARS variants under study", "retriever": "MoE-Retriever (--method moe-retriever)",
-              "mce": "MCE (--method mce)"}
+              "mce": "MCE (--method mce)", "late_fusion": "late fusion (--method late-fusion)"}
     groups: dict = {}
     advanced = 0
     for path, f, section in field_paths():
@@ -107,7 +108,7 @@ def add_config_options(p: argparse.ArgumentParser, method_type: Callable, *, wit
                 kwargs["metavar"] = meta.get("metavar") or {"int": "N", "float": "X"}.get(kind, f.name.upper())
         flags = ["--missing", "--protocol"] if path == "protocol" else [_flag(path, f, section)]
         action = g.add_argument(*flags, **kwargs)
-        if meta.get("advanced"):
+        if meta.get("advanced") or path in ADVANCED_MARS:
             action.advanced_help, action.help = action.help, argparse.SUPPRESS
             advanced += 1
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, dest="config_file",

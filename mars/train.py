@@ -50,6 +50,7 @@ from tqdm import tqdm
 from . import methods
 from .config import ConfigError, TrainConfig
 from .data import MissingnessProtocol, MultimodalDataset, load_data
+from .data.sources import TrainMissingError
 from .devices import (
     autocast,
     check_precision,
@@ -169,6 +170,15 @@ def to_cpu(obj, _memo: dict | None = None):
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(v, memo) for v in obj)
     return obj
+
+
+def run_data(cfg: TrainConfig) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
+    """(train, val, test) of a run: ``cfg.data`` split by ``cfg.seed`` with
+    the run's test split and training-data regime (:func:`mars.data.load_data`)."""
+    try:
+        return load_data(cfg.data, seed=cfg.seed, test_split=cfg.test_split, train_missing=cfg.train_missing)
+    except TrainMissingError as e:
+        raise ConfigError("train_missing", str(e)) from None
 
 
 def _shapes(data: MultimodalDataset) -> dict[str, tuple[int, ...]]:
@@ -398,6 +408,7 @@ class _Run:
     start_epoch: int = 0
     best: dict | None = None  # {"score", "epoch", "state"}: the best validation epoch so far
     t_start: float = 0.0
+    evaluate: str = "test"  # the split of the final evaluation: "test", or "val" (the test split never read)
 
     @property
     def ckpt_path(self) -> Path:
@@ -508,7 +519,7 @@ def _build_state(r: _Run, data) -> None:
     wrapper. The model is built on the CPU from the seed (the same initial
     weights on every device) and moved."""
     cfg, ctx, device = r.cfg, r.ctx, r.device
-    splits = data if data is not None else load_data(cfg.data, seed=cfg.seed)
+    splits = data if data is not None else run_data(cfg)
     check_setup(cfg, splits, device)
     set_up_device(device)
     r.train_set, r.val_set, r.test_set = (on_device(split, device) for split in splits)
@@ -627,33 +638,38 @@ def _epochs(r: _Run, snapshot, bar: Progress) -> None:
 
 def _final_evaluation(r: _Run) -> tuple[dict, float | None]:
     """Step 4: the best validation epoch's weights on the test set (every
-    modality subset), and, for methods with a residual router, the feature vs
-    residual router agreement on the test set under the training protocol's
-    masks (fixed by seed). -> (test results, agreement or None)."""
+    modality subset; the validation set with ``evaluate="val"``), and, for
+    methods with a residual router, the feature vs residual router agreement
+    on that set under the training protocol's masks (fixed by seed).
+    -> (results, agreement or None)."""
     method = methods.get(r.cfg.model.method)
     if r.best["state"] is None:
         raise RunFileError(r.ckpt_path, "holds no validated epoch to evaluate; resume with a larger --epochs")
     (load_full_state_dict if r.expert_parallel else nn.Module.load_state_dict)(r.model, r.best["state"])
     num_experts = r.cfg.model.num_experts if method.sparse_moe else None
-    with peer_failures("the test evaluation"):
-        test = evaluate_subsets(r.model, r.test_set, num_experts=num_experts, ctx=r.ctx, precision=r.cfg.precision)
+    split = r.test_set if r.evaluate == "test" else r.val_set
+    with peer_failures(f"the {'test' if r.evaluate == 'test' else 'validation'} evaluation"):
+        test = evaluate_subsets(r.model, split, num_experts=num_experts, ctx=r.ctx, precision=r.cfg.precision)
     agreement = None
     if method.residual_router:
-        agreement = router_agreement(r.model, r.test_set, r.protocol, r.cfg.seed, r.cfg.precision)
+        agreement = router_agreement(r.model, split, r.protocol, r.cfg.seed, r.cfg.precision)
     return test, agreement
 
 
 def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
     """Step 5: the summary; rank 0 writes results.csv, summary.json and usage.pt
-    and, when it replaces an existing run, swaps the new directory in."""
-    cfg = r.cfg
+    and, when it replaces an existing run, swaps the new directory in. With
+    ``evaluate="val"`` the evaluated split is the validation set: the summary
+    has ``val_by_size`` (and no test key)."""
+    cfg, s = r.cfg, r.evaluate
     summary = {
         "method": cfg.model.method, "data": cfg.data, "seed": cfg.seed, "best_epoch": r.best["epoch"],
         "router_agreement": agreement,
         "specialisation_nmi": test.get("specialisation_nmi"),
-        "masks_per_step": cfg.masks_per_step,
-        "val_mean": r.best["score"], "test_mean": test["mean"], "test_by_size": test["by_size"],
-        **{f"test_{m}": test[f"{m}_mean"] for m in ("miou", "acer") if f"{m}_mean" in test},
+        "masks_per_step": cfg.masks_per_step, "evaluated": s,
+        "val_mean": r.best["score"], **({"test_mean": test["mean"]} if s == "test" else {}),
+        f"{s}_by_size": test["by_size"],
+        **{f"{s}_{m}": test[f"{m}_mean"] for m in ("miou", "acer") if f"{m}_mean" in test},
         "train_seconds": time.time() - r.t_start,
         "parameters": sum(r.best["state"][name].numel() for name, _ in r.model.named_parameters()),  # full, not a shard
         "world_size": r.ctx.world,
@@ -668,9 +684,13 @@ def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
 
 def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           data=None, log=print, ctx: DistContext | None = None, overwrite: bool = False,
-          epochs: int | None = None, device: str | None = None) -> dict:
+          epochs: int | None = None, device: str | None = None, evaluate: str = "test") -> dict:
     """Train, evaluate on every modality subset, write the run directory; returns
     {"summary", "test", "model", "modalities", "run_dir"}.
+
+    ``evaluate="val"`` evaluates the best epoch on the validation split instead
+    of the test split ("test" in the result is then the validation results),
+    so that choosing options never reads the test split.
 
     A new run needs ``run_dir`` not to exist or to be empty; ``overwrite=True``
     replaces an existing run directory, atomically once the new run is
@@ -688,7 +708,10 @@ def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool =
     if ctx is None:  # the process group's device, under torchrun
         ctx = context_from_env(requested_device(cfg, run_dir, resume=resume, device=device)
                                if world_from_env() > 1 else "cpu")
+    if evaluate not in ("test", "val"):
+        raise ValueError(f"evaluate must be 'test' or 'val', got {evaluate!r}")
     r = _set_up_run(cfg, run_dir, resume, progress, log, ctx, overwrite, epochs, device)
+    r.evaluate = evaluate
     try:
         _build_state(r, data)
         _epoch_loop(r)

@@ -116,7 +116,7 @@ def test_unused_sections_are_not_recorded():
     for name in methods.names():
         d = default_config(name).to_dict()
         assert d["version"] == CONFIG_VERSION
-        for section in ("mars", "research", "retriever", "mce"):
+        for section in ("mars", "research", "retriever", "mce", "late_fusion"):
             readers = {m for path, _, s in field_paths() if s == section for m in used_by(path)}
             assert (section in d["model"]) == (name in readers), (name, section)
         assert TrainConfig.from_dict(json.loads(json.dumps(d))) == default_config(name)
@@ -174,7 +174,9 @@ def test_version_1_keys_that_are_missing_mean_what_they_meant():
     assert moe.model.research.feature_input == "tokens+mask"
     assert moe.model.mars == mk.MarsConfig()  # MARS-only version-1 keys of a vanilla-MoE run are dropped
     late = TrainConfig.from_dict({"model": {**V1_DEFAULTS["model"], "method": "late_fusion"}})
-    assert late.model.to_dict() == {"method": "late_fusion", "d_model": 64, "d_hidden": 128, "dropout": 0.1}
+    assert late.model.to_dict() == {"method": "late_fusion", "d_model": 64, "d_hidden": 128, "dropout": 0.1,
+                                    "late_fusion": {"average": "all"}}  # version 1 averaged over all modalities
+    assert (late.test_split, late.train_missing) == ("per-seed", "none")
 
 
 @pytest.mark.parametrize("key, value", [("lambda_recon", 0.3), ("lambda_align", 1.0), ("lambda_distill", 1.0),

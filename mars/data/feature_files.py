@@ -95,7 +95,7 @@ import torch
 from .dataset import MultimodalDataset, concat_datasets
 from .errors import DataFormatError
 from .benchmarks import benchmark_spec, check_meta_against_benchmark
-from .splits import DEFAULT_FRACTIONS, SPLIT_NAMES, standardize_splits, stratified_split, stratify_keys
+from .splits import DEFAULT_FRACTIONS, SPLIT_NAMES, split_indices, standardize_splits, stratified_split, stratify_keys
 
 META_FILE = "meta.json"
 LABELS_FILE = "labels.npy"
@@ -377,16 +377,18 @@ def _read_split_folders(root: str, meta: dict, name: str, seed: int):
 
 def load_feature_dir(
     path: str | os.PathLike, seed: int = 0, standardize: bool = True, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    benchmark: str | None = None,
+    benchmark: str | None = None, test_seed: int | None = None,
 ) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
     """(train, val, test) from a feature directory: its split folders or
-    ``splits.json`` if present, else ``stratified_split(fractions, seed)``;
+    ``splits.json`` if present, else ``split_indices(fractions, seed,
+    test_seed)`` (the test split fixed by ``test_seed`` unless None);
     with ``standardize``, per-modality standardisation fitted on train.
     ``benchmark`` checks the directory against that benchmark's spec."""
     data, idx = read_feature_dir(path, seed=seed, benchmark=benchmark)
     if idx is None:
         file = os.path.join(os.fspath(path), LABELS_FILE)
-        idx = [t.tolist() for t in stratified_split(stratify_keys(data.labels, data.ignore_index), fractions, seed)]
+        idx = [t.tolist() for t in split_indices(stratify_keys(data.labels, data.ignore_index), fractions, seed,
+                                                 test_seed)]
         if not idx[2]:
             raise DataFormatError(f"{len(data)} samples are too few for a train/val/test split of {tuple(fractions)}: the "
                                   f"test split would be empty; expected more samples or a {SPLITS_FILE}", file)

@@ -154,11 +154,38 @@ def stratified_split(
     return out  # type: ignore[return-value]
 
 
+def fixed_test_split(
+    keys: Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0, test_seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Like :func:`stratified_split`, but the test split is fixed by
+    ``test_seed`` whatever ``seed`` is: the test samples are drawn first
+    (stratified, ``test_seed``), then the rest is split into train and val
+    (stratified, ``seed``). Every seed of a run then meets the same test
+    samples, and its validation samples are never another seed's test ones."""
+    f = _check_fractions(fractions)
+    keys = torch.as_tensor(keys).long().cpu().flatten()
+    pool, _, test = stratified_split(keys, (f[0] + f[1], 0.0, f[2]), test_seed)
+    share = f[0] / (f[0] + f[1])
+    tr, va, _ = stratified_split(keys[pool], (share, 1.0 - share, 0.0), seed)
+    return pool[tr], pool[va], test
+
+
+def split_indices(keys: Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+                  test_seed: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(train, val, test) indices: :func:`fixed_test_split` with ``test_seed``,
+    or with None the split of earlier releases, all three drawn by ``seed``
+    (:func:`stratified_split`)."""
+    if test_seed is None:
+        return stratified_split(keys, fractions, seed)
+    return fixed_test_split(keys, fractions, seed, test_seed)
+
+
 def split_dataset(
-    data: MultimodalDataset, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0
+    data: MultimodalDataset, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+    test_seed: int | None = None,
 ) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
-    """``stratified_split`` of a dataset into (train, val, test) datasets."""
-    idx = stratified_split(stratify_keys(data.labels, data.ignore_index), fractions, seed)
+    """:func:`split_indices` of a dataset into (train, val, test) datasets."""
+    idx = split_indices(stratify_keys(data.labels, data.ignore_index), fractions, seed, test_seed)
     return tuple(data.subset(i) for i in idx)  # type: ignore[return-value]
 
 

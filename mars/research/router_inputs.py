@@ -13,8 +13,8 @@ import torch
 
 from mars_kernels.layers.mars import ConcatResidual, IncompleteTokens, RouterInput, mask_tokens
 
-__all__ = ["DiffResidual", "PatternResidual", "TokensAndMask", "MaskOnly", "pattern_mean", "RESIDUAL_INPUTS",
-           "FEATURE_INPUTS", "residual_input", "feature_input"]
+__all__ = ["DiffResidual", "PatternResidual", "LabelFreeResidual", "TokensAndMask", "MaskOnly", "pattern_mean",
+           "project_out", "RESIDUAL_INPUTS", "FEATURE_INPUTS", "residual_input", "feature_input"]
 
 _CODE_BITS = 62  # masks up to this wide are grouped by an int64 code (2^62 fits, sign bit untouched)
 
@@ -67,6 +67,40 @@ class PatternResidual(RouterInput):
         return pattern_mean((z_c.expand_as(z_i) - z_i).detach(), observed)
 
 
+def project_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., D] with its component in the row space of ``weight`` [K, D]
+    removed: x - P x, P the orthogonal projector onto span(weight's rows)."""
+    q = torch.linalg.qr(weight.detach().to(torch.float32).T).Q.to(x.dtype)  # [D, K], orthonormal columns
+    return x - (x @ q) @ q.T
+
+
+class LabelFreeResidual(RouterInput):
+    """stopgrad(z_c - z_i) (``concat=False``) or [z_i, stopgrad(z_c)]
+    (``concat=True``) with the directions the task head reads projected out
+    (:func:`project_out` with the head's weight, current at each call), so
+    the residual router cannot route on the class that z_c carries and has
+    to route on how the incomplete pass deviates. ``head`` returns the
+    model's readout (an ``nn.Linear``) when called: the head stays a
+    parameter of the model, not of this input (and may be built after it)."""
+
+    reads_complete = True
+
+    def __init__(self, head, concat: bool = False):
+        super().__init__()
+        self._head = head
+        self.concat = concat
+
+    def width(self, d_model: int) -> int:
+        return 2 * d_model if self.concat else d_model
+
+    def forward(self, z_i, z_c=None, observed=None):
+        w = self._head().weight
+        z_c = z_c.detach().expand_as(z_i)
+        if self.concat:
+            return torch.cat([project_out(z_i, w), project_out(z_c, w)], dim=-1)
+        return project_out((z_c - z_i).detach(), w)
+
+
 class TokensAndMask(RouterInput):
     """[z_i, observed] [..., D + M]: the feature router also reads the
     observed-modality mask (known at test time)."""
@@ -102,11 +136,15 @@ class MaskOnly(RouterInput):
         return mask_tokens(observed, z_i, self.num_modalities).reshape(*z_i.shape[:-1], self.num_modalities)
 
 
-#: ``model.research.residual_input`` -> the residual router's input, given M.
+#: ``model.research.residual_input`` -> the residual router's input, given M
+#: and a callable returning the model's task head (the label-free inputs
+#: project its rows out).
 RESIDUAL_INPUTS = {
-    "concat": lambda num_modalities: ConcatResidual(),
-    "diff": lambda num_modalities: DiffResidual(),
-    "pattern": lambda num_modalities: PatternResidual(),
+    "concat": lambda num_modalities, head: ConcatResidual(),
+    "diff": lambda num_modalities, head: DiffResidual(),
+    "pattern": lambda num_modalities, head: PatternResidual(),
+    "diff-label-free": lambda num_modalities, head: LabelFreeResidual(head, concat=False),
+    "concat-label-free": lambda num_modalities, head: LabelFreeResidual(head, concat=True),
 }
 #: ``model.research.feature_input`` -> the feature router's input, given M.
 FEATURE_INPUTS = {
@@ -116,8 +154,8 @@ FEATURE_INPUTS = {
 }
 
 
-def residual_input(name: str, num_modalities: int) -> RouterInput:
-    return RESIDUAL_INPUTS[name](num_modalities)
+def residual_input(name: str, num_modalities: int, head) -> RouterInput:
+    return RESIDUAL_INPUTS[name](num_modalities, head)
 
 
 def feature_input(name: str, num_modalities: int) -> RouterInput:
