@@ -1,6 +1,7 @@
 """One entry point for the CLI's ``--data``: a name or a feature directory."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -13,7 +14,7 @@ from .missingness import MissingnessProtocol
 from .splits import standardize_splits
 from .synthetic import make_segmentation
 from .synthetic_missing import make_missing
-from .synthetic_regimes import make_regimes
+from .synthetic_regimes import RegimesSpec, make_regimes
 
 BUILTIN_SOURCES = ("mfeat", "synthetic-missing", "synthetic-seg", "synthetic-regimes")
 TEST_SPLITS = ("fixed", "per-seed")
@@ -76,6 +77,27 @@ def drop_training_modalities(train: MultimodalDataset, protocol: MissingnessProt
     return train.with_available(kept)
 
 
+def regimes_spec(text: str) -> RegimesSpec:
+    """``synthetic-regimes`` or ``synthetic-regimes:NAME=VALUE,...`` (fields of
+    :class:`RegimesSpec`, e.g. ``synthetic-regimes:kappa=0,conflict=0.5``)."""
+    _, _, args = text.partition(":")
+    fields = {f.name: f.type for f in dataclasses.fields(RegimesSpec)}
+    values = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or name not in fields:
+            raise ValueError(f"data {text!r}: expected synthetic-regimes:NAME=VALUE,... with NAME one of "
+                             f"{sorted(fields)}, got {item!r}")
+        kind = fields[name] if isinstance(fields[name], str) else fields[name].__name__
+        try:
+            values[name] = int(value) if kind == "int" else float(value)
+        except ValueError:
+            raise ValueError(f"data {text!r}: {name} must be a{'n integer' if kind == 'int' else ' number'}, "
+                             f"got {value!r}") from None
+    return RegimesSpec(**values)
+
+
 def _load_splits(source, seed: int, test_seed: int | None, standardize: bool):
     text = os.fspath(source)
     name, sep, path = text.partition(":")
@@ -91,8 +113,8 @@ def _load_splits(source, seed: int, test_seed: int | None, standardize: bool):
         return make_missing(seed=seed, standardize=standardize, test_seed=test_seed)
     if text == "synthetic-seg":
         return make_segmentation(seed=seed, standardize=standardize, test_seed=test_seed)
-    if text == "synthetic-regimes":
-        return make_regimes(seed=seed, standardize=standardize, test_seed=test_seed)
+    if text == "synthetic-regimes" or text.startswith("synthetic-regimes:"):
+        return make_regimes(seed=seed, standardize=standardize, test_seed=test_seed, spec=regimes_spec(text))
     if os.path.isdir(text):
         return load_feature_dir(text, seed=seed, standardize=standardize, test_seed=test_seed)
     raise ValueError(f"unknown data source {text!r}: expected one of {BUILTIN_SOURCES}, a feature directory (meta.json, <modality>.npy, labels.npy), or <benchmark>:<directory> with a benchmark in {sorted(BENCHMARKS)}")

@@ -77,9 +77,11 @@ class RegimesSpec:
     def __post_init__(self):
         ints = dict(n=self.n, num_classes=self.num_classes, num_regimes=self.num_regimes,
                     num_modalities=self.num_modalities, code_dim=self.code_dim, dim=self.dim)
-        for name, low in (("n", 1), ("num_classes", 2), ("num_regimes", 1), ("num_modalities", 2), ("code_dim", 1)):
-            if ints[name] < low:
-                raise ValueError(f"synthetic regimes: {name} must be >= {low}, got {ints[name]}")
+        limits = dict(n=(1, 10**6), num_classes=(2, 1000), num_regimes=(1, 64), num_modalities=(2, 16),
+                      code_dim=(1, 1024), dim=(2, 4096))
+        for name, (low, high) in limits.items():
+            if not low <= ints[name] <= high:
+                raise ValueError(f"synthetic regimes: {name} must be in [{low}, {high}], got {ints[name]}")
         if self.dim < self.code_dim + 1:
             raise ValueError(f"synthetic regimes: dim must be > code_dim (room for the regime direction), got "
                              f"dim={self.dim}, code_dim={self.code_dim}")
