@@ -594,3 +594,46 @@ def test_fuzz_damaged_run_directories_never_give_a_traceback(base_run, tmp_path,
                 assert_error(code, err)
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+# -------------------------------------------------- 12. hostile data for every method
+RETRIEVER = ["--mce-teacher-epochs", "1", "--retriever-candidates", "2", "--retriever-shared", "1", "--retriever-k", "2"]
+ALL_METHODS = ("mars", "vanilla-moe", "late-fusion", "moe-retriever", "mce", "backbone")
+
+
+def test_a_modality_name_with_a_dot_trains_and_evaluates_with_every_method(tmp_path):
+    data = _tiny_data(n=24)
+    data["features"] = {"audio.v2": data["features"]["a"], "audio_v2": data["features"]["b"]}
+    d = Path(write_feature_dir(tmp_path / "d", data))
+    for method in ALL_METHODS:
+        out = tmp_path / method
+        code, err = mars("train", "--data", d, "--epochs", "1", *MODEL, "--method", method, *RETRIEVER, "--out", out)
+        assert code == 0, (method, err)
+        state = rundir.load_checkpoint(out / "checkpoint.pt", resume=False)
+        assert any("audio%2Ev2" in k for k in state["best"]["state"]), method  # the escaped module name
+        code, err = mars("eval", out)
+        assert code == 0, (method, err)
+
+
+def test_a_segmentation_batch_with_only_ignored_pixels_adds_zero_loss(tmp_path):
+    from mars.components import cross_entropy
+
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    ignored = torch.full((2, 4, 4), 255)
+    loss = cross_entropy(logits, ignored, 255)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    some = ignored.clone()
+    some[0, :2] = 1
+    expected = torch.nn.functional.cross_entropy(logits, some, ignore_index=255)
+    assert torch.allclose(cross_entropy(logits, some, 255), expected)  # the mean over labelled pixels, as before
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.arange(24) % 3)[:, None, None].repeat(1, 4, 4)
+    labels[::2] = 255  # half the samples have no labelled pixel: batch size 1 meets them
+    d = Path(write_feature_dir(tmp_path / "seg", {
+        "features": {m: torch.randn(24, 2, 4, 4, generator=g) for m in ("a", "b")}, "labels": labels,
+        "num_classes": 3, "task": "segmentation", "ignore_index": 255}))
+    for method in ("mars", "mce"):
+        code, err = mars("train", "--data", d, "--epochs", "1", *MODEL, "--batch-size", "1", "--method", method,
+                         *RETRIEVER, "--out", tmp_path / method)
+        assert code == 0, (method, err)
