@@ -62,7 +62,13 @@ from .devices import (
 )
 from .distributed import DistContext, DistributedFailure, context_from_env, peer_failures, world_from_env
 from .evaluate import evaluate_subsets, router_agreement
-from .expert_sharding import average_expert_grads, full_state_dict, load_full_state_dict, shard_model_experts
+from .expert_sharding import (
+    average_expert_grads,
+    check_expert_parallel,
+    full_state_dict,
+    load_full_state_dict,
+    shard_model_experts,
+)
 from .interface import TrainableModel
 from .methods import build_model
 from .rundir import (
@@ -510,6 +516,8 @@ def _build_state(r: _Run, data) -> None:
     cfg, ctx, device = r.cfg, r.ctx, r.device
     splits = data if data is not None else load_data(cfg.data, seed=cfg.seed)
     check_setup(cfg, splits, device)
+    if cfg.expert_parallel and ctx.enabled:
+        check_expert_parallel(cfg.model.method, cfg.model.num_experts, ctx.world)
     set_up_device(device)
     r.train_set, r.val_set, r.test_set = (on_device(split, device) for split in splits)
     torch.manual_seed(cfg.seed)
