@@ -221,6 +221,17 @@ class Standardizer:
             mean = self.mean[m].to(x.device, x.dtype).view(shape)
             std = self.std[m].to(x.device, x.dtype).view(shape)
             y = (x - mean) / std
+            if not bool(torch.isfinite(y).all()):  # x - mean overflowed (finite values near the dtype's limit)
+                y = ((x.double() - self.mean[m].to(x.device).double().view(shape))
+                     / self.std[m].to(x.device).double().view(shape)).to(x.dtype)
+                bad = ~torch.isfinite(y).flatten(1).all(dim=1) & torch.isfinite(x).flatten(1).all(dim=1)
+                if bool(bad.any()):
+                    i = int(bad.nonzero()[0])
+                    raise DataFormatError(
+                        f"{data.name + ': ' if data.name else ''}modality {m!r}: sample {i} (of {int(bad.sum())}) is "
+                        f"too far from the training mean to standardise in {x.dtype} (its values reach "
+                        f"{float(x[i].abs().max()):.3g}, the training split's std is as small as "
+                        f"{float(self.std[m].min()):.3g}); expected features on a scale the training split shares")
             keep = data.available[:, j].view(-1, *([1] * (x.dim() - 1)))
             feats[m] = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
         return replace(data, features=feats, standardizer=self)
