@@ -243,7 +243,7 @@ def _plots(run: Path, result: dict) -> None:
         nmi = result["test"].get("specialisation_nmi")
         plot_usage(usage, [r["name"] for r in result["test"]["subsets"]], run / "expert_usage.png",
                    title=f"{result['summary']['method']}: expert usage by missing pattern (test)"
-                         + (f", NMI {nmi:.3f}" if nmi is not None else ""))
+                         + (f", NMI {nmi:.3f}" if nmi is not None else ""), counts=result["test"].get("usage_counts"))
 
 
 RESUME_OPTIONS = ("epochs", "device", "quiet")  # the options --resume takes (besides the run directory)
@@ -460,7 +460,7 @@ def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
             rows.setdefault(row, []).append(res["summary"])
             if row not in usage and res["test"].get("usage") is not None:
                 usage[row] = (res["test"]["usage"], [r["name"] for r in res["test"]["subsets"]],
-                              res["test"].get("specialisation_nmi"), cfg.seed)
+                              res["test"].get("specialisation_nmi"), cfg.seed, res["test"].get("usage_counts"))
     table, lines = compare_table(rows, a.epochs)
     text = "\n".join(lines)
     print("\n" + text + "\n" + PAIRED_NOTE)
@@ -478,9 +478,9 @@ def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
         keys = summaries[0]["test_by_size"].keys()
         curves[row] = {int(k): statistics.mean(s["test_by_size"][k] for s in summaries) for k in keys}
     plot_by_size(curves, out / "compare_by_observed.png")
-    for row, (u, names, nmi, seed) in usage.items():
+    for row, (u, names, nmi, seed, counts) in usage.items():
         title = f"{row}, seed {seed}: expert usage by missing pattern (test)" + (f", NMI {nmi:.3f}" if nmi is not None else "")
-        plot_usage(u, names, out / f"expert_usage_{row}.png", title=title)
+        plot_usage(u, names, out / f"expert_usage_{row}.png", title=title, counts=counts)
 
 
 # config fields whose option is not --<field with dashes>
@@ -519,7 +519,20 @@ def _os_error(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _tolerant_output() -> None:
+    """A path that is not valid UTF-8 (decoded with surrogate escapes) prints
+    as ``\\xff``-style escapes instead of failing, on a stream set to strict
+    errors (e.g. ``PYTHONIOENCODING=utf-8:strict``), after the run is written."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError, AttributeError):
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _tolerant_output()
     p = argparse.ArgumentParser(prog="mars", description="MARS: missingness-aware residual-guided MoE")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train and evaluate one model",

@@ -50,6 +50,7 @@ from tqdm import tqdm
 from . import methods
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import MissingnessProtocol, MultimodalDataset, load_data
+from .data.missingness import MAX_SUBSET_MODALITIES
 from .devices import (
     autocast,
     check_precision,
@@ -198,7 +199,9 @@ def _parameter_count(cfg: TrainConfig, data: MultimodalDataset) -> int:
 
 def check_setup(cfg: TrainConfig, splits, device: torch.device | None = None) -> None:
     """What a run needs of its data, checked before anything is written: every
-    split non-empty, the missingness protocol fits the data's modalities, and
+    split non-empty, at most ``MAX_SUBSET_MODALITIES`` modalities (evaluation
+    scores all 2^M - 1 subsets), every modality a vector or every one a map,
+    the missingness protocol fits the data's modalities, and
     the model (counted without allocating it) fits in the memory of ``device``
     (default: this machine's). Raises ``ValueError`` (:class:`ConfigError` for
     the protocol)."""
@@ -207,6 +210,15 @@ def check_setup(cfg: TrainConfig, splits, device: torch.device | None = None) ->
         if len(split) == 0:
             raise ValueError(f"{cfg.data}: the {name} split is empty; expected at least one sample in each of "
                              "train, val and test")
+    M = train_set.num_modalities
+    if M > MAX_SUBSET_MODALITIES:
+        raise ValueError(f"{cfg.data}: {M} modalities; evaluation scores every non-empty subset of the modalities "
+                         f"(2^{M} - 1 = {2**M - 1:,}), so at most {MAX_SUBSET_MODALITIES} are supported; expected "
+                         "fewer modalities")
+    ranks = {m: len(s) for m, s in train_set.feature_shapes.items()}
+    if len(set(ranks.values())) > 1:
+        raise ValueError(f"{cfg.data}: the modalities mix vectors and feature maps (per-sample shapes "
+                         f"{train_set.feature_shapes}); expected every modality to be vectors or every one maps")
     try:
         MissingnessProtocol.parse(cfg.protocol).drop_probs(train_set.num_modalities)
     except ValueError as e:

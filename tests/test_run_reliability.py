@@ -637,3 +637,51 @@ def test_a_segmentation_batch_with_only_ignored_pixels_adds_zero_loss(tmp_path):
         code, err = mars("train", "--data", d, "--epochs", "1", *MODEL, "--batch-size", "1", "--method", method,
                          *RETRIEVER, "--out", tmp_path / method)
         assert code == 0, (method, err)
+
+
+# -------------------------------------------------- 14. limits checked up front, bounded plots
+def _many_modalities(root: Path, M: int) -> Path:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(24) % 3
+    feats = {f"m{i}": torch.randn(24, 2, generator=g) + labels[:, None].float() for i in range(M)}
+    return Path(write_feature_dir(root, {"features": feats, "labels": labels, "num_classes": 3}))
+
+
+def test_too_many_modalities_are_refused_before_anything_is_written(tmp_path):
+    d = _many_modalities(tmp_path / "d21", 21)
+    code, err = mars("train", "--data", d, "--epochs", "1", *MODEL, "--out", tmp_path / "run")
+    assert_error(code, err, str(d), "21 modalities", "at most 20")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_expert_usage_heatmap_is_bounded_for_many_missing_patterns(tmp_path):
+    import struct
+    import time
+
+    from mars.plots import MAX_USAGE_ROWS, plot_usage
+
+    patterns = 2**14 - 1  # 14 modalities
+    g = torch.Generator().manual_seed(0)
+    counts = (torch.rand(patterns, 8, generator=g) * 10).round()
+    counts[123] = 1000  # the pattern with the most tokens is shown
+    usage = (counts / counts.sum(1, keepdim=True).clamp(min=1)).tolist()
+    names = [f"p{i}" for i in range(patterns)]
+    start = time.time()
+    plot_usage(usage, names, tmp_path / "u.png", title="t", counts=counts.tolist())
+    assert time.time() - start < 20
+    width, height = struct.unpack(">II", (tmp_path / "u.png").read_bytes()[16:24])  # the PNG's IHDR
+    assert height <= 120 * (0.14 * MAX_USAGE_ROWS + 2) and width < 2000
+    plot_usage(usage[:5], names[:5], tmp_path / "small.png")  # few patterns: all shown, as before
+
+
+# -------------------------------------------------- 16. output that is not UTF-8
+def test_a_non_utf8_data_path_prints_on_a_strict_utf8_stdout(tmp_path, data_dir, monkeypatch):
+    name = os.fsdecode(b"d\xffata")  # a surrogate escape, as sys.argv holds it
+    shutil.copytree(data_dir, tmp_path / name)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdout", stdout)
+    code = cli.main(["train", "--data", str(tmp_path / name), "--epochs", "1", *MODEL, "--out", str(tmp_path / "run")])
+    assert code == 0
+    stdout.flush()
+    assert b"d\\udcffata" in stdout.buffer.getvalue() and b"run directory:" in stdout.buffer.getvalue()
+    assert (tmp_path / "run" / "score_by_observed.png").exists() and (tmp_path / "run" / "expert_usage.png").exists()
