@@ -40,6 +40,7 @@ from .rundir import (
     load_checkpoint,
     open_output,
     read_config,
+    recover_interrupted_swap,
     write_json,
     write_text,
 )
@@ -268,16 +269,16 @@ def cmd_train(a, given: set[str]) -> int:
     # under torchrun the process group runs on the run's device: NCCL on CUDA, Gloo on CPU
     ctx = context_from_env(requested_device(cfg, a.resume, resume=resume, device=device)
                            if world_from_env() > 1 else "cpu")
+    # the plots are part of the run: drawn under its lock, before a replacement is committed
     if resume:
         result = train(None, a.resume, resume=True, progress=not a.quiet, ctx=ctx,
-                       epochs=a.epochs if "epochs" in given else None, device=device)
+                       epochs=a.epochs if "epochs" in given else None, device=device, finish=_plots)
     else:
-        result = train(cfg, a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite)
+        result = train(cfg, a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite, finish=_plots)
     shutdown(ctx)
     run = Path(a.resume if a.resume is not None else a.out)
     if ctx.is_main:
         _print_results(result)
-        _plots(run, result)
         print(f"run directory: {run}")
     return 0
 
@@ -287,6 +288,7 @@ def cmd_eval(a, given: set[str]) -> int:
     from .evaluate import evaluate_subsets
 
     run = Path(a.run_dir)
+    recover_interrupted_swap(run)  # a replacement a killed --overwrite left half done
     if not run.is_dir():
         raise RunFileError(run, "not a directory; expected a run directory written by mars train")
     cfg = read_config(run)
@@ -368,6 +370,8 @@ def cmd_compare(a, given: set[str]) -> int:
     except Exception:
         out.discard()
         raise
+    finally:
+        out.release()
     print(f"wrote {Path(a.out) / 'compare.md'}")
     return 0
 

@@ -78,13 +78,16 @@ from .rundir import (
     METRICS_FILE,
     OutputDir,
     RunFileError,
+    RunLock,
     append_line,
     atomic_write_bytes,
     check_config_matches,
     keep_metrics_through,
     load_checkpoint,
+    lock_run,
     open_output,
     read_config,
+    recover_interrupted_swap,
     save_checkpoint,
     write_json,
     write_text,
@@ -416,6 +419,16 @@ class _Run:
     start_epoch: int = 0
     best: dict | None = None  # {"score", "epoch", "state"}: the best validation epoch so far
     t_start: float = 0.0
+    lock: RunLock | None = None  # on resume (rank 0): the run directory's lock; a new run's is in out
+    finish: Callable | None = None  # rank 0, before a replacement is committed: finish(run_dir, {"summary", "test"})
+
+    def release(self) -> None:
+        """Drop the run directory's lock(s)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.out is not None:
+            self.out.release()
 
     @property
     def ckpt_path(self) -> Path:
@@ -491,8 +504,22 @@ def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: boo
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": stored_device(spec, where)})
         return _Run(cfg=cfg, dir=run, ctx=ctx, device=where, resume=False, progress=progress, log=log,
                     overwrite=overwrite)
+    _main_decides(ctx, lambda: recover_interrupted_swap(run))  # an --overwrite killed half way: completed
     if not run.is_dir():
         raise RunFileError(run, "not a directory; expected the directory of a run to resume")
+    held: list[RunLock] = []  # one writer: rank 0 holds the run's lock until the run ends
+    _main_decides(ctx, lambda: held.append(lock_run(run)))
+    try:
+        return _resume_setup(run, ctx, progress, log, epochs, device, held[0] if held else None)
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+
+
+def _resume_setup(run: Path, ctx: DistContext, progress: bool, log, epochs: int | None, device: str | None,
+                  lock: RunLock | None) -> _Run:
+    """Step 1 of a resumed run (:func:`_set_up_run`), under the run's lock."""
     cfg = read_config(run)
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=True)
     check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
@@ -514,7 +541,7 @@ def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: boo
     if changes:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **changes})
     return _Run(cfg=cfg, dir=run, ctx=ctx, device=where, resume=True, progress=progress, log=log,
-                config_changed=bool(changes), state=state)
+                config_changed=bool(changes), state=state, lock=lock)
 
 
 def _build_state(r: _Run, data) -> None:
@@ -680,6 +707,8 @@ def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
     }
     if r.main:
         _write_results(r.dir, summary, test, r.test_set)
+        if r.finish is not None:  # e.g. the plots: part of the run before it replaces an old one
+            r.finish(r.dir, {"summary": summary, "test": test})
         if r.out is not None:
             r.out.commit()
     r.ctx.barrier()
@@ -688,7 +717,7 @@ def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
 
 def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           data=None, log=print, ctx: DistContext | None = None, overwrite: bool = False,
-          epochs: int | None = None, device: str | None = None) -> dict:
+          epochs: int | None = None, device: str | None = None, finish: Callable | None = None) -> dict:
     """Train, evaluate on every modality subset, write the run directory; returns
     {"summary", "test", "model", "modalities", "run_dir"}.
 
@@ -702,6 +731,13 @@ def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool =
     resume it moves the run to that device (saved in ``config.json``). A
     device this machine does not have is a :class:`ConfigError` of ``device``.
 
+    One writer per run directory: the run holds its lock (:class:`mars.rundir.RunLock`,
+    also on the directory it replaces) from the start to the end; a directory
+    another process holds is :class:`mars.rundir.RunInUseError`. ``finish(dir,
+    {"summary", "test"})`` runs on rank 0 once the results are written, under
+    the lock and before a replacement is committed (``mars train`` draws the
+    plots there).
+
     Under ``torchrun`` (or with an explicit ``ctx``) the run is data-parallel
     (see :mod:`mars.distributed`); only rank 0 writes files and shows progress,
     and every rank returns the same summary. The ranks share ``run_dir``."""
@@ -709,6 +745,7 @@ def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool =
         ctx = context_from_env(requested_device(cfg, run_dir, resume=resume, device=device)
                                if world_from_env() > 1 else "cpu")
     r = _set_up_run(cfg, run_dir, resume, progress, log, ctx, overwrite, epochs, device)
+    r.finish = finish
     try:
         _build_state(r, data)
         _epoch_loop(r)
@@ -723,6 +760,8 @@ def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool =
         if isinstance(e, Exception):
             out.discard()
         raise
+    finally:
+        r.release()
     final = r.out.path if r.out is not None else r.dir
     return {"summary": summary, "test": test, "model": r.model, "modalities": r.test_set.modalities,
             "run_dir": str(final)}

@@ -685,3 +685,170 @@ def test_a_non_utf8_data_path_prints_on_a_strict_utf8_stdout(tmp_path, data_dir,
     stdout.flush()
     assert b"d\\udcffata" in stdout.buffer.getvalue() and b"run directory:" in stdout.buffer.getvalue()
     assert (tmp_path / "run" / "score_by_observed.png").exists() and (tmp_path / "run" / "expert_usage.png").exists()
+
+
+# -------------------------------------------------- 13. one writer per run directory
+def test_a_second_writer_is_refused_with_the_holders_pid(run, data_dir, tmp_path):
+    before = snapshot(run)
+    held = rundir.RunLock.acquire(run)  # another writer (a second open file description: flock conflicts)
+    try:
+        for args in (["train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", run, "--overwrite"],
+                     ["train", "--resume", run, "--epochs", "2", "--quiet"]):
+            code, err = mars(*args)
+            assert_error(code, err, f"mars: error: {run} is in use by process {os.getpid()}")
+        assert snapshot(run) == before and siblings(run) == []
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        held_empty = rundir.RunLock.acquire(empty)  # a new run starting there
+        code, err = mars("train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", empty)
+        assert_error(code, err, f"{empty} is in use by process {os.getpid()}")
+        held_empty.release()
+    finally:
+        held.release()
+    code, err = mars("train", "--resume", run, "--epochs", "2", "--quiet")
+    assert code == 0, err
+    assert rundir.load_checkpoint(run / "checkpoint.pt", resume=True)["epoch"] == 2
+
+
+def test_concurrent_train_and_overwrite_and_a_killed_writers_lock(data_dir, tmp_path):
+    """The reliability issue's repro: a run training in another process; --overwrite (and --resume) of it
+    are refused with its PID instead of mixing two runs' files; once it is killed, its lock blocks nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "ow"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "train", "--data", str(data_dir), "--epochs", "100000",
+                             *MODEL, "--out", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not (run / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.1)
+        code, err = mars("train", "--data", data_dir, "--epochs", "2", "--seed", "5", *MODEL, "--out", run, "--overwrite")
+        assert_error(code, err, f"{run} is in use by process {proc.pid}")
+        code, err = mars("train", "--resume", run, "--quiet")
+        assert_error(code, err, f"{run} is in use by process {proc.pid}")
+        assert json.loads((run / "config.json").read_text())["seed"] == 0 and siblings(run) == []
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    done = rundir.load_checkpoint(run / "checkpoint.pt", resume=True)["epoch"]
+    code, err = mars("train", "--resume", run, "--epochs", done + 1, "--quiet")  # the dead process's lock: no block
+    assert code == 0, err
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--seed", "5", *MODEL, "--out", run, "--overwrite")
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["seed"] == 5 and siblings(run) == []
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_overwrite_is_one_atomic_exchange(run, data_dir, monkeypatch):
+    calls = []
+    real = rundir._exchange
+
+    def exchange(a, b):
+        calls.append((a.parent, b))
+        return real(a, b)
+
+    monkeypatch.setattr(rundir, "_exchange", exchange)
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--seed", "3", *MODEL, "--out", run, "--overwrite")
+    assert code == 0, err
+    assert calls == [(run.parent, run)]
+    assert json.loads((run / "config.json").read_text())["seed"] == 3 and siblings(run) == []
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL between the two renames (no handler runs for it)."""
+
+
+@pytest.mark.parametrize("next_command", ["eval", "resume", "overwrite"])
+def test_an_overwrite_killed_between_its_renames_is_completed_by_the_next_command(run, data_dir, monkeypatch,
+                                                                                  next_command):
+    # where renameat2(RENAME_EXCHANGE) is unavailable the swap is two renames under a journal
+    monkeypatch.setattr(rundir, "_exchange", lambda a, b: False)
+    real_rename, seen = os.rename, []
+
+    def rename(src, dst):
+        seen.append(Path(dst))
+        if len(seen) == 3:  # 1: the journal into place, 2: the old run aside, 3: the new run in
+            raise _Killed()
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(rundir.os, "rename", rename)
+    with pytest.raises(_Killed):
+        mars("train", "--data", data_dir, "--epochs", "1", "--seed", "7", *MODEL, "--out", run, "--overwrite")
+    monkeypatch.setattr(rundir.os, "rename", real_rename)
+    assert not run.exists()  # no run at --out: both runs only in hidden siblings, and the journal
+    assert any(n.startswith(".run.old-") for n in siblings(run)) and ".run.swap" in siblings(run)
+    args = {"eval": ["eval", run], "resume": ["train", "--resume", run, "--epochs", "2", "--quiet"],
+            "overwrite": ["train", "--data", data_dir, "--epochs", "1", "--seed", "8", *MODEL, "--out", run,
+                          "--overwrite"]}[next_command]
+    code, err = mars(*args)
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["seed"] == (8 if next_command == "overwrite" else 7)
+    assert siblings(run) == []
+
+
+def test_recovery_of_every_interrupted_swap_state(tmp_path):
+    def make(state):
+        root = tmp_path / state
+        root.mkdir()
+        target, old, new = root / "run", root / ".run.old-0000000a", root / ".run.new-0000000b"
+        for d, seed in ((target, 0), (old, 0), (new, 1)):
+            d.mkdir()
+            (d / "config.json").write_text(json.dumps({"seed": seed}))
+        (root / ".run.swap").write_text(json.dumps({"target": "run", "old": old.name, "new": new.name}))
+        return root, target, old, new
+
+    cases = {"before the first rename": lambda t, o, n: shutil.rmtree(o),
+             "between the renames": lambda t, o, n: shutil.rmtree(t),
+             "after the second rename": lambda t, o, n: (shutil.rmtree(t), n.rename(t)),
+             "the new run gone": lambda t, o, n: (shutil.rmtree(t), shutil.rmtree(n))}
+    for state, damage in cases.items():
+        root, target, old, new = make(state.replace(" ", "_"))
+        damage(target, old, new)
+        assert rundir.recover_interrupted_swap(target)
+        want = 0 if state == "the new run gone" else 1
+        assert json.loads((target / "config.json").read_text())["seed"] == want, state
+        assert sorted(os.listdir(root)) == ["run"], state
+    # a journal naming anything but the run's own siblings is refused, not followed
+    root, target, old, new = make("hostile")
+    (root / ".run.swap").write_text(json.dumps({"target": "run", "old": "../../etc", "new": new.name}))
+    with pytest.raises(rundir.RunFileError, match="not a replacement journal"):
+        rundir.recover_interrupted_swap(target)
+    assert old.exists() and new.exists()
+
+
+def test_out_through_a_symlink_writes_at_its_target_and_keeps_the_link(base_run, data_dir, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    shutil.copytree(base_run, real / "run")
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "run"
+    link.symlink_to(real / "run")
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--seed", "4", *MODEL, "--out", link, "--overwrite")
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(real / "run")
+    assert json.loads((real / "run" / "config.json").read_text())["seed"] == 4
+    assert sorted(os.listdir(real)) == ["run"] and sorted(os.listdir(tmp_path / "links")) == ["run"]
+    (real / "fresh").mkdir()
+    (tmp_path / "links" / "fresh").symlink_to(real / "fresh")
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", tmp_path / "links" / "fresh")
+    assert code == 0, err
+    assert (real / "fresh" / "checkpoint.pt").exists() and (tmp_path / "links" / "fresh").is_symlink()
+
+
+def test_compare_overwrite_accepts_its_own_expert_usage_plots(tmp_path, data_dir):
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", data_dir, "--epochs", "1", *MODEL, "--seeds", "1", "--methods", "mars", "--out", out]
+    code, err = mars(*args)
+    assert code == 0, err
+    assert (out / "expert_usage_mars.png").exists()
+    code, err = mars(*args, "--overwrite")
+    assert code == 0, err
+    assert (out / "expert_usage_mars.png").exists() and siblings(out) == []
+    (out / "expert_usage_notes.txt").write_text("mine")  # not a compare file: still refused
+    code, err = mars(*args, "--overwrite")
+    assert_error(code, err, str(out), "not a mars compare directory")
