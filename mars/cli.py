@@ -37,6 +37,7 @@ from .rundir import (
     CONFIG_FILE,
     RunFileError,
     check_config_matches,
+    check_data_matches,
     load_checkpoint,
     open_output,
     read_config,
@@ -298,7 +299,8 @@ def cmd_eval(a, given: set[str]) -> int:
     check_precision(precision, device)
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=False)
     check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
-    train_set, val_set, test_set = load_data(cfg.data, seed=cfg.seed)
+    (train_set, val_set, test_set), fingerprint = load_data(cfg.data, seed=cfg.seed, with_fingerprint=True)
+    check_data_matches(state, fingerprint, train_set, cfg.data, run / CHECKPOINT_FILE)
     check_setup(cfg, (train_set, val_set, test_set), device)
     if a.oracle and not methods.get(cfg.model.method).residual_router:
         raise ConfigError("oracle", f"gates with the residual router; the method {cfg.model.method!r} has none")

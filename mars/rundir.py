@@ -55,7 +55,8 @@ from .config import ConfigError, TrainConfig
 __all__ = [
     "RunFileError", "RUN_FILES", "COMPARE_FILES", "CONFIG_FILE", "CHECKPOINT_FILE", "METRICS_FILE",
     "atomic_write_bytes", "write_text", "write_json", "save_checkpoint", "append_line",
-    "read_json", "read_config", "load_checkpoint", "check_config_matches", "read_metrics", "keep_metrics_through",
+    "read_json", "read_config", "load_checkpoint", "check_config_matches", "check_data_matches", "read_metrics",
+    "keep_metrics_through",
     "OutputDir", "open_output", "LOCK_FILE", "RunLock", "RunInUseError", "lock_run", "recover_interrupted_swap",
 ]
 
@@ -284,6 +285,8 @@ def load_checkpoint(path: str | os.PathLike, *, resume: bool) -> dict:
         raise RunFileError(path, "holds no best weights (no epoch was validated); resume the run to train it further")
     if "config" in state and not isinstance(state["config"], dict):
         raise RunFileError(path, "config is not a dict; not a checkpoint written by mars train")
+    if not isinstance(state.get("data_fingerprint"), (str, type(None))):
+        raise RunFileError(path, "data_fingerprint is not a string; not a checkpoint written by mars train")
     if resume:
         if not _is_int(state["epoch"]) or state["epoch"] < 0:
             raise RunFileError(path, f"epoch must be an integer >= 0, got {state['epoch']!r}")
@@ -337,6 +340,44 @@ def check_config_matches(state: dict, cfg: TrainConfig, config_path: str | os.Pa
                                         f"({k}: {ours[k]!r} here, {theirs.get(k)!r} in the checkpoint{more}); "
                                         f"restore it (only {', '.join(MUTABLE_KEYS[:-1])} and {MUTABLE_KEYS[-1]} "
                                         "may change)")
+
+
+def check_data_matches(state: dict, fingerprint: str | None, train_set, source: str,
+                       checkpoint_path: str | os.PathLike) -> None:
+    """The data loaded for ``mars eval`` or ``--resume`` (from ``source``) is
+    the data the run was trained on: the fingerprint saved in the checkpoint
+    (:func:`mars.data.data_fingerprint`; runs from before it was saved have
+    none) and the standardisation fitted on the training split (modalities,
+    dimensions and, within float rounding, values). Raises
+    :class:`RunFileError` naming ``source``."""
+    run = Path(checkpoint_path).parent
+    saved = state.get("data_fingerprint")
+    if saved is not None and fingerprint is not None and saved != fingerprint:
+        raise RunFileError(source, f"is not the data the run {run} was trained on (data fingerprint {fingerprint}, the "
+                                   f"run's {saved}): it changed since, or another folder is read; restore that data "
+                                   "or train a new run")
+    std, fitted = state.get("standardizer"), getattr(train_set, "standardizer", None)
+    if not isinstance(std, dict) or fitted is None:
+        return
+    why = None
+    try:
+        mods = [str(m) for m in std["modalities"]]
+        if mods != list(fitted.modalities):
+            why = f"modalities {list(fitted.modalities)}, the run's {mods}"
+        else:
+            for m in mods:
+                for name, ours, theirs in (("mean", fitted.mean[m], std["mean"][m]), ("std", fitted.std[m], std["std"][m])):
+                    theirs = torch.as_tensor(theirs).float()
+                    if ours.shape != theirs.shape or not torch.allclose(ours.float(), theirs, rtol=1e-4, atol=1e-6):
+                        why = f"the training split's {name} of modality {m!r} differs"
+                        break
+                if why:
+                    break
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise RunFileError(checkpoint_path, "its standardizer is malformed; not a checkpoint written by mars train") from None
+    if why:
+        raise RunFileError(source, f"is not the data the run {run} was trained on ({why}); restore that data or train "
+                                   "a new run")
 
 
 def _metric_epoch(line: str):

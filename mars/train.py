@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from . import methods
 from .config import ConfigError, ModelConfig, TrainConfig
-from .data import MissingnessProtocol, MultimodalDataset, load_data
+from .data import MissingnessProtocol, MultimodalDataset, load_data, resolve_source
 from .data.missingness import MAX_SUBSET_MODALITIES
 from .devices import (
     autocast,
@@ -82,6 +82,7 @@ from .rundir import (
     append_line,
     atomic_write_bytes,
     check_config_matches,
+    check_data_matches,
     keep_metrics_through,
     load_checkpoint,
     lock_run,
@@ -420,6 +421,7 @@ class _Run:
     best: dict | None = None  # {"score", "epoch", "state"}: the best validation epoch so far
     t_start: float = 0.0
     lock: RunLock | None = None  # on resume (rank 0): the run directory's lock; a new run's is in out
+    data_fingerprint: str | None = None  # of the data loaded from cfg.data (None: data given in memory)
     finish: Callable | None = None  # rank 0, before a replacement is committed: finish(run_dir, {"summary", "test"})
 
     def release(self) -> None:
@@ -501,7 +503,9 @@ def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: boo
         spec = cfg.device if device is None else device
         where = _run_device(spec, ctx)
         check_precision(cfg.precision, where)
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": stored_device(spec, where)})
+        # the data as an absolute path: mars eval and --resume read it from any working directory
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": stored_device(spec, where),
+                                     "data": resolve_source(cfg.data)})
         return _Run(cfg=cfg, dir=run, ctx=ctx, device=where, resume=False, progress=progress, log=log,
                     overwrite=overwrite)
     _main_decides(ctx, lambda: recover_interrupted_swap(run))  # an --overwrite killed half way: completed
@@ -553,7 +557,14 @@ def _build_state(r: _Run, data) -> None:
     wrapper. The model is built on the CPU from the seed (the same initial
     weights on every device) and moved."""
     cfg, ctx, device = r.cfg, r.ctx, r.device
-    splits = data if data is not None else load_data(cfg.data, seed=cfg.seed)
+    if data is not None:
+        splits, fingerprint = data, None
+    else:
+        splits, fingerprint = load_data(cfg.data, seed=cfg.seed, with_fingerprint=True)
+    if r.resume:  # the data the run was trained on, wherever the command runs
+        check_data_matches(r.state, fingerprint, splits[0], cfg.data, r.ckpt_path)
+        fingerprint = fingerprint if fingerprint is not None else r.state.get("data_fingerprint")
+    r.data_fingerprint = fingerprint
     check_setup(cfg, splits, device)
     if cfg.expert_parallel and ctx.enabled:
         check_expert_parallel(cfg.model.method, cfg.model.num_experts, ctx.world)
@@ -652,7 +663,7 @@ def _epochs(r: _Run, snapshot, bar: Progress) -> None:
                       "seconds": time.time() - r.t_start}
             checkpoint = {
                 "model": state, "generator": r.gen.get_state(), "epoch": epoch + 1, "best": r.best,
-                "config": cfg.to_dict(), "world_size": ctx.world,
+                "config": cfg.to_dict(), "world_size": ctx.world, "data_fingerprint": r.data_fingerprint,
                 "standardizer": getattr(r.train_set.standardizer, "state_dict", lambda: None)(),
             }
             mine = (torch.get_rng_state(), cuda_rng_state(r.device),
@@ -736,7 +747,9 @@ def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool =
     another process holds is :class:`mars.rundir.RunInUseError`. ``finish(dir,
     {"summary", "test"})`` runs on rank 0 once the results are written, under
     the lock and before a replacement is committed (``mars train`` draws the
-    plots there).
+    plots there). A new run records its data as an absolute path
+    (:func:`mars.data.resolve_source`) and, in its checkpoint, the data's
+    fingerprint; ``--resume`` refuses data that does not match it.
 
     Under ``torchrun`` (or with an explicit ``ctx``) the run is data-parallel
     (see :mod:`mars.distributed`); only rank 0 writes files and shows progress,

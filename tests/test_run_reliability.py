@@ -639,7 +639,7 @@ def test_a_segmentation_batch_with_only_ignored_pixels_adds_zero_loss(tmp_path):
         assert code == 0, (method, err)
 
 
-# -------------------------------------------------- 14. limits checked up front, bounded plots
+# -------------------------------------------------- 13. limits checked up front, bounded plots
 def _many_modalities(root: Path, M: int) -> Path:
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(24) % 3
@@ -674,7 +674,7 @@ def test_the_expert_usage_heatmap_is_bounded_for_many_missing_patterns(tmp_path)
     plot_usage(usage[:5], names[:5], tmp_path / "small.png")  # few patterns: all shown, as before
 
 
-# -------------------------------------------------- 16. output that is not UTF-8
+# -------------------------------------------------- 14. output that is not UTF-8
 def test_a_non_utf8_data_path_prints_on_a_strict_utf8_stdout(tmp_path, data_dir, monkeypatch):
     name = os.fsdecode(b"d\xffata")  # a surrogate escape, as sys.argv holds it
     shutil.copytree(data_dir, tmp_path / name)
@@ -687,7 +687,7 @@ def test_a_non_utf8_data_path_prints_on_a_strict_utf8_stdout(tmp_path, data_dir,
     assert (tmp_path / "run" / "score_by_observed.png").exists() and (tmp_path / "run" / "expert_usage.png").exists()
 
 
-# -------------------------------------------------- 13. one writer per run directory
+# -------------------------------------------------- 15. one writer per run directory
 def test_a_second_writer_is_refused_with_the_holders_pid(run, data_dir, tmp_path):
     before = snapshot(run)
     held = rundir.RunLock.acquire(run)  # another writer (a second open file description: flock conflicts)
@@ -852,3 +852,49 @@ def test_compare_overwrite_accepts_its_own_expert_usage_plots(tmp_path, data_dir
     (out / "expert_usage_notes.txt").write_text("mine")  # not a compare file: still refused
     code, err = mars(*args, "--overwrite")
     assert_error(code, err, str(out), "not a mars compare directory")
+
+
+# -------------------------------------------------- 16. the run's data: absolute, fingerprinted
+def test_eval_and_resume_read_the_runs_data_from_any_directory_and_refuse_changed_data(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_feature_dir(a / "data", _tiny_data(seed=0))
+    write_feature_dir(b / "data", _tiny_data(seed=1))  # another folder's data/
+    monkeypatch.chdir(a)
+    code, err = mars("train", "--data", "data", "--epochs", "1", *MODEL, "--out", "run")
+    assert code == 0, err
+    assert json.loads((a / "run" / "config.json").read_text())["data"] == str(a / "data")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["eval", "run"]) == 0
+    here = out.getvalue().splitlines()[0].split(" mean over subsets ")[1]
+    monkeypatch.chdir(b)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["eval", str(a / "run")]) == 0
+    assert out.getvalue().splitlines()[0].split(" mean over subsets ")[1] == here  # a's data, not b's
+    # the data changed after training: eval and resume refuse it, naming the data
+    x = np.load(a / "data" / "a.npy")
+    x[0, 0] += 1e-3
+    np.save(a / "data" / "a.npy", x)
+    for args in (["eval", a / "run"], ["train", "--resume", a / "run", "--epochs", "2", "--quiet"]):
+        code, err = mars(*args)
+        assert_error(code, err, f"{a / 'data'}: is not the data the run", "fingerprint")
+
+
+def test_a_run_without_a_fingerprint_is_checked_by_its_standardisation(run, data_dir, tmp_path, monkeypatch):
+    # a run from before fingerprints: a relative --data in config.json, no fingerprint in the checkpoint
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["data_fingerprint"]
+    config = json.loads((run / "config.json").read_text())
+    config["data"] = state["config"]["data"] = "data"
+    torch.save(state, run / "checkpoint.pt")
+    (run / "config.json").write_text(json.dumps(config))
+    shutil.copytree(data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    code, err = mars("eval", run)
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "data")
+    write_feature_dir(tmp_path / "data", _tiny_data(seed=3))  # another data/ in this folder
+    for args in (["eval", run], ["train", "--resume", run, "--epochs", "2", "--quiet"]):
+        code, err = mars(*args)
+        assert_error(code, err, "data: is not the data the run", "differs")
