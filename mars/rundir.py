@@ -24,9 +24,20 @@ path and says what is wrong.
 New directories. :func:`open_output` refuses an empty path, a path that is a
 file or lies under a file, and an existing non-empty directory; with
 ``overwrite`` it accepts an existing *run* directory (only run files in it;
-for ``mars compare``, only its tables and run directories) and the new run is
-built in a sibling directory ``.<name>.new-XXXXXXXX`` that replaces the old
-one only once it is complete (:meth:`OutputDir.commit`).
+for ``mars compare``, only its tables, plots and run directories) and the new
+run is built in a sibling directory ``.<name>.new-XXXXXXXX`` that replaces the
+old one only once it is complete (:meth:`OutputDir.commit`): in one step with
+``renameat2(RENAME_EXCHANGE)`` on Linux, else with two renames under a journal
+``.<name>.swap`` that the next mars command on ``<name>`` completes
+(:func:`recover_interrupted_swap`) if the process is killed between them. A
+symlink given as the directory is followed: the run is written at its target
+and the link stays.
+
+One writer. A process that writes a run directory (a new run, ``--resume``,
+``--overwrite`` of it) holds an ``fcntl.flock`` on its ``.lock`` file
+(:class:`RunLock`) until it ends; another is refused with
+:class:`RunInUseError` (``RUN is in use by process PID``). The kernel drops
+the lock of a process that dies, so a stale ``.lock`` never blocks.
 """
 from __future__ import annotations
 

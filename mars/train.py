@@ -512,7 +512,8 @@ def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: boo
     if not run.is_dir():
         raise RunFileError(run, "not a directory; expected the directory of a run to resume")
     held: list[RunLock] = []  # one writer: rank 0 holds the run's lock until the run ends
-    _main_decides(ctx, lambda: held.append(lock_run(run)))
+    if (run / CONFIG_FILE).is_file():  # else not a run: read_config says so (no .lock left in someone's folder)
+        _main_decides(ctx, lambda: held.append(lock_run(run)))
     try:
         return _resume_setup(run, ctx, progress, log, epochs, device, held[0] if held else None)
     except BaseException:

@@ -898,3 +898,11 @@ def test_a_run_without_a_fingerprint_is_checked_by_its_standardisation(run, data
     for args in (["eval", run], ["train", "--resume", run, "--epochs", "2", "--quiet"]):
         code, err = mars(*args)
         assert_error(code, err, "data: is not the data the run", "differs")
+
+
+def test_resume_of_a_folder_that_is_no_run_leaves_no_lock_file(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
+    code, err = mars("train", "--resume", tmp_path / "notes", "--quiet")
+    assert_error(code, err, str(tmp_path / "notes" / "config.json"), "file not found")
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]
