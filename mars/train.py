@@ -452,12 +452,12 @@ def _main_decides(ctx: DistContext, fn):
             value = fn()
         except Exception as e:  # handed to the other ranks, raised here below
             error = e
-    value, message = ctx.broadcast_object((value, None if error is None else str(error)))
+    shared, message = ctx.broadcast_object((value, None if error is None else str(error)))
     if error is not None:
         raise error
     if message is not None:
         raise ValueError(message)
-    return value
+    return value if ctx.is_main else shared  # rank 0 keeps its own object (an OutputDir holds the locks)
 
 
 def requested_device(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool,
