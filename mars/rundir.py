@@ -505,7 +505,8 @@ class RunLock:
 
 
 def _swap_journal(target: Path) -> Path:
-    return target.with_name(f".{target.name}.swap")
+    """``.NAME.swap`` beside ``target`` (``/`` has no sibling: a name that never exists)."""
+    return target.with_name(f".{target.name}.swap") if target.name else target / ".no-swap-journal"
 
 
 def recover_interrupted_swap(target: str | os.PathLike) -> bool:
