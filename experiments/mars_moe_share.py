@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("name")
     p.add_argument("screens", nargs="+")
     a = p.parse_args(argv)
+    for name in (a.name, *a.screens):  # one path component each: docs/research/NAME.json, runs/screen/SCREEN
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", name) or ".." in name:
+            p.error(f"{name!r} is not a screen name; expected letters, digits and _ . + = - (one path component)")
     torch.set_num_threads(1)
     out = {"name": a.name, "split": "val", "command": "python experiments/mars_moe_share.py " + " ".join(sys.argv[1:]),
            "screens": {}}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import re
 import statistics
 import sys
 import time
@@ -46,10 +46,22 @@ sys.path.insert(0, str(ROOT))
 from mars import cli, methods  # noqa: E402
 from mars.data import MissingnessProtocol  # noqa: E402
 from mars.evaluate import evaluate_subsets, router_agreement  # noqa: E402
+from mars.rundir import write_json  # noqa: E402
 from mars.stats import paired_interval  # noqa: E402
 from mars.train import train  # noqa: E402
 
 OUT = ROOT / "experiments" / "results" / "screens"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+
+
+def check_name(name: str, what: str = "NAME") -> str:
+    """A screen name is one plain path component (it names runs/screen/NAME/
+    and experiments/results/screens/NAME.json): letters, digits and ``_ . + = -``, not
+    starting with a dot; no ``/``, ``..`` or absolute path."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise SystemExit(f"mars_screen: error: {what}: {name!r} is not a screen name; expected letters, digits and "
+                         "_ . + = - (one path component, not starting with a dot)")
+    return name
 
 
 def _mean_sd(values):
@@ -60,11 +72,13 @@ def _mean_sd(values):
 
 
 def screen_seed(train_argv: list[str], seed: int, run_dir: Path) -> dict:
+    """Train one seed into ``run_dir``. An earlier run there is replaced the
+    way ``mars train --overwrite`` replaces one (atomically, once the new run
+    is complete, under the run's lock); a directory holding anything else is
+    refused, never deleted."""
     cfg = replace(cli.config_from_args(train_argv), seed=seed)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     t0 = time.time()
-    res = train(cfg, run_dir, progress=False, log=lambda *a, **k: None)
+    res = train(cfg, run_dir, progress=False, log=lambda *a, **k: None, overwrite=True)
     seconds = time.time() - t0
     model, summary = res["model"], res["summary"]
     from mars.train import run_data
@@ -92,7 +106,7 @@ def table(names: list[str]) -> str:
     lines = ["| screen | options | val mean over subsets | one modality | all | oracle (val) | router agreement (val) "
              "| NMI (val) | paired diff. [95% CI] | s / epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        r = json.loads((OUT / f"{name}.json").read_text())
+        r = json.loads((OUT / f"{check_name(name)}.json").read_text())
         opts = r["command"].split(" -- ", 1)[1] if " -- " in r["command"] else ""
         pv = r.get("paired_vs")
         diff = "-" if not pv else (f"{pv['mean']:+.4f} [{pv['low']:+.4f}, {pv['high']:+.4f}]"
@@ -144,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--ref", default=None, help="a screen to pair with (experiments/results/screens/REF.json)")
     p.add_argument("--note", default="", help="what the variant tests")
     a = p.parse_args(ours)
+    check_name(a.name)
+    if a.ref is not None:
+        check_name(a.ref, "--ref")
     targs = theirs
     torch.set_num_threads(torch.get_num_threads())
     rows = [screen_seed(targs, s, ROOT / "runs" / "screen" / a.name / f"seed{s}") for s in a.seeds]
@@ -168,7 +185,7 @@ def main(argv=None) -> int:
         diffs = [r["val_mean"] - ref_by_seed[r["seed"]] for r in rows if r["seed"] in ref_by_seed]
         result["paired_vs"] = {"ref": a.ref, **paired_interval(diffs)} if diffs else None
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{a.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(OUT / f"{a.name}.json", result)  # atomic: an interrupted write leaves the previous screen
 
     def f(v, d=4):
         return "-" if v is None else f"{v[0]:.{d}f}±{v[1]:.{d}f}"

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from mars.cli import PAIRED_NOTE, compare_table  # noqa: E402
 from mars.config import default_config  # noqa: E402
+from mars.rundir import write_json  # noqa: E402
 
 
 def _row_name(row: str, summaries: list[dict]) -> str:
@@ -42,6 +43,13 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="")
     p.add_argument("--machine", default="")
     a = p.parse_args(argv)
+    if a.out.exists():  # replace only an earlier merge (never a file this script did not write)
+        try:
+            earlier = json.loads(a.out.read_text())
+        except (OSError, ValueError, RecursionError):
+            earlier = None
+        if a.out.is_dir() or not (isinstance(earlier, dict) and {"paired_note", "commands", "table"} <= set(earlier)):
+            p.error(f"{a.out}: exists and is not a table written by merge_compare.py; choose another OUT")
     parts, labels, dirs = [], [], []
     for given in a.dirs:
         d, _, label = str(given).partition("=")
@@ -76,7 +84,7 @@ def main(argv=None) -> int:
     out["seeds"] = {row: [s["seed"] for s in summaries] for row, summaries in rows.items()}
     out.update(rows=rows, table=table, commands=[q["command"] for q in parts], note=a.note, machine=a.machine,
                paired_note=PAIRED_NOTE, markdown=text)
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(a.out, out)  # atomic
     return 0
 
 

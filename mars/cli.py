@@ -25,10 +25,12 @@ from .rundir import (
     CONFIG_FILE,
     RunFileError,
     check_config_matches,
+    check_data_matches,
     load_checkpoint,
     open_output,
     read_config,
     read_json,
+    recover_interrupted_swap,
     write_json,
     write_text,
 )
@@ -147,7 +149,7 @@ def _plots(run: Path, result: dict) -> None:
         nmi = result["test"].get("specialisation_nmi")
         plot_usage(usage, [r["name"] for r in result["test"]["subsets"]], run / "expert_usage.png",
                    title=f"{result['summary']['method']}: expert usage by missing pattern ({split})"
-                         + (f", NMI {nmi:.3f}" if nmi is not None else ""))
+                         + (f", NMI {nmi:.3f}" if nmi is not None else ""), counts=result["test"].get("usage_counts"))
 
 
 RESUME_OPTIONS = ("epochs", "device", "quiet")  # the options --resume takes (besides the run directory)
@@ -173,16 +175,17 @@ def cmd_train(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     # under torchrun the process group runs on the run's device: NCCL on CUDA, Gloo on CPU
     ctx = context_from_env(requested_device(cfg, a.resume, resume=resume, device=device)
                            if world_from_env() > 1 else "cpu")
+    # the plots are part of the run: drawn under its lock, before a replacement is committed
     if resume:
         result = train(None, a.resume, resume=True, progress=not a.quiet, ctx=ctx, epochs=values.get("epochs"),
-                       device=device)
+                       device=device, finish=_plots)
     else:
-        result = train(cfg, a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite, evaluate=a.evaluate)
+        result = train(cfg, a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite, evaluate=a.evaluate,
+                       finish=_plots)
     shutdown(ctx)
     run = Path(a.resume if a.resume is not None else a.out)
     if ctx.is_main:
         _print_results(result)
-        _plots(run, result)
         print(f"run directory: {run}")
     return 0
 
@@ -191,6 +194,7 @@ def cmd_eval(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     from .evaluate import evaluate_subsets
 
     run = Path(a.run_dir)
+    recover_interrupted_swap(run)  # a replacement a killed --overwrite left half done
     if not run.is_dir():
         raise RunFileError(run, "not a directory; expected a run directory written by mars train")
     cfg = read_config(run)
@@ -200,7 +204,8 @@ def cmd_eval(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     check_precision(precision, device)
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=False)
     check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
-    train_set, val_set, test_set = run_data(cfg)
+    (train_set, val_set, test_set), fingerprint = run_data(cfg, with_fingerprint=True)
+    check_data_matches(state, fingerprint, train_set, cfg.data, run / CHECKPOINT_FILE)
     check_setup(cfg, (train_set, val_set, test_set), device)
     if a.oracle and not methods.get(cfg.model.method).residual_router:
         raise ConfigError("oracle", f"gates with the residual router; the method {cfg.model.method!r} has none")
@@ -295,6 +300,8 @@ def cmd_compare(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     except Exception:
         out.discard()
         raise
+    finally:
+        out.release()
     print(f"wrote {Path(a.out) / 'compare.md'}")
     return 0
 
@@ -387,7 +394,7 @@ def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
             rows.setdefault(row, []).append(res["summary"])
             if row not in usage and res["test"].get("usage") is not None:
                 usage[row] = (res["test"]["usage"], [r["name"] for r in res["test"]["subsets"]],
-                              res["test"].get("specialisation_nmi"), cfg.seed)
+                              res["test"].get("specialisation_nmi"), cfg.seed, res["test"].get("usage_counts"))
     first = next(iter(configs.values()))[0]
     table, lines = compare_table(rows, first.epochs)
     text = "\n".join(lines)
@@ -406,9 +413,9 @@ def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
         keys = summaries[0]["test_by_size"].keys()
         curves[row] = {int(k): statistics.mean(s["test_by_size"][k] for s in summaries) for k in keys}
     plot_by_size(curves, out / "compare_by_observed.png")
-    for row, (u, names, nmi, seed) in usage.items():
+    for row, (u, names, nmi, seed, counts) in usage.items():
         title = f"{row}, seed {seed}: expert usage by missing pattern (test)" + (f", NMI {nmi:.3f}" if nmi is not None else "")
-        plot_usage(u, names, out / f"expert_usage_{row}.png", title=title)
+        plot_usage(u, names, out / f"expert_usage_{row}.png", title=title, counts=counts)
 
 
 _UNSET = object()
@@ -435,7 +442,20 @@ def _os_error(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _tolerant_output() -> None:
+    """A path that is not valid UTF-8 (decoded with surrogate escapes) prints
+    as ``\\xff``-style escapes instead of failing, on a stream set to strict
+    errors (e.g. ``PYTHONIOENCODING=utf-8:strict``), after the run is written."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError, AttributeError):
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _tolerant_output()
     p = argparse.ArgumentParser(prog="mars", description="MARS: missingness-aware residual-guided MoE")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train and evaluate one model", usage="mars train [OPTION ...]",

@@ -279,7 +279,7 @@ def test_synthetic_missing_is_deterministic_balanced_and_complete():
     tr, va, te = make_missing(seed=1)
     assert (len(tr), len(va), len(te)) == (1440, 480, 480)
     assert abs(float(tr.features["m2"].mean())) < 1e-4  # standardised on train
-    tr0, _, _ = load_data("synthetic-missing", seed=1)
+    tr0, _, _ = load_data("synthetic-missing", seed=1, test_split="per-seed")
     assert torch.equal(tr0.features["m1"], tr.features["m1"])
     shift = missing_shift(torch.tensor([[True, False, True, False]]))
     assert shift.tolist() == [[False] * 4 + [True] * 4 + [False] * 4 + [True] * 4]
@@ -542,3 +542,62 @@ def test_merge_compare_pairs_rows_from_several_directories(tmp_path):
     (tmp_path / "b" / "compare.json").write_text(json.dumps({**head, "protocol": "fixed:0.5", "rows": {}, "command": ""}))
     with pytest.raises(SystemExit):
         merge.main([str(tmp_path / "out2.json"), str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def _research_script(name: str):
+    """A research script by file name (benchmarks/ now, experiments/ once they move)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = next(p for p in (root / d / f"{name}.py" for d in ("benchmarks", "experiments")) if p.exists())
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mars_screen_never_deletes_what_it_did_not_create(tmp_path):
+    """mars_screen.py NAME used to rmtree runs/screen/NAME/seedS unchecked: an absolute NAME or one with ..
+    deleted any folder named seed0. Names are one path component; an earlier run is replaced like --overwrite."""
+    from mars.data import write_feature_dir
+    from mars.rundir import RunFileError
+
+    screen = _research_script("mars_screen")
+    victim = tmp_path / "elsewhere" / "seed0"
+    victim.mkdir(parents=True)
+    (victim / "thesis.tex").write_text("keep")
+    for name in (str(tmp_path / "elsewhere"), "../../elsewhere", "a/b", ".hidden", "..", ""):
+        with pytest.raises(SystemExit, match="not a screen name"):
+            screen.main([name, "--seeds", "0", "--", "--epochs", "1"])
+    assert (victim / "thesis.tex").read_text() == "keep"
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(24) % 3
+    data = write_feature_dir(tmp_path / "d", {"features": {m: torch.randn(24, 4, generator=g) for m in "ab"},
+                                              "labels": labels, "num_classes": 3})
+    args = ["--data", str(data), "--epochs", "1", "--d-model", "8", "--d-hidden", "8", "--experts", "2",
+            "--batch-size", "16"]
+    with pytest.raises(RunFileError, match="not a mars run directory"):
+        screen.screen_seed(args, 0, victim)
+    assert sorted(p.name for p in victim.iterdir()) == ["thesis.tex"]
+    run = tmp_path / "runs" / "screen" / "x" / "seed0"
+    first = screen.screen_seed(args, 0, run)
+    again = screen.screen_seed(args, 0, run)  # an earlier screen's run: replaced
+    assert first["val_mean"] == again["val_mean"] and sorted(p.name for p in run.parent.iterdir()) == ["seed0"]
+
+
+def test_merge_compare_replaces_only_its_own_output(tmp_path):
+    merge = _research_script("merge_compare")
+    summary = {"seed": 0, "test_mean": 0.8, "test_by_size": {"1": 0.7, "2": 0.9}, "train_seconds": 1.0,
+               "parameters": 10, "method": "mars", "masks_per_step": 8}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "compare.json").write_text(json.dumps(
+        {"data": "mfeat", "protocol": "uniform", "epochs": 1, "rows": {"mars": [summary]}, "command": "mars a"}))
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    with pytest.raises(SystemExit):
+        merge.main([str(notes), str(tmp_path / "a")])
+    assert notes.read_text() == '{"mine": 1}'
+    out = tmp_path / "out.json"
+    assert merge.main([str(out), str(tmp_path / "a")]) == 0
+    assert merge.main([str(out), str(tmp_path / "a")]) == 0  # its own earlier table: replaced

@@ -1,13 +1,21 @@
-"""One entry point for the CLI's ``--data``: a name or a feature directory."""
+"""One entry point for the CLI's ``--data``: a name or a feature directory.
+
+A run records its data as :func:`resolve_source` spells it (a directory made
+absolute, so ``mars eval`` and ``--resume`` from another folder read the same
+data) and the data's :func:`data_fingerprint`, which they compare with the
+data they load (``load_data(..., with_fingerprint=True)``)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 
 import torch
 
 from .benchmarks import BENCHMARKS, benchmark_spec
 from .dataset import MultimodalDataset
+from .errors import DataFormatError
 from .feature_files import load_feature_dir
 from .mfeat import load_mfeat
 from .missingness import MissingnessProtocol
@@ -26,8 +34,47 @@ FIXED_TEST_SEED = 0
 TRAIN_MISSING_SALT = 0x5EED
 
 
+def _benchmark_path(text: str) -> tuple[str, str] | None:
+    name, sep, path = text.partition(":")
+    if sep and name.strip().lower().replace("_", "-") in BENCHMARKS:
+        return name, path
+    return None
+
+
+def resolve_source(source: str | os.PathLike) -> str:
+    """``source`` as a run records it: a built-in name as it is; a feature
+    directory (or the directory of ``BENCHMARK:DIR``) as an absolute path, so
+    that the run reads the same data from any working directory. Anything else
+    is returned unchanged (:func:`load_data` reports it)."""
+    text = os.fspath(source)
+    bench = _benchmark_path(text)
+    if bench is not None:
+        name, path = bench
+        return f"{name}:{os.path.abspath(path)}" if path.strip() and os.path.isdir(path) else text
+    if text in BUILTIN_SOURCES or text.startswith("synthetic-regimes:") or not os.path.isdir(text):
+        return text
+    return os.path.abspath(text)
+
+
+def data_fingerprint(splits) -> str:
+    """A hash (BLAKE2b, 32 hex digits) of what a run trains and is scored on:
+    each split's modalities, task, classes, labels, availability and raw
+    (unstandardised) features, byte for byte, in order. Independent of the
+    thread count and the machine, unlike the standardisation statistics."""
+    h = hashlib.blake2b(digest_size=16)
+    for split in splits:
+        h.update(json.dumps([list(split.modalities), split.task, split.num_classes, split.ignore_index,
+                             split.bona_fide_class, len(split)]).encode())
+        for t in (split.labels, split.available, *(split.features[m] for m in split.modalities)):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype == torch.bool
+                     else t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def load_data(source: str | os.PathLike, seed: int = 0, standardize: bool = True, *, test_split: str = "fixed",
-              train_missing: str = "none") -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
+              train_missing: str = "none", with_fingerprint: bool = False):
     """(train, val, test) for ``source``: ``"mfeat"`` (embedded UCI Multiple
     Features), ``"synthetic-missing"`` (``make_missing`` defaults: the
     controlled classification set of :mod:`mars.data.synthetic_missing`),
@@ -48,16 +95,23 @@ def load_data(source: str | os.PathLike, seed: int = 0, standardize: bool = True
     :class:`MissingnessProtocol`): each training sample then keeps a fixed
     observed subset of its modalities, drawn once from the protocol (the
     same for every method of a seed); the others become unavailable, so no
-    method sees them. Validation and test stay as the source has them."""
+    method sees them. Validation and test stay as the source has them.
+
+    ``with_fingerprint``: ``((train, val, test), data_fingerprint)``, the
+    fingerprint taken before standardisation (after ``train_missing``)."""
     if test_split not in TEST_SPLITS:
         raise ValueError(f"test_split must be one of {TEST_SPLITS}, got {test_split!r}")
     test_seed = FIXED_TEST_SEED if test_split == "fixed" else None
-    splits = _load_splits(source, seed, test_seed, standardize=standardize and train_missing == "none")
-    if train_missing == "none":
-        return splits
-    train = drop_training_modalities(splits[0], MissingnessProtocol.parse(train_missing), seed)
-    splits = (train, *splits[1:])
-    return standardize_splits(*splits) if standardize else splits
+    splits = _load_splits(source, seed, test_seed)
+    if train_missing != "none":
+        splits = (drop_training_modalities(splits[0], MissingnessProtocol.parse(train_missing), seed), *splits[1:])
+    fingerprint = data_fingerprint(splits) if with_fingerprint else None
+    if standardize:
+        try:
+            splits = standardize_splits(*splits)
+        except DataFormatError as e:  # values that do not standardise: name the data
+            raise DataFormatError(str(e), os.fspath(source)) from None
+    return (splits, fingerprint) if with_fingerprint else splits
 
 
 class TrainMissingError(ValueError):
@@ -98,10 +152,13 @@ def regimes_spec(text: str) -> RegimesSpec:
     return RegimesSpec(**values)
 
 
-def _load_splits(source, seed: int, test_seed: int | None, standardize: bool):
+def _load_splits(source, seed: int, test_seed: int | None):
+    """(train, val, test) of ``source``, unstandardised."""
+    standardize = False
     text = os.fspath(source)
-    name, sep, path = text.partition(":")
-    if sep and name.strip().lower().replace("_", "-") in BENCHMARKS:
+    bench = _benchmark_path(text)
+    if bench is not None:
+        name, path = bench
         spec = benchmark_spec(name)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"benchmark {spec.name!r}: {path!r} is not a directory; expected a feature directory "

@@ -162,10 +162,13 @@ def fixed_test_split(
     (stratified, ``test_seed``), then the rest is split into train and val
     (stratified, ``seed``). Every seed of a run then meets the same test
     samples, and its validation samples are never another seed's test ones."""
-    f = _check_fractions(fractions)
     keys = torch.as_tensor(keys).long().cpu().flatten()
-    pool, _, test = stratified_split(keys, (f[0] + f[1], 0.0, f[2]), test_seed)
-    share = f[0] / (f[0] + f[1])
+    n = keys.numel()
+    sizes = split_sizes(n, fractions)  # the sizes of stratified_split, whatever the seeds
+    if n == 0 or sizes[0] + sizes[1] == 0:
+        return stratified_split(keys, fractions, test_seed)
+    pool, _, test = stratified_split(keys, ((n - sizes[2]) / n, 0.0, sizes[2] / n), test_seed)
+    share = sizes[0] / (sizes[0] + sizes[1])
     tr, va, _ = stratified_split(keys[pool], (share, 1.0 - share, 0.0), seed)
     return pool[tr], pool[va], test
 
@@ -248,6 +251,17 @@ class Standardizer:
             mean = self.mean[m].to(x.device, x.dtype).view(shape)
             std = self.std[m].to(x.device, x.dtype).view(shape)
             y = (x - mean) / std
+            if not bool(torch.isfinite(y).all()):  # x - mean overflowed (finite values near the dtype's limit)
+                y = ((x.double() - self.mean[m].to(x.device).double().view(shape))
+                     / self.std[m].to(x.device).double().view(shape)).to(x.dtype)
+                bad = ~torch.isfinite(y).flatten(1).all(dim=1) & torch.isfinite(x).flatten(1).all(dim=1)
+                if bool(bad.any()):
+                    i = int(bad.nonzero()[0])
+                    raise DataFormatError(
+                        f"{data.name + ': ' if data.name else ''}modality {m!r}: sample {i} (of {int(bad.sum())}) is "
+                        f"too far from the training mean to standardise in {x.dtype} (its values reach "
+                        f"{float(x[i].abs().max()):.3g}, the training split's std is as small as "
+                        f"{float(self.std[m].min()):.3g}); expected features on a scale the training split shares")
             keep = data.available[:, j].view(-1, *([1] * (x.dim() - 1)))
             feats[m] = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
         return replace(data, features=feats, standardizer=self)
