@@ -89,21 +89,29 @@ REGIME_ARMS: dict[str, tuple[str, dict]] = {
     "moe:one-expert": ("moe", dict(MARS_BUDGET, experts=1, k=1)),
     "moe:dense": ("moe", dict(MARS_BUDGET, k=8)),  # all 8 experts: the same parameters, no sparsity
 }
-#: Validation screens: every method gets the same number of configurations
-#: (six), on its main knobs (``docs/preregistration.md`` lists them).
+#: Validation screens: every method gets the same six configurations' worth
+#: of validation runs, on its main knobs (``docs/preregistration.md``): its
+#: defaults, the masks per step, a lower learning rate, more dropout, and two
+#: of its own (MARS: no per-modality heads, the label-free residual; vanilla
+#: MoE: the heads with and without their vote; late fusion: averaging the
+#: observed modalities only; MCE: its paper's learning rates; MoE-Retriever:
+#: its code's learning rate and warm-up). MCE and MoE-Retriever try 2 masks
+#: per step instead of 8 (each mask multiplies their cost by one full pass).
 SCREEN_ARMS: dict[str, tuple[str, dict]] = {}
+_P = {"mce": 2, "moe_retriever": 2}
 for _method, _name, _own in (
-    ("mars", "mars", [dict(), dict(lambda_unimodal=0.0, unimodal_vote=0.0)]),
-    ("moe", "vanilla-moe", [dict(lambda_unimodal=0.3, unimodal_vote=2.0), dict(lambda_unimodal=0.3, unimodal_vote=0.0)]),
-    ("late_fusion", "late-fusion", [dict(late_fusion_average="observed"), dict(late_fusion_average="observed", lr=1e-3)]),
-    ("mce", "mce", [dict(lr=1e-3, masks_per_step=1, dropout=0.2), dict(lr=5e-4)]),
+    ("mars", "mars", [dict(lambda_unimodal=0.0, unimodal_vote=0.0), dict(residual_input="concat-label-free")]),
+    ("moe", "vanilla-moe", [dict(masks_per_step=8, lambda_unimodal=0.3, unimodal_vote=2.0),
+                            dict(masks_per_step=8, lambda_unimodal=0.3, unimodal_vote=0.0)]),
+    ("late_fusion", "late-fusion", [dict(masks_per_step=8, late_fusion_average="observed"),
+                                    dict(late_fusion_average="observed")]),
+    ("mce", "mce", [dict(lr=2e-4), dict(lr=5e-4)]),
     ("moe_retriever", "moe-retriever", [dict(lr=1e-4, retriever_warmup=10), dict(lr=5e-4, retriever_warmup=10)]),
 ):
-    for _label, _opts in (("P1", dict(masks_per_step=1)), ("P8", dict(masks_per_step=8)),
-                          ("P8-lr1e-3", dict(masks_per_step=8, lr=1e-3)), ("P8-do0.2", dict(masks_per_step=8, dropout=0.2))):
+    _more = 1 if _method == "mars" else _P.get(_method, 8)  # the other masks-per-step value than the default's
+    for _label, _opts in (("defaults", dict()), (f"P{_more}", dict(masks_per_step=_more)), ("lr1e-3", dict(lr=1e-3)),
+                          ("dropout0.2", dict(dropout=0.2)), ("own1", _own[0]), ("own2", _own[1])):
         SCREEN_ARMS[f"{_name}:{_label}"] = (_method, _opts)
-    for _i, _opts in enumerate(_own):
-        SCREEN_ARMS[f"{_name}:own{_i + 1}"] = (_method, _opts)
 
 
 def arm_table() -> dict[str, tuple[str, dict]]:
@@ -239,7 +247,8 @@ def schedule(stage: str, cells: list[str], arms: list[str], seeds: list[int], jo
     if stage == "final" and not (PREREGISTRATION.exists() and _committed(PREREGISTRATION)):
         print(f"error: {PREREGISTRATION.relative_to(ROOT)} must be committed before any final run", file=sys.stderr)
         return 2
-    todo = [(c, a, s) for c in cells for a in arms for s in seeds
+    # seed by seed, so that a partial stage already has whole seeds of every arm
+    todo = [(c, a, s) for s in seeds for c in cells for a in arms
             if not (run_dir(stage, c, a, s) / "summary.json").exists()]
     print(f"{stage}: {len(todo)} runs to do", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
