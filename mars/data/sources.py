@@ -51,7 +51,7 @@ def resolve_source(source: str | os.PathLike) -> str:
     if bench is not None:
         name, path = bench
         return f"{name}:{os.path.abspath(path)}" if path.strip() and os.path.isdir(path) else text
-    if text in BUILTIN_SOURCES or text.startswith("synthetic-regimes:") or not os.path.isdir(text):
+    if text in BUILTIN_SOURCES or text.startswith(("synthetic-regimes:", "synthetic-missing:")) or not os.path.isdir(text):
         return text
     return os.path.abspath(text)
 
@@ -131,17 +131,16 @@ def drop_training_modalities(train: MultimodalDataset, protocol: MissingnessProt
     return train.with_available(kept)
 
 
-def regimes_spec(text: str) -> RegimesSpec:
-    """``synthetic-regimes`` or ``synthetic-regimes:NAME=VALUE,...`` (fields of
-    :class:`RegimesSpec`, e.g. ``synthetic-regimes:kappa=0,conflict=0.5``)."""
+def _generator_args(text: str, fields: dict) -> dict:
+    """``NAME:KEY=VALUE,...`` -> {KEY: int or float} for the generator
+    arguments ``fields`` ({name: "int" | "float"})."""
     _, _, args = text.partition(":")
-    fields = {f.name: f.type for f in dataclasses.fields(RegimesSpec)}
     values = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         name, eq, value = item.partition("=")
         name = name.strip()
         if not eq or name not in fields:
-            raise ValueError(f"data {text!r}: expected synthetic-regimes:NAME=VALUE,... with NAME one of "
+            raise ValueError(f"data {text!r}: expected {text.partition(':')[0]}:NAME=VALUE,... with NAME one of "
                              f"{sorted(fields)}, got {item!r}")
         kind = fields[name] if isinstance(fields[name], str) else fields[name].__name__
         try:
@@ -149,7 +148,19 @@ def regimes_spec(text: str) -> RegimesSpec:
         except ValueError:
             raise ValueError(f"data {text!r}: {name} must be a{'n integer' if kind == 'int' else ' number'}, "
                              f"got {value!r}") from None
-    return RegimesSpec(**values)
+    return values
+
+
+def regimes_spec(text: str) -> RegimesSpec:
+    """``synthetic-regimes`` or ``synthetic-regimes:NAME=VALUE,...`` (fields of
+    :class:`RegimesSpec`, e.g. ``synthetic-regimes:kappa=0,conflict=0.5``)."""
+    return RegimesSpec(**_generator_args(text, {f.name: f.type for f in dataclasses.fields(RegimesSpec)}))
+
+
+#: ``synthetic-missing:NAME=VALUE,...``: the arguments of ``make_missing`` that may be given.
+MISSING_ARGS = {"n": "int", "num_modalities": "int", "num_classes": "int", "data_seed": "int",
+                "latent_per_modality": "int", "strong": "float", "weak": "float", "noise": "float",
+                "latent_noise": "float"}
 
 
 def _load_splits(source, seed: int, test_seed: int | None):
@@ -166,8 +177,11 @@ def _load_splits(source, seed: int, test_seed: int | None):
         return load_feature_dir(path, seed=seed, standardize=standardize, benchmark=spec.name, test_seed=test_seed)
     if text == "mfeat":
         return load_mfeat(seed=seed, standardize=standardize, test_seed=test_seed)
-    if text == "synthetic-missing":
-        return make_missing(seed=seed, standardize=standardize, test_seed=test_seed)
+    if text == "synthetic-missing" or text.startswith("synthetic-missing:"):
+        kwargs = _generator_args(text, MISSING_ARGS)
+        if not 1 <= kwargs.get("n", 1) <= 10**6 or not 2 <= kwargs.get("num_modalities", 2) <= 16:
+            raise ValueError(f"data {text!r}: n must be in [1, 10**6] and num_modalities in [2, 16]")
+        return make_missing(seed=seed, standardize=standardize, test_seed=test_seed, **kwargs)
     if text == "synthetic-seg":
         return make_segmentation(seed=seed, standardize=standardize, test_seed=test_seed)
     if text == "synthetic-regimes" or text.startswith("synthetic-regimes:"):
