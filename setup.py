@@ -48,7 +48,7 @@ def _march(in_place: bool) -> str:
 
 
 def _extension():
-    sources = ["csrc/module.cpp", "csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]  # -march is added at build time (in place or not)
     if not _flag("MARS_KERNELS_NO_OPENMP"):
         cxx.append("-fopenmp")

@@ -32,6 +32,8 @@ import warnings
 
 import torch
 
+from . import library
+
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 ENV_VAR = "MARS_KERNELS_BACKEND"
 
@@ -62,9 +64,16 @@ META = "meta"
 
 _extension_error: str | None = None
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.mars_kernels.*)
+    # Loading it registers the CPU (and CUDA) kernels of torch.ops.mars_kernels.*,
+    # whose schemas the op modules declare after this (see mars_kernels.library).
+    from . import _C  # noqa: F401
 except ImportError as exc:  # the build is optional
     _extension_error = str(exc)
+
+# Whether the compiled CUDA kernels hold code GPU `device` can run (the CUDA
+# build registers the kernel, csrc/cuda/gating_binding.cpp; no tensor argument,
+# so it runs whatever the dispatch keys).
+library.register("cuda_kernels_run_on(int device) -> bool")
 
 _warned: set[str] = set()
 

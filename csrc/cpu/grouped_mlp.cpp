@@ -1,7 +1,7 @@
 // CPU grouped expert MLP: per-expert ATen GEMMs (MKL/oneDNN) on each expert's
 // contiguous rows of the expert-sorted activations, with the bias and the
 // activation (and its backward) in one pass over each GEMM's output rows.
-// Contract in csrc/ops.cpp.
+// Contract beside the schema in mars_kernels/ops/expert_mlp.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

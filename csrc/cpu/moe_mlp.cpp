@@ -3,7 +3,7 @@
 // into the token-order output. Nothing of size T*k*D is materialised; only the
 // pre-activations h [S, H1] are kept for the backward, which regathers rows and
 // gets the gate-weight gradients from G = grad_y W2^T (no saved expert outputs).
-// Contract in csrc/ops.cpp.
+// Contract beside the schema in mars_kernels/ops/expert_mlp.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -3,7 +3,7 @@
 //
 // CUDA runtime only (no torch headers): compiles with a plain `nvcc -c`. The
 // torch-facing glue is gating_binding.cpp; the launch contracts are documented
-// in gating.cuh and the op contracts in csrc/ops.cpp.
+// in gating.cuh and the op contracts beside the schemas in mars_kernels/ops/gating.py.
 //
 // Work decomposition (all kernels):
 //   * One warp per token row; a block holds kWarpsPerBlock = 4 warps (128

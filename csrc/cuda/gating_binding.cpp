@@ -1,4 +1,5 @@
-// CUDA implementations of the routing / gating ops declared in csrc/ops.cpp:
+// CUDA implementations of the routing / gating ops declared in mars_kernels/ops/gating.py
+// and mars_kernels/ops/noisy_gating.py:
 // topk_gating_fwd/bwd, noisy_topk_gating_fwd/bwd, router_stats_fwd/bwd.
 //
 // This file only validates arguments, allocates outputs with torch and calls
@@ -233,9 +234,11 @@ bool cuda_kernels_run_on(int64_t device) {
 
 }  // namespace
 
-// Not a tensor op: a catch-all kernel, defined here because only CUDA builds have it.
-TORCH_LIBRARY_FRAGMENT(mars_kernels, m) {
-  m.def("cuda_kernels_run_on(int device) -> bool", &cuda_kernels_run_on);
+// Not a tensor op (schema in mars_kernels/backend.py): with no tensor argument
+// to dispatch on, the dispatcher runs the CompositeExplicitAutograd kernel. Only
+// CUDA builds register it.
+TORCH_LIBRARY_IMPL(mars_kernels, CompositeExplicitAutograd, m) {
+  m.impl("cuda_kernels_run_on", &cuda_kernels_run_on);
 }
 
 TORCH_LIBRARY_IMPL(mars_kernels, CUDA, m) {

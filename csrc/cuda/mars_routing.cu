@@ -2,7 +2,7 @@
 //
 // CUDA runtime only (no torch headers): compiles with a plain `nvcc -c`. The
 // torch-facing glue is mars_routing_binding.cpp; the launch contracts are in
-// mars_routing.cuh, the op contracts in csrc/ops.cpp, the ground truth is
+// mars_routing.cuh, the op contracts beside the schema in mars_kernels/ops/mars_routing.py, the ground truth is
 // mars_kernels.reference.mars_routing.
 //
 // Work decomposition (as gating.cu):

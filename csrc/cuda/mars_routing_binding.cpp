@@ -1,4 +1,4 @@
-// CUDA implementations of the MARS routing ops declared in csrc/ops.cpp:
+// CUDA implementations of the MARS routing ops declared in mars_kernels/ops/mars_routing.py:
 // mars_routing_fwd / mars_routing_bwd.
 //
 // This file only validates arguments, allocates outputs with torch and calls

@@ -5,7 +5,7 @@
 //
 // CUDA runtime only (no torch headers): compiles with a plain `nvcc -c`. The
 // torch-facing glue is moe_dispatch_binding.cpp; the launch contracts are
-// documented in moe_dispatch.cuh and the op contracts in csrc/ops.cpp.
+// documented in moe_dispatch.cuh and the op contracts beside the schemas in mars_kernels/ops/dispatch.py.
 //
 // moe_align, for S assignments and E experts (bucket E = dropped), with the
 // assignments cut into nchunks chunks of `chunk` consecutive flat indices

@@ -1,4 +1,4 @@
-// CUDA implementations of the dispatch ops declared in csrc/ops.cpp:
+// CUDA implementations of the dispatch ops declared in mars_kernels/ops/dispatch.py:
 // moe_align, moe_permute, moe_unpermute, moe_unpermute_bwd.
 //
 // This file only validates arguments, allocates outputs with torch and calls

@@ -2,7 +2,7 @@
 :mod:`mars_kernels.ops.gating`; kernels in ``_gating_kernels.py``).
 
 Each function has exactly the schema and semantics of the ``torch.ops.mars_kernels``
-op of the same name (see ``csrc/ops.cpp`` and the op module's ``*_torch`` twins).
+op of the same name (schemas and ``*_torch`` twins in :mod:`mars_kernels.ops.gating`).
 Inputs are expected validated and row-contiguous (``stride(1) == 1``); shapes:
 ``T`` tokens, ``E`` experts, ``k`` experts chosen per token.
 

@@ -2,7 +2,7 @@
 :mod:`mars_kernels.ops.mars_routing`, kernels in ``_mars_routing_kernels.py``).
 
 Same contract as the ``torch.ops.mars_kernels.mars_routing_fwd`` / ``_bwd`` ops
-(see ``csrc/ops.cpp``; ground truth :func:`mars_kernels.ops.mars_routing.mars_routing_torch`),
+(the schema in :mod:`mars_kernels.ops.mars_routing`; ground truth :func:`mars_kernels.ops.mars_routing.mars_routing_torch`),
 so a caller can use this module in place of ``torch.ops.mars_kernels``. Inputs
 are expected validated; ``[T, E]`` inputs must be row-contiguous (``stride(1) ==
 1``), ``[T, k]`` / ``[T]`` / ``[E]`` tensors contiguous (incoming gradients are
