@@ -7,10 +7,14 @@ wins. :func:`resolve` turns it into a concrete backend for a device, once per
 module call (the layers resolve and hand the concrete name to every op).
 
 ``auto`` picks ``cuda`` (then ``triton``) for CUDA tensors and ``cpu`` for CPU
-tensors, and falls back to ``reference`` with a one-time warning when the
-compiled extension is missing; on a GPU the build has no code for (e.g. one
-newer than its PTX) it takes ``triton``, with a one-time warning. A backend asked for explicitly that cannot run
-raises instead of silently falling back.
+tensors. Without the compiled extension (not built, or not loaded:
+``MARS_KERNELS_NO_EXTENSION=1``) it takes ``triton`` for CUDA tensors when
+Triton is installed, and otherwise falls back to ``reference`` with a one-time
+warning; on a GPU the build has no code for (e.g. one newer than its PTX) it
+takes ``triton``, with a one-time warning. A backend asked for explicitly that
+cannot run raises instead of silently falling back: ``cpu`` and ``cuda`` need
+the extension, ``triton`` only the triton package (and CUDA tensors, or
+``TRITON_INTERPRET=1`` for CPU tensors).
 
 The *table* (:data:`TABLE`) says, per op family and backend, which
 implementation runs:
@@ -36,6 +40,9 @@ from . import library
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 ENV_VAR = "MARS_KERNELS_BACKEND"
+#: Set to 1 to run without the compiled extension even where it is built (only
+#: the reference and Triton backends then); setup.py reads it too, to skip the build.
+NO_EXTENSION_VAR = "MARS_KERNELS_NO_EXTENSION"
 
 #: op family -> {backend: implementation}.
 TABLE: dict[str, dict[str, str]] = {
@@ -63,12 +70,15 @@ EXPERT_BLOCK_SIZE = dict(reference=64, cpu=64, cuda=64, triton=64, meta=64)
 META = "meta"
 
 _extension_error: str | None = None
-try:
-    # Loading it registers the CPU (and CUDA) kernels of torch.ops.mars_kernels.*,
-    # whose schemas the op modules declare after this (see mars_kernels.library).
-    from . import _C  # noqa: F401
-except ImportError as exc:  # the build is optional
-    _extension_error = str(exc)
+if os.environ.get(NO_EXTENSION_VAR, "0").lower() in ("1", "true", "yes", "on"):
+    _extension_error = f"not loaded ({NO_EXTENSION_VAR}={os.environ[NO_EXTENSION_VAR]})"
+else:
+    try:
+        # Loading it registers the CPU (and CUDA) kernels of torch.ops.mars_kernels.*,
+        # whose schemas the op modules declare after this (see mars_kernels.library).
+        from . import _C  # noqa: F401
+    except ImportError as exc:  # the build is optional
+        _extension_error = str(exc)
 
 # Whether the compiled CUDA kernels hold code GPU `device` can run (the CUDA
 # build registers the kernel, csrc/cuda/gating_binding.cpp; no tensor argument,
@@ -161,7 +171,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
                               f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}; "
                               "rebuild with TORCH_CUDA_ARCH_LIST naming it); using the Triton kernels")
                     return "triton"
-            if triton_available() and extension_available():
+            if triton_available():
                 return "triton"
         elif device.type == "cpu" and extension_available():
             return "cpu"
@@ -188,9 +198,6 @@ def resolve(backend: str | None, device: torch.device) -> str:
     elif requested == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install 'mars-kernels[triton]')")
-        if not extension_available():
-            # The Triton ops take their schemas from the compiled extension.
-            raise RuntimeError(f"backend='triton' needs the compiled extension mars_kernels._C: {_extension_error}")
         if not on_cuda and not triton_interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, got tensors on {device} "
@@ -201,10 +208,10 @@ def resolve(backend: str | None, device: torch.device) -> str:
 
 def implementation(op: str, backend: str) -> str:
     """What runs ``op`` on the concrete ``backend``: "torch", "compiled" or "triton"."""
-    if backend == META:  # the compiled ops' fakes propagate shapes without kernels
+    if backend == META:  # the ops' fakes propagate shapes without kernels (with or without _C)
         if op not in TABLE:
             raise ValueError(f"mars_kernels has no op {op!r} (see mars_kernels.backend.TABLE)")
-        return "compiled" if extension_available() else "torch"
+        return "compiled"
     try:
         return TABLE[op][backend]
     except KeyError:

@@ -151,3 +151,25 @@ def test_auto_takes_triton_on_a_gpu_the_cuda_build_cannot_run(monkeypatch):
         be.resolve("cuda", gpu)
     monkeypatch.setattr(be, "_available", {"cuda": True, "triton": True, "cuda-arch-0": True})
     assert be.resolve(None, gpu) == "cuda"
+
+
+def test_triton_needs_no_extension(monkeypatch):
+    """Without mars_kernels._C (CUDA mocked): auto takes triton for CUDA tensors,
+    and triton asked for explicitly runs; cpu and cuda asked for explicitly raise."""
+    monkeypatch.setattr(be, "_extension_error", "No module named 'mars_kernels._C'")
+    monkeypatch.setattr(be, "_available", {"cuda": False, "triton": True})
+    monkeypatch.setattr(be, "_warned", set())
+    gpu = torch.device("cuda", 0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert be.resolve(None, gpu) == "triton"
+        assert be.resolve("triton", gpu) == "triton"
+    with pytest.raises(RuntimeError, match="backend='cuda' needs mars_kernels._C built with CUDA"):
+        be.resolve("cuda", gpu)
+    with pytest.raises(RuntimeError, match="backend='cpu' needs the compiled extension"):
+        be.resolve("cpu", torch.device("cpu"))
+    monkeypatch.setattr(be, "_available", {"cuda": False, "triton": False})
+    with pytest.warns(RuntimeWarning, match="using the pure-PyTorch reference path"):
+        assert be.resolve(None, gpu) == "reference"
