@@ -4,7 +4,9 @@ A *backend* is what a user picks: ``auto | reference | triton | cuda | cpu``,
 per call (``backend=`` on every op), per module (the layers' ``backend``
 argument) or process-wide (``MARS_KERNELS_BACKEND``); the first one given
 wins. :func:`resolve` turns it into a concrete backend for a device, once per
-module call (the layers resolve and hand the concrete name to every op).
+module call: it returns a :class:`Resolved` name, which the layers hand to
+their sub-modules and ops, and which :func:`resolve` then returns as it is
+(so a ``SparseMoE`` call resolves once, not once per op).
 
 ``auto`` picks ``cuda`` (then ``triton``) for CUDA tensors and ``cpu`` for CPU
 tensors. Without the compiled extension (not built, or not loaded:
@@ -140,6 +142,27 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class Resolved(str):
+    """A concrete backend name that :func:`resolve` checked for tensors of one
+    device type (``device_type``). It is the plain name to everything else
+    (compares, hashes and prints as ``"cpu"``, ``"triton"``, ...); given to
+    :func:`resolve` again for that device type, it is returned as it is."""
+
+    def __new__(cls, name: str, device_type: str):
+        self = super().__new__(cls, name)
+        self.device_type = device_type
+        return self
+
+    def __reduce__(self):
+        return Resolved, (str(self), self.device_type)
+
+
+# One object per (name, device type), made up front: torch.compile traces
+# resolve() and reads these as constants (nothing is created while tracing).
+_RESOLVED = {(name, device_type): Resolved(name, device_type)
+             for name in (*BACKENDS[1:], META) for device_type in ("cpu", "cuda", "meta")}
+
+
 def check_name(backend: str | None) -> str | None:
     """A backend name as a module or call accepts it (None: decide later)."""
     if backend is not None and backend not in BACKENDS:
@@ -147,11 +170,22 @@ def check_name(backend: str | None) -> str | None:
     return backend
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
+def resolve(backend: str | None, device: torch.device) -> Resolved:
     """The concrete backend (never ``auto``) to run on tensors on ``device``.
 
-    ``backend`` None means: ``MARS_KERNELS_BACKEND`` if set, else ``auto``.
+    ``backend`` None means: ``MARS_KERNELS_BACKEND`` if set, else ``auto``. A
+    :class:`Resolved` name for ``device``'s type (what this returns) is
+    returned unchanged: a layer resolves once per call and hands the result on.
     """
+    if isinstance(backend, Resolved) and backend.device_type == device.type:
+        return backend
+    name = _resolve(backend, device)
+    resolved = _RESOLVED.get((name, device.type))
+    return resolved if resolved is not None else Resolved(name, device.type)
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
+    """:func:`resolve`'s decision, as a plain name."""
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     if requested not in BACKENDS and requested != META:
         source = "backend" if backend is not None else ENV_VAR
