@@ -17,6 +17,7 @@ weighting/scatter into the second, ScatterMoE style; also what ``cuda`` runs).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 
+@functools.cache
 def _launchers():
     """The Triton launchers, imported on first call (triton is optional)."""
     from .triton import expert_mlp

@@ -18,6 +18,8 @@ and ``router_stats_fwd/_bwd``; C++ in ``csrc/cpu/gating.cpp``, CUDA in
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import backend as _backend
@@ -30,6 +32,7 @@ __all__ = ["MODES", "topk_gating", "topk_gating_torch", "router_stats", "router_
 MODES = ("softmax_topk", "topk_softmax")
 
 
+@functools.cache
 def _launchers():
     """The Triton launchers, imported on first call (triton is optional)."""
     from .triton import gating

@@ -14,6 +14,8 @@ C++ in ``csrc/cpu/mars_routing.cpp``, CUDA in ``csrc/cuda/mars_routing.cu`` (+
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import backend as _backend
@@ -24,6 +26,7 @@ from .common import compute_dtype, topk_order
 __all__ = ["mars_routing", "mars_routing_torch"]
 
 
+@functools.cache
 def _launchers():
     """The Triton launchers, imported on first call (triton is optional)."""
     from .triton import mars_routing

@@ -14,6 +14,7 @@ C++ in ``csrc/cpu/modality_attention.cpp``, Triton in
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,6 +27,7 @@ from .common import compute_dtype
 __all__ = ["modality_attention", "modality_attention_torch", "attention_keep_mask"]
 
 
+@functools.cache
 def _launchers():
     """The Triton launchers, imported on first call (triton is optional)."""
     from .triton import modality_attention

@@ -12,6 +12,8 @@ of the clean logits); C++ in ``csrc/cpu/noisy_gating.cpp``, CUDA in
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import backend as _backend
@@ -24,6 +26,7 @@ from .losses import expert_counts
 __all__ = ["noisy_topk_gating", "noisy_topk_gating_torch"]
 
 
+@functools.cache
 def _launchers():
     """The Triton launchers, imported on first call (triton is optional)."""
     from .triton import noisy_gating

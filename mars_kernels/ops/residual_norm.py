@@ -13,6 +13,8 @@ C++ in ``csrc/cpu/residual_norm.cpp``, Triton in
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,7 @@ from .common import compute_dtype
 __all__ = ["residual_norm_mean", "residual_norm_mean_torch"]
 
 
+@functools.cache
 def _launchers():
     """The Triton launchers, imported on first call (triton is optional)."""
     from .triton import residual_norm
