@@ -105,10 +105,14 @@ class BuildWithoutStaleExtension(BuildExtension.with_options(use_ninja=True)):
     def run(self):
         for stale in glob.glob(os.path.join("mars_kernels", "_C*.so")) + glob.glob(os.path.join("mars_kernels", "_C*.pyd")):
             os.remove(stale)
+        # Read here: setuptools' build_ext.run clears `inplace` while it builds
+        # (it builds elsewhere, then copies), so build_extensions would always
+        # see a portable build for `setup.py build_ext --inplace`.
+        self._in_place = bool(self.inplace or getattr(self, "editable_mode", False))
         super().run()
 
     def build_extensions(self):
-        in_place = bool(self.inplace or getattr(self, "editable_mode", False))
+        in_place = getattr(self, "_in_place", False)
         march = _march(in_place)
         if march:
             for ext in self.extensions:
