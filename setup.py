@@ -1,10 +1,13 @@
-"""Builds mars_kernels._C.
+"""Builds mars_kernels._C, the ``cpu`` and ``cuda`` backends.
 
 The CPU ops are always compiled. The CUDA ops (csrc/cuda) are added when the
 installed torch has CUDA and nvcc is found, unless MARS_KERNELS_NO_CUDA=1.
-The extension is optional: if it cannot be built the package still installs
-and falls back to the pure-PyTorch reference path with a warning at import.
-Set MARS_KERNELS_STRICT_BUILD=1 to make a failed build an error instead.
+The extension is optional: without a C++ compiler, or if the build fails, the
+package still installs, with the reference and Triton backends (a warning at
+import says so when ``auto`` falls back to the reference path).
+MARS_KERNELS_NO_EXTENSION=1 skips the build altogether (and makes an
+installed package ignore an extension built earlier); MARS_KERNELS_STRICT_BUILD=1
+makes a missing compiler or a failed build an error instead.
 
 GPU architectures: TORCH_CUDA_ARCH_LIST when set (torch's own variable, e.g.
 "9.0" for one H100 machine), else DEFAULT_CUDA_ARCHS: SASS for sm_80 and sm_90
@@ -22,6 +25,8 @@ Use `pip install --no-build-isolation -e .` so the build sees the installed torc
 import glob
 import os
 import platform
+import shutil
+import sys
 
 from setuptools import setup
 
@@ -47,8 +52,30 @@ def _march(in_place: bool) -> str:
     return "native" if in_place else PORTABLE_MARCH
 
 
+def _compiler_missing() -> str | None:
+    """Why there is no C++ compiler to build with (None when there is one)."""
+    cxx = os.environ.get("CXX", "c++").split()
+    if not cxx or shutil.which(cxx[0]) is None:
+        return f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found; set CXX)"
+    return None
+
+
+def _extensions() -> list:
+    if _flag("MARS_KERNELS_NO_EXTENSION"):
+        print("mars_kernels: MARS_KERNELS_NO_EXTENSION=1: not building the extension "
+              "(reference and Triton backends only)")
+        return []
+    missing = _compiler_missing()
+    if missing is not None:
+        if _flag("MARS_KERNELS_STRICT_BUILD"):
+            sys.exit(f"mars_kernels: {missing} and MARS_KERNELS_STRICT_BUILD=1")
+        print(f"mars_kernels: {missing}: installing without the extension (reference and Triton backends only)")
+        return []
+    return [_extension()]
+
+
 def _extension():
-    sources = ["csrc/module.cpp", "csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]  # -march is added at build time (in place or not)
     if not _flag("MARS_KERNELS_NO_OPENMP"):
         cxx.append("-fopenmp")
@@ -78,10 +105,14 @@ class BuildWithoutStaleExtension(BuildExtension.with_options(use_ninja=True)):
     def run(self):
         for stale in glob.glob(os.path.join("mars_kernels", "_C*.so")) + glob.glob(os.path.join("mars_kernels", "_C*.pyd")):
             os.remove(stale)
+        # Read here: setuptools' build_ext.run clears `inplace` while it builds
+        # (it builds elsewhere, then copies), so build_extensions would always
+        # see a portable build for `setup.py build_ext --inplace`.
+        self._in_place = bool(self.inplace or getattr(self, "editable_mode", False))
         super().run()
 
     def build_extensions(self):
-        in_place = bool(self.inplace or getattr(self, "editable_mode", False))
+        in_place = getattr(self, "_in_place", False)
         march = _march(in_place)
         if march:
             for ext in self.extensions:
@@ -89,7 +120,15 @@ class BuildWithoutStaleExtension(BuildExtension.with_options(use_ninja=True)):
                 (args["cxx"] if isinstance(args, dict) else args).append(f"-march={march}")
         print(f"mars_kernels: building the CPU kernels with {'-march=' + march if march else 'no -march'}"
               f" ({'in place' if in_place else 'portable build'})")
-        super().build_extensions()
+        try:
+            super().build_extensions()
+        except Exception as exc:  # noqa: BLE001 - torch's builder raises RuntimeError, not a distutils error
+            if not all(ext.optional for ext in self.extensions):
+                raise
+            # The extension is optional (see the module docstring): install without it.
+            print(f"mars_kernels: building the extension failed ({type(exc).__name__}: {str(exc)[-2000:]}); "
+                  "installing without it (reference and Triton backends only; "
+                  "MARS_KERNELS_STRICT_BUILD=1 makes this an error)", file=sys.stderr)
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildWithoutStaleExtension})
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildWithoutStaleExtension})

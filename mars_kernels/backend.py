@@ -4,13 +4,19 @@ A *backend* is what a user picks: ``auto | reference | triton | cuda | cpu``,
 per call (``backend=`` on every op), per module (the layers' ``backend``
 argument) or process-wide (``MARS_KERNELS_BACKEND``); the first one given
 wins. :func:`resolve` turns it into a concrete backend for a device, once per
-module call (the layers resolve and hand the concrete name to every op).
+module call: it returns a :class:`Resolved` name, which the layers hand to
+their sub-modules and ops, and which :func:`resolve` then returns as it is
+(so a ``SparseMoE`` call resolves once, not once per op).
 
 ``auto`` picks ``cuda`` (then ``triton``) for CUDA tensors and ``cpu`` for CPU
-tensors, and falls back to ``reference`` with a one-time warning when the
-compiled extension is missing; on a GPU the build has no code for (e.g. one
-newer than its PTX) it takes ``triton``, with a one-time warning. A backend asked for explicitly that cannot run
-raises instead of silently falling back.
+tensors. Without the compiled extension (not built, or not loaded:
+``MARS_KERNELS_NO_EXTENSION=1``) it takes ``triton`` for CUDA tensors when
+Triton is installed, and otherwise falls back to ``reference`` with a one-time
+warning; on a GPU the build has no code for (e.g. one newer than its PTX) it
+takes ``triton``, with a one-time warning. A backend asked for explicitly that
+cannot run raises instead of silently falling back: ``cpu`` and ``cuda`` need
+the extension, ``triton`` only the triton package (and CUDA tensors, or
+``TRITON_INTERPRET=1`` for CPU tensors).
 
 The *table* (:data:`TABLE`) says, per op family and backend, which
 implementation runs:
@@ -32,8 +38,13 @@ import warnings
 
 import torch
 
+from . import library
+
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 ENV_VAR = "MARS_KERNELS_BACKEND"
+#: Set to 1 to run without the compiled extension even where it is built (only
+#: the reference and Triton backends then); setup.py reads it too, to skip the build.
+NO_EXTENSION_VAR = "MARS_KERNELS_NO_EXTENSION"
 
 #: op family -> {backend: implementation}.
 TABLE: dict[str, dict[str, str]] = {
@@ -61,10 +72,20 @@ EXPERT_BLOCK_SIZE = dict(reference=64, cpu=64, cuda=64, triton=64, meta=64)
 META = "meta"
 
 _extension_error: str | None = None
-try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.mars_kernels.*)
-except ImportError as exc:  # the build is optional
-    _extension_error = str(exc)
+if os.environ.get(NO_EXTENSION_VAR, "0").lower() in ("1", "true", "yes", "on"):
+    _extension_error = f"not loaded ({NO_EXTENSION_VAR}={os.environ[NO_EXTENSION_VAR]})"
+else:
+    try:
+        # Loading it registers the CPU (and CUDA) kernels of torch.ops.mars_kernels.*,
+        # whose schemas the op modules declare after this (see mars_kernels.library).
+        from . import _C  # noqa: F401
+    except ImportError as exc:  # the build is optional
+        _extension_error = str(exc)
+
+# Whether the compiled CUDA kernels hold code GPU `device` can run (the CUDA
+# build registers the kernel, csrc/cuda/gating_binding.cpp; no tensor argument,
+# so it runs whatever the dispatch keys).
+library.register("cuda_kernels_run_on(int device) -> bool")
 
 _warned: set[str] = set()
 
@@ -121,6 +142,27 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class Resolved(str):
+    """A concrete backend name that :func:`resolve` checked for tensors of one
+    device type (``device_type``). It is the plain name to everything else
+    (compares, hashes and prints as ``"cpu"``, ``"triton"``, ...); given to
+    :func:`resolve` again for that device type, it is returned as it is."""
+
+    def __new__(cls, name: str, device_type: str):
+        self = super().__new__(cls, name)
+        self.device_type = device_type
+        return self
+
+    def __reduce__(self):
+        return Resolved, (str(self), self.device_type)
+
+
+# One object per (name, device type), made up front: torch.compile traces
+# resolve() and reads these as constants (nothing is created while tracing).
+_RESOLVED = {(name, device_type): Resolved(name, device_type)
+             for name in (*BACKENDS[1:], META) for device_type in ("cpu", "cuda", "meta")}
+
+
 def check_name(backend: str | None) -> str | None:
     """A backend name as a module or call accepts it (None: decide later)."""
     if backend is not None and backend not in BACKENDS:
@@ -128,11 +170,22 @@ def check_name(backend: str | None) -> str | None:
     return backend
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
+def resolve(backend: str | None, device: torch.device) -> Resolved:
     """The concrete backend (never ``auto``) to run on tensors on ``device``.
 
-    ``backend`` None means: ``MARS_KERNELS_BACKEND`` if set, else ``auto``.
+    ``backend`` None means: ``MARS_KERNELS_BACKEND`` if set, else ``auto``. A
+    :class:`Resolved` name for ``device``'s type (what this returns) is
+    returned unchanged: a layer resolves once per call and hands the result on.
     """
+    if isinstance(backend, Resolved) and backend.device_type == device.type:
+        return backend
+    name = _resolve(backend, device)
+    resolved = _RESOLVED.get((name, device.type))
+    return resolved if resolved is not None else Resolved(name, device.type)
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
+    """:func:`resolve`'s decision, as a plain name."""
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     if requested not in BACKENDS and requested != META:
         source = "backend" if backend is not None else ENV_VAR
@@ -152,7 +205,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
                               f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}; "
                               "rebuild with TORCH_CUDA_ARCH_LIST naming it); using the Triton kernels")
                     return "triton"
-            if triton_available() and extension_available():
+            if triton_available():
                 return "triton"
         elif device.type == "cpu" and extension_available():
             return "cpu"
@@ -179,9 +232,6 @@ def resolve(backend: str | None, device: torch.device) -> str:
     elif requested == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install 'mars-kernels[triton]')")
-        if not extension_available():
-            # The Triton ops take their schemas from the compiled extension.
-            raise RuntimeError(f"backend='triton' needs the compiled extension mars_kernels._C: {_extension_error}")
         if not on_cuda and not triton_interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, got tensors on {device} "
@@ -192,10 +242,10 @@ def resolve(backend: str | None, device: torch.device) -> str:
 
 def implementation(op: str, backend: str) -> str:
     """What runs ``op`` on the concrete ``backend``: "torch", "compiled" or "triton"."""
-    if backend == META:  # the compiled ops' fakes propagate shapes without kernels
+    if backend == META:  # the ops' fakes propagate shapes without kernels (with or without _C)
         if op not in TABLE:
             raise ValueError(f"mars_kernels has no op {op!r} (see mars_kernels.backend.TABLE)")
-        return "compiled" if extension_available() else "torch"
+        return "compiled"
     try:
         return TABLE[op][backend]
     except KeyError:

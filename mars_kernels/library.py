@@ -1,17 +1,29 @@
 """The one registration path of the kernel-level ops (``torch.library``).
 
-The schemas are declared once, in C++ (``csrc/ops.cpp``), and the compiled
-kernels register there for the CPU and CUDA dispatch keys
-(``torch.ops.mars_kernels.*``). Each op family's module under
-:mod:`mars_kernels.ops` then calls :func:`register` once per kernel-level op,
-which attaches, in one place:
+Each op family's module under :mod:`mars_kernels.ops` declares its
+kernel-level ops beside the public functions that call them, one
+:func:`register` call per op, which attaches in one place:
 
+* the schema, ``torch.ops.mars_kernels.<name>`` (defined here, in Python: the
+  compiled extension ``mars_kernels._C`` only registers implementations of it
+  for the CPU and CUDA dispatch keys, from ``csrc/cpu/<op>.cpp`` and
+  ``csrc/cuda/<op>.cu``);
 * its fake (meta) implementation, for ``torch.compile`` and meta tensors;
 * its Triton twin ``torch.ops.mars_triton.<name>``: a ``torch.library.custom_op``
-  with the same schema that runs the launcher of the same name in
-  ``mars_kernels.ops.triton.<module>`` (imported on first call, so Triton stays
-  optional);
+  with the same schema that runs the Triton launcher it is given (a callable;
+  the op modules pass one that imports the launcher module on first call, so
+  Triton stays optional);
 * its autograd formula, to both namespaces.
+
+None of this needs the compiled extension: without it the schemas, fakes,
+autograd formulas and Triton twins all exist, and only the ``cpu`` and
+``cuda`` backends are missing.
+
+Load order: :mod:`mars_kernels.backend` loads ``_C`` before any op module
+defines its schemas. The dispatcher accepts an implementation registered
+before its schema and checks it against the schema when that arrives, so a
+C++ kernel whose signature disagrees with the Python schema fails the
+``define`` (at import) with the dispatcher's message.
 
 Autograd formulas are written by argument name: ``setup(ctx, args, output)``
 gets the inputs as a dict, and ``backward(ops, ctx, *grads)`` returns a dict
@@ -20,18 +32,17 @@ the namespace whose kernels the backward calls (the one the forward ran in).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
-
-from .backend import extension_available
 
 COMPILED = "mars_kernels"
 TRITON = "mars_triton"
 
 __all__ = ["COMPILED", "TRITON", "register", "namespace", "registered"]
 
+# Kept alive for the life of the process: the schemas live as long as it does.
+_LIBRARY = torch.library.Library(COMPILED, "FRAGMENT")
 _registered: dict[str, tuple[str, ...]] = {}
 
 
@@ -45,42 +56,30 @@ def registered() -> dict[str, tuple[str, ...]]:
     return dict(_registered)
 
 
-def _lazy_launcher(module: str, name: str) -> Callable:
-    fn = None
-
-    def launch(*args):
-        nonlocal fn
-        if fn is None:
-            fn = getattr(importlib.import_module(f"mars_kernels.ops.triton.{module}"), name)
-        return fn(*args)
-
-    launch.__name__ = name
-    return launch
-
-
 def register(
-    name: str,
+    schema: str,
     *,
-    fake: Callable,
-    triton: str | None = None,
+    fake: Callable | None = None,
+    triton: Callable | None = None,
     setup: Callable | None = None,
     backward: Callable | None = None,
 ) -> None:
-    """Register the fake, the Triton twin (launcher module ``triton``) and the
-    autograd formula (``setup`` + ``backward``, see the module docstring) of
-    the C++-declared op ``mars_kernels::<name>``. Without the compiled
-    extension there is no schema and nothing is registered (the ops then run
-    on their pure-PyTorch twins)."""
-    if not extension_available():
-        return
-    schema = getattr(torch.ops.mars_kernels, name).default._schema
-    arg_names = [a.name for a in schema.arguments]
+    """Declare ``mars_kernels::<schema>`` and register its fake, its Triton
+    twin (``triton``: the launcher, called with the op's arguments) and its
+    autograd formula (``setup`` + ``backward``, see the module docstring).
+
+    ``schema`` is ``"name(args) -> returns"``. An op without tensor arguments
+    (nothing to trace) needs no fake.
+    """
+    name = schema[: schema.index("(")].strip()
+    _LIBRARY.define(schema)
+    arg_names = [a.name for a in getattr(namespace("compiled"), name).default._schema.arguments]
     spaces = [COMPILED]
-    torch.library.register_fake(f"{COMPILED}::{name}", fake)
+    if fake is not None:
+        torch.library.register_fake(f"{COMPILED}::{name}", fake)
     if triton is not None:
-        text = str(schema)
         op = torch.library.custom_op(
-            f"{TRITON}::{name}", _lazy_launcher(triton, name), mutates_args=(), schema=text[text.index("("):]
+            f"{TRITON}::{name}", triton, mutates_args=(), schema=schema[schema.index("("):]
         )
         op.register_fake(fake)
         spaces.append(TRITON)

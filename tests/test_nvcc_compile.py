@@ -5,11 +5,16 @@
   Ampere (``sm_80``), with the ``__CUDA_NO_HALF*``
   defines torch's extension builder passes (no implicit half / bfloat16
   conversions). Skipped when ``nvcc`` is not on PATH.
-* Every ``csrc/cuda/*.cpp`` file (the torch bindings) gets a host-compiler
-  syntax check (``g++ -fsyntax-only``) against torch's headers and the CUDA
-  runtime headers, in C++17 and in C++20 (what torch's extension builder uses).
-  Skipped when ``g++``, torch, torch's ``c10/cuda`` headers or
-  ``cuda_runtime.h`` cannot be found.
+* Every ``csrc/cuda/*.cpp`` file (the torch bindings) is compiled by the host
+  compiler against torch's headers and the CUDA runtime headers: to an object
+  in C++17 and a syntax check (``g++ -fsyntax-only``) in C++20 (what torch's
+  extension builder uses). Skipped when ``g++``, torch, torch's ``c10/cuda``
+  headers or ``cuda_runtime.h`` cannot be found.
+* Each binding declares the launchers of its ``.cu`` file itself (there is no
+  shared header per op): every ``mars_kernels::cuda`` symbol the binding
+  objects leave undefined must be defined by a ``.cu`` object, so a
+  declaration that drifted from its definition fails here rather than when
+  ``mars_kernels._C`` is loaded on a GPU machine. Needs ``nm``.
 
 All compilations run once per session, at most two at a time, in a pytest
 temporary directory; each test then reports one of them.
@@ -33,6 +38,7 @@ CPP_FILES = sorted(CUDA_SRC.glob("*.cpp"))
 
 NVCC = shutil.which("nvcc")
 GXX = shutil.which("g++")
+NM = shutil.which("nm")
 # The build's default targets (setup.py DEFAULT_CUDA_ARCHS "8.0;9.0+PTX"):
 # sm_90 SASS with compute_90 PTX, and sm_80 SASS.
 ARCHS = {
@@ -40,6 +46,7 @@ ARCHS = {
     "sm_80": "arch=compute_80,code=sm_80",
 }
 CXX_STDS = ("c++17", "c++20")
+OBJECT_STD = "c++17"  # the bindings are compiled to objects in this standard (the symbol check reads them)
 # What torch.utils.cpp_extension adds to every nvcc command line.
 TORCH_NVCC_DEFINES = [
     "-D__CUDA_NO_HALF_OPERATORS__",
@@ -100,8 +107,8 @@ def _torch_include_dirs() -> list[Path]:
     return [Path(p) for p in include_paths()]
 
 
-def _binding_command(src: Path, std: str) -> list[str] | str:
-    """The g++ syntax-check command for `src`, or a reason to skip."""
+def _binding_command(src: Path, std: str, obj: Path | None = None) -> list[str] | str:
+    """The g++ command for `src` (an object `obj`, or a syntax check), or a reason to skip."""
     if GXX is None:
         return "g++ not on PATH"
     torch_dirs = _torch_include_dirs()
@@ -110,7 +117,7 @@ def _binding_command(src: Path, std: str) -> list[str] | str:
     cuda_dirs = _cuda_include_dirs()
     if not cuda_dirs:
         return "cuda_runtime.h not found"
-    cmd = [GXX, f"-std={std}", "-fsyntax-only", "-Wall"]
+    cmd = [GXX, f"-std={std}", "-Wall"] + (["-c", "-O0", "-o", str(obj)] if obj else ["-fsyntax-only"])
     # A CPU-only torch wheel ships c10/cuda headers but not the CMake-generated
     # c10/cuda/impl/cuda_cmake_macros.h; torch's headers know this switch.
     if not any((d / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for d in torch_dirs):
@@ -148,7 +155,7 @@ def compile_results(tmp_path_factory):
     for cpp in CPP_FILES:
         for std in CXX_STDS:
             job = f"{cpp.name}-{std}"
-            cmd = _binding_command(cpp, std)
+            cmd = _binding_command(cpp, std, out_dir / f"{cpp.stem}.o" if std == OBJECT_STD else None)
             if isinstance(cmd, str):
                 results[job] = cmd
             else:
@@ -157,7 +164,14 @@ def compile_results(tmp_path_factory):
         futures = {job: pool.submit(_run, cmd) for job, cmd in jobs.items()}
         for job, fut in futures.items():
             results[job] = fut.result()
+    results["out_dir"] = out_dir
     return results
+
+
+def _symbols(obj: Path, defined: bool) -> set[str]:
+    flag = "--defined-only" if defined else "--undefined-only"
+    out = subprocess.run([NM, flag, str(obj)], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
 
 
 def _check(results, job: str) -> None:
@@ -183,7 +197,34 @@ def test_binding_syntax(compile_results, cpp: Path, std: str) -> None:
     _check(compile_results, f"{cpp.name}-{std}")
 
 
+@pytest.mark.skipif(NM is None, reason="nm not on PATH")
+def test_bindings_call_launchers_the_kernels_define(compile_results) -> None:
+    """Every launcher a binding declares and calls (a mangled mars_kernels::cuda
+    symbol it leaves undefined) is defined, with that exact signature, by the
+    sm_90 object of some .cu file."""
+    out = compile_results["out_dir"]
+    jobs = [f"{cu.name}-sm_90+ptx" for cu in CU_FILES] + [f"{cpp.name}-{OBJECT_STD}" for cpp in CPP_FILES]
+    for job in jobs:
+        _check(compile_results, job)
+    defined = set().union(*(_symbols(out / f"{cu.stem}.sm_90+ptx.o", True) for cu in CU_FILES))
+    called = {}
+    for cpp in CPP_FILES:
+        for sym in _symbols(out / f"{cpp.stem}.o", False):
+            if sym.startswith("_ZN12mars_kernels4cuda"):
+                called[sym] = cpp.name
+    assert called, "no launcher calls found in the bindings"
+    missing = sorted(f"{where}: {sym}" for sym, where in called.items() if sym not in defined)
+    assert not missing, "launchers declared by a binding but defined by no .cu file:\n" + "\n".join(missing)
+
+
 def test_sources_found() -> None:
     """The globs above must see the gating kernels (guards against a moved tree)."""
     assert (CUDA_SRC / "gating.cu") in CU_FILES
     assert (CUDA_SRC / "gating_binding.cpp") in CPP_FILES
+    # csrc/cuda/<op>.cu mirrors mars_kernels/ops/<op>.py, each with its binding.
+    ops = ROOT / "mars_kernels" / "ops"
+    for cu in CU_FILES:
+        assert (ops / f"{cu.stem}.py").is_file(), f"{cu.name} has no op module ops/{cu.stem}.py"
+        assert (CUDA_SRC / f"{cu.stem}_binding.cpp") in CPP_FILES, f"{cu.name} has no binding"
+    for cpp in sorted((ROOT / "csrc" / "cpu").glob("*.cpp")):  # and csrc/cpu/<op>.cpp too
+        assert (ops / f"{cpp.stem}.py").is_file(), f"csrc/cpu/{cpp.name} has no op module ops/{cpp.stem}.py"

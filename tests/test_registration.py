@@ -144,13 +144,16 @@ on_triton_device = pytest.mark.gpu if CUDA else pytest.mark.skipif(not INTERPRET
 
 
 def test_every_compiled_op_is_registered_in_one_place():
-    """Each C++-declared op gets its fake (and, where it has a launcher, its
-    Triton twin with the same schema) through mars_kernels.library.register."""
-    declared = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mars_kernels::")
-                      and any(a.type.kind() == "TensorType" or "Tensor" in str(a.type)
-                              for a in getattr(ops, n.split("::")[1]).default._schema.arguments))
+    """Every op of the namespace (each one the compiled extension has kernels
+    for among them) is declared through mars_kernels.library.register, with its
+    fake (and, where it has a launcher, its Triton twin with the same schema)."""
+    names = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mars_kernels::"))
     registered = mk.library.registered()
-    assert sorted(registered) == declared
+    assert sorted(registered) == names
+    for name in names:  # a kernel of _C without its Python schema would have none
+        assert torch._C._dispatch_find_schema_or_throw(f"mars_kernels::{name}", "") is not None
+        tensor_args = any("Tensor" in str(a.type) for a in getattr(ops, name).default._schema.arguments)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mars_kernels::{name}", "Meta") == tensor_args, name
     for name, spaces in registered.items():
         if mk.library.TRITON in spaces:
             a = str(getattr(ops, name).default._schema).split("(", 1)[1]

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
 
 from mars_kernels import reference as R  # noqa: E402
 from mars_kernels.ops.triton import gating as G  # noqa: E402
+from mars_kernels.ops.triton import launch as L  # noqa: E402
 from mars_kernels.ops.triton import noisy_gating as N  # noqa: E402
 
 MODES = [(True, False), (True, True), (False, False)]  # (softmax_first, renormalize)
@@ -29,7 +30,7 @@ MODES = [(True, False), (True, True), (False, False)]  # (softmax_first, renorma
 def _shapes():
     """(T, E, k): T in {0,1,5,33}, E in {1,2,7,64,257}, k in {1,2,E}.
 
-    Selecting more than G._SORT_ABOVE experts sorts the row with tl.sort, whose
+    Selecting more than L.SORT_ABOVE experts sorts the row with tl.sort, whose
     combine step the interpreter runs element by element in Python, so those
     cases, and E=257, keep T tiny.
     """
@@ -39,7 +40,7 @@ def _shapes():
             for T in (0, 1, 5, 33):
                 if E == 257 and T != 1:
                     continue
-                if k > E or (k + 1 > G._SORT_ABOVE and T > 5):
+                if k > E or (k + 1 > L.SORT_ABOVE and T > 5):
                     continue
                 out.append((T, E, k))
     return out
@@ -81,9 +82,8 @@ def _tol(dtype):
 def tile(request, monkeypatch):
     """Also run with a tiny interpreter tile: many programs, masked tail blocks."""
     if request.param == "small_tile":
-        for launchers in (G, N):
-            monkeypatch.setattr(launchers, "_INTERPRETER_TILE", 64)
-            monkeypatch.setattr(launchers, "_GPU_TILE", 64)
+        monkeypatch.setattr(L, "INTERPRETER_ROW_TILE", 64)  # the tiles of G and N
+        monkeypatch.setattr(L, "ROW_GPU_TILE", 64)
     return request.param
 
 
@@ -94,7 +94,7 @@ def tile(request, monkeypatch):
 @pytest.mark.parametrize("E,k", [(7, 1), (7, 3), (7, 7), (64, 2), (64, 8), (64, 9), (64, 64)])
 def test_topk_gating_ties_exact(E, k, dtype):
     """Integer-valued logits: many ties, which must break to the lower expert index."""
-    use_sort = k > G._SORT_ABOVE
+    use_sort = k > L.SORT_ABOVE
     g = torch.Generator().manual_seed(E + k)
     x = torch.randint(-3, 4, (6 if use_sort else 33, E), generator=g).to(dtype)
     x[0] = 0.0
@@ -159,9 +159,9 @@ def test_topk_gating(T, E, k, softmax_first, renormalize, dtype):
 @pytest.mark.parametrize("E,k", [(7, 3), (64, 2), (10, 10)])
 def test_topk_gating_many_programs(E, k, monkeypatch):
     """A tiny tile: many programs per launch and a partly masked last block."""
-    monkeypatch.setattr(G, "_INTERPRETER_TILE", 32)
+    monkeypatch.setattr(L, "INTERPRETER_ROW_TILE", 32)
     g = torch.Generator().manual_seed(E)
-    T = 7 if k > G._SORT_ABOVE else 33
+    T = 7 if k > L.SORT_ABOVE else 33
     x = torch.randint(-2, 3, (T, E), generator=g).float()
     gw = torch.randn(T, k, generator=g)
     for softmax_first, renormalize in MODES:
@@ -298,7 +298,7 @@ def test_noisy_topk_gating_float64(E, k):
 def test_noisy_topk_gating_ties_and_determinism(monkeypatch):
     """Tied noisy values (zero noise, integer logits) break to the lower index;
     the token sums are bitwise reproducible."""
-    monkeypatch.setattr(N, "_INTERPRETER_TILE", 64)
+    monkeypatch.setattr(L, "INTERPRETER_ROW_TILE", 64)
     T, E, k = 33, 7, 2
     g = torch.Generator().manual_seed(9)
     clean = torch.randint(-2, 3, (T, E), generator=g).float()

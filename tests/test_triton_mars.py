@@ -22,6 +22,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
 
 from mars_kernels import reference as R  # noqa: E402
+from mars_kernels.ops.triton import launch as L  # noqa: E402
 from mars_kernels.ops.triton import mars_routing as M  # noqa: E402
 
 # (sigma_0, sigma_const, sigma_max)
@@ -35,7 +36,7 @@ SIGMAS = {
 def _shapes():
     """(T, E, k): T in {0,1,5,33}, E in {1,7,64,257}, k in {1,2,E}.
 
-    Selecting more than M._SORT_ABOVE experts sorts the row with tl.sort, which
+    Selecting more than L.SORT_ABOVE experts sorts the row with tl.sort, which
     the interpreter runs element by element in Python, so those cases, and
     E=257, keep T tiny.
     """
@@ -45,7 +46,7 @@ def _shapes():
             for T in (0, 1, 5, 33):
                 if E == 257 and T != 1:
                     continue
-                if k > E or (k > M._SORT_ABOVE and T > 5):
+                if k > E or (k > L.SORT_ABOVE and T > 5):
                     continue
                 out.append((T, E, k))
     return out
@@ -221,7 +222,7 @@ def test_sigma_settings_matter():
 def test_mars_routing_ties_exact(E, k, dtype):
     """Integer-valued logits and noise: many exact ties in the noisy logits,
     which must break to the lower expert index exactly as the reference."""
-    use_sort = k > M._SORT_ABOVE
+    use_sort = k > L.SORT_ABOVE
     T = 6 if use_sort else 33
     g = torch.Generator().manual_seed(E + k)
     lr = torch.randint(-3, 4, (T, E), generator=g).to(dtype)
@@ -280,7 +281,7 @@ def test_mars_routing_many_programs_deterministic(T, E, k, monkeypatch):
     grads = _grads_out(T, E, k, torch.float32, 1)
     sigmas = SIGMAS["scaled"]
     big = _run(lr, lf, noise, k, sigmas, grads)
-    monkeypatch.setattr(M, "_INTERPRETER_TILE", 32)
+    monkeypatch.setattr(L, "INTERPRETER_ROW_TILE", 32)
     monkeypatch.setattr(M, "_GPU_TILE", 32)
     small = _run(lr, lf, noise, k, sigmas, grads)
     again = _run(lr, lf, noise, k, sigmas, grads)

@@ -151,3 +151,55 @@ def test_auto_takes_triton_on_a_gpu_the_cuda_build_cannot_run(monkeypatch):
         be.resolve("cuda", gpu)
     monkeypatch.setattr(be, "_available", {"cuda": True, "triton": True, "cuda-arch-0": True})
     assert be.resolve(None, gpu) == "cuda"
+
+
+def test_triton_needs_no_extension(monkeypatch):
+    """Without mars_kernels._C (CUDA mocked): auto takes triton for CUDA tensors,
+    and triton asked for explicitly runs; cpu and cuda asked for explicitly raise."""
+    monkeypatch.setattr(be, "_extension_error", "No module named 'mars_kernels._C'")
+    monkeypatch.setattr(be, "_available", {"cuda": False, "triton": True})
+    monkeypatch.setattr(be, "_warned", set())
+    gpu = torch.device("cuda", 0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert be.resolve(None, gpu) == "triton"
+        assert be.resolve("triton", gpu) == "triton"
+    with pytest.raises(RuntimeError, match="backend='cuda' needs mars_kernels._C built with CUDA"):
+        be.resolve("cuda", gpu)
+    with pytest.raises(RuntimeError, match="backend='cpu' needs the compiled extension"):
+        be.resolve("cpu", torch.device("cpu"))
+    monkeypatch.setattr(be, "_available", {"cuda": False, "triton": False})
+    with pytest.warns(RuntimeWarning, match="using the pure-PyTorch reference path"):
+        assert be.resolve(None, gpu) == "reference"
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy"])
+def test_sparse_moe_resolves_its_backend_once_per_call(monkeypatch, router):
+    """SparseMoE resolves the backend once and hands the Resolved name to the
+    router, the experts and every op, which take it as it is."""
+    calls = []
+    decide = be._resolve
+    monkeypatch.setattr(be, "_resolve", lambda backend, device: calls.append(backend) or decide(backend, device))
+    layer = mk.SparseMoE(8, 16, 4, 2, router=router, capacity_factor=1.0)
+    for training in (True, False):
+        layer.train(training)
+        calls.clear()
+        y, aux = layer(torch.randn(2, 5, 8))
+        (y.sum() + aux["balance_loss"]).backward()
+        assert len(calls) == 1, calls
+
+
+def test_resolved_names():
+    import copy
+    import pickle
+
+    cpu = torch.device("cpu")
+    name = be.resolve("reference", cpu)
+    assert isinstance(name, be.Resolved) and name == "reference" and str(name) == "reference"
+    assert be.resolve(name, cpu) is name and be.TABLE["moe_mlp"][name] == "torch"
+    assert pickle.loads(pickle.dumps(name)) == name and copy.deepcopy(name).device_type == "cpu"
+    # Resolved for another device type: resolved again, with that device's checks.
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        be.resolve(be.resolve("cpu", cpu), torch.device("cuda"))

@@ -1,6 +1,6 @@
 // CPU MARS routing: one pass per token over the residual- and feature-router
 // logits (softmaxes, divergence, discrepancy-scaled noise, top-k, imitation
-// loss, balance statistics). Contract in csrc/ops.cpp; ground truth in
+// loss, balance statistics). Contract beside the schema in mars_kernels/ops/mars_routing.py; ground truth in
 // mars_kernels/reference.py (mars_routing).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -1,7 +1,7 @@
 // CPU modality attention: self-attention across the M modality tokens at each
 // position, every head, in one pass per position, reading the packed q|k|v
 // projections in place (no head transposes, no per-position launch). Contract
-// in csrc/ops.cpp; ground truth in mars_kernels/reference.py
+// beside the schema in mars_kernels/ops/modality_attention.py; ground truth in mars_kernels/reference.py
 // (modality_attention).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

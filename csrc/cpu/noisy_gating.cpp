@@ -1,6 +1,6 @@
 // CPU noisy top-k gating (Shazeer et al. 2017), training mode. Tokens are
 // processed in fixed blocks of kTokenBlock rows so the importance/load sums
-// are deterministic. Contract in csrc/ops.cpp.
+// are deterministic. Contract beside the schema in mars_kernels/ops/noisy_gating.py.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

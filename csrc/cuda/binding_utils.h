@@ -1,6 +1,5 @@
 // Argument checks and launch helpers shared by the torch bindings of the CUDA
-// kernels (gating_binding.cpp, mars_routing_binding.cpp,
-// moe_dispatch_binding.cpp).
+// kernels (the csrc/cuda/*_binding.cpp files).
 //
 // Torch-side header (ATen, c10::cuda): included only by the *_binding.cpp
 // files, never by the .cu kernels. Everything lives in an anonymous namespace
@@ -132,6 +131,17 @@ inline at::Tensor grad_arg(const at::Tensor& t, const char* op, const char* name
 inline void check_k(int64_t k, int64_t E, const char* op) {
   TORCH_CHECK(k >= 1 && k <= E, "mars_kernels.", op, ": expected 1 <= k <= E = ", E,
               ", got k = ", k);
+}
+
+/// k of the saved selection `indices` [T, k] of a backward (2-D, 1 <= k <= E);
+/// its dtype, shape and device are checked with the other arguments.
+inline int64_t top_k_of(const at::Tensor& indices, int64_t E, const char* op) {
+  TORCH_CHECK(indices.defined() && indices.dim() == 2, "mars_kernels.", op,
+              ": expected `indices` to be 2-D [T, k]",
+              indices.defined() ? ", got " + describe(indices) : std::string());
+  const int64_t k = indices.size(1);
+  check_k(k, E, op);
+  return k;
 }
 
 inline void check_launch(cudaError_t err, const char* op) {

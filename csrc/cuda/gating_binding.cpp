@@ -1,10 +1,11 @@
-// CUDA implementations of the routing / gating ops declared in csrc/ops.cpp:
-// topk_gating_fwd/bwd, noisy_topk_gating_fwd/bwd, router_stats_fwd/bwd.
+// CUDA kernels of the top-k gating and router statistics ops (schemas in
+// mars_kernels/ops/gating.py): topk_gating_fwd/bwd, router_stats_fwd/bwd, and
+// cuda_kernels_run_on (schema in mars_kernels/backend.py).
 //
 // This file only validates arguments, allocates outputs with torch and calls
-// the plain launchers of gating.cu (declared in gating.cuh) on the current
-// CUDA stream of the input's device. It is compiled by the host compiler and
-// built only when torch has CUDA.
+// the plain launchers of gating.cu (declared below; contracts there) on the
+// current CUDA stream of the input's device. It is compiled by the host
+// compiler and built only when torch has CUDA.
 //
 // Argument policy: the primary inputs (logits, noise, saved forward outputs)
 // must be contiguous tensors of the documented dtype on one CUDA device;
@@ -16,14 +17,38 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
-#include <sstream>
-#include <string>
 #include <tuple>
-#include <vector>
 
 #include "binding_utils.h"
-#include "gating.cuh"
+#include "launcher.h"
+
+namespace mars_kernels {
+namespace cuda {
+
+// The launchers of gating.cu.
+template <typename scalar_t>
+cudaError_t launch_topk_gating_fwd(const scalar_t* logits, int64_t num_tokens, int64_t num_experts, int64_t k,
+                                   bool softmax_first, bool renormalize, acc_t<scalar_t>* weights,
+                                   int64_t* indices, acc_t<scalar_t>* lse, cudaStream_t stream);
+template <typename scalar_t>
+cudaError_t launch_topk_gating_bwd(const acc_t<scalar_t>* grad_weights, const scalar_t* logits,
+                                   const acc_t<scalar_t>* weights, const int64_t* indices,
+                                   const acc_t<scalar_t>* lse, int64_t num_tokens, int64_t num_experts, int64_t k,
+                                   bool softmax_first, bool renormalize, scalar_t* grad_logits,
+                                   cudaStream_t stream);
+int64_t router_stats_fwd_workspace_elems(int64_t num_tokens, int64_t num_experts);
+template <typename scalar_t>
+cudaError_t launch_router_stats_fwd(const scalar_t* logits, int64_t num_tokens, int64_t num_experts,
+                                    acc_t<scalar_t>* lse, acc_t<scalar_t>* prob_sum, acc_t<scalar_t>* workspace,
+                                    cudaStream_t stream);
+template <typename scalar_t>
+cudaError_t launch_router_stats_bwd(const acc_t<scalar_t>* grad_lse, const acc_t<scalar_t>* grad_prob_sum,
+                                    const scalar_t* logits, const acc_t<scalar_t>* lse, int64_t num_tokens,
+                                    int64_t num_experts, scalar_t* grad_logits, cudaStream_t stream);
+cudaError_t kernel_image_status();
+
+}  // namespace cuda
+}  // namespace mars_kernels
 
 namespace {
 
@@ -65,11 +90,7 @@ Tensor topk_gating_bwd_cuda(const Tensor& grad_weights, const Tensor& logits,
   check_logits(logits, op, "logits");
   const int64_t T = logits.size(0);
   const int64_t E = logits.size(1);
-  TORCH_CHECK(indices.defined() && indices.dim() == 2, "mars_kernels.", op,
-              ": expected `indices` to be 2-D [T, k]",
-              indices.defined() ? ", got " + describe(indices) : std::string());
-  const int64_t k = indices.size(1);
-  check_k(k, E, op);
+  const int64_t k = top_k_of(indices, E, op);
   const auto dev = logits.device();
   const auto acc = acc_dtype(logits.scalar_type());
   check_arg(indices, op, "indices", dev, at::kLong, {T, k});
@@ -89,87 +110,6 @@ Tensor topk_gating_bwd_cuda(const Tensor& grad_weights, const Tensor& logits,
                  op);
   });
   return grad_logits;
-}
-
-// ---------------------------------------------------------------------------
-// noisy top-k gating
-// ---------------------------------------------------------------------------
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> noisy_topk_gating_fwd_cuda(
-    const Tensor& clean_logits, const Tensor& noise_logits, const Tensor& noise, int64_t k,
-    double noise_eps) {
-  constexpr const char* op = "noisy_topk_gating_fwd";
-  check_logits(clean_logits, op, "clean_logits");
-  const int64_t T = clean_logits.size(0);
-  const int64_t E = clean_logits.size(1);
-  check_k(k, E, op);
-  const auto dev = clean_logits.device();
-  const auto acc = acc_dtype(clean_logits.scalar_type());
-  check_arg(noise_logits, op, "noise_logits", dev, clean_logits.scalar_type(), {T, E});
-  check_arg(noise, op, "noise", dev, acc, {T, E});
-  const c10::cuda::CUDAGuard guard(dev);
-  const auto acc_opts = clean_logits.options().dtype(acc);
-  Tensor weights = at::empty({T, k}, acc_opts);
-  Tensor indices = at::empty({T, k}, clean_logits.options().dtype(at::kLong));
-  Tensor threshold_index = at::empty({T}, clean_logits.options().dtype(at::kLong));
-  Tensor importance = at::empty({E}, acc_opts);
-  Tensor load = at::empty({E}, acc_opts);
-  Tensor workspace =
-      at::empty({T > 0 ? mk::noisy_topk_gating_fwd_workspace_elems(T, E) : 0}, acc_opts);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_logits_type(clean_logits.scalar_type(), op, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using A = mk::acc_t<scalar_t>;
-    check_launch(mk::launch_noisy_topk_gating_fwd<scalar_t>(
-                     cptr<scalar_t>(clean_logits), cptr<scalar_t>(noise_logits), cptr<A>(noise),
-                     T, E, k, noise_eps, mptr<A>(weights), mptr<int64_t>(indices),
-                     mptr<int64_t>(threshold_index), mptr<A>(importance), mptr<A>(load),
-                     mptr<A>(workspace), stream),
-                 op);
-  });
-  return {weights, indices, threshold_index, importance, load};
-}
-
-std::tuple<Tensor, Tensor> noisy_topk_gating_bwd_cuda(
-    const Tensor& grad_weights, const Tensor& grad_importance, const Tensor& grad_load,
-    const Tensor& clean_logits, const Tensor& noise_logits, const Tensor& noise,
-    const Tensor& weights, const Tensor& indices, const Tensor& threshold_index,
-    double noise_eps) {
-  constexpr const char* op = "noisy_topk_gating_bwd";
-  check_logits(clean_logits, op, "clean_logits");
-  const int64_t T = clean_logits.size(0);
-  const int64_t E = clean_logits.size(1);
-  TORCH_CHECK(indices.defined() && indices.dim() == 2, "mars_kernels.", op,
-              ": expected `indices` to be 2-D [T, k]",
-              indices.defined() ? ", got " + describe(indices) : std::string());
-  const int64_t k = indices.size(1);
-  check_k(k, E, op);
-  const auto dev = clean_logits.device();
-  const auto acc = acc_dtype(clean_logits.scalar_type());
-  check_arg(noise_logits, op, "noise_logits", dev, clean_logits.scalar_type(), {T, E});
-  check_arg(noise, op, "noise", dev, acc, {T, E});
-  check_arg(weights, op, "weights", dev, acc, {T, k});
-  check_arg(indices, op, "indices", dev, at::kLong, {T, k});
-  check_arg(threshold_index, op, "threshold_index", dev, at::kLong, {T});
-  const Tensor gw = grad_arg(grad_weights, op, "grad_weights", dev, acc, {T, k});
-  const Tensor gi = grad_arg(grad_importance, op, "grad_importance", dev, acc, {E});
-  const Tensor gl = grad_arg(grad_load, op, "grad_load", dev, acc, {E});
-  const c10::cuda::CUDAGuard guard(dev);
-  Tensor grad_clean = at::empty({T, E}, clean_logits.options());
-  Tensor grad_noise_logits = at::empty({T, E}, clean_logits.options());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_logits_type(clean_logits.scalar_type(), op, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using A = mk::acc_t<scalar_t>;
-    check_launch(mk::launch_noisy_topk_gating_bwd<scalar_t>(
-                     cptr<A>(gw), cptr<A>(gi), cptr<A>(gl), cptr<scalar_t>(clean_logits),
-                     cptr<scalar_t>(noise_logits), cptr<A>(noise), cptr<A>(weights),
-                     cptr<int64_t>(indices), cptr<int64_t>(threshold_index), T, E, k,
-                     noise_eps, mptr<scalar_t>(grad_clean), mptr<scalar_t>(grad_noise_logits),
-                     stream),
-                 op);
-  });
-  return {grad_clean, grad_noise_logits};
 }
 
 // ---------------------------------------------------------------------------
@@ -233,16 +173,16 @@ bool cuda_kernels_run_on(int64_t device) {
 
 }  // namespace
 
-// Not a tensor op: a catch-all kernel, defined here because only CUDA builds have it.
-TORCH_LIBRARY_FRAGMENT(mars_kernels, m) {
-  m.def("cuda_kernels_run_on(int device) -> bool", &cuda_kernels_run_on);
+// Not a tensor op (schema in mars_kernels/backend.py): with no tensor argument
+// to dispatch on, the dispatcher runs the CompositeExplicitAutograd kernel. Only
+// CUDA builds register it.
+TORCH_LIBRARY_IMPL(mars_kernels, CompositeExplicitAutograd, m) {
+  m.impl("cuda_kernels_run_on", &cuda_kernels_run_on);
 }
 
 TORCH_LIBRARY_IMPL(mars_kernels, CUDA, m) {
   m.impl("topk_gating_fwd", &topk_gating_fwd_cuda);
   m.impl("topk_gating_bwd", &topk_gating_bwd_cuda);
-  m.impl("noisy_topk_gating_fwd", &noisy_topk_gating_fwd_cuda);
-  m.impl("noisy_topk_gating_bwd", &noisy_topk_gating_bwd_cuda);
   m.impl("router_stats_fwd", &router_stats_fwd_cuda);
   m.impl("router_stats_bwd", &router_stats_bwd_cuda);
 }

@@ -1,9 +1,9 @@
 // MARS training-time routing CUDA kernels (DESIGN 2.3), forward and backward.
 //
 // CUDA runtime only (no torch headers): compiles with a plain `nvcc -c`. The
-// torch-facing glue is mars_routing_binding.cpp; the launch contracts are in
-// mars_routing.cuh, the op contracts in csrc/ops.cpp, the ground truth is
-// mars_kernels.reference.mars_routing.
+// torch-facing glue is mars_routing_binding.cpp; the op contract is beside the
+// schema in mars_kernels/ops/mars_routing.py, the launcher conventions in
+// launcher.h, the ground truth is mars_kernels.reference.mars_routing.
 //
 // Work decomposition (as gating.cu):
 //   * One warp per token row; a block holds kWarpsPerBlock = 4 warps (128
@@ -31,9 +31,10 @@
 // selection saw, and equal to torch's `l_r + sigma * noise` for equal sigma.
 // Values of the first 32*CACHE experts stay in registers (CACHE in {1,2,4,8}
 // from E at launch); experts beyond that are re-read (L1/L2 resident).
-// The building blocks shared with gating.cu (scalar helpers, warp reductions,
-// selection keys, column_sum_kernel) are in routing_device.cuh.
-#include "mars_routing.cuh"
+// The building blocks shared with gating.cu and noisy_gating.cu (scalar
+// helpers, warp reductions, selection keys, token chunks, column_sum_kernel)
+// are in routing_device.cuh.
+#include "launcher.h"
 #include "routing_device.cuh"
 
 #include <cstdint>
@@ -44,18 +45,8 @@ namespace mars_kernels {
 namespace cuda {
 namespace {
 
-// Token chunks of the forward: rows_per_chunk(T) = max(kMinRowsPerChunk,
-// ceil(T / kMaxChunks)) rows per warp. Part of the summation order of prob_sum.
-constexpr int64_t kMinRowsPerChunk = 4;
-constexpr int64_t kMaxChunks = 4096;
-
-inline int64_t rows_per_chunk(int64_t num_tokens) {
-  const int64_t r = ceil_div(num_tokens, kMaxChunks);
-  return r > kMinRowsPerChunk ? r : kMinRowsPerChunk;
-}
-inline int64_t num_chunks(int64_t num_tokens) {
-  return ceil_div(num_tokens, rows_per_chunk(num_tokens));
-}
+// Token chunks of the forward: rows_per_chunk(T) rows per warp
+// (routing_device.cuh), part of the summation order of prob_sum.
 
 // ---------------------------------------------------------------------------
 // Scalar helpers used only here (the common ones, the warp reductions and the
@@ -286,13 +277,29 @@ __global__ void __launch_bounds__(kThreadsPerBlock) mars_routing_bwd_kernel(
 }  // namespace
 
 // ---------------------------------------------------------------------------
-// Launchers.
+// Launchers (declared in mars_routing_binding.cpp).
 // ---------------------------------------------------------------------------
 
+/// Number of acc_t elements of scratch memory launch_mars_routing_fwd needs
+/// (per-token-chunk partial sums of prob_sum and the staging area of the
+/// deterministic column reduction).
 int64_t mars_routing_fwd_workspace_elems(int64_t num_tokens, int64_t num_experts) {
   return num_chunks(num_tokens) * num_experts + reduce_staging_elems(num_experts);
 }
 
+/// residual_logits l_r, feature_logits l_f [T, E] (scalar_t), noise [T, E]
+/// (acc) -> weights [T, k] (acc), indices [T, k] (int64), imitation [T],
+/// divergence [T], prob_sum [E], lse_r [T], lse_f [T] (acc).
+///
+/// Per row: lse = log-sum-exp of the row shifted by its max (as
+/// torch.log_softmax: NaN for a row holding NaN or +inf, or all -inf), p =
+/// exp(l - lse); divergence = imitation = sum_e p_r (log p_r - log p_f);
+/// sigma = min(sigma_0 * divergence + sigma_const, sigma_max) (NaN stays
+/// NaN); noisy = l_r + sigma * noise, rounded as two separate operations;
+/// indices = the top k of noisy, weights = softmax over the k selected noisy
+/// values. prob_sum[e] = sum_t p_r[t, e], deterministic (fixed token chunks,
+/// fixed reduction order, no atomics). sigma_* are rounded to acc first.
+/// `workspace` holds mars_routing_fwd_workspace_elems(T, E) elements.
 template <typename scalar_t>
 cudaError_t launch_mars_routing_fwd(const scalar_t* residual_logits,
                                     const scalar_t* feature_logits,
@@ -327,6 +334,17 @@ cudaError_t launch_mars_routing_fwd(const scalar_t* residual_logits,
   return cudaGetLastError();
 }
 
+/// grad_weights [T, k], grad_imitation [T], grad_prob_sum [E] (acc),
+/// residual_logits, feature_logits [T, E] (scalar_t), weights [T, k] (acc),
+/// indices [T, k] (int64), lse_r, lse_f [T] (acc) ->
+///   grad_residual, grad_feature [T, E] (scalar_t).
+///
+/// With p = exp(l - lse) and s = sum_j g_j w_j:
+///   grad_residual[e] = sum_{j: idx_j = e} w_j (g_j - s)
+///                      + p_r[e] (grad_prob_sum[e] - sum_e' grad_prob_sum[e'] p_r[e']),
+///   grad_feature[e] = grad_imitation (p_f[e] - p_r[e]).
+/// Duplicate indices in a row are summed (never produced by the forward);
+/// out-of-range indices are skipped.
 template <typename scalar_t>
 cudaError_t launch_mars_routing_bwd(const acc_t<scalar_t>* grad_weights,
                                     const acc_t<scalar_t>* grad_imitation,

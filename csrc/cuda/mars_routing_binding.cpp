@@ -1,9 +1,9 @@
-// CUDA implementations of the MARS routing ops declared in csrc/ops.cpp:
+// CUDA kernels of the MARS routing ops (schemas in mars_kernels/ops/mars_routing.py):
 // mars_routing_fwd / mars_routing_bwd.
 //
 // This file only validates arguments, allocates outputs with torch and calls
-// the plain launchers of mars_routing.cu (declared in mars_routing.cuh) on the
-// current CUDA stream of the logits' device. It is compiled by the host
+// the plain launchers of mars_routing.cu (declared below; contracts there) on
+// the current CUDA stream of the logits' device. It is compiled by the host
 // compiler and built only when torch has CUDA.
 //
 // Argument policy (as gating_binding.cpp): the primary inputs (logits, noise,
@@ -17,14 +17,33 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
-#include <sstream>
-#include <string>
 #include <tuple>
-#include <vector>
 
 #include "binding_utils.h"
-#include "mars_routing.cuh"
+#include "launcher.h"
+
+namespace mars_kernels {
+namespace cuda {
+
+// The launchers of mars_routing.cu.
+int64_t mars_routing_fwd_workspace_elems(int64_t num_tokens, int64_t num_experts);
+template <typename scalar_t>
+cudaError_t launch_mars_routing_fwd(const scalar_t* residual_logits, const scalar_t* feature_logits,
+                                    const acc_t<scalar_t>* noise, int64_t num_tokens, int64_t num_experts, int64_t k,
+                                    double sigma_0, double sigma_const, double sigma_max, acc_t<scalar_t>* weights,
+                                    int64_t* indices, acc_t<scalar_t>* imitation, acc_t<scalar_t>* divergence,
+                                    acc_t<scalar_t>* prob_sum, acc_t<scalar_t>* lse_r, acc_t<scalar_t>* lse_f,
+                                    acc_t<scalar_t>* workspace, cudaStream_t stream);
+template <typename scalar_t>
+cudaError_t launch_mars_routing_bwd(const acc_t<scalar_t>* grad_weights, const acc_t<scalar_t>* grad_imitation,
+                                    const acc_t<scalar_t>* grad_prob_sum, const scalar_t* residual_logits,
+                                    const scalar_t* feature_logits, const acc_t<scalar_t>* weights,
+                                    const int64_t* indices, const acc_t<scalar_t>* lse_r,
+                                    const acc_t<scalar_t>* lse_f, int64_t num_tokens, int64_t num_experts, int64_t k,
+                                    scalar_t* grad_residual, scalar_t* grad_feature, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mars_kernels
 
 namespace {
 
@@ -77,11 +96,7 @@ std::tuple<Tensor, Tensor> mars_routing_bwd_cuda(
   check_logits(residual_logits, op, "residual_logits");
   const int64_t T = residual_logits.size(0);
   const int64_t E = residual_logits.size(1);
-  TORCH_CHECK(indices.defined() && indices.dim() == 2, "mars_kernels.", op,
-              ": expected `indices` to be 2-D [T, k]",
-              indices.defined() ? ", got " + describe(indices) : std::string());
-  const int64_t k = indices.size(1);
-  check_k(k, E, op);
+  const int64_t k = top_k_of(indices, E, op);
   const auto dev = residual_logits.device();
   const auto acc = acc_dtype(residual_logits.scalar_type());
   check_arg(feature_logits, op, "feature_logits", dev, residual_logits.scalar_type(), {T, E});

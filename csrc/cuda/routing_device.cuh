@@ -1,13 +1,13 @@
-// Device-side building blocks shared by the routing kernels (gating.cu and
-// mars_routing.cu): launch-shape constants, scalar helpers (float / double
-// overloads), warp reductions, the ordered selection keys and one selection
-// round, the deterministic column-sum kernel and small host-side helpers.
+// Device-side building blocks shared by the routing kernels (gating.cu,
+// noisy_gating.cu and mars_routing.cu): launch-shape constants, scalar helpers
+// (float / double overloads), warp reductions, the ordered selection keys and
+// one selection round, the token chunks of the sums over tokens, the
+// deterministic column-sum kernel and small host-side helpers.
 //
 // CUDA runtime only (no torch headers); included only by .cu files. Like the
 // code it was taken from, everything lives in an anonymous namespace, so each
-// .cu file gets its own internal-linkage copy. Kernel launches (and the
-// constants that fix the summation order of the per-chunk partials) stay in
-// the .cu files.
+// .cu file gets its own internal-linkage copy. Kernel launches stay in the .cu
+// files.
 #pragma once
 
 #include <cstdint>
@@ -70,6 +70,15 @@ __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff80
 template <>
 __device__ __forceinline__ double neg_inf<double>() {
   return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc quiet_nan();
+template <>
+__device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fffffff); }
+template <>
+__device__ __forceinline__ double quiet_nan<double>() {
+  return __longlong_as_double(0x7fffffffffffffffll);
 }
 
 // ---------------------------------------------------------------------------
@@ -237,6 +246,22 @@ void dispatch_cache(int64_t E, F&& f) {
   } else {
     f(std::integral_constant<int, 8>{});
   }
+}
+
+// Kernels that produce per-chunk partial sums over tokens (importance / load,
+// prob_sum) give each warp rows_per_chunk(T) = max(kMinRowsPerChunk,
+// ceil(T / kMaxChunks)) consecutive rows: small T keeps many warps busy, large
+// T bounds the partials to kMaxChunks rows. Both are part of the summation
+// order, hence of the exact bits of those sums (which depend on (T, E) only).
+constexpr int64_t kMinRowsPerChunk = 4;
+constexpr int64_t kMaxChunks = 4096;
+
+inline int64_t rows_per_chunk(int64_t num_tokens) {
+  const int64_t r = ceil_div(num_tokens, kMaxChunks);
+  return r > kMinRowsPerChunk ? r : kMinRowsPerChunk;
+}
+inline int64_t num_chunks(int64_t num_tokens) {
+  return ceil_div(num_tokens, rows_per_chunk(num_tokens));
 }
 
 // Column reduction: a single stage for up to this many partial rows, else a

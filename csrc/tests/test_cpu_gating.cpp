@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdio>
@@ -14,6 +15,25 @@
 #include <vector>
 
 #include "cpu/routing_math.h"
+
+// The schemas live in Python (mars_kernels/ops/gating.py); this program has no
+// Python, so it declares the one it calls, exactly as there. The library's
+// CPU kernel registered first (its static initialisers run before this
+// program's): the dispatcher takes an implementation before its schema and
+// checks it against the schema when that arrives, which is the order
+// mars_kernels uses too (mars_kernels._C loads before the op modules).
+TORCH_LIBRARY_FRAGMENT(mars_kernels, m) {
+  m.def("topk_gating_fwd(Tensor logits, int k, bool softmax_first, bool renormalize)"
+        " -> (Tensor weights, Tensor indices, Tensor lse)");
+}
+
+// An op without tensor arguments, like cuda_kernels_run_on: its kernel is
+// registered for CompositeExplicitAutograd, which the dispatcher runs when
+// there is no tensor to take a dispatch key from.
+TORCH_LIBRARY_FRAGMENT(mars_kernels_test, m) { m.def("twice(int x) -> int"); }
+TORCH_LIBRARY_IMPL(mars_kernels_test, CompositeExplicitAutograd, m) {
+  m.impl("twice", [](int64_t x) { return 2 * x; });
+}
 
 namespace {
 
@@ -63,6 +83,11 @@ void check_op(int64_t T, int64_t E, int64_t k, bool softmax_first, bool renormal
       expect(std::abs(weights[t][j].item<float>() - w[j]) < 1e-6, "weight", t);
     }
   }
+}
+
+void check_op_without_tensors() {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mars_kernels_test::twice", "").typed<int64_t(int64_t)>();
+  expect(op.call(21) == 42, "an op without tensor arguments runs its CompositeExplicitAutograd kernel");
 }
 
 void check_select_ties_and_nan() {
@@ -197,6 +222,7 @@ void check_vec8() {
 }  // namespace
 
 int main() {
+  check_op_without_tensors();
   check_select_ties_and_nan();
   check_row_helpers();
   check_vec8();

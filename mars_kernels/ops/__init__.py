@@ -1,10 +1,13 @@
 """The ops, one module per op family. Each module holds the public function
-(docstring with shapes), its validation, its ``torch.library`` registration
-(fake, autograd, Triton twin; see :mod:`mars_kernels.library`) and its
-pure-PyTorch twin ``<op>_torch``; its Triton launchers and kernels sit in
-``ops/triton/<module>.py``, its C++/CUDA kernels in ``csrc/cpu`` and
-``csrc/cuda``. Which implementation runs for which backend is the table in
-:mod:`mars_kernels.backend`.
+(docstring with shapes), its validation, its kernel-level ops' schemas with
+their ``torch.library`` registration (fake, autograd, Triton twin; see
+:mod:`mars_kernels.library`) and its pure-PyTorch twin ``<op>_torch``. Its
+kernels sit in files of the same name: the Triton launchers in
+``ops/triton/<module>.py`` (``@triton.jit`` bodies in
+``ops/triton/_<module>_kernels.py``), the C++ kernels in
+``csrc/cpu/<module>.cpp``, the CUDA kernels in ``csrc/cuda/<module>.cu`` with
+their torch binding ``csrc/cuda/<module>_binding.cpp``. Which implementation
+runs for which backend is the table in :mod:`mars_kernels.backend`.
 """
 from .common import compute_dtype, topk_order
 from .dispatch import DEFAULT_BLOCK_SIZE, MoEMeta, apply_capacity, moe_align, permute, unpermute

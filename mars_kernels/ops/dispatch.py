@@ -6,10 +6,11 @@ Shapes: T tokens, k experts per token, S = T*k assignments, D model width, E
 experts. The combine is deterministic (a gather-sum through the inverse
 permutation, no atomics); nothing here syncs the device with the host.
 
-Kernel-level ops (schemas in ``csrc/ops.cpp``): ``moe_align``, ``moe_permute``,
-``moe_unpermute``, ``moe_unpermute_bwd``; C++ in ``csrc/cpu/moe_dispatch.cpp``,
-CUDA in ``csrc/cuda/moe_dispatch.cu``. The Triton backend runs the twins here
-(sync-free torch ops on a GPU).
+Kernel-level ops (schemas below, beside their callers): ``moe_align``,
+``moe_permute``, ``moe_unpermute``, ``moe_unpermute_bwd``; C++ in
+``csrc/cpu/dispatch.cpp``, CUDA in ``csrc/cuda/dispatch.cu`` (+
+``dispatch_binding.cpp``). The Triton backend runs the twins here (sync-free
+torch ops on a GPU).
 """
 from __future__ import annotations
 
@@ -156,7 +157,16 @@ def _align_fake(indices, num_experts, block_size):
     return new(num_experts), new(num_experts + 1), new(S), new(S), new(nb), new(nb)
 
 
-library.register("moe_align", fake=_align_fake)
+# S = T*k assignments, flat = t*k + j. indices [T,k] int64 with values in [0, E]
+# (E = dropped) -> counts [E], offsets [E+1], permutation [S] (sorted slot ->
+# flat), inverse [S], block_expert [NB], block_start [NB], NB = ceil(S/block_size)
+# + E. All int64; sorted order is stable (by flat index within an expert). See
+# mars_kernels/meta.py.
+library.register(
+    "moe_align(Tensor indices, int num_experts, int block_size) -> (Tensor counts, Tensor offsets,"
+    " Tensor permutation, Tensor inverse, Tensor block_expert, Tensor block_start)",
+    fake=_align_fake,
+)
 
 
 # --------------------------------------------------------------------------- capacity
@@ -292,6 +302,23 @@ def _unpermute_bwd_fake(grad_out, y_sorted, permutation, inverse, weights):
     return torch.empty_like(y_sorted), torch.empty_like(weights)
 
 
-library.register("moe_permute", fake=_permute_fake, setup=_permute_setup, backward=_permute_backward)
-library.register("moe_unpermute", fake=_unpermute_fake, setup=_unpermute_setup, backward=_unpermute_backward)
-library.register("moe_unpermute_bwd", fake=_unpermute_bwd_fake)
+# Both row moves take the permutation and its inverse (each one's backward is
+# the other move); entries outside [0, S) raise (CPU) rather than read out of bounds.
+# x [T,D] -> x_sorted [S,D], x_sorted[s] = x[permutation[s] / top_k].
+library.register(
+    "moe_permute(Tensor x, Tensor permutation, Tensor inverse, int top_k) -> Tensor",
+    fake=_permute_fake, setup=_permute_setup, backward=_permute_backward,
+)
+# y_sorted [S,D] -> y [T,D], y[t] = sum_j w[t,j] * y_sorted[inverse[t*k+j]] (w = 1 when
+# weights is None), accumulated in f32 in the order j = 0..k-1, no atomics.
+library.register(
+    "moe_unpermute(Tensor y_sorted, Tensor permutation, Tensor inverse, Tensor? weights, int top_k) -> Tensor",
+    fake=_unpermute_fake, setup=_unpermute_setup, backward=_unpermute_backward,
+)
+# Backward of the weighted unpermute: grad_y_sorted[s] = w[p] * grad_out[p / k] with
+# p = permutation[s]; grad_weights[t,j] = <grad_out[t], y_sorted[inverse[t*k+j]]> (f32).
+library.register(
+    "moe_unpermute_bwd(Tensor grad_out, Tensor y_sorted, Tensor permutation, Tensor inverse,"
+    " Tensor weights) -> (Tensor grad_y_sorted, Tensor grad_weights)",
+    fake=_unpermute_bwd_fake,
+)

@@ -9,14 +9,15 @@ gate and up), E experts. Weights may be strided views (e.g. HF transformers'
 gradients come back with the weights' strides. Everything is deterministic (no
 atomics). Activations: :class:`Activation`.
 
-Kernel-level ops (schemas in ``csrc/ops.cpp``): ``grouped_mlp_fwd/_bwd`` and
-``moe_mlp_fwd/_bwd``; C++ in ``csrc/cpu/grouped_mlp.cpp`` and
-``csrc/cpu/moe_mlp.cpp`` (per-expert ATen GEMMs with fused row passes), Triton in
+Kernel-level ops (schemas below, beside their callers): ``grouped_mlp_fwd/_bwd``
+and ``moe_mlp_fwd/_bwd``; C++ in ``csrc/cpu/expert_mlp.cpp`` (per-expert ATen
+GEMMs with fused row passes), Triton in
 ``ops/triton/expert_mlp.py`` (the gather fused into the first GEMM and the gate
 weighting/scatter into the second, ScatterMoE style; also what ``cuda`` runs).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -34,6 +35,14 @@ __all__ = [
     "ACTIVATIONS", "Activation", "parse_activation", "activation",
     "grouped_mlp", "grouped_mlp_torch", "moe_mlp", "moe_mlp_torch",
 ]
+
+
+@functools.cache
+def _launchers():
+    """The Triton launchers, imported on first call (triton is optional)."""
+    from .triton import expert_mlp
+
+    return expert_mlp
 
 #: Element functions, applied to the hidden columns (H1 = H).
 PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2")
@@ -247,9 +256,22 @@ def _grouped_backward(ops, ctx, grad_y, _grad_h):
     return {"x_sorted": dx, "w1": dw1, "b1": db1 if has_b1 else None, "w2": dw2, "b2": db2 if has_b2 else None}
 
 
-library.register("grouped_mlp_fwd", fake=_grouped_fwd_fake, triton="expert_mlp", setup=_grouped_setup,
-                 backward=_grouped_backward)
-library.register("grouped_mlp_bwd", fake=_grouped_bwd_fake, triton="expert_mlp")
+# Each expert's MLP on its contiguous rows of x_sorted [S,D]: h = x W1[e] + b1[e]
+# ([S,H1], returned for the backward when save_h, else an empty [0,H1] tensor),
+# y = act(h) W2[e] + b2[e] ([S,D]); rows from offsets[E] on are zero.
+# w1 [E,D,H1], w2 [E,H,D], H1 = 2H for the gated activations.
+library.register(
+    "grouped_mlp_fwd(Tensor x_sorted, Tensor offsets, Tensor w1, Tensor? b1, Tensor w2,"
+    " Tensor? b2, str activation, bool save_h=True) -> (Tensor y_sorted, Tensor h)",
+    fake=_grouped_fwd_fake, triton=lambda *args: _launchers().grouped_mlp_fwd(*args),
+    setup=_grouped_setup, backward=_grouped_backward,
+)
+# -> grad_x_sorted [S,D], grad_w1, grad_b1 [E,H1], grad_w2, grad_b2 [E,D].
+library.register(
+    "grouped_mlp_bwd(Tensor grad_y_sorted, Tensor x_sorted, Tensor h, Tensor offsets, Tensor w1,"
+    " Tensor w2, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_grouped_bwd_fake, triton=lambda *args: _launchers().grouped_mlp_bwd(*args),
+)
 
 
 # --------------------------------------------------------------------------- fused expert computation (token order)
@@ -354,5 +376,24 @@ def _moe_backward(ops, ctx, grad_y, _grad_h):
             "b2": db2 if b2 is not None else None}
 
 
-library.register("moe_mlp_fwd", fake=_moe_fwd_fake, triton="expert_mlp", setup=_moe_setup, backward=_moe_backward)
-library.register("moe_mlp_bwd", fake=_moe_bwd_fake, triton="expert_mlp")
+# The whole expert computation in token order, without materialising T*k rows:
+# y[t] = sum over t's assignments of w * (act(x[t] W1[e] + b1[e]) W2[e] + b2[e]),
+# accumulated in f32 in expert order. x [T,D], weights [T,k] f32; permutation,
+# inverse, offsets, block_expert, block_start, top_k and block_size are the
+# MoEMeta of moe_align (the CPU kernels read permutation and offsets, the
+# row-block kernels the rest). -> y [T,D], h [S,H1] in sorted order (empty
+# [0,H1] unless save_h).
+library.register(
+    "moe_mlp_fwd(Tensor x, Tensor weights, Tensor permutation, Tensor inverse, Tensor offsets,"
+    " Tensor block_expert, Tensor block_start, int top_k, int block_size, Tensor w1, Tensor? b1,"
+    " Tensor w2, Tensor? b2, str activation, bool save_h) -> (Tensor y, Tensor h)",
+    fake=_moe_fwd_fake, triton=lambda *args: _launchers().moe_mlp_fwd(*args),
+    setup=_moe_setup, backward=_moe_backward,
+)
+# -> grad_x [T,D], grad_weights [T,k] f32, grad_w1, grad_b1 [E,H1], grad_w2, grad_b2 [E,D].
+library.register(
+    "moe_mlp_bwd(Tensor grad_y, Tensor x, Tensor weights, Tensor permutation, Tensor inverse, Tensor offsets,"
+    " Tensor block_expert, Tensor block_start, int top_k, int block_size, Tensor w1, Tensor w2, Tensor? b2,"
+    " Tensor h, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_moe_bwd_fake, triton=lambda *args: _launchers().moe_mlp_bwd(*args),
+)

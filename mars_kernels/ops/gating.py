@@ -11,11 +11,14 @@ weights, its NaN/+inf experts ranked first; other rows are unaffected. Pass
 ``check_values=True`` to raise a ``ValueError`` instead (costs one extra pass
 and, on a GPU, a device-to-host sync).
 
-Kernel-level ops (schemas in ``csrc/ops.cpp``): ``topk_gating_fwd/_bwd`` and
-``router_stats_fwd/_bwd``; C++ in ``csrc/cpu/topk_gating.cpp``, CUDA in
-``csrc/cuda/gating.cu``, Triton in ``ops/triton/gating.py``.
+Kernel-level ops (schemas below, beside their callers): ``topk_gating_fwd/_bwd``
+and ``router_stats_fwd/_bwd``; C++ in ``csrc/cpu/gating.cpp``, CUDA in
+``csrc/cuda/gating.cu`` (+ ``gating_binding.cpp``), Triton in
+``ops/triton/gating.py``.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -27,6 +30,14 @@ from .common import compute_dtype, topk_order
 __all__ = ["MODES", "topk_gating", "topk_gating_torch", "router_stats", "router_stats_torch"]
 
 MODES = ("softmax_topk", "topk_softmax")
+
+
+@functools.cache
+def _launchers():
+    """The Triton launchers, imported on first call (triton is optional)."""
+    from .triton import gating
+
+    return gating
 
 
 # --------------------------------------------------------------------------- top-k gating
@@ -119,8 +130,24 @@ def _topk_backward(ops, ctx, grad_weights, _grad_indices, _grad_lse):
     return {"logits": ops.topk_gating_bwd(grad_weights.contiguous(), logits, weights, indices, lse, *ctx.flags)}
 
 
-library.register("topk_gating_fwd", fake=_topk_fwd_fake, triton="gating", setup=_topk_setup, backward=_topk_backward)
-library.register("topk_gating_bwd", fake=_topk_bwd_fake, triton="gating")
+# logits [T,E] f16/bf16/f32/f64, contiguous -> weights [T,k] f32, indices [T,k]
+# int64, lse [T] f32 ("f32": float64 for float64 logits; indices by descending
+# logit, ties to the lower expert index, NaN ranked as +inf). lse is the
+# normaliser of the weights: weights[t,j] = exp(logits[t,idx] - lse[t]), the
+# log-sum-exp of the whole row when softmax_first && !renormalize, else of the
+# k selected logits.
+library.register(
+    "topk_gating_fwd(Tensor logits, int k, bool softmax_first, bool renormalize)"
+    " -> (Tensor weights, Tensor indices, Tensor lse)",
+    fake=_topk_fwd_fake, triton=lambda *args: _launchers().topk_gating_fwd(*args),
+    setup=_topk_setup, backward=_topk_backward,
+)
+# -> grad_logits [T,E] in the logits' dtype.
+library.register(
+    "topk_gating_bwd(Tensor grad_weights, Tensor logits, Tensor weights, Tensor indices,"
+    " Tensor lse, bool softmax_first, bool renormalize) -> Tensor",
+    fake=_topk_bwd_fake, triton=lambda *args: _launchers().topk_gating_bwd(*args),
+)
 
 
 # --------------------------------------------------------------------------- router statistics
@@ -166,5 +193,16 @@ def _stats_backward(ops, ctx, grad_lse, grad_prob_sum):
     return {"logits": ops.router_stats_bwd(grad_lse, grad_prob_sum, logits, lse)}
 
 
-library.register("router_stats_fwd", fake=_stats_fwd_fake, triton="gating", setup=_stats_setup, backward=_stats_backward)
-library.register("router_stats_bwd", fake=_stats_bwd_fake, triton="gating")
+# Softmax statistics for the auxiliary losses, one pass over the logits.
+# logits [T,E] -> lse [T] f32 (row log-sum-exp), prob_sum [E] f32 (sum over T
+# of softmax(logits), deterministic).
+library.register(
+    "router_stats_fwd(Tensor logits) -> (Tensor lse, Tensor prob_sum)",
+    fake=_stats_fwd_fake, triton=lambda *args: _launchers().router_stats_fwd(*args),
+    setup=_stats_setup, backward=_stats_backward,
+)
+# grad_logits = p * (grad_lse[t] + grad_prob_sum[e] - sum_e' grad_prob_sum[e'] p[t,e']).
+library.register(
+    "router_stats_bwd(Tensor grad_lse, Tensor grad_prob_sum, Tensor logits, Tensor lse) -> Tensor",
+    fake=_stats_bwd_fake, triton=lambda *args: _launchers().router_stats_bwd(*args),
+)

@@ -8,11 +8,13 @@ statistics, the divergence, the noise scale, the top-k of the noisy residual
 logits and their weights, the imitation loss and the per-expert probability
 sums (deterministic, no atomics).
 
-Kernel-level ops (schemas in ``csrc/ops.cpp``): ``mars_routing_fwd/_bwd``; C++
-in ``csrc/cpu/mars_routing.cpp``, CUDA in ``csrc/cuda/mars_routing.cu``, Triton
-in ``ops/triton/mars_routing.py``.
+Kernel-level ops (schemas below, beside their callers): ``mars_routing_fwd/_bwd``;
+C++ in ``csrc/cpu/mars_routing.cpp``, CUDA in ``csrc/cuda/mars_routing.cu`` (+
+``mars_routing_binding.cpp``), Triton in ``ops/triton/mars_routing.py``.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -22,6 +24,14 @@ from .. import library
 from .common import compute_dtype, topk_order
 
 __all__ = ["mars_routing", "mars_routing_torch"]
+
+
+@functools.cache
+def _launchers():
+    """The Triton launchers, imported on first call (triton is optional)."""
+    from .triton import mars_routing
+
+    return mars_routing
 
 
 def mars_routing(
@@ -154,5 +164,26 @@ def _backward(ops, ctx, grad_weights, _gi, grad_imitation, _gd, grad_prob_sum, _
     return {"residual_logits": grad_r, "feature_logits": grad_f}
 
 
-library.register("mars_routing_fwd", fake=_fwd_fake, triton="mars_routing", setup=_setup, backward=_backward)
-library.register("mars_routing_bwd", fake=_bwd_fake, triton="mars_routing")
+# See reference.mars_routing. residual_logits, feature_logits [T,E] same float
+# dtype; noise [T,E] f32 ("f32": float64 for float64 logits) -> weights [T,k]
+# f32, indices [T,k] int64 (top k of l_r + sigma*noise, ties to the lower
+# index), imitation [T] f32 (KL(sg(p_r) || p_f)), divergence [T] f32
+# (KL(p_r || p_f)), prob_sum [E] f32 (sum over T of p_r, deterministic), lse_r,
+# lse_f [T] f32 (row log-sum-exps, for the backward).
+# sigma = min(sigma_0 * divergence + sigma_const, sigma_max).
+library.register(
+    "mars_routing_fwd(Tensor residual_logits, Tensor feature_logits, Tensor noise, int k, float sigma_0,"
+    " float sigma_const, float sigma_max) -> (Tensor weights, Tensor indices, Tensor imitation,"
+    " Tensor divergence, Tensor prob_sum, Tensor lse_r, Tensor lse_f)",
+    fake=_fwd_fake, triton=lambda *args: _launchers().mars_routing_fwd(*args),
+    setup=_setup, backward=_backward,
+)
+# grad_r = scatter(w * (g - <g, w>)) + p_r * (grad_prob_sum - <grad_prob_sum, p_r>);
+# grad_f = grad_imitation[t] * (p_f - p_r). -> (grad_residual, grad_feature) in the
+# logits' dtype.
+library.register(
+    "mars_routing_bwd(Tensor grad_weights, Tensor grad_imitation, Tensor grad_prob_sum,"
+    " Tensor residual_logits, Tensor feature_logits, Tensor weights, Tensor indices, Tensor lse_r,"
+    " Tensor lse_f) -> (Tensor, Tensor)",
+    fake=_bwd_fake, triton=lambda *args: _launchers().mars_routing_bwd(*args),
+)

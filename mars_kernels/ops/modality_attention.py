@@ -8,12 +8,13 @@ sequences; with M = 2..6 that overhead is most of the layer. The compiled
 kernels read the packed q | k | v projections in place and do each position's
 M x M attention in registers.
 
-Kernel-level ops (schemas in ``csrc/ops.cpp``): ``modality_attention_fwd/_bwd``;
+Kernel-level ops (schemas below, beside their callers): ``modality_attention_fwd/_bwd``;
 C++ in ``csrc/cpu/modality_attention.cpp``, Triton in
 ``ops/triton/modality_attention.py`` (also what ``cuda`` runs).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,6 +25,14 @@ from .. import library
 from .common import compute_dtype
 
 __all__ = ["modality_attention", "modality_attention_torch", "attention_keep_mask"]
+
+
+@functools.cache
+def _launchers():
+    """The Triton launchers, imported on first call (triton is optional)."""
+    from .triton import modality_attention
+
+    return modality_attention
 
 
 def modality_attention(
@@ -185,5 +194,28 @@ def _backward(ops, ctx, grad_out, _grad_probs):
     return {"qkv": grad_qkv, "missing": grad_missing if missing is not None else None}
 
 
-library.register("modality_attention_fwd", fake=_fwd_fake, triton="modality_attention", setup=_setup, backward=_backward)
-library.register("modality_attention_bwd", fake=_bwd_fake, triton="modality_attention")
+# See reference.modality_attention. qkv [T,M,3D] f16/bf16/f32/f64 contiguous:
+# row (t, m) holds q | k | v of modality m at position t, each split into
+# num_heads heads of D/num_heads columns (the packed in-projection of
+# nn.MultiheadAttention). keep [T,H,M,M] f32 (f64 for f64) or None: multiplies
+# the attention probabilities (a dropout mask, already scaled). missing [M,3D]
+# (qkv's dtype) and observed [T,M] bool, both or neither: row (t, m) is replaced
+# by missing[m] where observed[t, m] is false. observed may also be [P,T,M] (P
+# masks over one projection): then keep, probs and out gain a leading P
+# ([P,T,H,M,M], [P,T,M,D]) and grad_qkv sums the P attentions' gradients.
+# -> out [T,M,D] in qkv's dtype, out[t,i,head h] = sum_j p'[t,h,i,j] v[t,j,h],
+#    probs [T,H,M,M] f32: softmax_j(<q_i, k_j> / sqrt(D/H)) before keep.
+library.register(
+    "modality_attention_fwd(Tensor qkv, int num_heads, Tensor? keep, Tensor? missing, Tensor? observed)"
+    " -> (Tensor out, Tensor probs)",
+    fake=_fwd_fake, triton=lambda *args: _launchers().modality_attention_fwd(*args),
+    setup=_setup, backward=_backward,
+)
+# -> grad_qkv [T,M,3D] in qkv's dtype (dq | dk | dv; zero on unobserved rows),
+#    grad_missing [M,3D] (summed over the unobserved positions, in position-block
+#    order; an empty [0] tensor without missing).
+library.register(
+    "modality_attention_bwd(Tensor grad_out, Tensor qkv, Tensor probs, Tensor? keep, Tensor? missing,"
+    " Tensor? observed, int num_heads) -> (Tensor grad_qkv, Tensor grad_missing)",
+    fake=_bwd_fake, triton=lambda *args: _launchers().modality_attention_bwd(*args),
+)

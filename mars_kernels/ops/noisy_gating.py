@@ -4,12 +4,15 @@ Shapes: T tokens, D model width, E experts, k experts per token. Routing math
 in float32 (float64 for float64 input). Sums over tokens (importance, load) are
 deterministic: fixed token blocks in the kernels, no atomics.
 
-Kernel-level ops (schemas in ``csrc/ops.cpp``): ``noisy_topk_gating_fwd/_bwd``
-(training mode; eval mode is plain top-k gating of the clean logits); C++ in
-``csrc/cpu/noisy_gating.cpp``, CUDA in ``csrc/cuda/gating.cu``, Triton in
+Kernel-level ops (schemas below, beside their callers):
+``noisy_topk_gating_fwd/_bwd`` (training mode; eval mode is plain top-k gating
+of the clean logits); C++ in ``csrc/cpu/noisy_gating.cpp``, CUDA in
+``csrc/cuda/noisy_gating.cu`` (+ ``noisy_gating_binding.cpp``), Triton in
 ``ops/triton/noisy_gating.py``.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -21,6 +24,14 @@ from .gating import topk_gating
 from .losses import expert_counts
 
 __all__ = ["noisy_topk_gating", "noisy_topk_gating_torch"]
+
+
+@functools.cache
+def _launchers():
+    """The Triton launchers, imported on first call (triton is optional)."""
+    from .triton import noisy_gating
+
+    return noisy_gating
 
 
 def noisy_topk_gating(
@@ -176,5 +187,23 @@ def _backward(ops, ctx, grad_weights, _grad_indices, _grad_threshold, grad_impor
     return {"clean_logits": grad_clean, "noise_logits": grad_raw}
 
 
-library.register("noisy_topk_gating_fwd", fake=_fwd_fake, triton="noisy_gating", setup=_setup, backward=_backward)
-library.register("noisy_topk_gating_bwd", fake=_bwd_fake, triton="noisy_gating")
+# Training-mode noisy top-k gating (Shazeer et al. 2017).
+# clean_logits, noise_logits (pre-softplus) [T,E] same float dtype; noise [T,E] f32
+# ("f32": float64 for float64 logits).
+# -> weights [T,k] f32, indices [T,k] int64, threshold_index [T] int64 (the
+#    expert ranked k+1 in noisy order, -1 when k == E), importance [E] f32,
+#    load [E] f32. Sums over T are deterministic (fixed-size token blocks).
+library.register(
+    "noisy_topk_gating_fwd(Tensor clean_logits, Tensor noise_logits, Tensor noise, int k,"
+    " float noise_eps) -> (Tensor weights, Tensor indices, Tensor threshold_index,"
+    " Tensor importance, Tensor load)",
+    fake=_fwd_fake, triton=lambda *args: _launchers().noisy_topk_gating_fwd(*args),
+    setup=_setup, backward=_backward,
+)
+# -> grad_clean_logits, grad_noise_logits [T,E] in the logits' dtype.
+library.register(
+    "noisy_topk_gating_bwd(Tensor grad_weights, Tensor grad_importance, Tensor grad_load,"
+    " Tensor clean_logits, Tensor noise_logits, Tensor noise, Tensor weights, Tensor indices,"
+    " Tensor threshold_index, float noise_eps) -> (Tensor, Tensor)",
+    fake=_bwd_fake, triton=lambda *args: _launchers().noisy_topk_gating_bwd(*args),
+)

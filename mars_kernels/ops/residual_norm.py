@@ -7,11 +7,13 @@ modalities. In PyTorch that is a where, an add, a LayerNorm and a mean over
 [P, T, M, D] tensors, forward and backward: memory-bound passes that cost more
 than the attention itself. The compiled kernels do one pass per position.
 
-Kernel-level ops (schemas in ``csrc/ops.cpp``): ``residual_norm_mean_fwd/_bwd``;
-C++ in ``csrc/cpu/residual_norm_mean.cpp``, Triton in
+Kernel-level ops (schemas below, beside their callers): ``residual_norm_mean_fwd/_bwd``;
+C++ in ``csrc/cpu/residual_norm.cpp``, Triton in
 ``ops/triton/residual_norm.py`` (also what ``cuda`` runs).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,14 @@ from .. import library
 from .common import compute_dtype
 
 __all__ = ["residual_norm_mean", "residual_norm_mean_torch"]
+
+
+@functools.cache
+def _launchers():
+    """The Triton launchers, imported on first call (triton is optional)."""
+    from .triton import residual_norm
+
+    return residual_norm
 
 
 def residual_norm_mean(
@@ -136,5 +146,25 @@ def _backward(ops, ctx, grad_z, _grad_mean, _grad_rstd):
     return {"y": gy, "h": gh, "weight": gw, "bias": gb, "missing": gm if missing is not None else None}
 
 
-library.register("residual_norm_mean_fwd", fake=_fwd_fake, triton="residual_norm", setup=_setup, backward=_backward)
-library.register("residual_norm_mean_bwd", fake=_bwd_fake, triton="residual_norm")
+# See reference.residual_norm_mean. h [T,M,D] f16/bf16/f32/f64 (M, D >= 1), y
+# [T,M,D] (or [P,T,M,D] with a [P,T,M] observed), weight and bias [D], missing
+# [M,D] and observed [T,M]/[P,T,M] bool (both or neither); all of h's dtype and
+# contiguous. x = h[t,m] where observed[p,t,m], else missing[m];
+# -> z [T,D] / [P,T,D] in h's dtype: mean_m LayerNorm(y + x) (biased variance,
+#    eps), mean and rstd [T,M] / [P,T,M] f32 (f64 for f64): each row's mean
+#    and 1 / sqrt(variance + eps).
+library.register(
+    "residual_norm_mean_fwd(Tensor y, Tensor h, Tensor weight, Tensor bias, Tensor? missing, Tensor? observed,"
+    " float eps) -> (Tensor z, Tensor mean, Tensor rstd)",
+    fake=_fwd_fake, triton=lambda *args: _launchers().residual_norm_mean_fwd(*args),
+    setup=_setup, backward=_backward,
+)
+# -> grad_y (y's shape), grad_h [T,M,D] (summed over the masks; zero on rows no
+#    mask observes), grad_weight, grad_bias [D], grad_missing [M,D] (an empty [0]
+#    tensor without missing). Sums over positions in position-block order.
+library.register(
+    "residual_norm_mean_bwd(Tensor grad_z, Tensor y, Tensor h, Tensor weight, Tensor? missing, Tensor? observed,"
+    " Tensor mean, Tensor rstd) -> (Tensor grad_y, Tensor grad_h, Tensor grad_weight, Tensor grad_bias,"
+    " Tensor grad_missing)",
+    fake=_bwd_fake, triton=lambda *args: _launchers().residual_norm_mean_bwd(*args),
+)

@@ -2,7 +2,7 @@
 ``TRITON_INTERPRET=1``), one launcher module per op module of
 :mod:`mars_kernels.ops` with its ``@triton.jit`` bodies in ``_<op>_kernels.py``
 beside it. Each launcher function has exactly the schema of the
-``torch.ops.mars_kernels`` op of the same name (``csrc/ops.cpp``) and is
+``torch.ops.mars_kernels`` op of the same name (declared in its op module) and is
 registered as ``torch.ops.mars_triton.<name>`` (:mod:`mars_kernels.library`).
 
 Importing this package raises ImportError when Triton is not installed; the ops

@@ -2,7 +2,7 @@
 ops module :mod:`mars_kernels.ops.expert_mlp`, kernels in ``_expert_mlp_kernels.py``).
 
 The functions have the schemas of the ``torch.ops.mars_kernels`` ops of the same
-names (``csrc/ops.cpp``): ``moe_mlp_fwd/_bwd`` take the dispatch metadata of
+names (schemas in :mod:`mars_kernels.ops.expert_mlp`): ``moe_mlp_fwd/_bwd`` take the dispatch metadata of
 ``moe_align`` as separate tensors; ``grouped_mlp_fwd/_bwd`` (rows already in
 expert order) run the same kernels with an identity gather and unit gates.
 

@@ -2,7 +2,7 @@
 :mod:`mars_kernels.ops.gating`; kernels in ``_gating_kernels.py``).
 
 Each function has exactly the schema and semantics of the ``torch.ops.mars_kernels``
-op of the same name (see ``csrc/ops.cpp`` and the op module's ``*_torch`` twins).
+op of the same name (schemas and ``*_torch`` twins in :mod:`mars_kernels.ops.gating`).
 Inputs are expected validated and row-contiguous (``stride(1) == 1``); shapes:
 ``T`` tokens, ``E`` experts, ``k`` experts chosen per token.
 
@@ -21,23 +21,11 @@ import torch
 import triton
 
 from ..common import compute_dtype
-from .launch import check_float, check_k, device_guard, key_mode, row_blocks, select_params, tl_dtype
+from .launch import check_float, device_guard, key_mode, row_blocks, select_params, selection_outputs, tl_dtype
 
 from . import _gating_kernels as _k
 
 __all__ = ["topk_gating_fwd", "topk_gating_bwd", "router_stats_fwd", "router_stats_bwd"]
-
-# Elements per program tile on a GPU (BLOCK_T * BLOCK_E), and under the interpreter.
-_GPU_TILE = 4096
-_INTERPRETER_TILE = 1 << 15
-# Above this many selected experts a bitonic sort of the row replaces the k
-# rounds of a row max.
-_SORT_ABOVE = 8
-
-
-def _blocks(T: int, E: int, device: torch.device) -> tuple[int, int, int]:
-    return row_blocks(T, E, device, _GPU_TILE, _INTERPRETER_TILE)
-
 
 # --------------------------------------------------------------------------
 # top-k gating
@@ -56,19 +44,14 @@ def topk_gating_fwd(
     softmax, or softmax then top-k renormalised: the same weights).
     """
     check_float("logits", logits)
-    T, E = logits.shape
-    k = int(k)
-    check_k(k, E)
-    cdt = compute_dtype(logits.dtype)
+    T, E, k, cdt, weights, indices = selection_outputs(logits, k)
     dev = logits.device
-    weights = torch.empty((T, k), dtype=cdt, device=dev)
-    indices = torch.empty((T, k), dtype=torch.int64, device=dev)
     lse = torch.empty((T,), dtype=cdt, device=dev)
     if T == 0:
         return weights, indices, lse
-    block_t, block_e, num_warps = _blocks(T, E, dev)
+    block_t, block_e, num_warps = row_blocks(T, E, dev)
     mode = key_mode(logits.dtype, block_e)
-    use_sort, kp = select_params(k, block_e, mode, _SORT_ABOVE)
+    use_sort, kp = select_params(k, block_e, mode)
     grid = (triton.cdiv(T, block_t),)
     with device_guard(logits):
         _k.topk_gating_fwd_kernel[grid](
@@ -113,7 +96,7 @@ def topk_gating_bwd(
     if T == 0:
         return grad
     dense = bool(softmax_first) and not bool(renormalize)
-    block_t, block_e, num_warps = _blocks(T, E, logits.device)
+    block_t, block_e, num_warps = row_blocks(T, E, logits.device)
     grid = (triton.cdiv(T, block_t),)
     with device_guard(logits):
         _k.topk_gating_bwd_kernel[grid](
@@ -146,7 +129,7 @@ def router_stats_fwd(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.empty((T,), dtype=cdt, device=dev)
     if T == 0:
         return lse, torch.zeros((E,), dtype=cdt, device=dev)
-    block_t, block_e, num_warps = _blocks(T, E, dev)
+    block_t, block_e, num_warps = row_blocks(T, E, dev)
     n_prog = triton.cdiv(T, block_t)
     part = torch.empty((n_prog, E), dtype=cdt, device=dev)
     with device_guard(logits):
@@ -170,7 +153,7 @@ def router_stats_bwd(
     grad = torch.empty((T, E), dtype=logits.dtype, device=logits.device)
     if T == 0:
         return grad
-    block_t, block_e, num_warps = _blocks(T, E, logits.device)
+    block_t, block_e, num_warps = row_blocks(T, E, logits.device)
     with device_guard(logits):
         _k.router_stats_bwd_kernel[(triton.cdiv(T, block_t),)](
             grad_lse, grad_prob_sum, logits, lse, grad,

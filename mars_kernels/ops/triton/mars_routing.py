@@ -2,7 +2,7 @@
 :mod:`mars_kernels.ops.mars_routing`, kernels in ``_mars_routing_kernels.py``).
 
 Same contract as the ``torch.ops.mars_kernels.mars_routing_fwd`` / ``_bwd`` ops
-(see ``csrc/ops.cpp``; ground truth :func:`mars_kernels.ops.mars_routing.mars_routing_torch`),
+(the schema in :mod:`mars_kernels.ops.mars_routing`; ground truth :func:`mars_kernels.ops.mars_routing.mars_routing_torch`),
 so a caller can use this module in place of ``torch.ops.mars_kernels``. Inputs
 are expected validated; ``[T, E]`` inputs must be row-contiguous (``stride(1) ==
 1``), ``[T, k]`` / ``[T]`` / ``[E]`` tensors contiguous (incoming gradients are
@@ -31,25 +31,23 @@ import triton
 
 from ..common import compute_dtype
 from . import _mars_routing_kernels as _k
-from .launch import check_float, check_k, device_guard, row_blocks, select_params, tl_dtype, unit_column_stride
+from .launch import (
+    check_float, device_guard, row_blocks, select_params, selection_outputs, tl_dtype, unit_column_stride,
+)
 
 __all__ = ["mars_routing_fwd", "mars_routing_bwd"]
 
-# Elements per program tile on a GPU (BLOCK_T * BLOCK_E), and under the
-# interpreter. The forward keeps several [BLOCK_T, BLOCK_E] tiles live (both
-# routers' logits, the noise, the int64 keys), so the GPU tile is small: with
+# Elements per program tile on a GPU (BLOCK_T * BLOCK_E). The forward keeps
+# several [BLOCK_T, BLOCK_E] tiles live (both routers' logits, the noise, the
+# int64 keys), so the GPU tile is a quarter of the other routing kernels': with
 # 8 elements per thread both kernels stay at <= ~120 registers for E <= 512
 # (ptxas, sm_90a, float32 math) instead of 200-250 with 16.
 _GPU_TILE = 1024
-_INTERPRETER_TILE = 1 << 15
-# Above this many selected experts a bitonic sort of the row replaces the k
-# rounds of a row max (float32 keys only; float64 always takes rounds).
-_SORT_ABOVE = 8
 
 
 def _blocks(T: int, E: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_E, num_warps) with this module's smaller GPU tile."""
-    return row_blocks(T, E, device, _GPU_TILE, _INTERPRETER_TILE)
+    return row_blocks(T, E, device, gpu_tile=_GPU_TILE)
 
 
 def _check_pair(residual_logits: torch.Tensor, feature_logits: torch.Tensor) -> None:
@@ -99,17 +97,12 @@ def mars_routing_fwd(
     """
     _check_pair(residual_logits, feature_logits)
     check_float("noise", noise)
-    T, E = residual_logits.shape
     if noise.shape != residual_logits.shape:
         raise ValueError(
-            f"noise must have the shape of the logits {(T, E)}, got {tuple(noise.shape)}"
+            f"noise must have the shape of the logits {tuple(residual_logits.shape)}, got {tuple(noise.shape)}"
         )
-    k = int(k)
-    check_k(k, E)
-    cdt = compute_dtype(residual_logits.dtype)
+    T, E, k, cdt, weights, indices = selection_outputs(residual_logits, k)
     dev = residual_logits.device
-    weights = torch.empty((T, k), dtype=cdt, device=dev)
-    indices = torch.empty((T, k), dtype=torch.int64, device=dev)
     imitation = torch.empty((T,), dtype=cdt, device=dev)
     divergence = torch.empty((T,), dtype=cdt, device=dev)
     lse_r = torch.empty((T,), dtype=cdt, device=dev)
@@ -120,7 +113,7 @@ def mars_routing_fwd(
     lr, lf, nz = unit_column_stride(residual_logits), unit_column_stride(feature_logits), unit_column_stride(noise)
     block_t, block_e, num_warps = _blocks(T, E, dev)
     mode = 3 if cdt == torch.float64 else 0  # noisy values are computed in cdt
-    use_sort, kp = select_params(k, block_e, mode, _SORT_ABOVE)
+    use_sort, kp = select_params(k, block_e, mode)
     n_prog = triton.cdiv(T, block_t)
     part = torch.empty((n_prog, E), dtype=cdt, device=dev)
     sigma = torch.tensor(

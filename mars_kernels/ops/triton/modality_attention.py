@@ -2,7 +2,7 @@
 :mod:`mars_kernels.ops.modality_attention`, kernels in ``_modality_attention_kernels.py``).
 
 Same contract as ``torch.ops.mars_kernels.modality_attention_fwd`` / ``_bwd``
-(see ``csrc/ops.cpp``; ground truth :func:`mars_kernels.ops.modality_attention.modality_attention_torch`).
+(the schema in :mod:`mars_kernels.ops.modality_attention`; ground truth :func:`mars_kernels.ops.modality_attention.modality_attention_torch`).
 The ``cuda`` backend runs these kernels too. Inputs are expected validated;
 ``qkv`` and ``keep`` contiguous.
 

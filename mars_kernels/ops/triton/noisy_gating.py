@@ -12,23 +12,11 @@ import torch
 import triton
 
 from ..common import compute_dtype
-from .launch import check_float, check_k, device_guard, key_mode, row_blocks, select_params, tl_dtype
+from .launch import check_float, device_guard, key_mode, row_blocks, select_params, selection_outputs, tl_dtype
 
 from . import _noisy_gating_kernels as _k
 
 __all__ = ["noisy_topk_gating_fwd", "noisy_topk_gating_bwd"]
-
-# Elements per program tile on a GPU (BLOCK_T * BLOCK_E), and under the interpreter.
-_GPU_TILE = 4096
-_INTERPRETER_TILE = 1 << 15
-# Above this many selected experts (k + 1: the threshold too) a bitonic sort of
-# the row replaces the rounds of a row max.
-_SORT_ABOVE = 8
-
-
-def _blocks(T: int, E: int, device: torch.device) -> tuple[int, int, int]:
-    return row_blocks(T, E, device, _GPU_TILE, _INTERPRETER_TILE)
-
 
 # --------------------------------------------------------------------------
 # noisy top-k gating (training mode)
@@ -57,22 +45,17 @@ def noisy_topk_gating_fwd(
     check_float("clean_logits", clean_logits)
     check_float("noise_logits", noise_logits)
     check_float("noise", noise)
-    T, E = clean_logits.shape
-    k = int(k)
-    check_k(k, E)
-    cdt = compute_dtype(clean_logits.dtype)
+    T, E, k, cdt, weights, indices = selection_outputs(clean_logits, k)
     dev = clean_logits.device
     has_load = k < E
-    weights = torch.empty((T, k), dtype=cdt, device=dev)
-    indices = torch.empty((T, k), dtype=torch.int64, device=dev)
     threshold_index = torch.empty((T,), dtype=torch.int64, device=dev)
     if T == 0:
         zeros = torch.zeros((E,), dtype=cdt, device=dev)
         return weights, indices, threshold_index, zeros, zeros.clone()
-    block_t, block_e, num_warps = _blocks(T, E, dev)
+    block_t, block_e, num_warps = row_blocks(T, E, dev)
     mode = 3 if cdt == torch.float64 else 0  # noisy values are computed in cdt
     m = min(k + 1, E)
-    use_sort, kp = select_params(m, block_e, mode, _SORT_ABOVE)
+    use_sort, kp = select_params(m, block_e, mode)  # m = k + 1: the threshold too
     n_prog = triton.cdiv(T, block_t)
     imp_part = torch.empty((n_prog, E), dtype=cdt, device=dev)
     load_part = torch.empty((n_prog, E), dtype=cdt, device=dev) if has_load else imp_part
@@ -132,7 +115,7 @@ def noisy_topk_gating_bwd(
     grad_nl = torch.empty((T, E), dtype=noise_logits.dtype, device=dev)
     if T == 0:
         return grad_clean, grad_nl
-    block_t, block_e, num_warps = _blocks(T, E, dev)
+    block_t, block_e, num_warps = row_blocks(T, E, dev)
     eps = torch.full((1,), float(noise_eps), dtype=cdt, device=dev)
     with device_guard(clean_logits):
         _k.noisy_topk_gating_bwd_kernel[(triton.cdiv(T, block_t),)](

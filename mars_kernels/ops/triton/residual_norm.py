@@ -3,7 +3,7 @@ the MARS fusion, DESIGN 3; ops module :mod:`mars_kernels.ops.residual_norm`,
 kernels in ``_residual_norm_kernels.py``).
 
 Same contract as ``torch.ops.mars_kernels.residual_norm_mean_fwd`` / ``_bwd``
-(see ``csrc/ops.cpp``; ground truth :func:`mars_kernels.ops.residual_norm.residual_norm_mean_torch`).
+(the schema in :mod:`mars_kernels.ops.residual_norm`; ground truth :func:`mars_kernels.ops.residual_norm.residual_norm_mean_torch`).
 The ``cuda`` backend runs these kernels too. Inputs are expected validated and
 contiguous. Grid: (ceil(rows / BLOCK_T),) with rows the P * T instances
 (forward) or the T positions (backward).

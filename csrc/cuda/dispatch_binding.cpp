@@ -1,8 +1,8 @@
-// CUDA implementations of the dispatch ops declared in csrc/ops.cpp:
+// CUDA kernels of the dispatch ops (schemas in mars_kernels/ops/dispatch.py):
 // moe_align, moe_permute, moe_unpermute, moe_unpermute_bwd.
 //
 // This file only validates arguments, allocates outputs with torch and calls
-// the plain launchers of moe_dispatch.cu (declared in moe_dispatch.cuh) on the
+// the plain launchers of dispatch.cu (declared below; contracts there) on the
 // current CUDA stream of the input's device. It is compiled by the host
 // compiler and built only when torch has CUDA. Nothing here synchronises with
 // the host: every output size follows from the input shapes.
@@ -17,13 +17,36 @@
 
 #include <cstdint>
 #include <limits>
-#include <sstream>
-#include <string>
 #include <tuple>
 #include <vector>
 
 #include "binding_utils.h"
-#include "moe_dispatch.cuh"
+#include "launcher.h"
+
+namespace mars_kernels {
+namespace cuda {
+
+// The launchers of dispatch.cu.
+int64_t moe_align_workspace_elems(int64_t num_assignments, int64_t num_experts);
+cudaError_t launch_moe_align(const int64_t* indices, int64_t num_assignments, int64_t num_experts,
+                             int64_t block_size, int64_t* counts, int64_t* offsets, int64_t* permutation,
+                             int64_t* inverse, int64_t* block_expert, int64_t* block_start, int64_t* workspace,
+                             cudaStream_t stream);
+cudaError_t launch_moe_permute(const void* x, int64_t row_bytes, const int64_t* permutation,
+                               int64_t num_assignments, int64_t top_k, void* out, cudaStream_t stream);
+template <typename scalar_t>
+cudaError_t launch_moe_unpermute(const scalar_t* y_sorted, const int64_t* inverse, const acc_t<scalar_t>* weights,
+                                 int64_t num_tokens, int64_t top_k, int64_t dim, scalar_t* out,
+                                 cudaStream_t stream);
+template <typename scalar_t>
+cudaError_t launch_moe_unpermute_bwd(const scalar_t* grad_out, const scalar_t* y_sorted,
+                                     const int64_t* permutation, const int64_t* inverse,
+                                     const acc_t<scalar_t>* weights, int64_t num_tokens, int64_t top_k,
+                                     int64_t dim, scalar_t* grad_y_sorted, acc_t<scalar_t>* grad_weights,
+                                     cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mars_kernels
 
 namespace {
 

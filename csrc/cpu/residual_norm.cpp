@@ -2,7 +2,7 @@
 // z[p, t] = mean_m LayerNorm(y[p, t, m] + x[p, t, m]), x = h[t, m] where
 // observed[p, t, m], else missing[m]. One pass per position, forward and
 // backward, instead of a where, an add, a LayerNorm and a mean over [P, T, M, D]
-// tensors and their backward. Contract in csrc/ops.cpp; ground truth in
+// tensors and their backward. Contract beside the schema in mars_kernels/ops/residual_norm.py; ground truth in
 // mars_kernels/reference.py (residual_norm_mean).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -4,8 +4,13 @@
 // unpermute.
 //
 // CUDA runtime only (no torch headers): compiles with a plain `nvcc -c`. The
-// torch-facing glue is moe_dispatch_binding.cpp; the launch contracts are
-// documented in moe_dispatch.cuh and the op contracts in csrc/ops.cpp.
+// torch-facing glue is dispatch_binding.cpp; the op contracts are beside the
+// schemas in mars_kernels/ops/dispatch.py, the launcher conventions in
+// launcher.h. Here T tokens, k assignments per token, S = T * k assignments
+// (assignment flat = t * k + j), E experts, D row width; indices and offsets
+// are int64. Preconditions (checked by the binding): 1 <= E < 2^30,
+// block_size >= 1, 1 <= k < 2^31, permutation / inverse as produced by
+// launch_moe_align for the same S.
 //
 // moe_align, for S assignments and E experts (bucket E = dropped), with the
 // assignments cut into nchunks chunks of `chunk` consecutive flat indices
@@ -32,7 +37,7 @@
 // blockIdx.x * by + y (grid-stride over rows). A vector is 16 bytes when the
 // row width and base pointers allow it, else one element (permute: the widest
 // of 16, 8, 4, 2, 1 bytes). grad_weights uses one warp per (t, j).
-#include "moe_dispatch.cuh"
+#include "launcher.h"
 
 #include <cstdint>
 #include <type_traits>
@@ -519,15 +524,27 @@ cudaError_t launch_permute_words(const void* x, int64_t row_bytes, const int64_t
 }  // namespace
 
 // ---------------------------------------------------------------------------
-// Launchers.
+// Launchers (declared in dispatch_binding.cpp).
 // ---------------------------------------------------------------------------
 
+/// Number of int64 elements of scratch memory launch_moe_align needs for S
+/// assignments and E experts (per-chunk bucket counts and scan partials).
 int64_t moe_align_workspace_elems(int64_t num_assignments, int64_t num_experts) {
   if (num_assignments <= 0) return 0;
   const AlignPlan p = align_plan(num_assignments, num_experts);
   return p.scan_elems + p.scan_tiles + num_experts;
 }
 
+/// indices [S] (int64, the flattened [T, k]; values in [0, E], E = dropped) ->
+///   counts [E], offsets [E + 1], permutation [S] (sorted slot -> flat),
+///   inverse [S] (flat -> sorted slot), block_expert [NB], block_start [NB],
+///   NB = ceil(S / block_size) + E. All int64, bit-identical to the CPU op.
+/// The sort is stable (by flat index within an expert), dropped assignments
+/// come last. An index outside [0, E] (undefined input, never checked on the
+/// device because that would need a sync) is treated as dropped, so the
+/// outputs stay in bounds.
+/// `workspace` holds moe_align_workspace_elems(S, E) elements. S must be >= 1
+/// (the binding handles S == 0 without launching anything).
 cudaError_t launch_moe_align(const int64_t* indices, int64_t num_assignments,
                              int64_t num_experts, int64_t block_size, int64_t* counts,
                              int64_t* offsets, int64_t* permutation, int64_t* inverse,
@@ -590,6 +607,9 @@ cudaError_t launch_moe_align(const int64_t* indices, int64_t num_assignments,
   return cudaGetLastError();
 }
 
+/// x [T, row_bytes] (raw bytes, any dtype) -> out [S, row_bytes]:
+/// out[s] = x[permutation[s] / k]. Copies 16-byte words when row_bytes and
+/// both base pointers allow it, else the widest of 8, 4, 2, 1 bytes that does.
 cudaError_t launch_moe_permute(const void* x, int64_t row_bytes, const int64_t* permutation,
                                int64_t num_assignments, int64_t top_k, void* out,
                                cudaStream_t stream) {
@@ -604,6 +624,11 @@ cudaError_t launch_moe_permute(const void* x, int64_t row_bytes, const int64_t* 
   return launch_permute_words<uint8_t>(x, row_bytes, permutation, S, top_k, out, stream);
 }
 
+/// y_sorted [S, D] (scalar_t), inverse [S], weights [T, k] (acc, or nullptr
+/// for all ones) -> out [T, D] (scalar_t):
+/// out[t] = sum_{j = 0..k-1} w[t, j] * y_sorted[inverse[t * k + j]], accumulated
+/// in acc in the order j = 0..k-1 (each term rounded, then added: no FMA), no
+/// atomics.
 template <typename scalar_t>
 cudaError_t launch_moe_unpermute(const scalar_t* y_sorted, const int64_t* inverse,
                                  const acc_t<scalar_t>* weights, int64_t num_tokens,
@@ -621,6 +646,12 @@ cudaError_t launch_moe_unpermute(const scalar_t* y_sorted, const int64_t* invers
   return cudaGetLastError();
 }
 
+/// grad_out [T, D], y_sorted [S, D] (scalar_t), permutation [S], inverse [S],
+/// weights [T, k] (acc) ->
+///   grad_y_sorted [S, D] (scalar_t): grad_y_sorted[s] = w[p] * grad_out[p / k],
+///     p = permutation[s];
+///   grad_weights [T, k] (acc): <grad_out[t], y_sorted[inverse[t * k + j]]>,
+///     summed in acc by one warp per (t, j) (fixed order: deterministic).
 template <typename scalar_t>
 cudaError_t launch_moe_unpermute_bwd(const scalar_t* grad_out, const scalar_t* y_sorted,
                                      const int64_t* permutation, const int64_t* inverse,

@@ -1,6 +1,6 @@
 // CPU dispatch: align (a stable counting sort of the assignments by expert),
-// permute (row gather) and unpermute (deterministic gather-sum). Contract in
-// csrc/ops.cpp; metadata layout in mars_kernels/meta.py.
+// permute (row gather) and unpermute (deterministic gather-sum). Contract beside the
+// schemas in mars_kernels/ops/dispatch.py; metadata layout in mars_kernels/meta.py.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

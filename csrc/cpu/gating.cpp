@@ -1,5 +1,5 @@
 // CPU top-k gating: one pass per token row, rows spread over threads with
-// at::parallel_for. Contract in csrc/ops.cpp.
+// at::parallel_for. Contract beside the schemas in mars_kernels/ops/gating.py.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -1,0 +1,721 @@
+// CPU expert MLPs (contracts beside the schemas in mars_kernels/ops/expert_mlp.py):
+//   * grouped_mlp: per-expert ATen GEMMs (MKL/oneDNN) on each expert's
+//     contiguous rows of the expert-sorted activations, with the bias and the
+//     activation (and its backward) in one pass over each GEMM's output rows;
+//   * moe_mlp, the fused expert computation: for each expert, gather its token
+//     rows into a small reused buffer, run the two GEMMs, and accumulate the
+//     gate-weighted rows back into the token-order output. Nothing of size
+//     T*k*D is materialised; only the pre-activations h [S, H1] are kept for the
+//     backward, which regathers rows and gets the gate-weight gradients from
+//     G = grad_y W2^T (no saved expert outputs).
+// Both share the row gather, the activation passes fused around the GEMMs and
+// the weight-shape checks (first below).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "activation_math.h"
+#include "cpu_common.h"
+
+namespace mars_kernels {
+namespace cpu {
+
+// The expert activation, parsed from the ops' `activation` string (grammar and
+// meaning: mars_kernels/ops/expert_mlp.py, `Activation`). An element function f,
+// applied to h (H1 = H), or gated: a = f(gate) * up with h holding the gate and
+// up columns (H1 = 2H), either as [gate | up] halves or interleaved (gate in
+// column 2j, up in 2j + 1: GPT-OSS's layout). The clamped form (GPT-OSS and
+// similar) caps gate at `limit`, clips up to [-limit, limit] and adds up_offset:
+// a = f(min(gate, L)) * (clip(up) + up_offset), f(x) = x sigmoid(alpha x).
+enum class Fn { Gelu, GeluTanh, Silu, Relu, Relu2, SiluAlpha };
+
+struct Act {
+  Fn fn = Fn::Gelu;
+  bool gated = false;
+  bool interleaved = false;
+  bool clamp = false;
+  double alpha = 1.0, limit = std::numeric_limits<double>::infinity(), up_offset = 0.0;
+};
+
+inline double parse_number(const std::string& spec, const std::string& item, size_t eq) {
+  const std::string text = item.substr(eq + 1);
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  TORCH_CHECK_VALUE(!text.empty() && end && *end == '\0', "activation '", spec, "': '", item, "' is not a number");
+  return v;
+}
+
+inline Act parse_activation(const std::string& spec) {
+  std::vector<std::string> items;
+  size_t begin = 0;
+  while (true) {
+    const size_t colon = spec.find(':', begin);
+    items.push_back(spec.substr(begin, colon == std::string::npos ? std::string::npos : colon - begin));
+    if (colon == std::string::npos) break;
+    begin = colon + 1;
+  }
+  Act act;
+  const std::string& name = items[0];
+  if (name == "gelu") act.fn = Fn::Gelu;
+  else if (name == "gelu_tanh") act.fn = Fn::GeluTanh;
+  else if (name == "silu") act.fn = Fn::Silu;
+  else if (name == "relu") act.fn = Fn::Relu;
+  else if (name == "relu2") act.fn = Fn::Relu2;
+  else if (name == "swiglu") act.fn = Fn::Silu, act.gated = true;
+  else if (name == "geglu") act.fn = Fn::Gelu, act.gated = true;
+  else if (name == "geglu_tanh") act.fn = Fn::GeluTanh, act.gated = true;
+  else if (name == "reglu") act.fn = Fn::Relu, act.gated = true;
+  else if (name == "swiglu_clamp") act.fn = Fn::SiluAlpha, act.gated = true, act.clamp = true;
+  else
+    TORCH_CHECK_VALUE(false, "activation must be one of gelu, gelu_tanh, silu, relu, relu2, swiglu, geglu, geglu_tanh, "
+                      "reglu, swiglu_clamp (with ':' options), got '", spec, "'");
+  for (size_t i = 1; i < items.size(); ++i) {
+    const std::string& item = items[i];
+    const size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    if (item == "interleaved" && act.gated) act.interleaved = true;
+    else if (act.clamp && eq != std::string::npos && key == "alpha") act.alpha = parse_number(spec, item, eq);
+    else if (act.clamp && eq != std::string::npos && key == "limit") act.limit = parse_number(spec, item, eq);
+    else if (act.clamp && eq != std::string::npos && key == "up_offset") act.up_offset = parse_number(spec, item, eq);
+    else
+      TORCH_CHECK_VALUE(false, "activation '", spec, "': unknown option '", item,
+                        "' (gated activations take 'interleaved'; swiglu_clamp takes alpha=, limit=, up_offset=)");
+  }
+  TORCH_CHECK_VALUE(!(act.limit < 0), "activation '", spec, "': limit must be >= 0");
+  return act;
+}
+
+// f(x) and f'(x) for the element function F (alpha: SiluAlpha's slope).
+template <Fn F, typename T>
+inline void act_and_grad(T x, T alpha, T& a, T& da) {
+  if constexpr (F == Fn::Gelu) gelu_and_grad<T>(x, a, da);
+  else if constexpr (F == Fn::GeluTanh) gelu_tanh_and_grad<T>(x, a, da);
+  else if constexpr (F == Fn::Silu) silu_and_grad<T>(x, a, da);
+  else if constexpr (F == Fn::Relu) relu_and_grad<T>(x, a, da);
+  else if constexpr (F == Fn::Relu2) relu2_and_grad<T>(x, a, da);
+  else silu_alpha_and_grad<T>(x, alpha, a, da);
+}
+
+// Calls f(fn, gated, interleaved, clamp) with each as a compile-time constant,
+// for the combinations parse_activation produces.
+template <typename F>
+inline void with_activation(const Act& act, F&& f) {
+  using std::bool_constant;
+  auto by_fn = [&](auto gated, auto interleaved, auto clamp) {
+    switch (act.fn) {
+      case Fn::Gelu: return f(std::integral_constant<Fn, Fn::Gelu>{}, gated, interleaved, clamp);
+      case Fn::GeluTanh: return f(std::integral_constant<Fn, Fn::GeluTanh>{}, gated, interleaved, clamp);
+      case Fn::Silu: return f(std::integral_constant<Fn, Fn::Silu>{}, gated, interleaved, clamp);
+      case Fn::Relu: return f(std::integral_constant<Fn, Fn::Relu>{}, gated, interleaved, clamp);
+      case Fn::Relu2: return f(std::integral_constant<Fn, Fn::Relu2>{}, gated, interleaved, clamp);
+      case Fn::SiluAlpha: return f(std::integral_constant<Fn, Fn::SiluAlpha>{}, gated, interleaved, clamp);
+    }
+  };
+  if (!act.gated) return by_fn(bool_constant<false>{}, bool_constant<false>{}, bool_constant<false>{});
+  if (act.clamp) {
+    if (act.interleaved) return by_fn(bool_constant<true>{}, bool_constant<true>{}, bool_constant<true>{});
+    return by_fn(bool_constant<true>{}, bool_constant<false>{}, bool_constant<true>{});
+  }
+  if (act.interleaved) return by_fn(bool_constant<true>{}, bool_constant<true>{}, bool_constant<false>{});
+  return by_fn(bool_constant<true>{}, bool_constant<false>{}, bool_constant<false>{});
+}
+
+// Runs f(scalar_t, acc_t) for the tensor's dtype (acc_t: the float type math is done in).
+template <typename F>
+inline void dispatch_float_types(const at::Tensor& t, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "expert_mlp", [&] {
+    f(scalar_t{}, at::opmath_type<scalar_t>{});
+  });
+}
+
+// <a, b> over m elements, accumulated in acc_t.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot_row(const scalar_t* a, const scalar_t* b, int64_t m) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) s += static_cast<acc_t>(a[j]) * static_cast<acc_t>(b[j]);
+  return s;
+}
+
+// out[i] = src[rows[i]] for i < n: src [*, D], rows [n] int64, out [n, D].
+// With bias ([D]) also bias_dots[i] = <src[rows[i]], bias> (acc dtype, [n]).
+inline void gather_rows(const at::Tensor& src, const at::Tensor& rows, at::Tensor& out,
+                        const c10::optional<at::Tensor>& bias = c10::nullopt, at::Tensor* bias_dots = nullptr) {
+  const int64_t n = rows.size(0), D = src.size(1);
+  const int64_t* idx = rows.const_data_ptr<int64_t>();
+  dispatch_float_types(src, [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
+    const scalar_t* S = src.const_data_ptr<scalar_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    const scalar_t* B = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    acc_t* dots = B ? bias_dots->data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* row = S + idx[i] * D;
+        std::memcpy(O + i * D, row, D * sizeof(scalar_t));
+        if (B) dots[i] = dot_row<scalar_t, acc_t>(row, B, D);
+      }
+    });
+  });
+}
+
+// The forward epilogue of the first GEMM, one pass per row:
+// h [n, H1] += bias ([H1], optional), then a [n, H] = act(h).
+inline void bias_activation_rows(const Act& act, at::Tensor& h, const c10::optional<at::Tensor>& bias, at::Tensor& a) {
+  const int64_t n = h.size(0), H1 = h.size(1), H = a.size(1);
+  dispatch_float_types(h, [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
+    scalar_t* Hp = h.data_ptr<scalar_t>();
+    scalar_t* Ap = a.data_ptr<scalar_t>();
+    const scalar_t* B = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t alpha = act.alpha, limit = act.limit, offset = act.up_offset;
+    with_activation(act, [&](auto fn, auto gated, auto interleaved, auto clamp) {
+      constexpr Fn F = decltype(fn)::value;
+      at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          scalar_t* hr = Hp + i * H1;
+          scalar_t* ar = Ap + i * H;
+          if (B)  // h is stored rounded to scalar_t, and the activation reads it so, as the backward will
+            for (int64_t j = 0; j < H1; ++j)
+              hr[j] = static_cast<scalar_t>(static_cast<acc_t>(hr[j]) + static_cast<acc_t>(B[j]));
+          if constexpr (!gated) {
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) {
+              acc_t v, dv;
+              act_and_grad<F, acc_t>(static_cast<acc_t>(hr[j]), alpha, v, dv);
+              ar[j] = static_cast<scalar_t>(v);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) {
+              acc_t g = static_cast<acc_t>(hr[interleaved ? 2 * j : j]);
+              acc_t u = static_cast<acc_t>(hr[interleaved ? 2 * j + 1 : H + j]);
+              if constexpr (clamp) {
+                g = std::min(g, limit);
+                u = std::max(std::min(u, limit), -limit) + offset;
+              }
+              acc_t v, dv;
+              act_and_grad<F, acc_t>(g, alpha, v, dv);
+              ar[j] = static_cast<scalar_t>(v * u);
+            }
+          }
+        }
+      });
+    });
+  });
+}
+
+// The backward through a = act(h), one pass per row, given G = dy W2^T [n, H]
+// and the rows' gate weights w ([n], acc dtype; undefined: 1):
+//   a [n, H]   = act(h)              (recomputed rather than saved)
+//   dh [n, H1] = w * act'(h) * G     (the gradient at the first GEMM's output;
+//                                     0 where a clamp cut the input, as torch.clamp)
+//   dots [n]   = <G, act(h)>         (acc dtype, optional: d loss / d w)
+inline void activation_grad_rows(const Act& act, const at::Tensor& h, const at::Tensor& G, const at::Tensor& w,
+                                 at::Tensor& a_out, at::Tensor& dh, at::Tensor* dots = nullptr) {
+  const int64_t n = h.size(0), H1 = h.size(1), H = G.size(1);
+  dispatch_float_types(h, [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
+    const scalar_t* Hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* Gp = G.const_data_ptr<scalar_t>();
+    scalar_t* AO = a_out.data_ptr<scalar_t>();
+    scalar_t* DH = dh.data_ptr<scalar_t>();
+    const acc_t* W = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+    acc_t* D = dots ? dots->data_ptr<acc_t>() : nullptr;
+    const acc_t alpha = act.alpha, limit = act.limit, offset = act.up_offset;
+    with_activation(act, [&](auto fn, auto gated, auto interleaved, auto clamp) {
+      constexpr Fn F = decltype(fn)::value;
+      at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t* hr = Hp + i * H1;
+          const scalar_t* g = Gp + i * H;
+          scalar_t* a = AO + i * H;
+          scalar_t* d = DH + i * H1;
+          const acc_t wi = W ? W[i] : acc_t(1);
+          acc_t s = 0;
+          if constexpr (!gated) {
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < H; ++j) {
+              acc_t v, dv;
+              act_and_grad<F, acc_t>(static_cast<acc_t>(hr[j]), alpha, v, dv);
+              const acc_t gj = static_cast<acc_t>(g[j]);
+              s += gj * v;
+              a[j] = static_cast<scalar_t>(v);
+              d[j] = static_cast<scalar_t>(wi * dv * gj);
+            }
+          } else {
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < H; ++j) {
+              const int64_t gi = interleaved ? 2 * j : j, ui = interleaved ? 2 * j + 1 : H + j;
+              acc_t gate = static_cast<acc_t>(hr[gi]), up = static_cast<acc_t>(hr[ui]);
+              acc_t pass_gate = 1, pass_up = 1;
+              if constexpr (clamp) {
+                pass_gate = gate <= limit ? acc_t(1) : acc_t(0);
+                pass_up = (up >= -limit && up <= limit) ? acc_t(1) : acc_t(0);
+                gate = std::min(gate, limit);
+                up = std::max(std::min(up, limit), -limit) + offset;
+              }
+              acc_t v, dv;
+              act_and_grad<F, acc_t>(gate, alpha, v, dv);
+              const acc_t gj = static_cast<acc_t>(g[j]);
+              s += gj * v * up;
+              a[j] = static_cast<scalar_t>(v * up);
+              d[gi] = static_cast<scalar_t>(wi * gj * up * dv * pass_gate);  // d gate
+              d[ui] = static_cast<scalar_t>(wi * gj * v * pass_up);          // d up
+            }
+          }
+          if (D) D[i] = s;
+        }
+      });
+    });
+  });
+}
+
+// The most rows any expert has: offsets [E + 1] (int64 data).
+inline int64_t largest_expert(const int64_t* off, int64_t E) {
+  int64_t most = 0;
+  for (int64_t e = 0; e < E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  return most;
+}
+
+// Expert e's row of an optional [E, *] bias.
+inline c10::optional<at::Tensor> expert_bias(const c10::optional<at::Tensor>& b, int64_t e) {
+  return b.has_value() ? c10::optional<at::Tensor>((*b)[e]) : c10::nullopt;
+}
+
+struct Shapes {
+  int64_t S, D, E, H1, H;
+};
+
+// rows_per_x: sorted rows per row of x (top_k when x is in token order, 1 when sorted).
+inline Shapes check_expert_shapes(const at::Tensor& x, const char* x_name, const at::Tensor& offsets,
+                                  const at::Tensor& w1, const at::Tensor& w2, const Act& act, int64_t rows_per_x = 1) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), x_name, " must be a contiguous 2-D tensor");
+  TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "w1 must be [E, D, H1] and w2 [E, H, D]");
+  const int64_t E = w1.size(0), D = x.size(1), H1 = w1.size(2), H = w2.size(1);
+  TORCH_CHECK(w1.size(1) == D && w2.size(0) == E && w2.size(2) == D, "w1 must be [E, D=", D, ", H1] and w2 [E, H, D=", D,
+              "], got ", w1.sizes(), " and ", w2.sizes());
+  TORCH_CHECK(H1 == (act.gated ? 2 * H : H), "w1's last dim must be ", act.gated ? "2H" : "H",
+              " = ", act.gated ? 2 * H : H, " for this activation, got ", H1);
+  check_offsets(offsets, E, x.size(0) * rows_per_x);
+  TORCH_CHECK(w1.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
+              "w1 and w2 must have ", x_name, "'s dtype ", x.scalar_type());
+  return {x.size(0), D, E, H1, H};
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// grouped_mlp: rows already in expert order
+// ---------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> grouped_mlp_fwd(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w1,
+                                                   const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                   const c10::optional<at::Tensor>& b2, std::string activation,
+                                                   bool save_h) {
+  const Act act = parse_activation(activation);
+  const Shapes sh = check_expert_shapes(x, "x_sorted", offsets, w1, w2, act);
+  const at::Tensor offs = offsets.contiguous();
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  const int64_t most = largest_expert(off, sh.E);
+  // Without a backward to feed, h lives one expert at a time.
+  at::Tensor h = at::empty({save_h ? sh.S : most, sh.H1}, x.options());
+  at::Tensor y = at::empty({sh.S, sh.D}, x.options());
+  y.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
+  if (save_h) h.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
+  at::Tensor scratch = at::empty({most, sh.H}, x.options());
+  for (int64_t e = 0; e < sh.E; ++e) {
+    const int64_t lo = off[e], n = off[e + 1] - lo;
+    if (n == 0) continue;
+    at::Tensor he = h.narrow(0, save_h ? lo : 0, n), ye = y.narrow(0, lo, n), ae = scratch.narrow(0, 0, n);
+    const at::Tensor xe = x.narrow(0, lo, n);
+    at::mm_out(he, xe, w1[e]);
+    bias_activation_rows(act, he, expert_bias(b1, e), ae);
+    if (b2.has_value()) at::addmm_out(ye, (*b2)[e], ae, w2[e]);
+    else at::mm_out(ye, ae, w2[e]);
+  }
+  return {y, save_h ? h : at::empty({0, sh.H1}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_mlp_bwd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h, const at::Tensor& offsets,
+    const at::Tensor& w1, const at::Tensor& w2, std::string activation) {
+  const Act act = parse_activation(activation);
+  const Shapes sh = check_expert_shapes(x, "x_sorted", offsets, w1, w2, act);
+  const at::Tensor dy = grad_y.contiguous(), offs = offsets.contiguous();
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  at::Tensor dx = at::empty_like(x);
+  dx.narrow(0, off[sh.E], sh.S - off[sh.E]).zero_();
+  at::Tensor dw1 = at::zeros_like(w1), dw2 = at::zeros_like(w2);
+  at::Tensor db1 = at::zeros({sh.E, sh.H1}, w1.options()), db2 = at::zeros({sh.E, sh.D}, w2.options());
+  const int64_t most = largest_expert(off, sh.E);
+  at::Tensor a_buf = at::empty({most, sh.H}, x.options()), da_buf = at::empty({most, sh.H}, x.options());
+  at::Tensor dh_buf = at::empty({most, sh.H1}, x.options());
+  for (int64_t e = 0; e < sh.E; ++e) {
+    const int64_t lo = off[e], n = off[e + 1] - lo;
+    if (n == 0) continue;
+    const at::Tensor xe = x.narrow(0, lo, n), he = h.narrow(0, lo, n), dye = dy.narrow(0, lo, n);
+    at::Tensor ae = a_buf.narrow(0, 0, n), dae = da_buf.narrow(0, 0, n), dhe = dh_buf.narrow(0, 0, n);
+    at::Tensor dw2e = dw2[e], dw1e = dw1[e], db2e = db2[e], db1e = db1[e], dxe = dx.narrow(0, lo, n);
+    at::mm_out(dae, dye, w2[e].t());
+    activation_grad_rows(act, he, dae, at::Tensor(), ae, dhe);  // ae = act(h), recomputed rather than saved
+    at::mm_out(dw2e, ae.t(), dye);
+    at::sum_out(db2e, dye, {0});
+    at::mm_out(dw1e, xe.t(), dhe);
+    at::sum_out(db1e, dhe, {0});
+    at::mm_out(dxe, dhe, w1[e].t());
+  }
+  return {dx, dw1, db1, dw2, db2};
+}
+
+// ---------------------------------------------------------------------------
+// moe_mlp: the whole expert computation in token order
+// ---------------------------------------------------------------------------
+
+// Rows per tile: an expert's rows are processed in tiles whose intermediates
+// (gathered rows, activations, expert outputs and their gradients) fit a fixed
+// workspace budget. Larger tiles make fewer, larger GEMMs, which run at a
+// higher rate; the budget keeps the workspace below what a per-expert loop
+// materialises. MARS_KERNELS_CPU_ROW_TILE overrides it
+// (read per call, like MARS_KERNELS_CPU_TOKEN_GROUPS below, so tests can set it).
+constexpr int64_t kWorkspaceBytes = int64_t{48} << 20;
+constexpr int64_t kMinTile = 256, kMaxTile = 16384;
+
+int64_t env_int(const char* name) {
+  const char* env = std::getenv(name);
+  const int64_t v = env ? std::atoll(env) : 0;
+  return v > 0 ? v : int64_t{0};
+}
+
+// The token groups below share the budget (each has its own buffers).
+int64_t row_tile(const Shapes& sh, int64_t elem_bytes, int64_t groups) {
+  const int64_t forced = env_int("MARS_KERNELS_CPU_ROW_TILE");
+  if (forced > 0) return forced;
+  const int64_t row_bytes = (3 * sh.D + 2 * sh.H + sh.H1) * elem_bytes;  // the backward's per-row buffers
+  return std::clamp(kWorkspaceBytes / groups / std::max<int64_t>(row_bytes, 1), kMinTile, kMaxTile);
+}
+
+// The routing in expert order, gathered once per call (not per expert, where
+// small ATen ops would cost more than the work): for the first `valid` sorted
+// slots s, the token slot s reads (permutation[s] / k) and its gate weight.
+// `token_sorted`: within each expert the tokens ascend (the align is stable).
+struct SortedRouting {
+  at::Tensor tokens;   // [valid] int64
+  at::Tensor weights;  // [valid] in the weights' dtype (float32 / float64)
+  bool token_sorted;
+};
+
+SortedRouting sort_routing(const at::Tensor& perm, const at::Tensor& weights, int64_t top_k, const int64_t* off,
+                           int64_t E) {
+  const int64_t valid = off[E];
+  at::Tensor tokens = at::empty({valid}, perm.options());
+  at::Tensor w = at::empty({valid}, weights.options());
+  const int64_t* P = perm.const_data_ptr<int64_t>();
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "sort_routing", [&] {
+    const scalar_t* W = weights.const_data_ptr<scalar_t>();
+    scalar_t* out = w.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < valid; ++s) {
+      tok[s] = P[s] / top_k;
+      out[s] = W[P[s]];
+    }
+  });
+  bool sorted = true;
+  for (int64_t e = 0; e < E && sorted; ++e)
+    for (int64_t s = off[e] + 1; s < off[e + 1]; ++s)
+      if (P[s] < P[s - 1]) {
+        sorted = false;
+        break;
+      }
+  return {tokens, w, sorted};
+}
+
+// How the work is shared between threads. With few, large experts, ATen shares
+// each GEMM and row pass between the threads. With many small experts that is
+// a fork/join per small GEMM, so instead the tokens are cut into one contiguous
+// range per thread ("token group") and each thread runs every expert on its
+// rows of that range with single-threaded GEMMs. Within an expert the rows are
+// sorted by token, so a group's rows of an expert are one contiguous slice;
+// groups write disjoint output rows and each token still sums its experts in
+// expert order. The load stays balanced however skewed the routing is, and
+// the step no longer depends on the latency of hundreds of small fork/joins
+// (the README's benchmark section has the figures).
+// The backward keeps one weight-gradient partial per extra group, summed in
+// group order, so it is split only while those partials fit a budget.
+// MARS_KERNELS_CPU_TOKEN_GROUPS=1 turns the split off (N > 1 forces N groups).
+constexpr int64_t kGroupRowsPerExpert = 2048;  // split below this many rows per expert and thread
+constexpr int64_t kPartialBytes = int64_t{64} << 20;
+
+int64_t token_groups(const Shapes& sh, int64_t T, int64_t valid, const SortedRouting& route, int64_t partial_bytes) {
+  const int64_t forced = env_int("MARS_KERNELS_CPU_TOKEN_GROUPS");
+  const int64_t threads = at::get_num_threads();
+  if (!route.token_sorted || at::in_parallel_region()) return 1;
+  if (forced > 0) return std::min(forced, std::max<int64_t>(T, 1));
+  if (threads <= 1 || T < 2 * threads) return 1;
+  if (valid > kGroupRowsPerExpert * threads * sh.E) return 1;
+  if (partial_bytes * (threads - 1) > kPartialBytes) return 1;
+  return threads;
+}
+
+// Runs f(g) for each group g, one group per thread. The workers take the
+// caller's thread-local state (grad mode, dispatch exclusions), or ATen calls
+// on them would see autograd and refuse the out= GEMMs on parameters.
+template <typename F>
+void for_each_group(int64_t groups, const F& f) {
+  if (groups == 1) return f(0);
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    at::ThreadLocalStateGuard guard(caller);
+    for (int64_t g = g0; g < g1; ++g) f(g);
+  });
+}
+
+// The slots [begin, end) of expert e that belong to group g of `groups`.
+std::pair<int64_t, int64_t> group_slots(const SortedRouting& route, const int64_t* off, int64_t e, int64_t T,
+                                        int64_t g, int64_t groups) {
+  if (groups == 1) return {off[e], off[e + 1]};
+  const int64_t* tok = route.tokens.const_data_ptr<int64_t>();
+  const int64_t* first = tok + off[e];
+  const int64_t* last = tok + off[e + 1];
+  const int64_t* lo = std::lower_bound(first, last, T * g / groups);
+  const int64_t* hi = std::lower_bound(lo, last, T * (g + 1) / groups);
+  return {lo - tok, hi - tok};
+}
+
+// Columns per task of the column-split row passes: at least 64, and enough
+// that a task covers ~16K elements of the n rows, so a handful of rows (decode:
+// one token per expert) runs inline instead of paying a fork/join per pass.
+inline int64_t column_grain(int64_t n) {
+  return std::max<int64_t>(64, (int64_t{16384} + n - 1) / std::max<int64_t>(n, 1));
+}
+
+// acc[tokens[i]] += scale[i] * (rows[i] + bias), with scale (acc dtype) and
+// bias ([D]) optional. Threads split the columns, so repeated tokens are safe
+// and the order is fixed.
+void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const at::Tensor& tokens, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& bias = c10::nullopt) {
+  const int64_t n = rows.size(0), D = rows.size(1);
+  const int64_t* tok = tokens.const_data_ptr<int64_t>();
+  dispatch_float_types(rows, [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
+    const scalar_t* R = rows.const_data_ptr<scalar_t>();
+    const scalar_t* B = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    acc_t* A = acc.data_ptr<acc_t>();
+    const acc_t* W = scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, D, column_grain(n), [&](int64_t d0, int64_t d1) {
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t w = W ? W[i] : acc_t(1);
+        acc_t* a = A + tok[i] * D;
+        const scalar_t* r = R + i * D;
+        if (B)
+          for (int64_t d = d0; d < d1; ++d) a[d] += w * (static_cast<acc_t>(r[d]) + static_cast<acc_t>(B[d]));
+        else
+          for (int64_t d = d0; d < d1; ++d) a[d] += w * static_cast<acc_t>(r[d]);
+      }
+    });
+  });
+}
+
+// rows[i] *= scale[i] (acc dtype [n]) in place, and sums (+)= the column sums
+// of the scaled rows, added in row order in double. Threads split the columns.
+void scale_rows_and_sum(at::Tensor& rows, const at::Tensor& scale, at::Tensor& sums, bool accumulate) {
+  const int64_t n = rows.size(0), D = rows.size(1);
+  dispatch_float_types(rows, [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
+    scalar_t* R = rows.data_ptr<scalar_t>();
+    scalar_t* S = sums.data_ptr<scalar_t>();
+    const acc_t* W = scale.const_data_ptr<acc_t>();
+    at::parallel_for(0, D, column_grain(n), [&](int64_t d0, int64_t d1) {
+      double col[64];
+      for (int64_t d = d0; d < d1; d += 64) {
+        const int64_t m = std::min<int64_t>(64, d1 - d);
+        for (int64_t j = 0; j < m; ++j) col[j] = accumulate ? static_cast<double>(S[d + j]) : 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          scalar_t* r = R + i * D + d;
+          const acc_t w = W[i];
+          for (int64_t j = 0; j < m; ++j) {
+            r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) * w);
+            col[j] += static_cast<double>(r[j]);
+          }
+        }
+        for (int64_t j = 0; j < m; ++j) S[d + j] = static_cast<scalar_t>(col[j]);
+      }
+    });
+  });
+}
+
+void check_routing(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& permutation, int64_t top_k) {
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1, got ", top_k);
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == x.size(0) && weights.size(1) == top_k &&
+                  weights.scalar_type() == routing_dtype(x) && weights.is_contiguous(),
+              "weights must be a contiguous [T, k] ", routing_dtype(x), " tensor, got ", weights.scalar_type(), " ",
+              weights.sizes());
+  check_slots(permutation, x.size(0) * top_k, "permutation");
+}
+
+// The row-block fields of the metadata (inverse, block_expert, block_start,
+// block_size) are for the row-block kernels of the Triton/GPU path; these
+// kernels walk each expert's sorted slots instead.
+std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Tensor& weights,
+                                               const at::Tensor& permutation, const at::Tensor& /*inverse*/,
+                                               const at::Tensor& offsets, const at::Tensor& /*block_expert*/,
+                                               const at::Tensor& /*block_start*/, int64_t top_k,
+                                               int64_t /*block_size*/, const at::Tensor& w1,
+                                               const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                               const c10::optional<at::Tensor>& b2, std::string activation,
+                                               bool save_h) {
+  const Act act = parse_activation(activation);
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1, got ", top_k);
+  const Shapes sh = check_expert_shapes(x, "x", offsets, w1, w2, act, top_k);
+  check_routing(x, weights, permutation, top_k);
+  const int64_t T = x.size(0), S = T * top_k;
+  const at::Tensor offs = offsets.contiguous(), perm = permutation.contiguous();
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  const SortedRouting route = sort_routing(perm, weights, top_k, off, sh.E);
+  const int64_t groups = token_groups(sh, T, off[sh.E], route, 0);
+  const int64_t tile = std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size(), groups));
+  const auto opts = x.options();
+  at::Tensor acc = at::zeros({T, sh.D}, opts.dtype(routing_dtype(x)));
+  at::Tensor h = save_h ? at::empty({S, sh.H1}, opts) : at::empty({groups, tile, sh.H1}, opts);
+  if (save_h) h.narrow(0, off[sh.E], S - off[sh.E]).zero_();
+  at::Tensor xg = at::empty({groups, tile, sh.D}, opts), a = at::empty({groups, tile, sh.H}, opts);
+  at::Tensor ye = at::empty({groups, tile, sh.D}, opts);
+  for_each_group(groups, [&](int64_t g) {
+    for (int64_t e = 0; e < sh.E; ++e) {
+      const auto [lo, hi] = group_slots(route, off, e, T, g, groups);
+      for (int64_t r0 = lo; r0 < hi; r0 += tile) {
+        const int64_t n = std::min(tile, hi - r0);
+        const at::Tensor tokens = route.tokens.narrow(0, r0, n);
+        at::Tensor xe = xg[g].narrow(0, 0, n), he = save_h ? h.narrow(0, r0, n) : h[g].narrow(0, 0, n);
+        at::Tensor ae = a[g].narrow(0, 0, n), y_e = ye[g].narrow(0, 0, n);
+        gather_rows(x, tokens, xe);
+        at::mm_out(he, xe, w1[e]);
+        bias_activation_rows(act, he, expert_bias(b1, e), ae);
+        at::mm_out(y_e, ae, w2[e]);
+        accumulate_rows(acc, y_e, tokens, route.weights.narrow(0, r0, n), expert_bias(b2, e));
+      }
+    }
+  });
+  at::Tensor y = acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
+  return {y, save_h ? h : at::empty({0, sh.H1}, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_bwd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weights, const at::Tensor& permutation,
+    const at::Tensor& /*inverse*/, const at::Tensor& offsets, const at::Tensor& /*block_expert*/,
+    const at::Tensor& /*block_start*/, int64_t top_k, int64_t /*block_size*/, const at::Tensor& w1,
+    const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& h, std::string activation) {
+  const Act act = parse_activation(activation);
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1, got ", top_k);
+  const Shapes sh = check_expert_shapes(x, "x", offsets, w1, w2, act, top_k);
+  check_routing(x, weights, permutation, top_k);
+  const int64_t T = x.size(0);
+  TORCH_CHECK(h.size(0) == T * top_k && h.size(1) == sh.H1, "h must be the [S, H1] tensor saved by moe_mlp_fwd");
+  const at::Tensor dy = grad_y.contiguous(), offs = offsets.contiguous(), perm = permutation.contiguous();
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  const int64_t valid = off[sh.E];
+  const SortedRouting route = sort_routing(perm, weights, top_k, off, sh.E);
+  const int64_t weight_grad_bytes = (w1.numel() + w2.numel() + sh.E * (sh.H1 + sh.D)) * w1.element_size();
+  const int64_t groups = token_groups(sh, T, valid, route, weight_grad_bytes);
+  const int64_t tile = std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size(), groups));
+  const auto opts = x.options();
+  const auto acc_opts = opts.dtype(routing_dtype(x));
+  at::Tensor dx_acc = at::zeros({T, sh.D}, acc_opts);
+  at::Tensor grad_w = at::zeros({T, top_k}, acc_opts);
+  // Group 0 writes the weight gradients themselves and group g > 0 its partial
+  // [g - 1]. Each group's first row tile of an expert overwrites; a group with
+  // no rows of an expert zeroes that expert's slices.
+  at::Tensor dw1 = at::empty_like(w1), dw2 = at::empty_like(w2);
+  at::Tensor db1 = at::empty({sh.E, sh.H1}, w1.options()), db2 = at::empty({sh.E, sh.D}, w2.options());
+  at::Tensor part_w1, part_w2, part_b1, part_b2;
+  if (groups > 1) {
+    part_w1 = at::empty({groups - 1, sh.E, sh.D, sh.H1}, w1.options());
+    part_w2 = at::empty({groups - 1, sh.E, sh.H, sh.D}, w2.options());
+    part_b1 = at::empty({groups - 1, sh.E, sh.H1}, w1.options());
+    part_b2 = at::empty({groups - 1, sh.E, sh.D}, w2.options());
+  }
+  at::Tensor xg = at::empty({groups, tile, sh.D}, opts), dg = at::empty({groups, tile, sh.D}, opts);
+  at::Tensor a = at::empty({groups, tile, sh.H}, opts), G = at::empty({groups, tile, sh.H}, opts);
+  at::Tensor dh = at::empty({groups, tile, sh.H1}, opts), dxg = at::empty({groups, tile, sh.D}, opts);
+  // d weight of each sorted slot = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>.
+  at::Tensor dots = at::empty({valid}, acc_opts), bias_dots = at::zeros({valid}, acc_opts);
+  for_each_group(groups, [&](int64_t g) {
+    const bool own = g == 0;
+    for (int64_t e = 0; e < sh.E; ++e) {
+      at::Tensor dw2e = own ? dw2[e] : part_w2[g - 1][e], db2e = own ? db2[e] : part_b2[g - 1][e];
+      at::Tensor dw1e = own ? dw1[e] : part_w1[g - 1][e], db1e = own ? db1[e] : part_b1[g - 1][e];
+      const auto [lo, hi] = group_slots(route, off, e, T, g, groups);
+      if (lo == hi)
+        for (at::Tensor* t : {&dw2e, &db2e, &dw1e, &db1e}) t->zero_();
+      for (int64_t r0 = lo; r0 < hi; r0 += tile) {
+        const int64_t n = std::min(tile, hi - r0);
+        const bool first = r0 == lo;
+        const at::Tensor tokens = route.tokens.narrow(0, r0, n), w_rows = route.weights.narrow(0, r0, n);
+        const at::Tensor he = h.narrow(0, r0, n);
+        at::Tensor xe = xg[g].narrow(0, 0, n), dge = dg[g].narrow(0, 0, n), ae = a[g].narrow(0, 0, n);
+        at::Tensor Ge = G[g].narrow(0, 0, n), dhe = dh[g].narrow(0, 0, n), dxe = dxg[g].narrow(0, 0, n);
+        at::Tensor dots_e = dots.narrow(0, r0, n), bd = bias_dots.narrow(0, r0, n);
+        gather_rows(dy, tokens, dge, expert_bias(b2, e), &bd);
+        at::mm_out(Ge, dge, w2[e].t());
+        activation_grad_rows(act, he, Ge, w_rows, ae, dhe, &dots_e);  // ae = act(h), dhe = d h
+        // Weight gradients summed over row tiles in tile order (deterministic).
+        scale_rows_and_sum(dge, w_rows, db2e, !first);  // dge: now the gradient of this expert's output rows
+        if (first) at::mm_out(dw2e, ae.t(), dge);
+        else dw2e.addmm_(ae.t(), dge);
+        gather_rows(x, tokens, xe);
+        if (first) {
+          at::mm_out(dw1e, xe.t(), dhe);
+          at::sum_out(db1e, dhe, {0});
+        } else {
+          dw1e.addmm_(xe.t(), dhe);
+          db1e.add_(dhe.sum(0));
+        }
+        at::mm_out(dxe, dhe, w1[e].t());
+        accumulate_rows(dx_acc, dxe, tokens, at::Tensor());
+      }
+    }
+  });
+  for (int64_t g = 1; g < groups; ++g) {
+    dw1.add_(part_w1[g - 1]);
+    dw2.add_(part_w2[g - 1]);
+    db1.add_(part_b1[g - 1]);
+    db2.add_(part_b2[g - 1]);
+  }
+  AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "moe_mlp_bwd_grad_w", [&] {
+    const int64_t* P = perm.const_data_ptr<int64_t>();
+    const scalar_t *Dt = dots.const_data_ptr<scalar_t>(), *Bd = bias_dots.const_data_ptr<scalar_t>();
+    scalar_t* GW = grad_w.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < valid; ++s) GW[P[s]] = Dt[s] + Bd[s];
+  });
+  at::Tensor dx = dx_acc.scalar_type() == x.scalar_type() ? dx_acc : dx_acc.to(x.scalar_type());
+  return {dx, grad_w, dw1, db1, dw2, db2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mars_kernels, CPU, m) {
+  m.impl("grouped_mlp_fwd", &grouped_mlp_fwd);
+  m.impl("grouped_mlp_bwd", &grouped_mlp_bwd);
+  m.impl("moe_mlp_fwd", &moe_mlp_fwd);
+  m.impl("moe_mlp_bwd", &moe_mlp_bwd);
+}
+
+}  // namespace cpu
+}  // namespace mars_kernels
