@@ -22,7 +22,7 @@ import torch
 from .. import backend as _backend
 from .. import checks as check
 from .. import library
-from .common import compute_dtype
+from .common import compute_dtype, rand
 
 __all__ = ["modality_attention", "modality_attention_torch", "attention_keep_mask"]
 
@@ -125,7 +125,7 @@ def attention_keep_mask(
     if p == 0:
         return None
     shape = (positions, num_heads, num_modalities, num_modalities)
-    draw = torch.rand(shape, device=device, generator=generator)
+    draw = rand(shape, device=device, generator=generator)
     return (draw >= p).to(dtype) / (1 - p)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ... import backend as _backend
 from ... import ops
+from ...ops.common import rand
 from ..routing import Routing
 from .config import MarsConfig
 from .inputs import ConcatResidual, IncompleteTokens, RouterInput
@@ -178,7 +179,7 @@ class MarsRouter(nn.Module):
     def _random(self, T: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None):
         """k distinct experts per token, uniformly (the top k of T x E uniform
         scores), weights 1/k: -> weights [T, k], indices [T, k]."""
-        scores = torch.rand(T, self.num_experts, generator=generator, device=device)
+        scores = rand(T, self.num_experts, generator=generator, device=device)
         indices = scores.topk(self.k, dim=1).indices
         return torch.full((T, self.k), 1.0 / self.k, dtype=dtype, device=device), indices
 
@@ -246,7 +247,7 @@ class MarsRouter(nn.Module):
         routers disagree. -> (weights [T, k], indices [T, k], share of tokens)."""
         share = 1.0 - torch.exp(-self.config.mix_scale * divergence.detach())  # [T]
         w_f, idx_f = ops.topk_gating(l_f, self.k, backend=self.backend)
-        use_f = torch.rand(share.shape, generator=generator, device=share.device, dtype=share.dtype) < share
+        use_f = rand(share.shape, generator=generator, device=share.device, dtype=share.dtype) < share
         w = torch.where(use_f[:, None], w_f.to(w_r.dtype), w_r)
         return w, torch.where(use_f[:, None], idx_f.to(idx_r.dtype), idx_r), use_f.to(share.dtype).mean()
 
