@@ -176,12 +176,16 @@ def test_expert_parallel_with_fewer_experts_than_processes_is_refused_before_wri
     from mars.train import train
 
     data = _tiny_dir(tmp_path / "d")
-    for method, experts, field, says in (("moe", 1, "model.num_experts", "over 2 processes needs at least 2 experts"),
-                                         ("late_fusion", 4, "model.method", "supports the methods mars, vanilla-moe")):
-        cfg = TrainConfig(data=str(data), epochs=1, expert_parallel=True,
-                          model=ModelConfig(method=method, d_model=8, d_hidden=8, num_experts=experts, k=1))
-        with pytest.raises(ConfigError) as info:
-            train(cfg, tmp_path / "run", progress=False, ctx=DistContext(rank=0, world=2))
-        assert info.value.field == field, info.value
-        assert says in info.value.message
-        assert not (tmp_path / "run").exists()
+    cfg = TrainConfig(data=str(data), epochs=1, expert_parallel=True,
+                      model=ModelConfig(method="moe", d_model=8, d_hidden=8, num_experts=1, k=1))
+    with pytest.raises(ConfigError) as info:
+        train(cfg, tmp_path / "run", progress=False, ctx=DistContext(rank=0, world=2))
+    assert info.value.field == "model.num_experts", info.value
+    assert "over 2 processes needs at least 2 experts" in info.value.message
+    assert not (tmp_path / "run").exists()
+    # a method without one set of experts: refused by the configuration itself
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(data=str(data), epochs=1, expert_parallel=True,
+                    model=ModelConfig(method="late_fusion", d_model=8, d_hidden=8))
+    assert info.value.field == "expert_parallel" and "shards the experts of mars, vanilla-moe" in info.value.message
+    assert not (tmp_path / "run").exists()

@@ -173,6 +173,7 @@ def test_config_round_trip_and_config_files_from_before_the_device_keys(tmp_path
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     old = TrainConfig().to_dict()  # a version-1 config.json: flat model keys, no device or precision
     del old["device"], old["precision"], old["version"], old["model"]["mars"], old["model"]["research"]
+    del old["test_split"], old["train_missing"]
     assert (TrainConfig.from_dict(old).device, TrainConfig.from_dict(old).precision) == ("cpu", "fp32")
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert rundir.read_config(tmp_path).device == "cpu"

@@ -1,4 +1,4 @@
-"""MARS training-time routing, fused (DESIGN 2.3): the residual router gates
+"""MARS training-time routing, fused (docs/design.md section 2.3): the residual router gates
 the experts with discrepancy-aware noise, and the feature router learns to
 imitate it.
 

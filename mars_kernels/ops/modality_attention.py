@@ -1,5 +1,5 @@
 """Modality attention: self-attention across the modality axis at every token
-position, the fusion of MARS (DESIGN 3), as one op.
+position, the fusion of MARS (docs/design.md section 3), as one op.
 
 Shapes: T positions, M modalities, D model width, H heads of D / H columns.
 ``nn.MultiheadAttention`` on ``[T, M, D]`` does the same maths through head
