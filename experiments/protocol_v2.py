@@ -63,8 +63,17 @@ ALL_CELLS = {**CELLS, **SANITY_CELLS}
 #: chosen for every cell; the cost of screening both regimes was too high).
 SCREEN_CELLS = [c for c in CELLS if c.endswith("/a")]
 
-#: MARS's training budget (what "same budget" gives another MoE).
-MARS_BUDGET = dict(masks_per_step=8, lambda_unimodal=0.3, unimodal_vote=2.0)
+def _mars_budget() -> dict:
+    """MARS's training budget at its defaults (what "same budget" gives another
+    MoE): masks per step, learning rate, dropout, per-modality heads and vote."""
+    from mars.config import default_config
+
+    cfg = default_config("mars")
+    return dict(masks_per_step=cfg.masks_per_step, lr=cfg.lr, dropout=cfg.model.dropout,
+                lambda_unimodal=cfg.model.lambda_unimodal, unimodal_vote=cfg.model.unimodal_vote)
+
+
+MARS_BUDGET = _mars_budget()
 
 #: Final arms: name -> (method, options). The methods at their selected
 #: defaults (mars.config.METHOD_DEFAULTS), then MARS's ablations at its
@@ -305,6 +314,40 @@ def _score(row: dict, stage: str) -> float:
     return row["test_mean"] if stage == "final" else row["val_mean"]
 
 
+def select(out_path: Path | None) -> int:
+    """Each method's configuration: the screen arm with the highest mean, over
+    the screened cells, of its mean validation score over seeds."""
+    data = collect("screen")
+    by_method: dict = {}
+    for arm, (method, options) in SCREEN_ARMS.items():
+        per_cell = {}
+        for cell in SCREEN_CELLS:
+            rows = data.get(cell, {}).get(arm, [])
+            if rows:
+                per_cell[cell] = statistics.fmean(r["val_mean"] for r in rows)
+        complete = len(per_cell) == len(SCREEN_CELLS)
+        score = statistics.fmean(per_cell.values()) if complete else None
+        by_method.setdefault(method, []).append({"arm": arm, "options": options, "per_cell": per_cell, "score": score,
+                                                 "runs": sum(len(data.get(c, {}).get(arm, [])) for c in SCREEN_CELLS)})
+    result = {}
+    for method, arms in by_method.items():
+        done = [a for a in arms if a["score"] is not None]
+        best = max(done, key=lambda a: a["score"]) if len(done) == len(arms) else None
+        result[method] = {"arms": arms, "chosen": best["arm"] if best else None,
+                          "options": best["options"] if best else None}
+        print(f"\n{method}: chosen {result[method]['chosen']}")
+        for a in arms:
+            cells = "  ".join(f"{c.split('/')[0]} {v:.4f}" for c, v in a["per_cell"].items())
+            mark = "*" if best and a["arm"] == best["arm"] else " "
+            print(f" {mark} {a['arm']:28s} {a['score'] if a['score'] is None else round(a['score'], 4)}  "
+                  f"({a['runs']} runs)  {cells}")
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({"cells": SCREEN_CELLS, "methods": result}, indent=1) + "\n")
+        print(f"wrote {out_path}")
+    return 0
+
+
 def report(stage: str, out_path: Path | None) -> int:
     from mars.stats import paired_interval
 
@@ -359,9 +402,13 @@ def main(argv=None) -> int:
     r = sub.add_parser("report")
     r.add_argument("stage", choices=("dev", "screen", "final"))
     r.add_argument("--out", type=Path, default=None)
+    sel = sub.add_parser("select", help="each method's configuration from the screens")
+    sel.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if a.command == "report":
         return report(a.stage, a.out)
+    if a.command == "select":
+        return select(a.out)
     arms = a.arms or (list(ARMS) if a.command == "final" else list(SCREEN_ARMS))
     overrides = {}
     for item in getattr(a, "set", []):

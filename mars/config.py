@@ -43,7 +43,7 @@ from .research.router_inputs import FEATURE_INPUTS, RESIDUAL_INPUTS
 __all__ = [
     "ConfigError", "TrainConfig", "ModelConfig", "MarsConfig", "ResearchConfig", "RetrieverConfig", "MCEConfig",
     "LateFusionConfig",
-    "SECTIONS", "USED_BY", "METHOD_DEFAULTS", "CONFIG_VERSION", "V1_DEFAULTS", "REMOVED_V1", "default_config",
+    "SECTIONS", "USED_BY", "METHOD_DEFAULTS", "BASE_DEFAULTS", "method_default", "CONFIG_VERSION", "V1_DEFAULTS", "REMOVED_V1", "default_config",
     "used_by", "field_paths", "ADVANCED_MARS", "check_device_spec", "BACKBONES", "BACKENDS", "PRECISIONS", "LR_SCHEDULES",
     "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS", "MAX_SEED", "MAX_MASKS_PER_STEP", "MAX_UNIMODAL_VOTE",
     "NOISE_MODES", "ROUTINGS", "MIX_MODES",
@@ -254,7 +254,7 @@ class ModelConfig:
     k: int = opt(2, "experts per token", low=1)
     activation: str = opt("gelu", "the experts' activation", choices=tuple(ACTIVATIONS), advanced=True)
     fusion_heads: int = opt(4, "attention heads of the fusion", low=1, advanced=True)
-    dropout: float = opt(0.1, "dropout probability", low=0.0, below=1.0)
+    dropout: float | None = opt(None, "dropout probability; default: the method's own", low=0.0, below=1.0)
     backbone: str = opt("attention", "fusion backbone: attention across modalities, late (per-modality towers, "
                         "mean) or mce (MCE's completion Transformer)", choices=BACKBONES)
     backend: str | None = opt(None, "the kernels: auto (default), reference, cpu, triton or cuda", choices=BACKENDS)
@@ -291,11 +291,12 @@ class ModelConfig:
         if self.d_model % self.fusion_heads:
             raise ConfigError("model.d_model", f"must be divisible by fusion_heads={self.fusion_heads}, "
                                                f"got {self.d_model}")
-        own = METHOD_DEFAULTS[self.method]
+        if self.dropout is None:
+            self.dropout = method_default(self.method, "model.dropout")
         if self.lambda_unimodal is None:
-            self.lambda_unimodal = own.get("model.lambda_unimodal", 0.0)
+            self.lambda_unimodal = method_default(self.method, "model.lambda_unimodal")
         if self.unimodal_vote is None:
-            self.unimodal_vote = own.get("model.unimodal_vote", 0.0) if self.lambda_unimodal > 0 else 0.0
+            self.unimodal_vote = method_default(self.method, "model.unimodal_vote") if self.lambda_unimodal > 0 else 0.0
         if self.unimodal_vote > 0 and self.lambda_unimodal == 0:
             raise ConfigError("model.unimodal_vote", f"needs the per-modality heads (lambda_unimodal > 0), got "
                                                      f"unimodal_vote={self.unimodal_vote} with lambda_unimodal=0")
@@ -349,7 +350,7 @@ class TrainConfig:
                           advanced=True)
     epochs: int = opt(40, "epochs to train (with --resume: the total)", low=1)
     batch_size: int = opt(64, "samples per step", low=1)
-    lr: float = opt(2e-3, "learning rate (AdamW)", above=0.0)
+    lr: float | None = opt(None, "learning rate (AdamW); default: the method's own", above=0.0)
     weight_decay: float = opt(1e-4, "AdamW weight decay", low=0.0, advanced=True)
     lr_schedule: str = opt("constant", "constant, or cosine: per step from --lr down to 0 at the last epoch",
                            choices=LR_SCHEDULES, advanced=True)
@@ -370,8 +371,9 @@ class TrainConfig:
         if not isinstance(self.model, ModelConfig):
             raise ConfigError("model", f"expected a ModelConfig or a dict of its fields, got {type(self.model).__name__}")
         _check_fields(self)
-        if self.masks_per_step is None:
-            self.masks_per_step = METHOD_DEFAULTS[self.model.method].get("masks_per_step", 1)
+        for name in ("masks_per_step", "lr"):
+            if getattr(self, name) is None:
+                setattr(self, name, method_default(self.model.method, name))
         if not self.data:
             raise ConfigError("data", "must name a data source, got ''")
         self.device = check_device_spec(self.device)
@@ -525,10 +527,19 @@ def field_paths(cls=None, prefix: str = ""):
 
 # ----------------------------------------------------------- per-method defaults
 
-#: The defaults that differ by method, chosen on validation
-#: (docs/mars_research.md); every other default is the field's.
+#: The defaults of the fields whose default is the method's own (None in the
+#: dataclass): the base values, and each method's own where validation chose
+#: another (docs/mars_research.md, docs/preregistration.md). Every other
+#: default is the field's.
+BASE_DEFAULTS = {"lr": 2e-3, "masks_per_step": 1, "model.dropout": 0.1, "model.lambda_unimodal": 0.0,
+                 "model.unimodal_vote": 0.0}
 METHOD_DEFAULTS: dict[str, dict] = {name: {} for name in methods.names()}
 METHOD_DEFAULTS["mars"].update({"masks_per_step": 8, "model.lambda_unimodal": 0.3, "model.unimodal_vote": 2.0})
+
+
+def method_default(method: str, path: str):
+    """The default of the per-method field ``path`` for ``method``."""
+    return METHOD_DEFAULTS[method].get(path, BASE_DEFAULTS[path])
 
 
 def default_config(method: str = methods.DEFAULT_METHOD, **train_fields) -> TrainConfig:

@@ -44,7 +44,8 @@ def _kind(f) -> str:
 
 def _default_text(path: str) -> str:
     # defaults that depend on the method are the method's own (said in the help)
-    if path in ("masks_per_step", "model.lambda_unimodal", "model.unimodal_vote", "model.backend", "model.method"):
+    if path in ("masks_per_step", "lr", "model.dropout", "model.lambda_unimodal", "model.unimodal_vote",
+                "model.backend", "model.method"):
         return ""
     try:
         value = _lookup(TrainConfig(), path)
