@@ -3,7 +3,8 @@ final runs, and their report.
 
     python experiments/protocol_v2.py dev     [--cells ...] [--arms ...] [--seeds 0] [--set epochs=5 ...]
     python experiments/protocol_v2.py screen  [--cells ...] [--arms ...] [--seeds 0 1] [--jobs 2]
-    python experiments/protocol_v2.py final   [--cells ...] [--arms ...] [--seeds 0 ... 9] [--jobs 2]
+    python experiments/protocol_v2.py select  [--out experiments/results/v2/selection.json]
+    python experiments/protocol_v2.py final   [--jobs 2]         (the pre-registered plan, FINAL_PLAN)
     python experiments/protocol_v2.py report  STAGE [--out experiments/results/v2/STAGE.json]
 
 Cells: a dataset and a training-data regime, "(a)" complete training data
@@ -76,23 +77,28 @@ def _mars_budget() -> dict:
 MARS_BUDGET = _mars_budget()
 
 #: Final arms: name -> (method, options). The methods at their selected
-#: defaults (mars.config.METHOD_DEFAULTS), then MARS's ablations at its
-#: defaults, then the regime benchmark's ceilings, floors and controls.
-ARMS: dict[str, tuple[str, dict]] = {
+#: defaults (mars.config.METHOD_DEFAULTS); MARS with one routing change; MoEs
+#: with MARS's budget; and the regime benchmark's ceilings, floors, controls.
+MAIN_ARMS: dict[str, tuple[str, dict]] = {
     "mars": ("mars", {}),
     "vanilla-moe": ("moe", {}),
     "late-fusion": ("late_fusion", {}),
     "mce": ("mce", {}),
     "moe-retriever": ("moe_retriever", {}),
-    # routing ablations of MARS at its final defaults
+}
+ABLATION_ARMS: dict[str, tuple[str, dict]] = {
     "mars:routing=feature": ("mars", dict(routing="feature")),
     "mars:routing=random": ("mars", dict(routing="random")),
     "mars:noise=none": ("mars", dict(noise="none")),
     "mars:noise=constant": ("mars", dict(noise="constant")),
     "mars:residual=diff": ("mars", dict(residual_input="diff")),
     "mars:residual=pattern": ("mars", dict(residual_input="pattern")),
+}
+LABEL_FREE_ARMS: dict[str, tuple[str, dict]] = {
     "mars:residual=diff-label-free": ("mars", dict(residual_input="diff-label-free")),
     "mars:residual=concat-label-free": ("mars", dict(residual_input="concat-label-free")),
+}
+SAME_BUDGET_ARMS: dict[str, tuple[str, dict]] = {
     # MoEs with MARS's budget: the plain gate, and a router that also reads the missing pattern
     "moe:same-budget": ("moe", dict(MARS_BUDGET)),
     "moe:mask-router": ("moe", dict(MARS_BUDGET, feature_input="tokens+mask")),
@@ -103,6 +109,23 @@ REGIME_ARMS: dict[str, tuple[str, dict]] = {
     "moe:one-expert": ("moe", dict(MARS_BUDGET, experts=1, k=1)),
     "moe:dense": ("moe", dict(MARS_BUDGET, k=8)),  # all 8 experts: the same parameters, no sparsity
 }
+ARMS = {**MAIN_ARMS, **ABLATION_ARMS, **LABEL_FREE_ARMS, **SAME_BUDGET_ARMS}
+SANITY_ARMS = ["mars", "moe:same-budget", "moe:mask-router", "oracle:g+pattern", "mars:routing=random"]
+_TEN, _FIVE = list(range(10)), list(range(5))
+_OTHER = [c for c in CELLS if c != "synthetic-regimes/a"]
+_NOT_REGIMES = [c for c in CELLS if not c.startswith("synthetic-regimes")]
+#: The final runs, in the order they are run (the pre-registered cell first;
+#: docs/preregistration.md): (cells, arms, seeds).
+FINAL_PLAN: list[tuple[list[str], list[str], list[int]]] = [
+    (["synthetic-regimes/a"], [*MAIN_ARMS, *SAME_BUDGET_ARMS, *ABLATION_ARMS, *LABEL_FREE_ARMS, *REGIME_ARMS], _TEN),
+    (list(SANITY_CELLS), SANITY_ARMS, _TEN),
+    (_OTHER, list(MAIN_ARMS), _TEN),
+    (_OTHER, list(SAME_BUDGET_ARMS), _TEN),
+    (["synthetic-regimes/b"], [*ABLATION_ARMS, *LABEL_FREE_ARMS, *REGIME_ARMS], _TEN),
+    (_NOT_REGIMES, list(ABLATION_ARMS), _FIVE),
+]
+
+
 #: Validation screens: every method gets the same six configurations' worth
 #: of validation runs, on its main knobs (``docs/preregistration.md``): its
 #: defaults, the masks per step, a lower learning rate, more dropout, and two
@@ -130,6 +153,16 @@ for _method, _name, _own in (
 
 def arm_table() -> dict[str, tuple[str, dict]]:
     return {**ARMS, **REGIME_ARMS, **SCREEN_ARMS}
+
+
+def run_plan(plan, jobs: int) -> int:
+    """The final runs of ``plan``, group by group (each group seed by seed)."""
+    failed = 0
+    for cells, arms, seeds in plan:
+        failed |= schedule("final", cells, arms, seeds, jobs)
+        if failed == 2:  # not pre-registered
+            return 2
+    return failed
 
 
 def run_dir(stage: str, cell: str, arm: str, seed: int) -> Path:
@@ -391,10 +424,11 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("dev", "screen", "final"):
         s = sub.add_parser(name)
-        s.add_argument("--cells", nargs="+", default=SCREEN_CELLS if name == "screen" else list(CELLS),
-                       choices=list(ALL_CELLS))
+        s.add_argument("--cells", nargs="+", default=None, choices=list(ALL_CELLS),
+                       help="default: the regime-(a) cells (screen), every main cell (dev, final)")
         s.add_argument("--arms", nargs="+", default=None, choices=list(arm_table()))
-        s.add_argument("--seeds", nargs="+", type=int, default=list(range(10)) if name == "final" else [0, 1])
+        s.add_argument("--seeds", nargs="+", type=int, default=None,
+                       help="default: 0 1 (dev, screen), 0-9 (final)")
         s.add_argument("--jobs", type=int, default=2)
         if name == "dev":
             s.add_argument("--set", nargs="+", default=[], metavar="OPTION=VALUE",
@@ -409,6 +443,10 @@ def main(argv=None) -> int:
         return report(a.stage, a.out)
     if a.command == "select":
         return select(a.out)
+    if a.command == "final" and a.arms is None and a.cells is None and a.seeds is None:
+        return run_plan(FINAL_PLAN, max(1, a.jobs))
+    cells = a.cells or (SCREEN_CELLS if a.command == "screen" else list(CELLS))
+    seeds = a.seeds or (list(range(10)) if a.command == "final" else [0, 1])
     arms = a.arms or (list(ARMS) if a.command == "final" else list(SCREEN_ARMS))
     overrides = {}
     for item in getattr(a, "set", []):
@@ -417,7 +455,7 @@ def main(argv=None) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    return schedule(a.command, a.cells, arms, a.seeds, max(1, a.jobs), overrides)
+    return schedule(a.command, cells, arms, seeds, max(1, a.jobs), overrides)
 
 
 if __name__ == "__main__":
