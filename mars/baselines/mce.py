@@ -239,7 +239,9 @@ class MCEModel(MethodModel):
         if mode == "eval":
             return Output(logits, {})
         sample, column = proper_subset_pairs(observed, self.subset_masks)
-        sub_completed = self.complete(self.tokens(h[sample], self.subset_masks[column]))  # [P, N, M, D]
+        # index_select, not h[sample]: the backward of advanced indexing with repeated
+        # indices accumulates with atomics on CPU threads (bitwise run-to-run noise)
+        sub_completed = self.complete(self.tokens(h.index_select(0, sample), self.subset_masks[column]))  # [P, N, M, D]
         aux = {
             "observed": observed, "completed": completed, "sub_sample": sample, "sub_column": column,
             "sub_completed": sub_completed, "sub_logits": self.readout(sub_completed),
