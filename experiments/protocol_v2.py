@@ -381,6 +381,79 @@ def select(out_path: Path | None) -> int:
     return 0
 
 
+PRIMARY_CELL = "synthetic-regimes/a"
+#: The tested comparisons (docs/preregistration.md): MARS against each arm, in every cell.
+FAMILY_R = ["mars:routing=feature", "mars:routing=random", "moe:same-budget", "moe:mask-router"]
+FAMILY_B = ["vanilla-moe", "late-fusion", "mce", "moe-retriever"]
+
+
+def _paired(data, stage, cell, arm) -> list[float]:
+    """MARS minus ``arm`` in ``cell``, one difference per seed both ran."""
+    mine = {r["seed"]: _score(r, stage) for r in data.get(cell, {}).get("mars", [])}
+    other = {r["seed"]: _score(r, stage) for r in data.get(cell, {}).get(arm, [])}
+    return [mine[s] - other[s] for s in sorted(mine) if s in other]
+
+
+def decide(data: dict, stage: str) -> dict:
+    """The pre-registered analysis: the primary decision at PRIMARY_CELL
+    (MARS minus moe:mask-router interval excludes 0 and is positive, and the
+    routing efficiency eta = (MARS - random) / (oracle - random) >= 0.5) and
+    the two Holm-corrected families of two-sided paired t tests (MARS minus
+    each arm; cells or arms not run are listed as missing, never dropped)."""
+    from mars.stats import holm, paired_interval, paired_p_value
+
+    out: dict = {"primary_cell": PRIMARY_CELL}
+    cell = data.get(PRIMARY_CELL, {})
+    mean = lambda arm: statistics.fmean(_score(r, stage) for r in cell[arm]) if cell.get(arm) else None  # noqa: E731
+    diffs = _paired(data, stage, PRIMARY_CELL, "moe:mask-router")
+    interval = paired_interval(diffs) if len(diffs) > 1 else None
+    mars, rnd, oracle = mean("mars"), mean("mars:routing=random"), mean("oracle:g+pattern")
+    eta = (mars - rnd) / (oracle - rnd) if None not in (mars, rnd, oracle) and oracle != rnd else None
+    part1 = bool(interval and interval["significant"] and interval["mean"] > 0)
+    part2 = eta is not None and eta >= 0.5
+    out["primary"] = {
+        "mars_minus_mask_router": interval, "eta": eta, "acc_mars": mars, "acc_random": rnd, "acc_oracle": oracle,
+        "criterion_1": part1, "criterion_2": part2,
+        "complete": interval is not None and eta is not None and len(diffs) == 10,
+        "routing_helps": part1 and part2,
+    }
+    for name, arms in (("R", FAMILY_R), ("B", FAMILY_B)):
+        tests, missing = [], []
+        for c in CELLS:
+            for arm in arms:
+                d = _paired(data, stage, c, arm)
+                if len(d) < 2:
+                    missing.append(f"{c} {arm}")
+                    continue
+                tests.append({"cell": c, "arm": arm, "n": len(d), "p": paired_p_value(d), **{
+                    k: v for k, v in paired_interval(d).items() if k in ("mean", "low", "high")}})
+        for t, h in zip(tests, holm([t["p"] for t in tests])):
+            t.update(adjusted=h["adjusted"], rejected=h["rejected"])
+        out[f"family_{name}"] = {"tests": tests, "missing": missing, "planned": len(CELLS) * len(arms)}
+    return out
+
+
+def print_decision(a: dict) -> None:
+    p = a["primary"]
+    print(f"\nprimary ({a['primary_cell']}):")
+    iv = p["mars_minus_mask_router"]
+    if iv:
+        print(f"  MARS - moe:mask-router {iv['mean']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] (n={iv['n']})"
+              f" -> criterion 1 {'met' if p['criterion_1'] else 'not met'}")
+    if p["eta"] is not None:
+        print(f"  eta = ({p['acc_mars']:.4f} - {p['acc_random']:.4f}) / ({p['acc_oracle']:.4f} - {p['acc_random']:.4f})"
+              f" = {p['eta']:.3f} -> criterion 2 {'met' if p['criterion_2'] else 'not met'}")
+    verdict = "helps" if p["routing_helps"] else "does not help"
+    print(f"  MARS's routing {verdict}{'' if p['complete'] else ' (INCOMPLETE: not every primary run is in)'}")
+    for name in ("R", "B"):
+        f = a[f"family_{name}"]
+        print(f"family {name}: {len(f['tests'])} of {f['planned']} tests run (Holm, alpha 0.05)")
+        for t in f["tests"]:
+            flag = "*" if t["rejected"] else " "
+            print(f"  {flag} {t['cell']:22s} MARS - {t['arm']:22s} {t['mean']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}]"
+                  f" n={t['n']} p={t['p']:.3g} adj={t['adjusted']:.3g}")
+
+
 def report(stage: str, out_path: Path | None) -> int:
     from mars.stats import paired_interval
 
@@ -407,9 +480,11 @@ def report(stage: str, out_path: Path | None) -> int:
             vs = e.get("vs_mars")
             extra = f"  vs mars {vs['mean']:+.4f} [{vs['low']:+.4f}, {vs['high']:+.4f}]" if vs else ""
             print(f"  {arm:28s} {e['mean']:.4f} ± {e['sd']:.4f} (n={e['n']}){extra}")
+    analysis = decide(data, stage)
+    print_decision(analysis)
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps({"stage": stage, "cells": table}, indent=1) + "\n")
+        out_path.write_text(json.dumps({"stage": stage, "cells": table, "analysis": analysis}, indent=1) + "\n")
         print(f"wrote {out_path}")
     return 0
 

@@ -534,7 +534,14 @@ def field_paths(cls=None, prefix: str = ""):
 BASE_DEFAULTS = {"lr": 2e-3, "masks_per_step": 1, "model.dropout": 0.1, "model.lambda_unimodal": 0.0,
                  "model.unimodal_vote": 0.0}
 METHOD_DEFAULTS: dict[str, dict] = {name: {} for name in methods.names()}
-METHOD_DEFAULTS["mars"].update({"masks_per_step": 8, "model.lambda_unimodal": 0.3, "model.unimodal_vote": 2.0})
+# Protocol v2's validation screens (experiments/results/v2/selection.json):
+# each method's best of six configurations on validation, regime (a) cells.
+METHOD_DEFAULTS["mars"].update({"masks_per_step": 8, "model.lambda_unimodal": 0.3, "model.unimodal_vote": 2.0,
+                                "model.dropout": 0.2})
+METHOD_DEFAULTS["moe"].update({"masks_per_step": 8, "model.lambda_unimodal": 0.3, "model.unimodal_vote": 2.0})
+METHOD_DEFAULTS["late_fusion"].update({"masks_per_step": 8})
+METHOD_DEFAULTS["mce"].update({"model.dropout": 0.2})
+METHOD_DEFAULTS["moe_retriever"].update({"model.dropout": 0.2})
 
 
 def method_default(method: str, path: str):

@@ -107,12 +107,14 @@ def test_masks_per_step_reach_every_method(tmp_path, mfeat_small, method, stacke
 
 
 def test_masks_per_step_draws_distinct_masks_and_one_mask_is_unchanged(tmp_path, mfeat_small):
-    """P = 1 is the earlier training (same result); P = 2 changes it."""
+    """P = 1 is the earlier training (same result as the default of a method
+    whose default is one mask, MoE-Retriever's); P = 2 changes it."""
     runs = {}
     for P in (1, 2):
-        cfg = TrainConfig(epochs=1, batch_size=32, masks_per_step=P, model=_cfg(method="moe"))
+        cfg = TrainConfig(epochs=1, batch_size=32, masks_per_step=P, model=_cfg(method="moe_retriever"))
         runs[P] = train(cfg, tmp_path / f"p{P}", data=mfeat_small, progress=False)["summary"]
-    cfg = TrainConfig(epochs=1, batch_size=32, model=_cfg(method="moe"))
+    cfg = TrainConfig(epochs=1, batch_size=32, model=_cfg(method="moe_retriever"))
+    assert cfg.masks_per_step == 1
     default = train(cfg, tmp_path / "default", data=mfeat_small, progress=False)["summary"]
     assert runs[1]["val_mean"] == default["val_mean"]
     assert runs[2]["val_mean"] != runs[1]["val_mean"] or runs[2]["test_mean"] != runs[1]["test_mean"]
@@ -389,7 +391,7 @@ def test_cli_masks_backbones_eval_split_and_compare(tmp_path, capsys, monkeypatc
 
 
 def test_masks_per_step_default_is_the_methods_own():
-    for method, want in (("mars", 8), ("vanilla-moe", 1), ("late-fusion", 1), ("mce", 1), ("moe-retriever", 1)):
+    for method, want in (("mars", 8), ("vanilla-moe", 8), ("late-fusion", 8), ("mce", 1), ("moe-retriever", 1)):
         assert cli.config_from_args(["--method", method]).masks_per_step == want, method
         assert cli.config_from_args(["--method", method, "--masks-per-step", "3"]).masks_per_step == 3
     assert TrainConfig().masks_per_step == 8  # the API's default is MARS's
@@ -417,14 +419,14 @@ def test_unimodal_heads_on_feature_maps_give_one_logit_map_per_modality():
 
 
 def test_lambda_unimodal_default_is_the_methods_own():
-    for method, want in (("mars", 0.3), ("vanilla-moe", 0.0)):
+    for method, want in (("mars", 0.3), ("vanilla-moe", 0.3)):
         assert cli.config_from_args(["--method", method]).model.lambda_unimodal == want, method
         assert cli.config_from_args(["--method", method, "--lambda-unimodal", "0.7"]).model.lambda_unimodal == 0.7
     for method in ("late-fusion", "mce"):  # a method without the heads refuses the option by name
         with pytest.raises(ConfigError) as e:
             cli.config_from_args(["--method", method, "--lambda-unimodal", "0.7"])
         assert e.value.field == "model.lambda_unimodal" and "not used by" in e.value.message
-    assert ModelConfig().lambda_unimodal == 0.3 and ModelConfig(method="moe").lambda_unimodal == 0.0
+    assert ModelConfig().lambda_unimodal == 0.3 and ModelConfig(method="moe").lambda_unimodal == 0.3
     assert TrainConfig.from_dict({"model": {"method": "mars"}}).model.lambda_unimodal == 0.0  # version 1
 
 
@@ -473,7 +475,8 @@ def test_unimodal_vote_adds_the_observed_modalities_heads_at_inference(mfeat_sma
 def test_unimodal_vote_default_is_the_methods_own_when_its_heads_are_on():
     got = lambda *args: cli.config_from_args(list(args)).model.unimodal_vote  # noqa: E731
     assert got() == 2.0 and got("--method", "mars") == 2.0
-    assert got("--method", "vanilla-moe") == 0.0
+    assert got("--method", "vanilla-moe") == 2.0
+    assert got("--method", "vanilla-moe", "--lambda-unimodal", "0") == 0.0
     assert got("--lambda-unimodal", "0") == 0.0  # the default vote follows the heads
     assert got("--unimodal-vote", "0.5") == 0.5
     assert got("--method", "vanilla-moe", "--lambda-unimodal", "0.3", "--unimodal-vote", "1") == 1.0
@@ -518,18 +521,18 @@ def test_merge_compare_pairs_rows_from_several_directories(tmp_path):
                 "train_seconds": 4.0, "parameters": 10, "method": method, "masks_per_step": P}
 
     head = {"data": "mfeat", "protocol": "uniform", "epochs": 2, "masks_per_step": 1, "seeds": 3}
-    for name, rows in (("a", {"moe": [summary(s, 0.80 + 0.01 * s, "moe") for s in range(3)]}),
+    for name, rows in (("a", {"mce": [summary(s, 0.80 + 0.01 * s, "mce") for s in range(3)]}),
                        ("b", {"mars": [summary(s, 0.82 + 0.01 * s, "mars", 8) for s in range(3)]}),
-                       ("c", {"moe": [summary(s, 0.83, "moe", 8) for s in range(3)]})):
+                       ("c", {"mce": [summary(s, 0.83, "mce", 8) for s in range(3)]})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "compare.json").write_text(json.dumps({**head, "rows": rows, "command": f"mars {name}"}))
     assert merge.main([str(tmp_path / "out.json"), *(str(tmp_path / n) for n in "abc")]) == 0
     out = json.loads((tmp_path / "out.json").read_text())
     # the same method at another budget than its default gets its own row, named by its P
-    assert list(out["table"]) == ["mars", "moe", "moe (P=8)"] and out["table"]["moe"]["reference"] == "mars"
-    assert out["masks_per_step"] == {"mars": 8, "moe": 1, "moe (P=8)": 8}
-    assert abs(out["table"]["moe"]["paired"]["mean"] + 0.02) < 1e-12
-    assert out["table"]["moe (P=8)"]["reference"] == "mars" and out["table"]["moe (P=8)"]["masks_per_step"] == 8
+    assert list(out["table"]) == ["mars", "mce", "mce (P=8)"] and out["table"]["mce"]["reference"] == "mars"
+    assert out["masks_per_step"] == {"mars": 8, "mce": 1, "mce (P=8)": 8}
+    assert abs(out["table"]["mce"]["paired"]["mean"] + 0.02) < 1e-12
+    assert out["table"]["mce (P=8)"]["reference"] == "mars" and out["table"]["mce (P=8)"]["masks_per_step"] == 8
     # DIR=LABEL: another configuration of MARS gets its own row, paired with the first MARS row
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "compare.json").write_text(json.dumps(

@@ -175,3 +175,38 @@ def test_late_fusion_can_average_the_observed_modalities_only():
     per = torch.stack([head(h[:, 0, m]) for m, head in enumerate(model.heads)], 1)  # [B, M, K]
     want = (per * observed[..., None]).sum(1) / observed.sum(1, keepdim=True)
     torch.testing.assert_close(model(feats, observed).logits, want)
+
+
+def _protocol_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "protocol_v2.py"
+    spec = importlib.util.spec_from_file_location("protocol_v2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_preregistered_decision_rule_and_holm_families():
+    """experiments/protocol_v2.py decide: both criteria, eta, Holm over the run tests, missing tests listed."""
+    p = _protocol_script()
+    rows = lambda base, step=0.0: [{"seed": s, "test_mean": base + step * (s % 3)} for s in range(10)]  # noqa: E731
+    cell = {"mars": rows(0.75, 0.01), "moe:mask-router": rows(0.70, 0.012), "mars:routing=random": rows(0.70),
+            "oracle:g+pattern": rows(0.78), "mars:routing=feature": [{"seed": r["seed"], "test_mean": r["test_mean"] + (0.01 if r["seed"] % 2 else -0.01)}
+                                     for r in rows(0.75, 0.01)], "vanilla-moe": rows(0.72)}
+    a = p.decide({p.PRIMARY_CELL: cell}, "final")
+    prim = a["primary"]
+    assert prim["criterion_1"] and prim["complete"]
+    assert abs(prim["eta"] - (0.759 - 0.70) / (0.78 - 0.70)) < 1e-9 and prim["criterion_2"] and prim["routing_helps"]
+    fam = a["family_R"]
+    assert fam["planned"] == 24 and len(fam["tests"]) == 3 and len(fam["missing"]) == 21
+    by_arm = {t["arm"]: t for t in fam["tests"]}
+    assert by_arm["mars:routing=random"]["rejected"] and not by_arm["mars:routing=feature"]["rejected"]
+    assert all(t["adjusted"] >= t["p"] for t in fam["tests"])
+    # the oracle no better than random: eta undefined, routing does not help
+    cell["oracle:g+pattern"] = rows(0.70)
+    assert p.decide({p.PRIMARY_CELL: cell}, "final")["primary"]["routing_helps"] is False
+    # MARS below the mask router: criterion 1 fails whatever eta says
+    cell["oracle:g+pattern"], cell["moe:mask-router"] = rows(0.78), rows(0.80, 0.01)
+    assert not p.decide({p.PRIMARY_CELL: cell}, "final")["primary"]["criterion_1"]
