@@ -40,7 +40,7 @@ import triton
 
 from ...meta import MoEMeta
 from ..dispatch import row_blocks_from_offsets
-from ..expert_mlp import Activation, parse_activation
+from ..activation import Activation, parse_activation
 from . import _expert_mlp_kernels as _k
 from .launch import device_guard
 
