@@ -45,7 +45,7 @@ def test_layer_is_router_plus_experts_with_a_skip_connection():
 def test_no_argument_layer_is_the_mars_that_mars_train_builds():
     """MarsMoE(d, h, E, k) with no options is the MARS of the results tables:
     its configuration is the one `mars train` (no options) gives its model."""
-    from mars.cli import _config
+    from mars.cli import config_from_args
     from mars.config import default_config
     from mars.data import load_data
     from mars.train import make_model
@@ -55,12 +55,7 @@ def test_no_argument_layer_is_the_mars_that_mars_train_builds():
     assert layer.config.mix == "prob" and layer.config.lambda_imit == 5.0 and layer.config.routing == "residual"
     assert type(layer.router.residual_input).__name__ == "ConcatResidual"
     assert type(layer.router.feature_input).__name__ == "IncompleteTokens"
-    import argparse
-
-    from mars.cli import _train_args
-    parser = argparse.ArgumentParser()
-    _train_args(parser)
-    cfg = _config(parser.parse_args([]))  # `mars train` with no option
+    cfg = config_from_args([])  # `mars train` with no option
     assert cfg == default_config("mars")
     train_set, _, _ = load_data("synthetic-missing", seed=0)
     built = make_model(cfg, train_set).moe
