@@ -87,16 +87,16 @@ def looped_loss(model, feats: dict, observed: torch.Tensor, labels: torch.Tensor
     for m in range(M):
         rows = observed[:, m]
         sep.append(F.cross_entropy(mod_logits[rows, m], labels[rows]) if rows.any() else mod_logits.sum() * 0)
-    phi = _shapley_loop(v, M, cfg.mce_shapley)
+    phi = _shapley_loop(v, M, cfg.mce.shapley)
     n = observed.sum(dim=0).tolist()
     a = model.dataset_factor.tolist()
     w = []
     for m in range(M):
-        b_m = (max(u[m] - phi[m], 0.0) / n[m] if n[m] else 0.0) if cfg.mce_use_b else 1.0
+        b_m = (max(u[m] - phi[m], 0.0) / n[m] if n[m] else 0.0) if cfg.mce.use_b else 1.0
         w.append(a[m] * b_m)
     sep_term = sum(w[m] * sep[m] for m in range(M)) / M
     com_term = sum(w[m] * com[m] / active for m in range(M))
-    return task + cfg.lambda_sep * sep_term + cfg.lambda_com * com_term + cfg.lambda_sub * sub
+    return task + cfg.mce.lambda_sep * sep_term + cfg.mce.lambda_com * com_term + cfg.mce.lambda_sub * sub
 
 
 def main(argv=None):

@@ -60,7 +60,7 @@ class LoopRetriever:
         token order) reproduce a batched step; otherwise both are drawn here."""
         model = self.model
         cfg, smoe, retr = model.config, model.retriever.smoe, model.retriever
-        alpha, k = cfg.retriever_alpha, cfg.retriever_k
+        alpha, k = cfg.retriever.alpha, cfg.retriever.k
         h = model.encode(feats)
         filled = model.encode.with_missing(h, observed).clone()
         B, N, M, D = filled.shape
@@ -91,7 +91,7 @@ class LoopRetriever:
                 load[t] = load.get(t, 0) + ld
         balance = torch.stack([mk.noisy_balance_loss(importance[t], load[t]) for t in importance]).mean()
         logits = model.readout(model.fuse(filled))
-        return F.cross_entropy(logits, labels) + cfg.lambda_gate * balance
+        return F.cross_entropy(logits, labels) + cfg.retriever.lambda_gate * balance
 
 
 def _grads(model):
@@ -127,7 +127,7 @@ def main(argv=None):
     by_pair = {(b, t): groups.index[q][groups.valid[q]].tolist()
                for q, (b, t) in enumerate(zip(b_all.tolist(), t_all.tolist()))}
     tokens = int(groups.valid.sum() + observed[b_all].sum())  # N = 1 on mfeat
-    noise = torch.randn(tokens, cfg.retriever_candidates + cfg.retriever_shared, generator=gen)
+    noise = torch.randn(tokens, cfg.retriever.candidates + cfg.retriever.shared, generator=gen)
     model.zero_grad(set_to_none=True)
     out = model(feats, observed, mode="train", sample_index=idx, supporting=groups, gate_noise=noise)
     ours, _ = model.loss(out, labels)
@@ -155,11 +155,11 @@ def main(argv=None):
     pairs = int(b_all.numel())
     print(f"# {env['device']} | torch {env['torch']} | MoE-Retriever (paper) training step on mfeat, batch {a.batch}, "
           f"{pairs} missing pairs, D={cfg.d_model}, H={cfg.d_hidden}, E={model.retriever.smoe.num_experts}, "
-          f"k={cfg.retriever_k}")
+          f"k={cfg.retriever.k}")
     rows = []
     for name in fns:
         row = dict(op="moe_retriever_train_step", variant="paper", impl=name, batch=a.batch, pairs=pairs,
-                   D=cfg.d_model, H=cfg.d_hidden, k=cfg.retriever_k, median_ms=times[name] * 1e3,
+                   D=cfg.d_model, H=cfg.d_hidden, k=cfg.retriever.k, median_ms=times[name] * 1e3,
                    speedup_vs_loop=times["loop"] / times[name])
         rows.append(row)
         print(f"{name:>8}: {row['median_ms']:9.1f} ms  x{row['speedup_vs_loop']:.1f} vs loop")

@@ -454,11 +454,30 @@ def print_decision(a: dict) -> None:
                   f" n={t['n']} p={t['p']:.3g} adj={t['adjusted']:.3g}")
 
 
+def bayes_of_cell(cell: str) -> float | None:
+    """The exact Bayes accuracy of a synthetic-regimes cell's fixed test split,
+    averaged over the non-empty modality subsets like the runs' score (None
+    for other data)."""
+    from mars.data import all_subsets
+    from mars.data.sources import FIXED_TEST_SEED, regimes_spec
+    from mars.data.synthetic_regimes import bayes_accuracy, make_regimes
+
+    data = ALL_CELLS[cell]["data"]
+    if not data.startswith("synthetic-regimes"):
+        return None
+    spec = regimes_spec(data)
+    test = make_regimes(0, standardize=False, test_seed=FIXED_TEST_SEED, spec=spec)[2]
+    subsets = all_subsets(test.num_modalities)
+    accs = [float(bayes_accuracy(test.features, test.labels, s.expand(len(test.labels), -1), spec).float().mean())
+            for s in subsets]
+    return statistics.fmean(accs)
+
+
 def report(stage: str, out_path: Path | None) -> int:
     from mars.stats import paired_interval
 
     data = collect(stage)
-    table = {}
+    table, bayes_by_cell = {}, {}
     for cell, arms in data.items():
         table[cell] = {}
         ref = {r["seed"]: _score(r, stage) for r in arms.get("mars", [])}
@@ -475,7 +494,11 @@ def report(stage: str, out_path: Path | None) -> int:
             if arm != "mars" and len(pairs) > 1:
                 entry["vs_mars"] = paired_interval(pairs)
             table[cell][arm] = entry
-        print(f"\n{cell} ({stage}: {'test' if stage == 'final' else 'validation'} mean over subsets)")
+        bayes = bayes_of_cell(cell) if stage == "final" and cell in ALL_CELLS else None
+        if bayes is not None:
+            bayes_by_cell[cell] = bayes
+        print(f"\n{cell} ({stage}: {'test' if stage == 'final' else 'validation'} mean over subsets)"
+              + (f"; Bayes accuracy {bayes:.4f}" if bayes is not None else ""))
         for arm, e in sorted(table[cell].items(), key=lambda kv: -kv[1]["mean"]):
             vs = e.get("vs_mars")
             extra = f"  vs mars {vs['mean']:+.4f} [{vs['low']:+.4f}, {vs['high']:+.4f}]" if vs else ""
@@ -484,7 +507,8 @@ def report(stage: str, out_path: Path | None) -> int:
     print_decision(analysis)
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps({"stage": stage, "cells": table, "analysis": analysis}, indent=1) + "\n")
+        out_path.write_text(json.dumps({"stage": stage, "cells": table, "bayes": bayes_by_cell, "analysis": analysis},
+                                       indent=1) + "\n")
         print(f"wrote {out_path}")
     return 0
 

@@ -30,3 +30,14 @@ def test_every_script_imports():
     res = subprocess.run([sys.executable, "-c", LOAD, *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def test_the_training_step_benchmarks_run(tmp_path):
+    """bench_mce.py and bench_moe_retriever.py end to end at a tiny batch (each
+    checks its loss and gradients against its per-sample loop before timing)."""
+    for name in ("bench_mce", "bench_moe_retriever"):
+        out = tmp_path / f"{name}.json"
+        res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--batch", "8", "--rounds", "1",
+                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, name + "\n" + res.stdout[-2000:] + res.stderr[-3000:]
+        assert out.exists()
