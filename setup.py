@@ -105,10 +105,13 @@ class BuildWithoutStaleExtension(BuildExtension.with_options(use_ninja=True)):
     def run(self):
         for stale in glob.glob(os.path.join("mars_kernels", "_C*.so")) + glob.glob(os.path.join("mars_kernels", "_C*.pyd")):
             os.remove(stale)
+        # setuptools clears `inplace` while it builds (it builds in build/ and
+        # copies afterwards), so the kind of build is read before that.
+        self._mars_in_place = bool(self.inplace or getattr(self, "editable_mode", False))
         super().run()
 
     def build_extensions(self):
-        in_place = bool(self.inplace or getattr(self, "editable_mode", False))
+        in_place = getattr(self, "_mars_in_place", False) or bool(self.inplace or getattr(self, "editable_mode", False))
         march = _march(in_place)
         if march:
             for ext in self.extensions:
