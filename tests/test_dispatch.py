@@ -309,21 +309,21 @@ def test_cpu_experts_larger_than_one_row_tile(monkeypatch, activation):
     # Tiles of 256 rows: 1300 tokens on mostly one expert cross several tiles,
     # with a partial last one (the weight gradients are summed over tiles).
     monkeypatch.setenv("MARS_KERNELS_CPU_ROW_TILE", "256")
-    monkeypatch.setenv("MARS_KERNELS_CPU_TOKEN_GROUPS", "1")
+    monkeypatch.setenv("MARS_KERNELS_CPU_PARTS", "1")
     run = _moe_case("cpu", "cpu", 1300, 16, 12, 3, 2, activation, torch.float32, one_expert=True)
     for name, a, r in zip(NAMES, run("cpu"), run("loop")):
         assert_close(a, r, torch.float32, name)
 
 
-@pytest.mark.parametrize("groups", ["1", "2", "3", "7"])
+@pytest.mark.parametrize("parts", ["1", "2", "3", "7"])
 @pytest.mark.parametrize("routing", ["spread", "one_expert", "few_experts", "dropped"])
-def test_cpu_token_groups_match_loop(monkeypatch, groups, routing):
-    # The CPU kernel can cut the tokens into groups, each running every expert
-    # on its own rows (one group per thread when experts are small). Any number
-    # of groups, more than the threads included, with row tiles inside a group
-    # and groups that own no row of an expert, gives the loop's results, and
-    # the same bits on every run.
-    monkeypatch.setenv("MARS_KERNELS_CPU_TOKEN_GROUPS", groups)
+def test_cpu_parts_match_loop(monkeypatch, parts, routing):
+    # The CPU kernel cuts the expert-sorted rows into one contiguous range per
+    # thread ("part"); an expert can straddle parts (its weight gradients are
+    # then summed from partials). Any number of parts, more than the threads
+    # included, with row tiles inside a part and experts cut in several pieces,
+    # gives the loop's results, and the same bits on every run.
+    monkeypatch.setenv("MARS_KERNELS_CPU_PARTS", parts)
     monkeypatch.setenv("MARS_KERNELS_CPU_ROW_TILE", "16")
     T, D, H, E, k = 151, 12, 20, 9, 3
     if routing == "dropped":
