@@ -304,6 +304,29 @@ def test_gpu_large_moe(backend, dtype):
         assert float((a.float() - r).abs().max() / scale) < (2e-2 if dtype != torch.bfloat16 else 8e-2), name
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+def test_cpu_bf16_few_rows_per_expert(transposed, rows):
+    # Decode-sized GEMMs (a few rows per expert) run on a kernel of their own
+    # in bfloat16 on CPUs with AVX512-BF16: weights in either layout (HF's
+    # [E, out, in] transposed, or [E, in, out]), a K that is not a multiple of
+    # 32, experts with 1..5 rows, against the float32 loop.
+    E, D, H, k = 6, 72, 40, 2
+    T = rows * E // k
+    idx = torch.arange(T * k).view(T, k) % E
+    w = torch.rand(T, k, generator=torch.Generator().manual_seed(2))
+    params = _expert_params(E, D, H, "swiglu", torch.float32, "cpu")
+    if transposed:  # the same values, stored [E, out, in] and seen through a transposed view
+        params = [p if p is None or p.dim() != 3 else p.transpose(1, 2).contiguous().transpose(1, 2) for p in params]
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(3))
+    want = ref.moe_loop(x, w, idx, *params, "swiglu")
+    meta = mk.moe_align(idx, E, mk.backend.EXPERT_BLOCK_SIZE["cpu"], backend="cpu")
+    bf = [None if p is None else p.bfloat16() for p in params]
+    got = mk.moe_mlp(x.bfloat16(), w, meta, *bf, "swiglu", backend="cpu")
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 2e-2
+
+
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_cpu_experts_larger_than_one_row_tile(monkeypatch, activation):
     # Tiles of 256 rows: 1300 tokens on mostly one expert cross several tiles,

@@ -28,6 +28,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include "activation_math.h"
 #include "cpu_common.h"
 #include "phase_profile.h"
@@ -361,6 +365,80 @@ void weighted_column_sums(const at::Tensor& rows, const at::Tensor& w, at::Tenso
   });
 }
 
+// GEMMs of a few rows (decode: one or two tokens per expert) are bound by
+// reading the weights, and the library's bfloat16 GEMM repacks the whole
+// weight matrix for every call, so they cost more in bfloat16 than in float32.
+// On CPUs with AVX512-BF16 (in a build for them) they run here instead: one
+// pass over the weights in their own layout, products summed in float32 by
+// vdpbf16ps, one rounding per output. Up to kSmallRows rows when the weights
+// are stored transposed (HF's [out, in]: each output is a dot product with a
+// contiguous weight row), one row otherwise (a sum of scaled weight rows);
+// beyond that the library's AMX kernels are faster.
+constexpr int kSmallRows = 4;
+
+inline bool small_gemm(const at::Tensor& x, const at::Tensor& w) {
+#if defined(__AVX512BF16__)
+  return x.scalar_type() == at::kBFloat16 && x.size(0) <= (w.stride(0) == 1 ? kSmallRows : 1);
+#else
+  (void)x, (void)w;
+  return false;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+// out [n, N] = x [n, K] @ w [K, N] in bfloat16 for small_gemm's shapes (x and out contiguous).
+void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w) {
+  using bf16 = c10::BFloat16;
+  const int64_t n = x.size(0), K = x.size(1), N = w.size(1), sk = w.stride(0), sn = w.stride(1);
+  const bf16* X = x.const_data_ptr<bf16>();
+  const bf16* W = w.const_data_ptr<bf16>();
+  bf16* O = out.data_ptr<bf16>();
+  if (sk == 1) {  // all rows' dot products with one weight row at a time, 32 products per instruction
+    auto columns = [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      for (int64_t j = 0; j < N; ++j) {
+        const bf16* wj = W + j * sn;
+        __m512 v[R];
+        for (int m = 0; m < R; ++m) v[m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+          const __m512bh wk = (__m512bh)_mm512_maskz_loadu_epi16(mask, wj + k);
+          for (int m = 0; m < R; ++m)
+            v[m] = _mm512_dpbf16_ps(v[m], (__m512bh)_mm512_maskz_loadu_epi16(mask, X + m * K + k), wk);
+        }
+        for (int m = 0; m < R; ++m) {
+          alignas(64) float lanes[16];
+          _mm512_store_ps(lanes, v[m]);
+          float sum = 0.0f;
+          for (float l : lanes) sum += l;
+          O[m * N + j] = st<bf16>(sum);
+        }
+      }
+    };
+    [&]<int... R>(std::integer_sequence<int, R...>) {
+      ((n == R + 1 ? columns(std::integral_constant<int, R + 1>{}) : void()), ...);
+    }(std::make_integer_sequence<int, kSmallRows>{});
+  } else if (n == 1) {  // the weight rows scaled by x's entries and added
+    std::vector<float> acc(N, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float xk = ld<float>(X[k]);
+      const bf16* wk = W + k * sk;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) acc[j] += xk * ld<float>(wk[j * sn]);
+    }
+    for (int64_t j = 0; j < N; ++j) O[j] = st<bf16>(acc[j]);
+  }
+}
+#endif
+
+// out = x @ w: the library's GEMM, or small_mm_out for a few bfloat16 rows.
+inline void expert_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w) {
+#if defined(__AVX512BF16__)
+  if (small_gemm(x, w)) return small_mm_out(out, x, w);
+#endif
+  at::mm_out(out, x, w);
+}
+
 // The most rows any expert has: offsets [E + 1] (int64 data).
 inline int64_t largest_expert(const int64_t* off, int64_t E) {
   int64_t most = 0;
@@ -672,7 +750,7 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
         }
         {
           MK_PHASE("fwd.gemm_h=xW1");
-          at::mm_out(he, xe, w1[e]);
+          expert_mm_out(he, xe, w1[e]);
         }
         {
           MK_PHASE("fwd.activation");
@@ -680,7 +758,7 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
         }
         {
           MK_PHASE("fwd.gemm_y=aW2");
-          at::mm_out(y_e, ae, w2[e]);
+          expert_mm_out(y_e, ae, w2[e]);
         }
       }
     });
