@@ -5,7 +5,14 @@ all in the same run, forward and forward + backward.
 
     python benchmarks/bench_hf_experts.py                 # all shapes, CPU fp32
     python benchmarks/bench_hf_experts.py --shapes qwen3 --rounds 9
+    python benchmarks/bench_hf_experts.py --dtype bfloat16 --block   # bf16, router + experts
     python benchmarks/bench_hf_experts.py --device cuda --dtype bfloat16 --shapes qwen3-30b-a3b
+
+``--block`` times the family's whole MoE block instead (its router, then the
+experts): under ``mars_kernels`` a router whose math is softmax + top-k runs on
+``topk_gating`` (``mars_kernels.transformers.FUSED_ROUTERS``; GPT-OSS keeps
+HF's), under the HF implementations HF's router; the dense peer adds the
+router's logits GEMM to the dense MLP.
 
 Shapes (T tokens, D hidden, I expert intermediate, E experts, k per token):
 ``qwen3`` (4096, 512, 256, 64, 8): Qwen3-30B-A3B's proportions scaled to a CPU;
@@ -17,8 +24,9 @@ GPT-OSS's layout (transposed, biases, interleaved clamped SwiGLU);
 Each round calls every implementation once (interleaved, so machine drift hits
 all alike); the table gives medians and the ratios of per-round medians.
 ``batched_mm`` materialises one weight matrix per (token, expert) pair and is
-skipped where that would exceed ``--batched-mm-limit-gb``. JSON to
-``benchmarks/results/bench_hf_experts_<device>.json``.
+skipped where that would exceed ``--batched-mm-limit-gb``. JSON (with the CPU
+model and its ISA flags) to
+``benchmarks/results/bench_hf_experts_<device>[_bf16][_block].json``.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import environment, print_header, print_rows, write_results  # noqa: E402
+from common import RESULTS_DIR, environment, print_header, print_rows, write_results  # noqa: E402
 
 SHAPES = {
     "qwen3": dict(family="qwen3_moe", T=4096, D=512, I=256, E=64, k=8),
@@ -49,27 +57,32 @@ DEFAULT_SHAPES = ["qwen3", "mixtral", "gpt-oss", "decode-1", "decode-4", "decode
 IMPLS = ["mars_kernels", "grouped_mm", "batched_mm", "eager"]
 
 
-def make_experts(shape: dict, dtype: torch.dtype, device: torch.device):
-    """An HF experts module of the shape's family, random weights."""
+def make_experts(shape: dict, dtype: torch.dtype, device: torch.device, block: bool = False):
+    """An HF experts module of the shape's family, random weights (block: the
+    family's MoE block, router and experts, the router's weights random too)."""
     from transformers import AutoConfig
 
     family = shape["family"]
     cfg = AutoConfig.for_model(family, hidden_size=shape["D"], intermediate_size=shape["I"],
                                moe_intermediate_size=shape["I"], num_experts=shape["E"],
-                               num_local_experts=shape["E"], num_experts_per_tok=shape["k"])
+                               num_local_experts=shape["E"], num_experts_per_tok=shape["k"], norm_topk_prob=True)
     if family == "qwen3_moe":
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as block_cls
     elif family == "mixtral":
         from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as block_cls
     else:
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
-    experts = cls(cfg)
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP as block_cls
+    module = block_cls(cfg) if block else cls(cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in experts.named_parameters():
-            fan_in = shape["D"] if "gate_up" in name else shape["I"]
+        for name, p in module.named_parameters():
+            fan_in = shape["I"] if "down" in name else shape["D"]
             p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5 if "bias" not in name else torch.zeros(p.shape))
-    return experts.to(device=device, dtype=dtype)
+    module.config = cfg  # the block's experts and router read the implementation from this config
+    return module.to(device=device, dtype=dtype)
 
 
 def routing(T: int, E: int, k: int, device, dtype, seed: int = 1):
@@ -92,7 +105,8 @@ def main() -> int:
                    help="default float32 on CPU, bfloat16 on GPU")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (CPU); 3x that for decode shapes")
     p.add_argument("--batched-mm-limit-gb", type=float, default=3.0)
-    p.add_argument("--out", help="JSON path (default benchmarks/results/bench_hf_experts_<device>.json)")
+    p.add_argument("--block", action="store_true", help="time the MoE block (router + experts), not the experts alone")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/bench_hf_experts_<device>[_bf16][_block].json)")
     a = p.parse_args()
     import mars_kernels.transformers as mt
 
@@ -101,19 +115,27 @@ def main() -> int:
     elem = torch.finfo(dtype).bits // 8
     env = environment(device)
     env["transformers"] = __import__("transformers").__version__
+    env["scope"] = "block (router + experts)" if a.block else "experts"
     rows = []
     for name in a.shapes:
         shape = SHAPES[name]
         T, D, I, E, k = (shape[c] for c in "TDIEk")
-        experts = make_experts(shape, dtype, device)
+        experts = make_experts(shape, dtype, device, block=a.block)
         idx, w = routing(T, E, k, device, dtype)
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
         dense_up = torch.randn(D, 2 * k * I, device=device, dtype=dtype) / D**0.5
         dense_down = torch.randn(k * I, D, device=device, dtype=dtype) / (k * I) ** 0.5
+        dense_router = torch.randn(D, E, device=device, dtype=dtype) / D**0.5
         impls = [i for i in IMPLS if i != "batched_mm" or batched_mm_bytes(shape, elem) <= a.batched_mm_limit_gb * 2**30]
         modes = ["forward"] if shape.get("forward_only") else ["forward", "forward+backward"]
         for mode in modes:
             train = mode != "forward"
+
+            def forward(xi, wi):
+                if not a.block:
+                    return experts(xi, idx, wi)
+                out = experts(xi.unsqueeze(0))  # [1, T, D]; GPT-OSS's block also returns its router scores
+                return out[0] if isinstance(out, tuple) else out
 
             def run_experts(impl):
                 def call():
@@ -122,21 +144,23 @@ def main() -> int:
                         xi = x.detach().requires_grad_(True)
                         wi = w.detach().requires_grad_(True)
                         experts.zero_grad(set_to_none=True)
-                        experts(xi, idx, wi).sum().backward()
+                        forward(xi, wi).sum().backward()
                     else:
                         with torch.no_grad():
-                            experts(x, idx, w)
+                            forward(x, w)
                 return call
 
             def dense():
                 xi = x.detach().requires_grad_(train)
                 with torch.set_grad_enabled(train):
-                    dense_up.requires_grad_(train), dense_down.requires_grad_(train)
+                    dense_up.requires_grad_(train), dense_down.requires_grad_(train), dense_router.requires_grad_(train)
                     gate, up = (xi @ dense_up).chunk(2, dim=-1)
                     y = (F.silu(gate) * up) @ dense_down
+                    if a.block:
+                        y = y + (xi @ dense_router).sum(-1, keepdim=True)  # the router's GEMM, kept in the graph
                     if train:
                         y.sum().backward()
-                        dense_up.grad = dense_down.grad = None
+                        dense_up.grad = dense_down.grad = dense_router.grad = None
 
             fns = {impl: run_experts(impl) for impl in impls} | {"dense": dense}
             rounds = a.rounds * (3 if shape.get("forward_only") else 1)
@@ -164,6 +188,7 @@ def main() -> int:
 
             best_hf = min((med[i], i) for i in impls if i != "mars_kernels")
             row = dict(shape=name, family=shape["family"], T=T, D=D, I=I, E=E, k=k, mode=mode, dtype=str(dtype),
+                       scope="block" if a.block else "experts",
                        ms={n: 1e3 * v for n, v in med.items()},
                        ms_range={n: [1e3 * min(v), 1e3 * max(v)] for n, v in samples.items()},
                        x_grouped_mm=ratio("grouped_mm"), x_eager=ratio("eager"), x_batched_mm=ratio("batched_mm"),
@@ -179,10 +204,13 @@ def main() -> int:
                     ("x_grouped_mm", "x grouped", ".2f"), ("x_best_hf", "x best HF", ".2f"),
                     ("of_dense", "of dense", ".0%")]
             if len(rows) == 1:
-                print(f"{env['device']}, {dtype}, torch {env['torch']}, transformers {env['transformers']}")
+                print(f"{env['device']}, {dtype}, {env['scope']}, torch {env['torch']}, transformers "
+                      f"{env['transformers']}\n{env['cpu_model']}, flags {' '.join(env['cpu_flags'] or ['?'])}")
                 print_header(cols)
             print_rows([row], cols)
-    path = write_results("bench_hf_experts", env, rows, a.out)
+    tag = ("_bf16" if dtype == torch.bfloat16 and device.type == "cpu" else "") + ("_block" if a.block else "")
+    out = a.out or str(RESULTS_DIR / f"bench_hf_experts_{'cuda' if device.type == 'cuda' else 'cpu'}{tag}.json")
+    path = write_results("bench_hf_experts", env, rows, out)
     print(f"wrote {path}")
     return 0
 
