@@ -338,15 +338,19 @@ def test_cpu_experts_larger_than_one_row_tile(monkeypatch, activation):
         assert_close(a, r, torch.float32, name)
 
 
-@pytest.mark.parametrize("parts", ["1", "2", "3", "7"])
+@pytest.mark.parametrize("parts,chunk_rows", [("1", None), ("2", None), ("3", "37"), ("7", None), ("2", "16")])
 @pytest.mark.parametrize("routing", ["spread", "one_expert", "few_experts", "dropped"])
-def test_cpu_parts_match_loop(monkeypatch, parts, routing):
-    # The CPU kernel cuts the expert-sorted rows into one contiguous range per
-    # thread ("part"); an expert can straddle parts (its weight gradients are
-    # then summed from partials). Any number of parts, more than the threads
-    # included, with row tiles inside a part and experts cut in several pieces,
-    # gives the loop's results, and the same bits on every run.
+def test_cpu_parts_match_loop(monkeypatch, parts, chunk_rows, routing):
+    # The CPU kernel runs the expert-sorted rows in chunks of whole experts
+    # (an expert larger than a chunk is cut), and cuts each chunk into one
+    # contiguous range per thread ("part"); an expert can straddle parts and
+    # chunks (its weight gradients are then summed from partials). Any number
+    # of parts, more than the threads included, small chunks, row tiles inside
+    # a part and experts cut in several pieces, gives the loop's results, and
+    # the same bits on every run.
     monkeypatch.setenv("MARS_KERNELS_CPU_PARTS", parts)
+    if chunk_rows:
+        monkeypatch.setenv("MARS_KERNELS_CPU_CHUNK_ROWS", chunk_rows)
     monkeypatch.setenv("MARS_KERNELS_CPU_ROW_TILE", "16")
     T, D, H, E, k = 151, 12, 20, 9, 3
     if routing == "dropped":

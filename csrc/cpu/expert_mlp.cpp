@@ -545,7 +545,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_m
 // budget. Larger tiles make fewer, larger GEMMs, which run at a higher rate;
 // the budget keeps the workspace below what a per-expert loop materialises.
 // MARS_KERNELS_CPU_ROW_TILE overrides it (read per call, like
-// MARS_KERNELS_CPU_PARTS below, so tests can set it).
+// MARS_KERNELS_CPU_PARTS and MARS_KERNELS_CPU_CHUNK_ROWS below, so tests can
+// set them).
 constexpr int64_t kWorkspaceBytes = int64_t{48} << 20;
 constexpr int64_t kMinTile = 256, kMaxTile = 16384;
 
@@ -565,24 +566,19 @@ int64_t row_tile(const Shapes& sh, int64_t elem_bytes, int64_t parts) {
 
 // The routing in expert order, gathered once per call (not per expert, where
 // small ATen ops would cost more than the work): for the first `valid` sorted
-// slots s, the token slot s reads (permutation[s] / k) and its gate weight;
-// for every assignment t*k + j, its sorted position (>= valid: dropped).
+// slots s, the token slot s reads (permutation[s] / k) and its gate weight.
 struct SortedRouting {
-  at::Tensor tokens;    // [valid] int64
-  at::Tensor weights;   // [valid] in the weights' dtype (float32 / float64)
-  at::Tensor position;  // [T*k] int64
+  at::Tensor tokens;   // [valid] int64
+  at::Tensor weights;  // [valid] in the weights' dtype (float32 / float64)
 };
 
 SortedRouting sort_routing(const at::Tensor& perm, const at::Tensor& weights, int64_t top_k, const int64_t* off,
                            int64_t E) {
-  const int64_t valid = off[E], S = perm.numel();
+  const int64_t valid = off[E];
   at::Tensor tokens = at::empty({valid}, perm.options());
   at::Tensor w = at::empty({valid}, weights.options());
-  at::Tensor position = at::empty({S}, perm.options());
   const int64_t* P = perm.const_data_ptr<int64_t>();
   int64_t* tok = tokens.data_ptr<int64_t>();
-  int64_t* pos = position.data_ptr<int64_t>();
-  for (int64_t s = 0; s < S; ++s) pos[P[s]] = s;  // a permutation (checked): every entry is written
   AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "sort_routing", [&] {
     const scalar_t* W = weights.const_data_ptr<scalar_t>();
     scalar_t* out = w.data_ptr<scalar_t>();
@@ -591,22 +587,20 @@ SortedRouting sort_routing(const at::Tensor& perm, const at::Tensor& weights, in
       out[s] = W[P[s]];
     }
   });
-  return {tokens, w, position};
+  return {tokens, w};
 }
 
-// How the work is shared between threads: the sorted rows [0, valid) are cut
-// into one contiguous range per thread ("part") of equal size, and each part
-// runs its experts' rows with single-threaded GEMMs: one fork/join per call
-// instead of one per GEMM and row pass, and a load that stays balanced however
-// skewed the routing is. Each expert's rows are one contiguous slice, so a
-// part's GEMMs take all of an expert's rows at once (up to the row tile) and
-// the weights are packed once per expert and part; only the expert that
-// straddles a part boundary is cut in two. The parts write the expert outputs
-// (and, backward, the input gradients) of their own rows, in sorted order, and
-// one pass over the tokens then sums each token's rows in expert order: the
-// result does not depend on the number of parts. The weight gradients of an
-// expert cut by a boundary are the owner's (the part holding its first row)
-// plus one partial per later part, added in part order.
+// How the work is shared between threads: the sorted rows are processed in
+// chunks of whole experts (below), and each chunk's rows are cut into one
+// contiguous range per thread ("part") of equal size; each part runs its
+// experts' rows with single-threaded GEMMs: a fork/join per chunk instead of
+// one per GEMM and row pass, and a load that stays balanced however skewed the
+// routing is. Each expert's rows are one contiguous slice, so a part's GEMMs
+// take all of an expert's rows at once (up to the row tile) and the weights
+// are packed once per expert and part; only an expert that straddles a part
+// boundary is cut in two. The weight gradients of such an expert are the
+// owner's (the part holding its first row) plus one partial per later part,
+// added in part order.
 // MARS_KERNELS_CPU_PARTS=N forces N parts (any N >= 1; N = 1: ATen shares
 // each GEMM and row pass between the threads instead).
 int64_t num_parts(int64_t valid) {
@@ -629,11 +623,12 @@ void for_each_part(int64_t parts, const F& f) {
   });
 }
 
-// Calls f(e, lo, hi) for each expert e with rows [lo, hi) in part p's range
-// [valid * p / parts, valid * (p + 1) / parts), in expert order.
+// Calls f(e, lo, hi) for each expert e with rows [lo, hi) in part p's share
+// [r0 + n * p / parts, r0 + n * (p + 1) / parts) of the rows [r0, r0 + n), in
+// expert order.
 template <typename F>
-void for_each_segment(const int64_t* off, int64_t E, int64_t valid, int64_t p, int64_t parts, const F& f) {
-  const int64_t b0 = valid * p / parts, b1 = valid * (p + 1) / parts;
+void for_each_segment(const int64_t* off, int64_t E, int64_t r0, int64_t n, int64_t p, int64_t parts, const F& f) {
+  const int64_t b0 = r0 + n * p / parts, b1 = r0 + n * (p + 1) / parts;
   const int64_t first = std::upper_bound(off, off + E + 1, b0) - off - 1;  // the expert holding row b0
   for (int64_t e = std::max<int64_t>(first, 0); e < E && off[e] < b1; ++e) {
     const int64_t lo = std::max(off[e], b0), hi = std::min(off[e + 1], b1);
@@ -641,54 +636,80 @@ void for_each_segment(const int64_t* off, int64_t E, int64_t valid, int64_t p, i
   }
 }
 
-// out[t] = sum over t's assignments j with position[t*k + j] < valid, in
-// ascending position (expert order), of scale[t*k + j] * (rows[position] +
-// bias[expert of the position]); scale ([T*k], acc dtype) and bias ([E, D])
-// optional. Summed in the acc dtype, one rounding to out's dtype at the end;
-// tokens with no valid assignment get zeros. Threads split the tokens.
-void combine_rows(at::Tensor& out, const at::Tensor& rows, const at::Tensor& position, int64_t top_k,
-                  const int64_t* off, int64_t E, const at::Tensor& scale,
-                  const c10::optional<at::Tensor>& bias = c10::nullopt) {
-  const int64_t T = out.size(0), D = out.size(1), valid = off[E];
-  const int64_t* pos = position.const_data_ptr<int64_t>();
-  dispatch_float_types(out, [&](auto s_tag, auto a_tag) {
+// The expert outputs (forward) and input gradients (backward) of the sorted
+// rows are written chunk by chunk into a buffer that is reused, and each chunk
+// is added into the token-order result right away: the buffer stays small and
+// warm instead of holding all T*k rows (k times the output). Chunks are whole
+// experts, up to kChunkBytes of rows (an expert larger than that is cut into
+// chunks of its own). MARS_KERNELS_CPU_CHUNK_ROWS overrides the rows per chunk.
+constexpr int64_t kChunkBytes = int64_t{16} << 20;
+
+// [begin, end) row ranges of the chunks over the sorted rows [0, off[E]).
+std::vector<std::pair<int64_t, int64_t>> row_chunks(const int64_t* off, int64_t E, int64_t row_bytes) {
+  const int64_t forced = env_int("MARS_KERNELS_CPU_CHUNK_ROWS");
+  const int64_t budget = forced > 0 ? forced : std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(row_bytes, 1));
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  int64_t begin = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (off[e + 1] - begin > budget && off[e] > begin) {  // close the chunk before expert e
+      chunks.emplace_back(begin, off[e]);
+      begin = off[e];
+    }
+    while (off[e + 1] - begin > budget) {  // expert e alone is larger than a chunk
+      chunks.emplace_back(begin, begin + budget);
+      begin += budget;
+    }
+  }
+  if (off[E] > begin) chunks.emplace_back(begin, off[E]);
+  return chunks;
+}
+
+// The number of rows of the largest chunk.
+inline int64_t largest_chunk(const std::vector<std::pair<int64_t, int64_t>>& chunks) {
+  int64_t most = 0;
+  for (const auto& [b, e] : chunks) most = std::max(most, e - b);
+  return most;
+}
+
+// Columns per task of the column-split row passes: at least 64, and enough
+// that a task covers ~16K elements of the n rows, so a handful of rows (decode:
+// one token per expert) runs inline instead of paying a fork/join per pass.
+inline int64_t column_grain(int64_t n) {
+  return std::max<int64_t>(64, (int64_t{16384} + n - 1) / std::max<int64_t>(n, 1));
+}
+
+// acc[tokens[i]] += scale[i] * (rows[i] + bias[expert of row r0 + i]) for the
+// rows of a chunk (sorted rows r0 .. r0 + n), in row order, with scale (acc
+// dtype) and bias ([E, D]) optional. Threads split the columns, so a token
+// seen twice is safe, and each token sums its rows in sorted (expert) order.
+void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const int64_t* tokens, const int64_t* off, int64_t E,
+                     int64_t r0, const at::Tensor& scale, const c10::optional<at::Tensor>& bias = c10::nullopt) {
+  const int64_t n = rows.size(0), D = rows.size(1);
+  dispatch_float_types(rows, [&](auto s_tag, auto a_tag) {
     using scalar_t = decltype(s_tag);
     using acc_t = decltype(a_tag);
     const scalar_t* R = rows.const_data_ptr<scalar_t>();
     const scalar_t* B = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    acc_t* A = acc.data_ptr<acc_t>();
     const acc_t* W = scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* O = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)), [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> acc(D);
-      std::vector<std::pair<int64_t, int64_t>> slots(top_k);  // (position, assignment)
-      for (int64_t t = t0; t < t1; ++t) {
-        int64_t m = 0;
-        for (int64_t j = 0; j < top_k; ++j)
-          if (pos[t * top_k + j] < valid) slots[m++] = {pos[t * top_k + j], t * top_k + j};
-        std::sort(slots.begin(), slots.begin() + m);
-        acc_t* a = acc.data();
-        std::fill(a, a + D, acc_t(0));
-        int64_t e = 0;
-        for (int64_t i = 0; i < m; ++i) {
-          const auto [p, slot] = slots[i];
-          const scalar_t* r = R + p * D;
-          const acc_t w = W ? W[slot] : acc_t(1);
-          if (B) {
-            while (off[e + 1] <= p) ++e;
-            const scalar_t* b = B + e * D;
+    at::parallel_for(0, D, column_grain(n), [&](int64_t d0, int64_t d1) {
+      int64_t e = std::upper_bound(off, off + E + 1, r0) - off - 1;  // advanced as the rows pass expert ends
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t w = W ? W[i] : acc_t(1);
+        acc_t* a = A + tokens[i] * D;
+        const scalar_t* r = R + i * D;
+        if (B) {
+          while (off[e + 1] <= r0 + i) ++e;
+          const scalar_t* b = B + e * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += w * (ld<acc_t>(r[d]) + ld<acc_t>(b[d]));
-          } else if (W) {
+          for (int64_t d = d0; d < d1; ++d) a[d] += w * (ld<acc_t>(r[d]) + ld<acc_t>(b[d]));
+        } else if (W) {
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += w * ld<acc_t>(r[d]);
-          } else {
+          for (int64_t d = d0; d < d1; ++d) a[d] += w * ld<acc_t>(r[d]);
+        } else {
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += ld<acc_t>(r[d]);
-          }
+          for (int64_t d = d0; d < d1; ++d) a[d] += ld<acc_t>(r[d]);
         }
-        scalar_t* o = O + t * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) o[d] = st<scalar_t>(a[d]);
       }
     });
   });
@@ -701,14 +722,6 @@ void check_routing(const at::Tensor& x, const at::Tensor& weights, const at::Ten
               "weights must be a contiguous [T, k] ", routing_dtype(x), " tensor, got ", weights.scalar_type(), " ",
               weights.sizes());
   check_slots(permutation, x.size(0) * top_k, "permutation");
-  const int64_t S = permutation.numel();
-  std::vector<bool> seen(S, false);
-  const at::Tensor c = permutation.contiguous();
-  const int64_t* p = c.const_data_ptr<int64_t>();
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK_VALUE(!seen[p[s]], "permutation must be a permutation of [0, ", S, "), got ", p[s], " twice");
-    seen[p[s]] = true;
-  }
 }
 
 // The row-block fields of the metadata (inverse, block_expert, block_start,
@@ -732,41 +745,49 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
   const int64_t valid = off[sh.E];
   const SortedRouting route = sort_routing(perm, weights, top_k, off, sh.E);
   const int64_t parts = num_parts(valid);
-  const int64_t tile = std::max<int64_t>(1, std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size(), parts)));
+  const auto chunks = row_chunks(off, sh.E, sh.D * x.element_size());
+  const int64_t tile = std::max<int64_t>(
+      1, std::min({largest_expert(off, sh.E), largest_chunk(chunks), row_tile(sh, x.element_size(), parts)}));
   const auto opts = x.options();
   at::Tensor h = save_h ? at::empty({S, sh.H1}, opts) : at::empty({parts, tile, sh.H1}, opts);
   if (save_h) h.narrow(0, valid, S - valid).zero_();
   at::Tensor xg = at::empty({parts, tile, sh.D}, opts), a = at::empty({parts, tile, sh.H}, opts);
-  at::Tensor ys = at::empty({valid, sh.D}, opts);  // each sorted row's expert output, without b2
-  for_each_part(parts, [&](int64_t p) {
-    for_each_segment(off, sh.E, valid, p, parts, [&](int64_t e, int64_t lo, int64_t hi) {
-      for (int64_t r0 = lo; r0 < hi; r0 += tile) {
-        const int64_t n = std::min(tile, hi - r0);
-        at::Tensor xe = xg[p].narrow(0, 0, n), he = save_h ? h.narrow(0, r0, n) : h[p].narrow(0, 0, n);
-        at::Tensor ae = a[p].narrow(0, 0, n), y_e = ys.narrow(0, r0, n);
-        {
-          MK_PHASE("fwd.gather_x");
-          gather_rows(x, route.tokens.narrow(0, r0, n), xe);
+  at::Tensor ys = at::empty({largest_chunk(chunks), sh.D}, opts);  // a chunk's expert outputs, without b2
+  at::Tensor acc = at::zeros({T, sh.D}, opts.dtype(routing_dtype(x)));
+  const int64_t* tok = route.tokens.const_data_ptr<int64_t>();
+  for (const auto& [c0, c1] : chunks) {
+    for_each_part(parts, [&](int64_t p) {
+      for_each_segment(off, sh.E, c0, c1 - c0, p, parts, [&](int64_t e, int64_t lo, int64_t hi) {
+        for (int64_t r0 = lo; r0 < hi; r0 += tile) {
+          const int64_t n = std::min(tile, hi - r0);
+          at::Tensor xe = xg[p].narrow(0, 0, n), he = save_h ? h.narrow(0, r0, n) : h[p].narrow(0, 0, n);
+          at::Tensor ae = a[p].narrow(0, 0, n), y_e = ys.narrow(0, r0 - c0, n);
+          {
+            MK_PHASE("fwd.gather_x");
+            gather_rows(x, route.tokens.narrow(0, r0, n), xe);
+          }
+          {
+            MK_PHASE("fwd.gemm_h=xW1");
+            expert_mm_out(he, xe, w1[e]);
+          }
+          {
+            MK_PHASE("fwd.activation");
+            bias_activation_rows(act, he, expert_bias(b1, e), ae);
+          }
+          {
+            MK_PHASE("fwd.gemm_y=aW2");
+            expert_mm_out(y_e, ae, w2[e]);
+          }
         }
-        {
-          MK_PHASE("fwd.gemm_h=xW1");
-          expert_mm_out(he, xe, w1[e]);
-        }
-        {
-          MK_PHASE("fwd.activation");
-          bias_activation_rows(act, he, expert_bias(b1, e), ae);
-        }
-        {
-          MK_PHASE("fwd.gemm_y=aW2");
-          expert_mm_out(y_e, ae, w2[e]);
-        }
-      }
+      });
     });
-  });
-  at::Tensor y = at::empty({T, sh.D}, opts);
+    MK_PHASE("fwd.combine");
+    accumulate_rows(acc, ys.narrow(0, 0, c1 - c0), tok + c0, off, sh.E, c0, route.weights.narrow(0, c0, c1 - c0), b2);
+  }
+  at::Tensor y;
   {
     MK_PHASE("fwd.combine");
-    combine_rows(y, ys, route.position, top_k, off, sh.E, weights, b2);
+    y = acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
   }
   MK_PHASE_REPORT();
   return {y, save_h ? h : at::empty({0, sh.H1}, opts)};
@@ -789,26 +810,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t valid = off[sh.E];
   const SortedRouting route = sort_routing(perm, weights, top_k, off, sh.E);
   const int64_t parts = num_parts(valid);
-  const int64_t tile = std::max<int64_t>(1, std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size(), parts)));
+  const auto chunks = row_chunks(off, sh.E, sh.D * x.element_size());
+  const int64_t tile = std::max<int64_t>(
+      1, std::min({largest_expert(off, sh.E), largest_chunk(chunks), row_tile(sh, x.element_size(), parts)}));
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(routing_dtype(x));
   // The part holding an expert's first row writes its weight gradients; a part
-  // that continues an expert begun by an earlier part (only its first segment
-  // can) writes that expert's partial [p], added below in part order. The
-  // first row tile of a segment overwrites, later ones add.
+  // whose first segment continues an expert begun before its rows (by an
+  // earlier part, or an earlier chunk) writes that expert's partial [p],
+  // added after the chunk in part order. The first row tile of a segment
+  // overwrites, later ones add.
   at::Tensor dw1 = at::empty_like(w1), dw2 = at::empty_like(w2);
   at::Tensor db1 = at::empty({sh.E, sh.H1}, w1.options()), db2 = at::empty({sh.E, sh.D}, w2.options());
   std::vector<at::Tensor> part_w1(parts), part_w2(parts), part_b1(parts), part_b2(parts);
-  std::vector<int64_t> continued(parts, -1);  // the expert part p continues, or -1
-  for (int64_t p = 1; p < parts; ++p) {
-    const int64_t b0 = valid * p / parts;
-    const int64_t e = std::upper_bound(off, off + sh.E + 1, b0) - off - 1;
-    if (e >= 0 && e < sh.E && off[e] < b0 && b0 < off[e + 1]) {
-      continued[p] = e;
-      part_w1[p] = at::empty_like(w1[e]), part_w2[p] = at::empty_like(w2[e]);
-      part_b1[p] = at::empty({sh.H1}, w1.options()), part_b2[p] = at::empty({sh.D}, w2.options());
-    }
-  }
+  std::vector<int64_t> continued(parts, -1);  // per chunk: the expert part p continues, or -1
   // With bfloat16 / half the GEMM library runs a weight-gradient GEMM about
   // twice as fast when its first operand and its output are both row-major (no
   // transposed view for it to copy), so the tile's rows are transposed here,
@@ -822,104 +837,121 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dg = at::empty({parts, tile, sh.D}, opts), xg = at::empty({parts, tile, sh.D}, opts);
   at::Tensor a = at::empty({parts, tile, sh.H}, opts), G = at::empty({parts, tile, sh.H}, opts);
   at::Tensor dh = at::empty({parts, tile, sh.H1}, opts), tr = at::empty({parts, t_cols * tile}, opts);
-  at::Tensor dxs = at::empty({valid, sh.D}, opts);  // each sorted row's input gradient
+  at::Tensor dxs = at::empty({largest_chunk(chunks), sh.D}, opts);  // a chunk's input gradients
+  at::Tensor dx_acc = at::zeros({T, sh.D}, acc_opts);
   // d weight of each sorted slot = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>.
   at::Tensor dots = at::empty({valid}, acc_opts), bias_dots = at::zeros({valid}, acc_opts);
-  for_each_part(parts, [&](int64_t p) {
-    for_each_segment(off, sh.E, valid, p, parts, [&](int64_t e, int64_t lo, int64_t hi) {
-      const bool own = lo == off[e];
-      at::Tensor dw2e = own ? dw2[e] : part_w2[p], db2e = own ? db2[e] : part_b2[p];
-      at::Tensor dw1e = own ? dw1[e] : part_w1[p], db1e = own ? db1[e] : part_b1[p];
-      for (int64_t r0 = lo; r0 < hi; r0 += tile) {
-        const int64_t n = std::min(tile, hi - r0);
-        const bool first = r0 == lo;
-        const at::Tensor tokens = route.tokens.narrow(0, r0, n), w_rows = route.weights.narrow(0, r0, n);
-        const at::Tensor he = h.narrow(0, r0, n);
-        at::Tensor xe = xg[p].narrow(0, 0, n), dge = dg[p].narrow(0, 0, n), ae = a[p].narrow(0, 0, n);
-        at::Tensor Ge = G[p].narrow(0, 0, n), dhe = dh[p].narrow(0, 0, n);
-        at::Tensor dots_e = dots.narrow(0, r0, n), bd = bias_dots.narrow(0, r0, n);
-        // The weight gradients, summed over a segment's row tiles in tile order (deterministic):
-        // dst (+)= lhs @ rhs.
-        auto wgrad = [&](at::Tensor dst, const at::Tensor& lhs, const at::Tensor& rhs) {
-          if (first) at::mm_out(dst, lhs, rhs);
-          else dst.addmm_(lhs, rhs);
-        };
-        // rows^T as a row-major [m, n] view of this part's transpose buffer.
-        auto transposed = [&](const at::Tensor& rows) {
-          at::Tensor t = tr[p].narrow(0, 0, rows.size(1) * n).view({rows.size(1), n});
-          MK_PHASE("bwd.transpose");
-          transpose(rows, t);
-          return t;
-        };
-        {
-          MK_PHASE("bwd.gather_dy");
-          gather_rows(dy, tokens, dge, expert_bias(b2, e), &bd);
-        }
-        {
-          MK_PHASE("bwd.gemm_G=dyW2^T");
-          at::mm_out(Ge, dge, w2[e].t());
-        }
-        {
-          MK_PHASE("bwd.activation_grad");
-          activation_grad_rows(act, he, Ge, w_rows, ae, dhe, &dots_e);  // ae = w act(h), dhe = d h
-        }
-        if (b2.has_value()) {
-          MK_PHASE("bwd.db2");
-          weighted_column_sums(dge, w_rows, db2e, !first);
-        }
-        {  // dW2 = (w act(h))^T dy
-          auto [dst, lhs, rhs] = low_precision && w2_cols ? std::tuple(dw2e.t(), transposed(dge), ae)
-                                 : low_precision && w2_rows ? std::tuple(dw2e, transposed(ae), dge)
-                                                            : std::tuple(dw2e, ae.t(), dge);
-          MK_PHASE("bwd.gemm_dW2=a^Tdy");
-          wgrad(dst, lhs, rhs);
-        }
-        {
-          MK_PHASE("bwd.gather_x");
-          gather_rows(x, tokens, xe);
-        }
-        {  // dW1 = x^T dh
-          auto [dst, lhs, rhs] = low_precision && w1_cols ? std::tuple(dw1e.t(), transposed(dhe), xe)
-                                 : low_precision && w1_rows ? std::tuple(dw1e, transposed(xe), dhe)
-                                                            : std::tuple(dw1e, xe.t(), dhe);
-          MK_PHASE("bwd.gemm_dW1=x^Tdh");
-          wgrad(dst, lhs, rhs);
-        }
-        {
-          MK_PHASE("bwd.db1");
-          if (first) at::sum_out(db1e, dhe, {0});
-          else db1e.add_(dhe.sum(0));
-        }
-        {
-          MK_PHASE("bwd.gemm_dX=dhW1^T");
-          at::Tensor dxe = dxs.narrow(0, r0, n);
-          at::mm_out(dxe, dhe, w1[e].t());
-        }
+  const int64_t* tok = route.tokens.const_data_ptr<int64_t>();
+  for (const auto& [c0, c1] : chunks) {
+    for (int64_t p = 0; p < parts; ++p) {
+      const int64_t b0 = c0 + (c1 - c0) * p / parts;
+      const int64_t e = std::upper_bound(off, off + sh.E + 1, b0) - off - 1;
+      continued[p] = b0 < c0 + (c1 - c0) * (p + 1) / parts && off[e] < b0 ? e : -1;
+      if (continued[p] >= 0 && !part_w1[p].defined()) {
+        part_w1[p] = at::empty_like(w1[0]), part_w2[p] = at::empty_like(w2[0]);
+        part_b1[p] = at::empty({sh.H1}, w1.options()), part_b2[p] = at::empty({sh.D}, w2.options());
       }
+    }
+    for_each_part(parts, [&](int64_t p) {
+      for_each_segment(off, sh.E, c0, c1 - c0, p, parts, [&](int64_t e, int64_t lo, int64_t hi) {
+        const bool own = lo == off[e];
+        at::Tensor dw2e = own ? dw2[e] : part_w2[p], db2e = own ? db2[e] : part_b2[p];
+        at::Tensor dw1e = own ? dw1[e] : part_w1[p], db1e = own ? db1[e] : part_b1[p];
+        for (int64_t r0 = lo; r0 < hi; r0 += tile) {
+          const int64_t n = std::min(tile, hi - r0);
+          const bool first = r0 == lo;
+          const at::Tensor tokens = route.tokens.narrow(0, r0, n), w_rows = route.weights.narrow(0, r0, n);
+          const at::Tensor he = h.narrow(0, r0, n);
+          at::Tensor xe = xg[p].narrow(0, 0, n), dge = dg[p].narrow(0, 0, n), ae = a[p].narrow(0, 0, n);
+          at::Tensor Ge = G[p].narrow(0, 0, n), dhe = dh[p].narrow(0, 0, n);
+          at::Tensor dots_e = dots.narrow(0, r0, n), bd = bias_dots.narrow(0, r0, n);
+          // The weight gradients, summed over a segment's row tiles in tile order (deterministic):
+          // dst (+)= lhs @ rhs.
+          auto wgrad = [&](at::Tensor dst, const at::Tensor& lhs, const at::Tensor& rhs) {
+            if (first) at::mm_out(dst, lhs, rhs);
+            else dst.addmm_(lhs, rhs);
+          };
+          // rows^T as a row-major [m, n] view of this part's transpose buffer.
+          auto transposed = [&](const at::Tensor& rows) {
+            at::Tensor t = tr[p].narrow(0, 0, rows.size(1) * n).view({rows.size(1), n});
+            MK_PHASE("bwd.transpose");
+            transpose(rows, t);
+            return t;
+          };
+          {
+            MK_PHASE("bwd.gather_dy");
+            gather_rows(dy, tokens, dge, expert_bias(b2, e), &bd);
+          }
+          {
+            MK_PHASE("bwd.gemm_G=dyW2^T");
+            at::mm_out(Ge, dge, w2[e].t());
+          }
+          {
+            MK_PHASE("bwd.activation_grad");
+            activation_grad_rows(act, he, Ge, w_rows, ae, dhe, &dots_e);  // ae = w act(h), dhe = d h
+          }
+          if (b2.has_value()) {
+            MK_PHASE("bwd.db2");
+            weighted_column_sums(dge, w_rows, db2e, !first);
+          }
+          {  // dW2 = (w act(h))^T dy
+            auto [dst, lhs, rhs] = low_precision && w2_cols ? std::tuple(dw2e.t(), transposed(dge), ae)
+                                   : low_precision && w2_rows ? std::tuple(dw2e, transposed(ae), dge)
+                                                              : std::tuple(dw2e, ae.t(), dge);
+            MK_PHASE("bwd.gemm_dW2=a^Tdy");
+            wgrad(dst, lhs, rhs);
+          }
+          {
+            MK_PHASE("bwd.gather_x");
+            gather_rows(x, tokens, xe);
+          }
+          {  // dW1 = x^T dh
+            auto [dst, lhs, rhs] = low_precision && w1_cols ? std::tuple(dw1e.t(), transposed(dhe), xe)
+                                   : low_precision && w1_rows ? std::tuple(dw1e, transposed(xe), dhe)
+                                                              : std::tuple(dw1e, xe.t(), dhe);
+            MK_PHASE("bwd.gemm_dW1=x^Tdh");
+            wgrad(dst, lhs, rhs);
+          }
+          {
+            MK_PHASE("bwd.db1");
+            if (first) at::sum_out(db1e, dhe, {0});
+            else db1e.add_(dhe.sum(0));
+          }
+          {
+            MK_PHASE("bwd.gemm_dX=dhW1^T");
+            at::Tensor dxe = dxs.narrow(0, r0 - c0, n);
+            at::mm_out(dxe, dhe, w1[e].t());
+          }
+        }
+      });
     });
-  });
-  at::Tensor grad_w = at::zeros({T, top_k}, acc_opts), dx = at::empty_like(x);
+    {
+      MK_PHASE("bwd.partials_combine_dx");
+      for (int64_t p = 0; p < parts; ++p) {
+        const int64_t e = continued[p];
+        if (e < 0) continue;
+        dw1[e].add_(part_w1[p]);
+        dw2[e].add_(part_w2[p]);
+        db1[e].add_(part_b1[p]);
+        if (b2.has_value()) db2[e].add_(part_b2[p]);
+      }
+      accumulate_rows(dx_acc, dxs.narrow(0, 0, c1 - c0), tok + c0, off, sh.E, c0, at::Tensor());
+    }
+  }
+  at::Tensor grad_w = at::zeros({T, top_k}, acc_opts), dx;
   {
-    MK_PHASE("bwd.partials_grad_w_combine_dx");
+    MK_PHASE("bwd.grad_w_dx");
     if (!b2.has_value()) db2.zero_();  // not computed: the caller has no b2
     for (int64_t e = 0; e < sh.E; ++e)
       if (off[e] == off[e + 1])
         for (at::Tensor t : {dw1[e], dw2[e], db1[e], db2[e]}) t.zero_();
-    for (int64_t p = 1; p < parts; ++p) {
-      const int64_t e = continued[p];
-      if (e < 0) continue;
-      dw1[e].add_(part_w1[p]);
-      dw2[e].add_(part_w2[p]);
-      db1[e].add_(part_b1[p]);
-      if (b2.has_value()) db2[e].add_(part_b2[p]);
-    }
     AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "moe_mlp_bwd_grad_w", [&] {
       const int64_t* P = perm.const_data_ptr<int64_t>();
       const scalar_t *Dt = dots.const_data_ptr<scalar_t>(), *Bd = bias_dots.const_data_ptr<scalar_t>();
       scalar_t* GW = grad_w.data_ptr<scalar_t>();
       for (int64_t s = 0; s < valid; ++s) GW[P[s]] = Dt[s] + Bd[s];
     });
-    combine_rows(dx, dxs, route.position, top_k, off, sh.E, at::Tensor());
+    dx = dx_acc.scalar_type() == x.scalar_type() ? dx_acc : dx_acc.to(x.scalar_type());
   }
   MK_PHASE_REPORT();
   return {dx, grad_w, dw1, db1, dw2, db2};
