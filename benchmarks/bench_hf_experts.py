@@ -8,6 +8,15 @@ all in the same run, forward and forward + backward.
     python benchmarks/bench_hf_experts.py --dtype bfloat16 --block   # bf16, router + experts
     python benchmarks/bench_hf_experts.py --device cuda --dtype bfloat16 --shapes qwen3-30b-a3b
 
+The ``gemm floor`` peer runs only the GEMMs an MoE step needs, per expert with
+``torch.mm`` (the library the kernels call) on rows already sorted by expert
+and transposed where that is faster, into freshly allocated outputs as a step
+would: forward x W1 and a W2, backward also dy W2^T, dW2, dW1 and dh W1^T; no
+gather, activation, combine or router. ``of floor`` is how close ours comes to
+it: at shapes where the expert GEMMs alone take as long as the whole dense MLP,
+this floor, not the dense MLP, bounds what any implementation on these GEMMs
+can reach.
+
 ``--block`` times the family's whole MoE block instead (its router, then the
 experts): under ``mars_kernels`` a router whose math is softmax + top-k runs on
 ``topk_gating`` (``mars_kernels.transformers.FUSED_ROUTERS``; GPT-OSS keeps
@@ -92,6 +101,46 @@ def routing(T: int, E: int, k: int, device, dtype, seed: int = 1):
     return idx.to(device), (w / w.sum(-1, keepdim=True)).to(device=device, dtype=dtype)
 
 
+def gemm_floor(experts, idx: torch.Tensor, x: torch.Tensor, train: bool):
+    """A callable running only the GEMMs of the experts' step (see the module
+    docstring), for an HF experts module with gate_up_proj [E, 2I, D] and
+    down_proj [E, D, I] (biases and activation left out)."""
+    E = experts.gate_up_proj.shape[0]
+    w1, w2 = experts.gate_up_proj.detach(), experts.down_proj.detach()  # [E, 2I, D], [E, D, I]
+    counts = torch.bincount(idx.reshape(-1).cpu(), minlength=E)[:E].tolist()
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    xs = x[order // idx.shape[1]].contiguous()
+    S, D, I2, I = xs.shape[0], xs.shape[1], w1.shape[1], w2.shape[2]
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(S, I, generator=g).to(x)
+    dy = torch.randn(S, D, generator=g).to(x)
+    dh = torch.randn(S, I2, generator=g).to(x)
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    lowp = x.dtype != torch.float32  # the library's reduced-precision GEMMs want row-major operands
+    dyT = [dy[lo:hi].t().contiguous() for lo, hi in zip(bounds, bounds[1:])] if train and lowp else None
+    dhT = [dh[lo:hi].t().contiguous() for lo, hi in zip(bounds, bounds[1:])] if train and lowp else None
+
+    def call():
+        with torch.no_grad():
+            h, ys = x.new_empty(S, I2), x.new_empty(S, D)
+            if train:
+                G, dxs = x.new_empty(S, I), x.new_empty(S, D)
+                dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+            for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+                if lo == hi:
+                    continue
+                torch.mm(xs[lo:hi], w1[e].t(), out=h[lo:hi])
+                torch.mm(a[lo:hi], w2[e].t(), out=ys[lo:hi])
+                if train:
+                    torch.mm(dy[lo:hi], w2[e], out=G[lo:hi])
+                    torch.mm(dyT[e] if lowp else dy[lo:hi].t(), a[lo:hi], out=dw2[e])
+                    torch.mm(dhT[e] if lowp else dh[lo:hi].t(), xs[lo:hi], out=dw1[e])
+                    torch.mm(dh[lo:hi], w1[e], out=dxs[lo:hi])
+    return call
+
+
 def batched_mm_bytes(shape: dict, elem: int) -> int:
     S = shape["T"] * shape["k"]
     return S * (2 * shape["I"] * shape["D"] + shape["I"] * shape["D"]) * elem
@@ -162,7 +211,10 @@ def main() -> int:
                         y.sum().backward()
                         dense_up.grad = dense_down.grad = dense_router.grad = None
 
+            floor = None if a.block or not hasattr(experts, "gate_up_proj") else gemm_floor(experts, idx, x, train)
             fns = {impl: run_experts(impl) for impl in impls} | {"dense": dense}
+            if floor is not None:
+                fns["gemm_floor"] = floor
             rounds = a.rounds * (3 if shape.get("forward_only") else 1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -194,15 +246,16 @@ def main() -> int:
                        x_grouped_mm=ratio("grouped_mm"), x_eager=ratio("eager"), x_batched_mm=ratio("batched_mm"),
                        best_hf=best_hf[1], x_best_hf=best_hf[0] / med["mars_kernels"],
                        of_dense=med["dense"] / med["mars_kernels"],
+                       of_floor=med["gemm_floor"] / med["mars_kernels"] if "gemm_floor" in med else None,
                        tflops=flops / med["mars_kernels"] / 1e12, rounds=rounds,
                        native=mt.plan(experts).native)
             row.update({f"{n}_ms": 1e3 * v for n, v in med.items()})
             rows.append(row)
             cols = [("shape", "shape", ""), ("mode", "mode", ""), ("mars_kernels_ms", "ours ms", ".2f"),
                     ("grouped_mm_ms", "grouped_mm", ".2f"), ("batched_mm_ms", "batched_mm", ".2f"),
-                    ("eager_ms", "eager", ".2f"), ("dense_ms", "dense", ".2f"),
+                    ("eager_ms", "eager", ".2f"), ("dense_ms", "dense", ".2f"), ("gemm_floor_ms", "gemm floor", ".2f"),
                     ("x_grouped_mm", "x grouped", ".2f"), ("x_best_hf", "x best HF", ".2f"),
-                    ("of_dense", "of dense", ".0%")]
+                    ("of_dense", "of dense", ".0%"), ("of_floor", "of floor", ".0%")]
             if len(rows) == 1:
                 print(f"{env['device']}, {dtype}, {env['scope']}, torch {env['torch']}, transformers "
                       f"{env['transformers']}\n{env['cpu_model']}, flags {' '.join(env['cpu_flags'] or ['?'])}")
