@@ -156,6 +156,7 @@ def main() -> int:
     p.add_argument("--batched-mm-limit-gb", type=float, default=3.0)
     p.add_argument("--block", action="store_true", help="time the MoE block (router + experts), not the experts alone")
     p.add_argument("--out", help="JSON path (default benchmarks/results/bench_hf_experts_<device>[_bf16][_block].json)")
+    p.add_argument("--note", help="recorded in the JSON's environment (e.g. what else the machine was running)")
     a = p.parse_args()
     import mars_kernels.transformers as mt
 
@@ -165,6 +166,8 @@ def main() -> int:
     env = environment(device)
     env["transformers"] = __import__("transformers").__version__
     env["scope"] = "block (router + experts)" if a.block else "experts"
+    if a.note:
+        env["note"] = a.note
     rows = []
     for name in a.shapes:
         shape = SHAPES[name]
