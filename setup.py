@@ -107,13 +107,14 @@ class BuildWithoutStaleExtension(BuildExtension.with_options(use_ninja=True)):
     def run(self):
         for stale in glob.glob(os.path.join("mars_kernels", "_C*.so")) + glob.glob(os.path.join("mars_kernels", "_C*.pyd")):
             os.remove(stale)
-        # setuptools clears `inplace` while it builds (it builds in build/ and
-        # copies afterwards), so the kind of build is read before that.
-        self._mars_in_place = bool(self.inplace or getattr(self, "editable_mode", False))
+        # Read here: setuptools' build_ext.run clears `inplace` while it builds
+        # (it builds elsewhere, then copies), so build_extensions would always
+        # see a portable build for `setup.py build_ext --inplace`.
+        self._in_place = bool(self.inplace or getattr(self, "editable_mode", False))
         super().run()
 
     def build_extensions(self):
-        in_place = getattr(self, "_mars_in_place", False) or bool(self.inplace or getattr(self, "editable_mode", False))
+        in_place = getattr(self, "_in_place", False)
         march = _march(in_place)
         if march:
             for ext in self.extensions:

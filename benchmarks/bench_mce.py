@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from mars.data import MissingnessProtocol, load_mfeat  # noqa: E402
-from mars.model import ModelConfig, build_model  # noqa: E402
+from mars.config import ModelConfig  # noqa: E402
+from mars.methods import build_model  # noqa: E402
 
 
 def _shapley_loop(v: dict, M: int, variant: str) -> list[float]:
@@ -116,7 +117,8 @@ def main(argv=None):
     train_set = load_mfeat(seed=0)[0]
     shapes = {m: tuple(train_set.features[m].shape[1:]) for m in train_set.modalities}
     torch.manual_seed(0)
-    cfg = ModelConfig(method="mce", d_model=a.d_model, d_hidden=a.d_hidden, fusion_heads=a.heads, mce_teacher_epochs=2)
+    cfg = ModelConfig(method="mce", d_model=a.d_model, d_hidden=a.d_hidden, fusion_heads=a.heads,
+                      mce={"teacher_epochs": 2})
     model = build_model(train_set.modalities, shapes, train_set.num_classes, train_set.task, cfg)
     protocol = MissingnessProtocol.parse("uniform")
     model.prepare(train_set, protocol=protocol, seed=0, resume=False, log=lambda *args: None)

@@ -35,7 +35,8 @@ import common  # noqa: E402
 
 import mars_kernels as mk  # noqa: E402
 from mars.data import MissingnessProtocol, load_data  # noqa: E402
-from mars.model import ModelConfig, build_model  # noqa: E402
+from mars.config import ModelConfig  # noqa: E402
+from mars.methods import build_model  # noqa: E402
 
 
 class LoopRetriever:

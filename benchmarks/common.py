@@ -154,6 +154,13 @@ def write_results(name: str, env: dict, rows: list[dict], out: str | None = None
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if "cuda" in env else "cpu"
     path = Path(out) if out else RESULTS_DIR / f"{name}_{tag}.json"
+    if path.exists():  # replace only earlier results (never a file a benchmark did not write)
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError):
+            earlier = None
+        if path.is_dir() or not (isinstance(earlier, dict) and set(earlier) == {"environment", "results"}):
+            raise SystemExit(f"{path}: exists and is not a benchmark results file; choose another --out")
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
     os.replace(tmp, path)

@@ -6,7 +6,10 @@ modalities you keep for this step) and on the complete one -- and once at
 inference, on what was observed. ``mk.MarsMoE`` does the rest: the residual
 router on the complete/incomplete contrast, the feature router that imitates
 it, the discrepancy-aware noise and the experts; ``aux["loss"]`` holds its
-auxiliary losses.
+auxiliary losses. ``mk.MarsMoE(d, h, E, k)`` with no options is the layer of
+the ``mars`` command's results; the command's recipe around the layer (8
+incomplete masks per step sharing one complete pass, per-modality heads and
+their vote) is its model's, :class:`mars.model.MarsModel`.
 
 The script trains the backbone alone and the backbone + MARS on the generated
 ``synthetic-missing`` data (4 modalities, 8 classes; ``mars.data.make_missing``)
@@ -50,7 +53,7 @@ class BackboneWithMars(nn.Module):
     def __init__(self, dims, d, num_classes, use_mars=True):
         super().__init__()
         self.backbone = MyFusion(dims, d)
-        self.moe = mk.MarsMoE(d, 2 * d, num_experts=8, k=2, num_modalities=len(dims)) if use_mars else None
+        self.moe = mk.MarsMoE(d, 2 * d, num_experts=8, k=2) if use_mars else None
         self.head = nn.Linear(d, num_classes)
 
     def forward(self, xs, observed, available=None):
@@ -58,10 +61,10 @@ class BackboneWithMars(nn.Module):
         if self.moe is None:
             return self.head(z_i), {}
         if not self.training:
-            y, _ = self.moe(z_i, observed=observed)              # inference: z_i (and the mask) only
+            y, _ = self.moe(z_i)                                 # inference: z_i only
             return self.head(y), {}
         z_c = self.backbone(xs, available)                       # training: the complete pass too
-        y, aux = self.moe(z_i, z_c, observed)
+        y, aux = self.moe(z_i, z_c)
         return self.head(y), {"complete_logits": self.head(z_c), **aux}
 
 

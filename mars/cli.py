@@ -11,40 +11,30 @@ import argparse
 import os
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import methods
-from .config import (
-    BACKBONES,
-    CLI_DEFAULT_MIX,
-    IMITATIONS,
-    LR_SCHEDULES,
-    MIX_MODES,
-    NOISE_MODES,
-    PRECISIONS,
-    RESIDUAL_INPUTS,
-    RETRIEVER_VARIANTS,
-    ROUTINGS,
-    SHAPLEY_VARIANTS,
-    ConfigError,
-    ModelConfig,
-)
+from .config import BACKBONES, PRECISIONS, ConfigError, TrainConfig, used_by
 from .data import DataFormatError
 from .devices import check_precision, resolve_device, set_up_device
 from .distributed import DistributedFailure, context_from_env, shutdown, world_from_env
+from .options import add_config_options, config_for, file_values, given_values, option_of
 from .rundir import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     RunFileError,
     check_config_matches,
+    check_data_matches,
     load_checkpoint,
     open_output,
     read_config,
+    read_json,
+    recover_interrupted_swap,
     write_json,
     write_text,
 )
 from .train import (
-    TrainConfig,
     TrainingDiverged,
     check_setup,
     load_weights,
@@ -52,11 +42,11 @@ from .train import (
     on_device,
     prepare_model,
     requested_device,
+    run_data,
     train,
 )
 
 METHOD_CHOICES = methods.cli_names()
-_DEFAULT = ModelConfig()  # the defaults of the model options, written once (mars/config.py)
 
 
 def method(text: str) -> str:
@@ -75,161 +65,76 @@ def method_list(text: str) -> list[str]:
     return [method(t) for t in names]
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--method", type=method, default=methods.DEFAULT_METHOD, metavar="METHOD",
-                   help=f"one of {', '.join(METHOD_CHOICES)}")
-    g.add_argument("--d-model", type=int, default=64)
-    g.add_argument("--d-hidden", type=int, default=128)
-    g.add_argument("--experts", type=int, default=8)
-    g.add_argument("--k", type=int, default=2)
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--backbone", choices=BACKBONES, default=_DEFAULT.backbone,
-                   help="fusion backbone of mars, vanilla-moe and backbone: attention across modalities, late "
-                        "(per-modality towers, mean) or mce (MCE's completion Transformer)")
-    g.add_argument("--noise", choices=NOISE_MODES, default=_DEFAULT.noise, help="MARS noise on the residual router")
-    g.add_argument("--routing", choices=ROUTINGS, default=_DEFAULT.routing,
-                   help="router that gates in training (ablation)")
-    g.add_argument("--sigma-0", type=float, default=_DEFAULT.sigma_0)
-    g.add_argument("--sigma-max", type=float, default=_DEFAULT.sigma_max)
-    g.add_argument("--sigma-const", type=float, default=_DEFAULT.sigma_const, help="sigma of --noise constant")
-    g.add_argument("--residual-input", choices=RESIDUAL_INPUTS, default=_DEFAULT.residual_input,
-                   help="residual router input: [z_i, stopgrad(z_c)] (concat), stopgrad(z_c - z_i) (diff), or the "
-                        "difference through a --residual-dim code (bottleneck)")
-    g.add_argument("--residual-dim", type=int, default=_DEFAULT.residual_dim,
-                   help="width of the bottleneck residual code")
-    g.add_argument("--router-mlp", action=argparse.BooleanOptionalAction, default=_DEFAULT.router_mlp,
-                   help="MLP routers instead of linear ones")
-    g.add_argument("--mask-router", action=argparse.BooleanOptionalAction, default=_DEFAULT.mask_router,
-                   help="the feature router also reads the observed-modality mask")
-    g.add_argument("--mask-experts", action=argparse.BooleanOptionalAction, default=_DEFAULT.mask_experts,
-                   help="the experts also read the observed-modality mask")
-    g.add_argument("--mix", choices=MIX_MODES, default=CLI_DEFAULT_MIX,
-                   help="MARS training gate: none, prob (tokens take the feature router's route with probability "
-                        "1 - exp(-mix_scale * KL); the default, chosen on validation, docs/mars_research.md) or "
-                        "blend ((1 - a) p_r + a p_f)")
-    g.add_argument("--mix-scale", type=float, default=_DEFAULT.mix_scale)
-    g.add_argument("--imitation", choices=IMITATIONS, default=_DEFAULT.imitation,
-                   help="imitation loss: KL(sg(p_r) || p_f) or cross-entropy on the residual router's top-k")
-    g.add_argument("--lambda-imit", type=float, default=_DEFAULT.lambda_imit)
-    g.add_argument("--lambda-balance", type=float, default=_DEFAULT.lambda_balance)
-    g.add_argument("--lambda-complete", type=float, default=_DEFAULT.lambda_complete)
-    g.add_argument("--lambda-distill", type=float, default=_DEFAULT.lambda_distill,
-                   help="weight of KL(sg(head(z_c)) || head(y)): the complete pass distilled into the MoE output")
-    g.add_argument("--lambda-align", type=float, default=_DEFAULT.lambda_align,
-                   help="weight of KL(sg(p_f) || p_r): the residual router pays for routes the feature router cannot "
-                        "reproduce (0: off)")
-    g.add_argument("--lambda-recon", type=float, default=_DEFAULT.lambda_recon,
-                   help="weight of mean |y - stopgrad(z_c)|: the experts complete the incomplete tokens towards the "
-                        "complete pass (0: off)")
-    g.add_argument("--lambda-unimodal", type=float, default=None,
-                   help="weight of the cross-entropy of one linear head per modality on its encoder's tokens "
-                        "(mars, vanilla-moe; 0: off); default: the method's own, chosen on validation (" +
-                        ", ".join(f"{m.cli_name} {m.lambda_unimodal:g}" for m in methods.REGISTRY.values()
-                                  if m.sparse_moe) + ")")
-    g.add_argument("--unimodal-vote", type=float, default=None, metavar="W",
-                   help="weight of those per-modality heads in the prediction at inference: log_softmax(head(y)) + "
-                        "W * mean over the observed modalities of log_softmax(head_m) (0: the heads only train); "
-                        "default: the method's own when the heads are on, chosen on validation (" +
-                        ", ".join(f"{m.cli_name} {m.unimodal_vote:g}" for m in methods.REGISTRY.values()
-                                  if m.sparse_moe) + "), else 0")
-    g.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default=None)
-    r = p.add_argument_group("MoE-Retriever (--method moe-retriever)")
-    r.add_argument("--retriever-variant", choices=RETRIEVER_VARIANTS, default="paper",
-                   help="paper: attention + restricted noisy top-k MoE retrieval; code: the official code's 0.5/0.5 mean imputation")
-    r.add_argument("--retriever-candidates", type=int, default=8, help="modality-specific experts per modality")
-    r.add_argument("--retriever-shared", type=int, default=4, help="shared experts")
-    r.add_argument("--retriever-k", type=int, default=4, help="experts per token")
-    r.add_argument("--retriever-alpha", type=float, default=0.5, help="weight of the inter-modal context")
-    r.add_argument("--retriever-warmup", type=int, default=0, help="epochs before retrieval starts")
-    r.add_argument("--lambda-gate", type=float, default=0.01, help="weight of the retriever's balance loss")
-    m = p.add_argument_group("MCE (--method mce)")
-    m.add_argument("--mce-shapley", choices=SHAPLEY_VARIANTS, default="exact",
-                   help="exact Shapley values, or the official code's formula")
-    m.add_argument("--mce-teacher-epochs", type=int, default=10, help="epochs of the frozen unimodal models")
-    m.add_argument("--mce-no-a", action="store_true", help="drop the dataset-level factor 1/(1 - r_m)")
-    m.add_argument("--mce-no-b", action="store_true", help="drop the Shapley batch-level factor")
-    m.add_argument("--lambda-sep", type=float, default=1.0)
-    m.add_argument("--lambda-com", type=float, default=1.0)
-    m.add_argument("--lambda-sub", type=float, default=1.0)
+def _device_args(p: argparse.ArgumentParser) -> None:
+    """mars eval's --device and --precision (default: the run's)."""
+    p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
+                   help="where to compute: auto (cuda when torch.cuda.is_available(), else cpu), cpu, cuda or cuda:N "
+                        "(default: the run's device)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32, or bf16: the forward pass under torch.autocast to bfloat16 (default: the run's precision)")
 
 
-def _device_args(p: argparse.ArgumentParser, *, run_default: bool = False) -> None:
-    """--device and --precision; ``run_default``: their defaults are the run's (mars eval)."""
-    p.add_argument("--device", default=None if run_default else "auto", metavar="auto|cpu|cuda|cuda:N",
-                   help="where to compute: auto (cuda when torch.cuda.is_available(), else cpu), cpu, cuda (under "
-                        "torchrun: cuda:LOCAL_RANK) or cuda:N" + (" (default: the run's device)" if run_default else ""))
-    p.add_argument("--precision", choices=PRECISIONS, default=None if run_default else "fp32",
-                   help="fp32, or bf16: the forward pass and the loss under torch.autocast to bfloat16, float32 "
-                        "weights" + (" (default: the run's precision)" if run_default else ""))
-
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="mfeat", help="'mfeat' (embedded), 'synthetic-missing', 'synthetic-seg', a feature directory, or BENCHMARK:DIR with BENCHMARK one of "
-                   "crema-d, food-101, casia-surf, mcubes")
-    p.add_argument("--protocol", "--missing", dest="protocol", default="uniform",
-                   help="training missingness: uniform | independent:0.2,0.5,0.8 (one rate per modality) | fixed:0.5")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                   help="constant, or cosine: per step from --lr down to 0 at the last epoch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--masks-per-step", type=int, default=None, metavar="P",
-                   help="incomplete masks drawn per sample per step, for every method (MARS shares one complete "
-                        "pass across them); default: the method's own, chosen on validation (" +
-                        ", ".join(f"{m.cli_name} {m.masks_per_step}" for m in methods.REGISTRY.values()) + ")")
+def _train_args(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
+    add_config_options(p, method, with_method=not compare)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _device_args(p)
-    p.add_argument("--expert-parallel", action="store_true",
-                   help="under torchrun: shard the experts over the processes (methods "
-                   f"{' and '.join(m.cli_name for m in methods.REGISTRY.values() if m.sparse_moe)})")
-    _model_args(p)
 
 
-def _config(a: argparse.Namespace, method: str | None = None, seed: int | None = None,
-            backbone: str | None = None) -> TrainConfig:
-    own = methods.get(method or a.method)
-    lambda_unimodal = own.lambda_unimodal if a.lambda_unimodal is None else a.lambda_unimodal
-    # the method's vote needs its heads: with --lambda-unimodal 0 the default vote is 0 (an explicit one is refused)
-    unimodal_vote = (own.unimodal_vote if lambda_unimodal > 0 else 0.0) if a.unimodal_vote is None else a.unimodal_vote
-    model = ModelConfig(
-        method=method or a.method, dropout=a.dropout, d_model=a.d_model, d_hidden=a.d_hidden, num_experts=a.experts,
-        k=a.k, noise=a.noise, routing=a.routing, residual_input=a.residual_input, router_mlp=a.router_mlp,
-        sigma_0=a.sigma_0, sigma_max=a.sigma_max, sigma_const=a.sigma_const, lambda_imit=a.lambda_imit,
-        lambda_balance=a.lambda_balance, lambda_complete=a.lambda_complete, lambda_distill=a.lambda_distill,
-        lambda_align=a.lambda_align, lambda_recon=a.lambda_recon,
-        lambda_unimodal=lambda_unimodal, unimodal_vote=unimodal_vote,
-        backbone=backbone or a.backbone, residual_dim=a.residual_dim, mask_router=a.mask_router,
-        mask_experts=a.mask_experts, mix=a.mix, mix_scale=a.mix_scale, imitation=a.imitation,
-        backend=None if a.backend in (None, "auto") else a.backend,
-        retriever_variant=a.retriever_variant, retriever_candidates=a.retriever_candidates,
-        retriever_shared=a.retriever_shared, retriever_k=a.retriever_k, retriever_alpha=a.retriever_alpha,
-        retriever_warmup=a.retriever_warmup, lambda_gate=a.lambda_gate, mce_shapley=a.mce_shapley,
-        mce_teacher_epochs=a.mce_teacher_epochs, mce_use_a=not a.mce_no_a, mce_use_b=not a.mce_no_b,
-        lambda_sep=a.lambda_sep, lambda_com=a.lambda_com, lambda_sub=a.lambda_sub,
-    )
-    return TrainConfig(data=a.data, expert_parallel=a.expert_parallel, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                       seed=a.seed if seed is None else seed, protocol=a.protocol, device=a.device,
-                       precision=a.precision, model=model, lr_schedule=a.lr_schedule,
-                       masks_per_step=methods.get(model.method).masks_per_step if a.masks_per_step is None
-                       else a.masks_per_step)
+def _compare_args(c: argparse.ArgumentParser) -> None:
+    _train_args(c, compare=True)
+    c.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1 for every method (>= 1)")
+    c.add_argument("--backbones", nargs="+", choices=BACKBONES, default=None, metavar="BACKBONE",
+                   help=f"run each method built on a backbone (mars, vanilla-moe, backbone) once per backbone "
+                        f"({', '.join(BACKBONES)}), as rows method@backbone, each compared with MARS on its backbone "
+                        "(e.g. --methods mars backbone --backbones attention late mce: backbone alone vs backbone + MARS)")
+    defaults = [m for m in methods.REGISTRY.values() if m.compare_default]
+    c.add_argument("--methods", nargs="+", type=method_list, default=[[m.name for m in defaults]],
+                   metavar="METHOD", help=f"any of {', '.join(METHOD_CHOICES)}, separated by spaces or commas "
+                   f"(default: {' '.join(m.cli_name for m in defaults)})")
+
+
+def _option_values(a: argparse.Namespace) -> tuple[dict, dict]:
+    """The configuration values of ``--config FILE`` and of the command line
+    (which wins) -> ({field path: value}, {field path: the file it came from})."""
+    values = given_values(a)
+    source = getattr(a, "config_file", None)
+    if source is None:
+        return values, {}
+    if not str(source).strip():
+        raise ConfigError("config_file", "expected a JSON file of options, got an empty path")
+    from_file = file_values(read_json(Path(source), "options in config.json's form (a JSON object)"), source)
+    origin = {path: source for path in from_file if path not in values}
+    return {**from_file, **values}, origin
+
+
+def _config(a: argparse.Namespace) -> TrainConfig:
+    """The run ``mars train`` asks for: its method's defaults, then ``--config FILE``, then the command line."""
+    values, origin = _option_values(a)
+    return config_for(values.get("model.method", methods.DEFAULT_METHOD), values, strict=True, origin=origin)
+
+
+def config_from_args(argv: list[str]) -> TrainConfig:
+    """The configuration ``mars train ARGV`` trains (no run is started): for
+    scripts and tests that build runs the way the command does."""
+    parser = argparse.ArgumentParser(prog="mars train")
+    _train_args(parser)
+    return _config(parser.parse_args(list(argv)))
 
 
 def _print_results(result: dict) -> None:
-    s, test = result["summary"], result["test"]
+    s, res = result["summary"], result["test"]
+    split = s.get("evaluated", "test")  # "val" with --evaluate val: the test split was not read
     print(f"\n{s['method']} on {s['data']} (seed {s['seed']}): best epoch {s['best_epoch']}, "
           f"{s['train_seconds']:.0f} s, {s['parameters']:,} parameters")
-    print(f"test score, mean over all {len(test['subsets'])} modality subsets: {s['test_mean']:.4f}")
-    for key, label in (("test_miou", "mIoU"), ("test_acer", "ACER (lower is better)")):
+    print(f"{split} score, mean over all {len(res['subsets'])} modality subsets: {res['mean']:.4f}")
+    for key, label in ((f"{split}_miou", "mIoU"), (f"{split}_acer", "ACER (lower is better)")):
         if key in s:
-            print(f"test {label}, mean over subsets: {s[key]:.4f}")
+            print(f"{split} {label}, mean over subsets: {s[key]:.4f}")
     if s.get("router_agreement") is not None:
         print(f"feature-vs-residual router top-k agreement: {s['router_agreement']:.3f}")
     if s.get("specialisation_nmi") is not None:
         print(f"specialisation (NMI of missing pattern and expert): {s['specialisation_nmi']:.3f}")
-    print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in s["test_by_size"].items()))
-    ranked = sorted(test["subsets"], key=lambda r: r["score"])
+    print("by number of observed modalities: " + ", ".join(f"{k}: {v:.4f}" for k, v in s[f"{split}_by_size"].items()))
+    ranked = sorted(res["subsets"], key=lambda r: r["score"])
     show = ranked[:3] + ranked[-3:] if len(ranked) > 6 else ranked
     print("worst / best subsets: " + ", ".join(f"{r['name']} {r['score']:.3f}" for r in show))
 
@@ -237,24 +142,26 @@ def _print_results(result: dict) -> None:
 def _plots(run: Path, result: dict) -> None:
     from .plots import plot_by_size, plot_usage
 
-    plot_by_size({result["summary"]["method"]: result["summary"]["test_by_size"]}, run / "score_by_observed.png")
+    split = result["summary"].get("evaluated", "test")
+    plot_by_size({result["summary"]["method"]: result["summary"][f"{split}_by_size"]}, run / "score_by_observed.png")
     usage = result["test"].get("usage")
     if usage is not None:
         nmi = result["test"].get("specialisation_nmi")
         plot_usage(usage, [r["name"] for r in result["test"]["subsets"]], run / "expert_usage.png",
-                   title=f"{result['summary']['method']}: expert usage by missing pattern (test)"
-                         + (f", NMI {nmi:.3f}" if nmi is not None else ""))
+                   title=f"{result['summary']['method']}: expert usage by missing pattern ({split})"
+                         + (f", NMI {nmi:.3f}" if nmi is not None else ""), counts=result["test"].get("usage_counts"))
 
 
 RESUME_OPTIONS = ("epochs", "device", "quiet")  # the options --resume takes (besides the run directory)
 
 
-def cmd_train(a, given: set[str]) -> int:
+def cmd_train(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     """Single process, or data-parallel under torchrun (rank 0 prints and plots)."""
+    values = given_values(a)
     if a.resume is not None:
         extra = [name for name in sorted(given) if name not in RESUME_OPTIONS + ("resume",)]
         if extra:
-            flags = ", ".join("--" + name.replace("_", "-") for name in extra)
+            flags = ", ".join(option_of(parser, name) for name in extra)
             raise ConfigError("resume", f"continues the run with the configuration in its {CONFIG_FILE}; {flags} cannot "
                                         "be given with it (allowed: --epochs N to train up to N epochs in all, "
                                         "--device to move the run, --quiet)")
@@ -264,29 +171,30 @@ def cmd_train(a, given: set[str]) -> int:
         raise ConfigError("out", "expected a directory for the run, got an empty path")
     resume = a.resume is not None
     cfg = None if resume else _config(a)
-    device = a.device if not resume or "device" in given else None  # resume: the run's unless given
+    device = values.get("device") if resume else cfg.device  # resume: the run's unless given
     # under torchrun the process group runs on the run's device: NCCL on CUDA, Gloo on CPU
     ctx = context_from_env(requested_device(cfg, a.resume, resume=resume, device=device)
                            if world_from_env() > 1 else "cpu")
+    # the plots are part of the run: drawn under its lock, before a replacement is committed
     if resume:
-        result = train(None, a.resume, resume=True, progress=not a.quiet, ctx=ctx,
-                       epochs=a.epochs if "epochs" in given else None, device=device)
+        result = train(None, a.resume, resume=True, progress=not a.quiet, ctx=ctx, epochs=values.get("epochs"),
+                       device=device, finish=_plots)
     else:
-        result = train(cfg, a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite)
+        result = train(cfg, a.out, progress=not a.quiet, ctx=ctx, overwrite=a.overwrite, evaluate=a.evaluate,
+                       finish=_plots)
     shutdown(ctx)
     run = Path(a.resume if a.resume is not None else a.out)
     if ctx.is_main:
         _print_results(result)
-        _plots(run, result)
         print(f"run directory: {run}")
     return 0
 
 
-def cmd_eval(a, given: set[str]) -> int:
-    from .data import load_data
+def cmd_eval(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     from .evaluate import evaluate_subsets
 
     run = Path(a.run_dir)
+    recover_interrupted_swap(run)  # a replacement a killed --overwrite left half done
     if not run.is_dir():
         raise RunFileError(run, "not a directory; expected a run directory written by mars train")
     cfg = read_config(run)
@@ -296,7 +204,8 @@ def cmd_eval(a, given: set[str]) -> int:
     check_precision(precision, device)
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=False)
     check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
-    train_set, val_set, test_set = load_data(cfg.data, seed=cfg.seed)
+    (train_set, val_set, test_set), fingerprint = run_data(cfg, with_fingerprint=True)
+    check_data_matches(state, fingerprint, train_set, cfg.data, run / CHECKPOINT_FILE)
     check_setup(cfg, (train_set, val_set, test_set), device)
     if a.oracle and not methods.get(cfg.model.method).residual_router:
         raise ConfigError("oracle", f"gates with the residual router; the method {cfg.model.method!r} has none")
@@ -326,7 +235,7 @@ def cmd_eval(a, given: set[str]) -> int:
     return 0
 
 
-def _compare_rows(a) -> list[tuple[str, str, str]]:
+def _compare_rows(a, backbone: str) -> list[tuple[str, str, str]]:
     """(row name, method, backbone) of every row of ``mars compare``: with
     ``--backbones``, each method built on a backbone (mars, vanilla-moe,
     backbone) once per backbone, as "method@backbone"; the others once."""
@@ -336,27 +245,50 @@ def _compare_rows(a) -> list[tuple[str, str, str]]:
         if a.backbones and methods.get(name).on_backbone:
             rows += [(f"{name}@{b}", name, b) for b in dict.fromkeys(a.backbones)]
         else:
-            rows.append((name, name, a.backbone))
+            rows.append((name, name, backbone))
     return rows
 
 
-def cmd_compare(a, given: set[str]) -> int:
+def _compare_configs(a) -> dict[str, list[TrainConfig]]:
+    """Each row's configuration per seed: every option applies to the rows
+    whose method reads it (an option no compared method reads is refused)."""
+    if a.seeds < 1:
+        raise ConfigError("seeds", f"must be >= 1, got {a.seeds}")
+    values, origin = _option_values(a)
+    names = {m for group in a.methods for m in group}
+    for path in values:
+        if not names & set(used_by(path)):
+            where = f"; given in {origin[path]}" if path in origin else ""
+            raise ConfigError(path, "is not used by any compared method (only by "
+                                    f"{', '.join(methods.get(m).cli_name for m in used_by(path))}){where}")
+    configs = {}
+    for row, name, b in _compare_rows(a, values.get("model.backbone", "attention")):
+        row_values = {**values, "model.backbone": b} if methods.get(name).on_backbone else dict(values)
+        configs[row] = [config_for(name, {**row_values, "seed": seed}, strict=False) for seed in range(a.seeds)]
+    return configs
+
+
+def compare_configs_from_args(argv: list[str]) -> dict[str, list[TrainConfig]]:
+    """{row: the configuration of each seed} that ``mars compare ARGV`` runs
+    (nothing is trained)."""
+    parser = argparse.ArgumentParser(prog="mars compare")
+    _compare_args(parser)
+    return _compare_configs(parser.parse_args(list(argv)))
+
+
+def cmd_compare(a, given: set[str], parser: argparse.ArgumentParser) -> int:
     """Every method (x backbone) x seed in ``--out/<row>_seed<seed>``, then the
     tables. Everything is checked before ``--out`` is touched; an existing
     non-empty ``--out`` needs ``--overwrite`` (then the new results replace it
     when complete)."""
-    from .data import load_data
 
-    if a.seeds < 1:
-        raise ConfigError("seeds", f"must be >= 1, got {a.seeds}")
     if not a.out.strip():
         raise ConfigError("out", "expected a directory for the results, got an empty path")
-    rows = _compare_rows(a)
-    configs = {row: [_config(a, method=name, seed=seed, backbone=b) for seed in range(a.seeds)]
-               for row, name, b in rows}
-    device = resolve_device(a.device)
-    check_precision(a.precision, device)
-    data = load_data(a.data, seed=0)
+    configs = _compare_configs(a)
+    first = next(iter(configs.values()))[0]
+    device = resolve_device(first.device)
+    check_precision(first.precision, device)
+    data = run_data(replace(first, seed=0))
     for row in configs:
         check_setup(configs[row][0], data, device)
     out = open_output(a.out, overwrite=a.overwrite, kind="compare")
@@ -368,6 +300,8 @@ def cmd_compare(a, given: set[str]) -> int:
     except Exception:
         out.discard()
         raise
+    finally:
+        out.release()
     print(f"wrote {Path(a.out) / 'compare.md'}")
     return 0
 
@@ -460,8 +394,9 @@ def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
             rows.setdefault(row, []).append(res["summary"])
             if row not in usage and res["test"].get("usage") is not None:
                 usage[row] = (res["test"]["usage"], [r["name"] for r in res["test"]["subsets"]],
-                              res["test"].get("specialisation_nmi"), cfg.seed)
-    table, lines = compare_table(rows, a.epochs)
+                              res["test"].get("specialisation_nmi"), cfg.seed, res["test"].get("usage_counts"))
+    first = next(iter(configs.values()))[0]
+    table, lines = compare_table(rows, first.epochs)
     text = "\n".join(lines)
     print("\n" + text + "\n" + PAIRED_NOTE)
     write_text(out / "compare.md", text + "\n")
@@ -478,21 +413,9 @@ def _compare(a, out: Path, configs: dict[str, list[TrainConfig]]) -> None:
         keys = summaries[0]["test_by_size"].keys()
         curves[row] = {int(k): statistics.mean(s["test_by_size"][k] for s in summaries) for k in keys}
     plot_by_size(curves, out / "compare_by_observed.png")
-    for row, (u, names, nmi, seed) in usage.items():
+    for row, (u, names, nmi, seed, counts) in usage.items():
         title = f"{row}, seed {seed}: expert usage by missing pattern (test)" + (f", NMI {nmi:.3f}" if nmi is not None else "")
-        plot_usage(u, names, out / f"expert_usage_{row}.png", title=title)
-
-
-# config fields whose option is not --<field with dashes>
-_FIELD_OPTIONS = {"num_experts": "experts", "protocol": "missing", "mce_use_a": "mce_no_a", "mce_use_b": "mce_no_b"}
-
-
-def _option(parser: argparse.ArgumentParser, field: str) -> str:
-    """The command-line option of a config field (``num_experts`` -> ``--experts``),
-    or the field's name when the command has no such option."""
-    name = field.removeprefix("model.")
-    flag = "--" + _FIELD_OPTIONS.get(name, name).replace("_", "-")
-    return flag if flag in parser._option_string_actions else field
+        plot_usage(u, names, out / f"expert_usage_{row}.png", title=title, counts=counts)
 
 
 _UNSET = object()
@@ -519,10 +442,23 @@ def _os_error(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _tolerant_output() -> None:
+    """A path that is not valid UTF-8 (decoded with surrogate escapes) prints
+    as ``\\xff``-style escapes instead of failing, on a stream set to strict
+    errors (e.g. ``PYTHONIOENCODING=utf-8:strict``), after the run is written."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError, AttributeError):
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _tolerant_output()
     p = argparse.ArgumentParser(prog="mars", description="MARS: missingness-aware residual-guided MoE")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train and evaluate one model",
+    t = sub.add_parser("train", help="train and evaluate one model", usage="mars train [OPTION ...]",
                        epilog="--out must not exist or be empty, unless --overwrite is given. --resume RUN_DIR takes "
                               "only --epochs (the total to train up to, to extend a run), --device (to move the run "
                               "to another device) and --quiet; the rest of the configuration comes from "
@@ -532,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing run directory --out; the new run is built beside it and replaces it "
                         "only when complete")
+    t.add_argument("--evaluate", choices=("test", "val"), default="test",
+                   help="the split the best epoch is evaluated on at the end: test, or val (for choosing options "
+                        "without reading the test split)")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run (with --epochs N: train it up to N epochs in all)")
     e = sub.add_parser("eval", help="evaluate a run's best checkpoint on every modality subset")
@@ -539,18 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--oracle", action="store_true", help="gate with the residual router (needs complete data)")
     e.add_argument("--split", choices=("test", "val"), default="test",
                    help="the split to evaluate (val: for choosing options without touching the test split)")
-    _device_args(e, run_default=True)
-    c = sub.add_parser("compare", help="MARS vs the baselines on the same data, splits, masks and budget")
-    _train_args(c)
-    c.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1 for every method (>= 1)")
-    c.add_argument("--backbones", nargs="+", choices=BACKBONES, default=None, metavar="BACKBONE",
-                   help=f"run each method built on a backbone (mars, vanilla-moe, backbone) once per backbone "
-                        f"({', '.join(BACKBONES)}), as rows method@backbone, each compared with MARS on its backbone "
-                        "(e.g. --methods mars backbone --backbones attention late mce: backbone alone vs backbone + MARS)")
-    defaults = [m for m in methods.REGISTRY.values() if m.compare_default]
-    c.add_argument("--methods", nargs="+", type=method_list, default=[[m.name for m in defaults]],
-                   metavar="METHOD", help=f"any of {', '.join(METHOD_CHOICES)}, separated by spaces or commas "
-                   f"(default: {' '.join(m.cli_name for m in defaults)})")
+    _device_args(e)
+    c = sub.add_parser("compare", help="MARS vs the baselines on the same data, splits, masks and budget",
+                       usage="mars compare [--methods METHOD ...] [--seeds N] [OPTION ...]")
+    _compare_args(c)
     c.add_argument("--out", default="runs/compare",
                    help="results directory: <method>_seed<seed>/ run directories and the compare tables "
                         "(must not exist or be empty; see --overwrite)")
@@ -561,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     command = {"train": t, "eval": e, "compare": c}[a.command]
     given = _given(p, command, argv) if a.command == "train" else set()
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[a.command](a, given)
+        return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[a.command](a, given, command)
     except TrainingDiverged as exc:
         print(f"mars: {exc}", file=sys.stderr)
         return 3
@@ -573,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         os._exit(4)
     except ConfigError as exc:
-        print(f"mars: error: {_option(command, exc.field)}: {exc.message}", file=sys.stderr)
+        print(f"mars: error: {option_of(command, exc.field)}: {exc.message}", file=sys.stderr)
         return 2
     except (DataFormatError, RunFileError, ValueError) as exc:
         print(f"mars: error: {exc}", file=sys.stderr)

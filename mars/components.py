@@ -49,6 +49,16 @@ def make_encoder(shape: tuple[int, ...], d: int, dropout: float) -> nn.Module:
     raise ValueError(f"modality features must be [d] vectors or [C, H, W] maps, got shape {shape}")
 
 
+def module_key(modality: str) -> str:
+    """The submodule name of a modality's encoder: the name itself, or, when
+    it holds a ``.`` (which PyTorch forbids in module names; the data format
+    allows it, e.g. ``audio.v2``), the name with ``%`` and ``.`` escaped as
+    ``%25`` and ``%2E`` (names without a ``.`` keep their checkpoint keys)."""
+    if "." not in modality:
+        return modality
+    return modality.replace("%", "%25").replace(".", "%2E")
+
+
 class ModalityEncoders(nn.Module):
     """Per-modality encoders plus learned missing-modality embeddings.
 
@@ -66,12 +76,15 @@ class ModalityEncoders(nn.Module):
         if self.maps and len({shapes[m][1:] for m in modalities}) != 1:
             raise ValueError(f"feature maps must share H and W, got {shapes}")
         self.map_size = tuple(shapes[modalities[0]][1:]) if self.maps else None
-        self.encoders = nn.ModuleDict({m: make_encoder(tuple(shapes[m]), d, dropout) for m in modalities})
+        self.keys = [module_key(m) for m in modalities]
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError(f"modality names {modalities} give the same module name after escaping '.'; rename one")
+        self.encoders = nn.ModuleDict({k: make_encoder(tuple(shapes[m]), d, dropout) for k, m in zip(self.keys, modalities)})
         self.missing = nn.Parameter(torch.randn(len(modalities), d) * 0.02)
 
     def encode_modality(self, m: int, x: torch.Tensor) -> torch.Tensor:
         """Features of modality number m [n, d_m] or [n, C_m, H, W] -> tokens [n, N, D]."""
-        h = self.encoders[self.modalities[m]](x)
+        h = self.encoders[self.keys[m]](x)
         if self.maps:
             return h.flatten(2).transpose(1, 2)  # [n, D, H, W] -> [n, H*W, D]
         return h.unsqueeze(1)  # [n, 1, D]
@@ -205,10 +218,13 @@ def per_sample_score(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
-    """Mean cross-entropy, pixels labelled ``ignore_index`` left out."""
+    """Mean cross-entropy, pixels labelled ``ignore_index`` left out; a batch
+    with no labelled pixel at all contributes 0 (with a zero gradient), not
+    the NaN of ``F.cross_entropy``'s 0 / 0."""
     if ignore_index is None:
         return F.cross_entropy(logits, labels)
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1).to(total.dtype)
 
 
 def total_and_parts(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

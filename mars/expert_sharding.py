@@ -27,13 +27,34 @@ from . import methods
 EP_METHODS = tuple(m.name for m in methods.REGISTRY.values() if m.sparse_moe)
 
 
+def check_expert_parallel(method: str, num_experts: int, world: int) -> None:
+    """What ``--expert-parallel`` over ``world`` processes needs, checked
+    before the run directory is touched: a method with one set of experts
+    (:data:`EP_METHODS`) and at least one expert per process (any count from
+    ``world`` up: the first E mod N processes own one more). Raises
+    :class:`mars.config.ConfigError` of ``model.method`` or ``model.num_experts``."""
+    from .config import ConfigError
+
+    if not methods.get(method).sparse_moe:
+        raise ConfigError("model.method", f"--expert-parallel supports the methods "
+                                          f"{', '.join(methods.get(m).cli_name for m in EP_METHODS)}, got {method!r}")
+    if num_experts < world:
+        raise ConfigError("model.num_experts", f"--expert-parallel over {world} processes needs at least {world} experts "
+                                               f"(each process owns at least one), got {num_experts}; use more experts "
+                                               "or fewer processes")
+
+
 def sharded_modules(model: nn.Module) -> dict[str, mk.ShardedExperts]:
     return {name: m for name, m in model.named_modules() if isinstance(m, mk.ShardedExperts)}
 
 
 def shard_model_experts(model: nn.Module, method: str) -> list[str]:
     """Replace every ``Experts`` submodule by this rank's shard, in place;
-    returns the names of the sharded parameters (for DDP to ignore)."""
+    returns the names of the sharded parameters and of the shards' buffers
+    (for DDP to ignore: neither is a replica; the routing tables, e.g.
+    ``_recv_pattern``, differ in length between ranks when the world size
+    does not divide the expert count, so DDP's buffer broadcast would be a
+    collective mismatch)."""
     if not methods.get(method).sparse_moe:
         raise ValueError(f"--expert-parallel supports the methods {EP_METHODS}, got {method!r} "
                          "(its expert calls are not the same on every rank)")
@@ -42,7 +63,8 @@ def shard_model_experts(model: nn.Module, method: str) -> list[str]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, mk.shard_experts(experts))
-    return [f"{name}.{p}" for name, m in sharded_modules(model).items() for p, _ in m.named_parameters()]
+    return [f"{name}.{p}" for name, m in sharded_modules(model).items()
+            for p, _ in [*m.named_parameters(), *m.named_buffers()]]
 
 
 def average_expert_grads(model: nn.Module, world: int) -> None:

@@ -3,7 +3,8 @@
 The CLI (``--method``, ``mars compare --methods``), the configuration
 (``ModelConfig.method``), training and expert sharding read the names, the
 spellings and the capabilities of a method from :data:`REGISTRY`; nothing else
-lists method names.
+lists method names (the configuration says which options each method reads
+and its defaults).
 
 A method's builder is named by its import path ("module:attribute") and
 imported when a model is built: the models import the configuration, which
@@ -40,15 +41,8 @@ class Method:
     compare_default: part of ``mars compare``'s default ``--methods``.
     on_backbone: the model is built on a fusion backbone (``--backbone``):
         ``mars compare --backbones`` runs it once per backbone.
-    masks_per_step: the ``mars`` command's default ``--masks-per-step`` for
-        the method (chosen on validation; ``TrainConfig``'s own default stays
-        1, the value of an older ``config.json``).
-    lambda_unimodal: the ``mars`` command's default ``--lambda-unimodal`` (the
-        per-modality heads of :class:`mars.model.MarsModel`; chosen on
-        validation; ``ModelConfig``'s own default stays 0).
-    unimodal_vote: the ``mars`` command's default ``--unimodal-vote`` (the
-        heads' weight in the prediction at inference; used when the heads
-        are on; chosen on validation; ``ModelConfig``'s own default stays 0).
+
+    A method's default options are in :data:`mars.config.METHOD_DEFAULTS`.
     """
 
     name: str
@@ -60,9 +54,6 @@ class Method:
     residual_router: bool = False
     compare_default: bool = False
     on_backbone: bool = False
-    masks_per_step: int = 1
-    lambda_unimodal: float = 0.0
-    unimodal_vote: float = 0.0
 
     @property
     def spellings(self) -> tuple[str, ...]:
@@ -77,8 +68,7 @@ class Method:
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("mars", "mars", "mars.model:MarsModel",
            "MARS: residual-guided routing with discrepancy-aware noise", sparse_moe=True, residual_router=True,
-           compare_default=True, on_backbone=True, masks_per_step=8,
-           lambda_unimodal=0.3, unimodal_vote=2.0),  # docs/mars_research.md
+           compare_default=True, on_backbone=True),
     Method("moe", "vanilla-moe", "mars.model:MarsModel",
            "the same MoE gated by the feature router only", aliases=("vanilla_moe",), sparse_moe=True,
            compare_default=True, on_backbone=True),

@@ -1,5 +1,5 @@
-"""MARS (Missingness-Aware Residual-guided Specialization), as defined in
-DESIGN section 3, and the vanilla-MoE baseline that shares its model.
+"""MARS (Missingness-Aware Residual-guided Specialization) on the project's
+multimodal backbone, and the vanilla-MoE baseline that shares its model.
 
 Shapes: B samples, M modalities, N tokens per sample (1 for feature vectors,
 H*W for feature maps), D model width, E experts, k experts per token.
@@ -10,76 +10,64 @@ H*W for feature maps), D model width, E experts, k experts per token.
   mean over modalities -> z [B, N, D]. Training fuses twice: the complete pass
   z_c = F(h | available) and the incomplete pass z_i = F(h | observed).
   Other fusions (``config.backbone``): :mod:`mars.backbones`.
-* Route and mix: :class:`mars_kernels.MarsMoE` (:class:`mars_kernels.MarsRouter`
-  + experts) — in training the residual router (on the contrast of z_c and
-  z_i) gates the experts with discrepancy-scaled noise and the feature router
-  (on z_i) learns to imitate it; at inference the feature router gates, no
-  noise. ``mode="oracle"`` gates with the residual router (needs complete
-  data). y = z_i + sum_e w_e Expert_e(z_i).
-* Readout: the task head on y (and, in training, on z_c).
+* Route and mix: :class:`mars_kernels.MarsMoE` with ``config.mars`` — in
+  training the residual router (on the contrast of z_c and z_i) gates the
+  experts with discrepancy-scaled noise and the feature router (on z_i)
+  learns to imitate it; at inference the feature router gates, no noise.
+  ``mode="oracle"`` gates with the residual router (needs complete data).
+  y = z_i + sum_e w_e Expert_e(z_i). Router inputs under study
+  (``config.research``): :mod:`mars.research`.
+* Readout: the task head on y (and, in training, on z_c); with
+  ``lambda_unimodal`` one head per modality on its encoder's tokens.
 * Several masks per step: ``observed`` [P, B, M] in training fuses the P
   incomplete passes and the one complete pass in one call of each fusion op;
   the logits are then [P * B, K] (mask-major).
 
 :class:`BackboneModel` (method "backbone") is the same encoders, fusion and
 head without the MoE: the backbone alone.
-
-This module also re-exports the names ``mars.model`` has always offered
-(:class:`ModelConfig`, :class:`Output`, :func:`build_model`, the shared
-pieces, :class:`LateFusion`, the option tuples).
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mars_kernels as mk
 
 from . import methods
-from .baselines.late_fusion import LateFusion
-import torch.nn.functional as F
-
 from .backbones import make_fusion
-from .components import (
-    ModalityAttentionFusion,
-    ModalityEncoders,
-    ModalityHeads,
-    ce_sum_count,
-    cross_entropy,
-    token_readout,
-    total_and_parts,
-)
-from .config import NOISE_MODES, RETRIEVER_VARIANTS, ROUTINGS, SHAPLEY_VARIANTS, ModelConfig
+from .components import ModalityEncoders, ModalityHeads, ce_sum_count, cross_entropy, token_readout, total_and_parts
+from .config import ModelConfig
 from .interface import MethodModel, Output
-from .methods import build_model, canonical
+from .research.router_inputs import feature_input, residual_input
 
-__all__ = ["MarsModel", "BackboneModel", "ModelConfig", "Output", "build_model", "ModalityEncoders", "ModalityAttentionFusion",
-           "LateFusion", "canonical_method", "METHODS", "METHOD_ALIASES", "SPARSE_MOE_METHODS", "NOISE_MODES",
-           "ROUTINGS", "RETRIEVER_VARIANTS", "SHAPLEY_VARIANTS"]
+__all__ = ["MarsModel", "BackboneModel", "unimodal_vote", "unimodal_loss"]
 
-MODES = ("train", "eval", "oracle")
+MODES = mk.layers.mars.MODES
 
-# Views of the method registry under their former names.
-canonical_method = canonical
-METHODS = methods.names()
-METHOD_ALIASES = methods.aliases()
-SPARSE_MOE_METHODS = tuple(m.name for m in methods.REGISTRY.values() if m.sparse_moe)
-
-# State-dict prefixes of the routers before they moved into ``router``.
-_OLD_ROUTER_PREFIXES = ("feature_router.", "residual_router.")
+# State-dict prefixes of the MoE's submodules in checkpoints written before
+# the MoE became the submodule ``moe`` (and, earlier, before the routers moved
+# into ``router``).
+_OLD_MOE_PREFIXES = {"feature_router.": "moe.router.feature_router.",
+                     "residual_router.": "moe.router.residual_router.",
+                     "router.": "moe.router.", "experts.": "moe.experts."}
 
 
-def _load_old_router_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                          error_msgs) -> None:
-    """Checkpoints written before MarsRouter hold ``feature_router.*`` and
-    ``residual_router.*`` at the top of MarsModel; they now live under
-    ``router.``. Renames them in the copy that load_state_dict loads from."""
-    for key in [k for k in state_dict if k.startswith(tuple(prefix + p for p in _OLD_ROUTER_PREFIXES))]:
-        new = prefix + "router." + key[len(prefix):]
-        if new not in state_dict:
-            state_dict[new] = state_dict.pop(key)
+def _load_old_moe_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs) -> None:
+    """Renames the MoE's keys of an older checkpoint in the copy that
+    load_state_dict loads from (the parameters, and so the optimiser state's
+    order, are the same)."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        for old, new in _OLD_MOE_PREFIXES.items():
+            if rest.startswith(old) and prefix + new + rest[len(old):] not in state_dict:
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
 
 
 class MarsModel(MethodModel):
@@ -102,10 +90,6 @@ class MarsModel(MethodModel):
     are then [P * B, K] (or [P * B, K, H, W]), mask-major, and ``loss``
     repeats the labels; the complete pass runs once.
 
-    With ``config.lambda_distill`` > 0 the loss also has ``distill``,
-    KL(sg(softmax(head(z_c))) || softmax(head(y))): the complete pass's
-    prediction distilled into the MoE output.
-
     With ``config.lambda_unimodal`` > 0 the model has ``unimodal_heads`` (one
     linear head per modality on its encoder's tokens, before fusion) and in
     training aux ``unimodal_logits`` [B, M, K] (or [B, M, K, H, W]) and
@@ -117,16 +101,14 @@ class MarsModel(MethodModel):
     log-probability scores, log_softmax(head(y)) + W * the mean over the
     observed modalities of log_softmax(head_m) (:func:`unimodal_vote`).
 
-    The MoE is one :class:`mars_kernels.MarsMoE` (:attr:`moe`); its
-    submodules are registered on the model itself (``router``, ``experts``,
-    ``mask_embed``), so the parameter names are those of the earlier models.
-
+    The MoE is one :class:`mars_kernels.MarsMoE` (:attr:`moe`) built from
+    ``config.mars`` and the router inputs of ``config.research``.
     ``residual_router``: build MARS's residual router; by default the method's
     registry entry decides (MARS: yes, vanilla MoE: no). Without it the
-    feature router always gates (``config.routing`` is taken as "feature").
-    Parameters: ``encode``, ``fuse``, ``router`` (``router.feature_router``,
-    ``router.residual_router``), ``experts``, ``head``; a state dict from before
-    the routers moved into ``router`` loads as is.
+    feature router always gates (``config.mars.routing`` is taken as "feature").
+    Parameters: ``encode``, ``fuse``, ``moe`` (``moe.router.feature_router``,
+    ``moe.router.residual_router``, ``moe.experts``), ``head``; a state dict
+    of an earlier release (``router.*``/``experts.*`` at the top) loads as is.
     """
 
     takes_mask_stack = True
@@ -136,46 +118,30 @@ class MarsModel(MethodModel):
         super().__init__()
         method = methods.get(config.method)
         if not method.sparse_moe:
-            raise ValueError(f"MarsModel builds the methods {SPARSE_MOE_METHODS}, not {config.method!r}; "
+            raise ValueError(f"MarsModel builds the sparse-MoE methods (mars, moe), not {config.method!r}; "
                              "use mars.methods.build_model")
         if residual_router is None:
             residual_router = method.residual_router
-        if not residual_router and config.routing != "feature":
-            config = replace(config, routing="feature")
         self.config, self.task, self.num_classes = config, task, num_classes
         self.modalities = list(modalities)
         d = config.d_model
         self.encode = ModalityEncoders(modalities, shapes, d, config.dropout)
         self.fuse = make_fusion(config.backbone, len(modalities), d, config.fusion_heads, config.d_hidden,
                                 config.dropout, config.backend)
-        moe = mk.MarsMoE(
-            d, config.d_hidden, config.num_experts, config.k, routing=config.routing, noise=config.noise,
-            sigma_0=config.sigma_0, sigma_max=config.sigma_max, sigma_const=config.sigma_const,
-            residual_input=config.residual_input, residual_dim=config.residual_dim, router_mlp=config.router_mlp,
-            mix=config.mix, mix_scale=config.mix_scale, imitation=config.imitation, residual_router=residual_router,
-            num_modalities=len(modalities), mask_router=config.mask_router, mask_experts=config.mask_experts,
-            activation=config.activation, lambda_imit=config.lambda_imit, lambda_balance=config.lambda_balance,
-            lambda_align=config.lambda_align, lambda_recon=config.lambda_recon, backend=config.backend,
+        M = len(modalities)
+        research = config.research
+        self.moe = mk.MarsMoE(
+            d, config.d_hidden, config.num_experts, config.k,
+            config.mars if residual_router else replace(config.mars, routing="feature"),
+            residual_input=residual_input(research.residual_input, M, lambda: self.head) if residual_router else None,
+            feature_input=feature_input(research.feature_input, M),
+            residual_router=residual_router, activation=config.activation, backend=config.backend,
         )
-        for name, child in moe.named_children():  # router, experts (, mask_embed): the model's own parameters
-            setattr(self, name, child)
-        self._layer = (moe,)  # not a submodule: its children are the model's
         self.head = nn.Linear(d, num_classes)
         if config.lambda_unimodal > 0:
             self.unimodal_heads = ModalityHeads(len(modalities), d, num_classes)
         self.map_size = self.encode.map_size
-        self.register_load_state_dict_pre_hook(_load_old_router_keys)
-
-    @property
-    def moe(self) -> mk.MarsMoE:
-        """The model's :class:`mars_kernels.MarsMoE`, with the model's current
-        submodules (expert parallelism replaces ``experts`` by its shard)."""
-        layer = self._layer[0]
-        for name in list(layer._modules):
-            if name in self._modules:
-                layer._modules[name] = self._modules[name]
-        layer.training = self.training
-        return layer
+        self.register_load_state_dict_pre_hook(_load_old_moe_keys)
 
     @property
     def backend(self) -> str | None:
@@ -191,7 +157,7 @@ class MarsModel(MethodModel):
     def may_skip_parameters(self) -> bool:
         """Routing ablations leave router parameters without gradient (see
         :attr:`mars_kernels.MarsRouter.may_skip_parameters`)."""
-        return self.router.may_skip_parameters
+        return self.moe.may_skip_parameters
 
     # ---------------------------------------------------------------- pieces
     def encode_and_fuse(self, features, observed: torch.Tensor, available: torch.Tensor | None = None):
@@ -229,8 +195,7 @@ class MarsModel(MethodModel):
         token_mask = observed.unsqueeze(-2)  # [(P,) B, 1, M]: every token of a sample has its mask
         y, moe_aux = self.moe(z_i, z_c, token_mask, mode=mode)
         for ours, theirs in (("imitation", "imitation_loss"), ("divergence", "divergence"),
-                             ("balance", "balance_loss"), ("feature_share", "feature_share"),
-                             ("alignment", "alignment_loss"), ("reconstruction", "reconstruction_loss")):
+                             ("balance", "balance_loss"), ("feature_share", "feature_share")):
             if theirs in moe_aux:
                 aux[ours] = moe_aux[theirs]
         aux["indices"] = moe_aux["indices"]
@@ -249,27 +214,19 @@ class MarsModel(MethodModel):
         return self.moe.agreement(z_i, z_c, observed.unsqueeze(-2))
 
     def loss(self, out: Output, labels: torch.Tensor, ignore_index: int | None = None) -> tuple[torch.Tensor, dict]:
-        """The training loss of DESIGN 3 and its parts (floats, for logging):
-        task CE + lambda_complete CE(complete pass) + lambda_imit imitation
-        + lambda_balance balance + lambda_align alignment + lambda_recon
-        reconstruction, each part present
-        when ``out`` has it."""
+        """The training loss and its parts (floats, for logging): task CE
+        + lambda_complete CE(complete pass) + lambda_imit imitation
+        + lambda_balance balance + lambda_unimodal per-modality CE, each part
+        present when ``out`` has it."""
         cfg = self.config
         passes = out.logits.shape[0] // max(labels.shape[0], 1)
         parts = {"task": cross_entropy(out.logits, _repeat(labels, passes), ignore_index)}
         if "complete_logits" in out.aux:
-            complete = out.aux["complete_logits"]
-            parts["complete"] = cfg.lambda_complete * cross_entropy(complete, labels, ignore_index)
-            if cfg.lambda_distill > 0:
-                parts["distill"] = cfg.lambda_distill * distillation(out.logits, _repeat(complete, passes))
+            parts["complete"] = cfg.lambda_complete * cross_entropy(out.aux["complete_logits"], labels, ignore_index)
         if "imitation" in out.aux:
-            parts["imitation"] = cfg.lambda_imit * out.aux["imitation"]
+            parts["imitation"] = cfg.mars.lambda_imit * out.aux["imitation"]
         if "balance" in out.aux:
-            parts["balance"] = cfg.lambda_balance * out.aux["balance"]
-        if "alignment" in out.aux:
-            parts["alignment"] = cfg.lambda_align * out.aux["alignment"]
-        if "reconstruction" in out.aux:
-            parts["reconstruction"] = cfg.lambda_recon * out.aux["reconstruction"]
+            parts["balance"] = cfg.mars.lambda_balance * out.aux["balance"]
         if "unimodal_logits" in out.aux:
             parts["unimodal"] = cfg.lambda_unimodal * unimodal_loss(
                 out.aux["unimodal_logits"], out.aux["unimodal_weight"], labels, ignore_index)
@@ -279,14 +236,6 @@ class MarsModel(MethodModel):
 def _repeat(t: torch.Tensor, passes: int) -> torch.Tensor:
     """t [B, ...] -> [passes * B, ...] (mask-major, as the stacked logits)."""
     return t if passes == 1 else t.repeat(passes, *([1] * (t.dim() - 1)))
-
-
-def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(sg(teacher)) || softmax(logits)) over the class dim (dim 1),
-    mean over samples (and pixels): logits, teacher_logits [B, K] or [B, K, H, W]."""
-    teacher = F.log_softmax(teacher_logits.detach().float(), dim=1)
-    student = F.log_softmax(logits.float(), dim=1)
-    return (teacher.exp() * (teacher - student)).sum(dim=1).mean()
 
 
 def _modality_logits(heads: ModalityHeads, h: torch.Tensor, map_size) -> torch.Tensor:

@@ -43,13 +43,29 @@ def plot_by_size(curves: dict[str, dict[int, float]], path: Path, ylabel: str = 
     _save(plt, fig, path)
 
 
+MAX_USAGE_ROWS = 64  # missing patterns shown in the expert-usage heatmap (2^M - 1 of them for M modalities)
+
+
 def plot_usage(usage: list[list[float]], subsets: list[str], path: Path, title: str | None = None,
-               ordered: bool = True) -> None:
+               ordered: bool = True, counts: list[list[float]] | None = None,
+               max_rows: int = MAX_USAGE_ROWS) -> None:
     """usage [patterns, E]: share of each pattern's tokens routed to each
     expert. ``ordered``: experts by total share, patterns grouped by their
     most used expert (:func:`mars.stats.usage_order`), so specialisation
-    shows as blocks down the diagonal; the axis labels keep the real names."""
+    shows as blocks down the diagonal; the axis labels keep the real names.
+    At most ``max_rows`` patterns are drawn (14 modalities have 16,383): those
+    with the most routed tokens (``counts`` [patterns, E], the token counts
+    behind ``usage``), else the first ones; the title says how many are shown,
+    so the plot's time and memory stay bounded."""
     plt = _pyplot()
+    total = len(usage)
+    keep = list(range(total))
+    if total > max_rows:
+        weight = [sum(row) for row in counts] if counts is not None and len(counts) == total else [0.0] * total
+        keep = sorted(sorted(range(total), key=lambda i: (-weight[i], i))[:max_rows])
+        usage, subsets = [usage[i] for i in keep], [subsets[i] for i in keep]
+        what = "the most routed tokens" if counts is not None else "the first"
+        title = (f"{title}\n" if title else "") + f"{max_rows} of {total} missing patterns ({what})"
     rows, cols = usage_order(usage) if ordered else (list(range(len(usage))), list(range(len(usage[0]))))
     shown = [[usage[r][c] for c in cols] for r in rows]
     height = max(3.0, 0.14 * len(subsets) + 1)

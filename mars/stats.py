@@ -4,6 +4,9 @@ expert specialisation.
 * :func:`paired_interval`: the mean of per-seed paired differences with a 95%
   (or any) interval, from the paired t distribution (default) or a
   percentile bootstrap over seeds; significant when the interval excludes 0.
+* :func:`paired_p_value` and :func:`holm`: the two-sided paired-t p-value of
+  a set of per-seed differences, and Holm's step-down correction of a family
+  of p-values (for several pre-registered comparisons at once).
 * :func:`t_quantile`: Student-t quantiles (regularised incomplete beta by a
   continued fraction, inverted by bisection; no scipy at run time).
 * :func:`specialisation_nmi`: normalised mutual information between the
@@ -19,7 +22,8 @@ import random
 import statistics
 from typing import Sequence
 
-__all__ = ["t_cdf", "t_quantile", "paired_interval", "specialisation_nmi", "usage_order"]
+__all__ = ["t_cdf", "t_quantile", "paired_interval", "paired_p_value", "holm", "specialisation_nmi", "usage_order",
+           "nmi_of"]
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -124,6 +128,51 @@ def paired_interval(diffs: Sequence[float], level: float = 0.95, method: str = "
     significant = n > 1 and (low > 0.0 or high < 0.0)
     return {"n": n, "mean": mean, "sd": sd, "low": low, "high": high, "significant": bool(significant),
             "method": method, "level": level}
+
+
+def paired_p_value(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t test that the mean difference is 0
+    (NaN with fewer than two differences; 0 when they are equal and not 0,
+    1 when all are 0)."""
+    d = [float(x) for x in diffs]
+    n = len(d)
+    if n < 2:
+        return float("nan")
+    mean, sd = statistics.fmean(d), statistics.stdev(d)
+    if sd == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    t = abs(mean) / (sd / math.sqrt(n))
+    return max(0.0, min(1.0, 2.0 * (1.0 - t_cdf(t, n - 1))))
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[dict]:
+    """Holm's step-down correction of a family of p-values: -> per p-value
+    {"p", "adjusted" (the Holm-adjusted p-value), "rejected" (adjusted <=
+    alpha)}, in the input order. Controls the family-wise error rate at
+    ``alpha`` under any dependence."""
+    ps = [float(p) for p in p_values]
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted = [0.0] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return [{"p": p, "adjusted": a, "rejected": a <= alpha} for p, a in zip(ps, adjusted)]
+
+
+def nmi_of(a: Sequence[int], b: Sequence[int]) -> float:
+    """NMI between two labelings of the same items (e.g. the expert each
+    routed token went to, and its hidden regime): :func:`specialisation_nmi`
+    of their contingency counts."""
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"nmi_of: labelings of different lengths {len(a)} and {len(b)}")
+    rows, cols = sorted(set(a)), sorted(set(b))
+    ri, ci = {x: i for i, x in enumerate(rows)}, {x: i for i, x in enumerate(cols)}
+    counts = [[0] * len(cols) for _ in rows]
+    for x, y in zip(a, b):
+        counts[ri[x]][ci[y]] += 1
+    return specialisation_nmi(counts)
 
 
 def _entropy(counts: Sequence[float]) -> float:

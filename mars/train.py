@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,8 +48,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import methods
-from .config import ConfigError, ModelConfig, TrainConfig
-from .data import MissingnessProtocol, MultimodalDataset, load_data
+from .config import ConfigError, TrainConfig
+from .data import MissingnessProtocol, MultimodalDataset, load_data, resolve_source
+from .data.missingness import MAX_SUBSET_MODALITIES
+from .data.sources import TrainMissingError
 from .devices import (
     autocast,
     check_precision,
@@ -62,7 +64,13 @@ from .devices import (
 )
 from .distributed import DistContext, DistributedFailure, context_from_env, peer_failures, world_from_env
 from .evaluate import evaluate_subsets, router_agreement
-from .expert_sharding import average_expert_grads, full_state_dict, load_full_state_dict, shard_model_experts
+from .expert_sharding import (
+    average_expert_grads,
+    check_expert_parallel,
+    full_state_dict,
+    load_full_state_dict,
+    shard_model_experts,
+)
 from .interface import TrainableModel
 from .methods import build_model
 from .rundir import (
@@ -71,13 +79,17 @@ from .rundir import (
     METRICS_FILE,
     OutputDir,
     RunFileError,
+    RunLock,
     append_line,
     atomic_write_bytes,
     check_config_matches,
+    check_data_matches,
     keep_metrics_through,
     load_checkpoint,
+    lock_run,
     open_output,
     read_config,
+    recover_interrupted_swap,
     save_checkpoint,
     write_json,
     write_text,
@@ -171,12 +183,23 @@ def to_cpu(obj, _memo: dict | None = None):
     return obj
 
 
+def run_data(cfg: TrainConfig, *, with_fingerprint: bool = False):
+    """(train, val, test) of a run: ``cfg.data`` split by ``cfg.seed`` with
+    the run's test split and training-data regime (:func:`mars.data.load_data`);
+    with ``with_fingerprint`` also the data's fingerprint."""
+    try:
+        return load_data(cfg.data, seed=cfg.seed, test_split=cfg.test_split, train_missing=cfg.train_missing,
+                         with_fingerprint=with_fingerprint)
+    except TrainMissingError as e:
+        raise ConfigError("train_missing", str(e)) from None
+
+
 def _shapes(data: MultimodalDataset) -> dict[str, tuple[int, ...]]:
     return {m: tuple(data.features[m].shape[1:]) for m in data.modalities}
 
 
 def make_model(cfg: TrainConfig, data: MultimodalDataset) -> TrainableModel:
-    return build_model(data.modalities, _shapes(data), data.num_classes, data.task, ModelConfig(**asdict(cfg.model)))
+    return build_model(data.modalities, _shapes(data), data.num_classes, data.task, copy.deepcopy(cfg.model))
 
 
 def _parameter_count(cfg: TrainConfig, data: MultimodalDataset) -> int:
@@ -192,7 +215,9 @@ def _parameter_count(cfg: TrainConfig, data: MultimodalDataset) -> int:
 
 def check_setup(cfg: TrainConfig, splits, device: torch.device | None = None) -> None:
     """What a run needs of its data, checked before anything is written: every
-    split non-empty, the missingness protocol fits the data's modalities, and
+    split non-empty, at most ``MAX_SUBSET_MODALITIES`` modalities (evaluation
+    scores all 2^M - 1 subsets), every modality a vector or every one a map,
+    the missingness protocol fits the data's modalities, and
     the model (counted without allocating it) fits in the memory of ``device``
     (default: this machine's). Raises ``ValueError`` (:class:`ConfigError` for
     the protocol)."""
@@ -201,6 +226,15 @@ def check_setup(cfg: TrainConfig, splits, device: torch.device | None = None) ->
         if len(split) == 0:
             raise ValueError(f"{cfg.data}: the {name} split is empty; expected at least one sample in each of "
                              "train, val and test")
+    M = train_set.num_modalities
+    if M > MAX_SUBSET_MODALITIES:
+        raise ValueError(f"{cfg.data}: {M} modalities; evaluation scores every non-empty subset of the modalities "
+                         f"(2^{M} - 1 = {2**M - 1:,}), so at most {MAX_SUBSET_MODALITIES} are supported; expected "
+                         "fewer modalities")
+    ranks = {m: len(s) for m, s in train_set.feature_shapes.items()}
+    if len(set(ranks.values())) > 1:
+        raise ValueError(f"{cfg.data}: the modalities mix vectors and feature maps (per-sample shapes "
+                         f"{train_set.feature_shapes}); expected every modality to be vectors or every one maps")
     try:
         MissingnessProtocol.parse(cfg.protocol).drop_probs(train_set.num_modalities)
     except ValueError as e:
@@ -398,6 +432,18 @@ class _Run:
     start_epoch: int = 0
     best: dict | None = None  # {"score", "epoch", "state"}: the best validation epoch so far
     t_start: float = 0.0
+    evaluate: str = "test"  # the split of the final evaluation: "test", or "val" (the test split never read)
+    lock: RunLock | None = None  # on resume (rank 0): the run directory's lock; a new run's is in out
+    data_fingerprint: str | None = None  # of the data loaded from cfg.data (None: data given in memory)
+    finish: Callable | None = None  # rank 0, before a replacement is committed: finish(run_dir, {"summary", "test"})
+
+    def release(self) -> None:
+        """Drop the run directory's lock(s)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.out is not None:
+            self.out.release()
 
     @property
     def ckpt_path(self) -> Path:
@@ -419,12 +465,12 @@ def _main_decides(ctx: DistContext, fn):
             value = fn()
         except Exception as e:  # handed to the other ranks, raised here below
             error = e
-    value, message = ctx.broadcast_object((value, None if error is None else str(error)))
+    shared, message = ctx.broadcast_object((value, None if error is None else str(error)))
     if error is not None:
         raise error
     if message is not None:
         raise ValueError(message)
-    return value
+    return value if ctx.is_main else shared  # rank 0 keeps its own object (an OutputDir holds the locks)
 
 
 def requested_device(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool,
@@ -470,11 +516,28 @@ def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: boo
         spec = cfg.device if device is None else device
         where = _run_device(spec, ctx)
         check_precision(cfg.precision, where)
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": stored_device(spec, where)})
+        # the data as an absolute path: mars eval and --resume read it from any working directory
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": stored_device(spec, where),
+                                     "data": resolve_source(cfg.data)})
         return _Run(cfg=cfg, dir=run, ctx=ctx, device=where, resume=False, progress=progress, log=log,
                     overwrite=overwrite)
+    _main_decides(ctx, lambda: recover_interrupted_swap(run))  # an --overwrite killed half way: completed
     if not run.is_dir():
         raise RunFileError(run, "not a directory; expected the directory of a run to resume")
+    held: list[RunLock] = []  # one writer: rank 0 holds the run's lock until the run ends
+    if (run / CONFIG_FILE).is_file():  # else not a run: read_config says so (no .lock left in someone's folder)
+        _main_decides(ctx, lambda: held.append(lock_run(run)))
+    try:
+        return _resume_setup(run, ctx, progress, log, epochs, device, held[0] if held else None)
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+
+
+def _resume_setup(run: Path, ctx: DistContext, progress: bool, log, epochs: int | None, device: str | None,
+                  lock: RunLock | None) -> _Run:
+    """Step 1 of a resumed run (:func:`_set_up_run`), under the run's lock."""
     cfg = read_config(run)
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=True)
     check_config_matches(state, cfg, run / CONFIG_FILE, run / CHECKPOINT_FILE)
@@ -496,7 +559,7 @@ def _set_up_run(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: boo
     if changes:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **changes})
     return _Run(cfg=cfg, dir=run, ctx=ctx, device=where, resume=True, progress=progress, log=log,
-                config_changed=bool(changes), state=state)
+                config_changed=bool(changes), state=state, lock=lock)
 
 
 def _build_state(r: _Run, data) -> None:
@@ -508,8 +571,17 @@ def _build_state(r: _Run, data) -> None:
     wrapper. The model is built on the CPU from the seed (the same initial
     weights on every device) and moved."""
     cfg, ctx, device = r.cfg, r.ctx, r.device
-    splits = data if data is not None else load_data(cfg.data, seed=cfg.seed)
+    if data is not None:
+        splits, fingerprint = data, None
+    else:
+        splits, fingerprint = run_data(cfg, with_fingerprint=True)
+    if r.resume:  # the data the run was trained on, wherever the command runs
+        check_data_matches(r.state, fingerprint, splits[0], cfg.data, r.ckpt_path)
+        fingerprint = fingerprint if fingerprint is not None else r.state.get("data_fingerprint")
+    r.data_fingerprint = fingerprint
     check_setup(cfg, splits, device)
+    if cfg.expert_parallel and ctx.enabled:
+        check_expert_parallel(cfg.model.method, cfg.model.num_experts, ctx.world)
     set_up_device(device)
     r.train_set, r.val_set, r.test_set = (on_device(split, device) for split in splits)
     torch.manual_seed(cfg.seed)
@@ -605,7 +677,7 @@ def _epochs(r: _Run, snapshot, bar: Progress) -> None:
                       "seconds": time.time() - r.t_start}
             checkpoint = {
                 "model": state, "generator": r.gen.get_state(), "epoch": epoch + 1, "best": r.best,
-                "config": cfg.to_dict(), "world_size": ctx.world,
+                "config": cfg.to_dict(), "world_size": ctx.world, "data_fingerprint": r.data_fingerprint,
                 "standardizer": getattr(r.train_set.standardizer, "state_dict", lambda: None)(),
             }
             mine = (torch.get_rng_state(), cuda_rng_state(r.device),
@@ -627,39 +699,46 @@ def _epochs(r: _Run, snapshot, bar: Progress) -> None:
 
 def _final_evaluation(r: _Run) -> tuple[dict, float | None]:
     """Step 4: the best validation epoch's weights on the test set (every
-    modality subset), and, for methods with a residual router, the feature vs
-    residual router agreement on the test set under the training protocol's
-    masks (fixed by seed). -> (test results, agreement or None)."""
+    modality subset; the validation set with ``evaluate="val"``), and, for
+    methods with a residual router, the feature vs residual router agreement
+    on that set under the training protocol's masks (fixed by seed).
+    -> (results, agreement or None)."""
     method = methods.get(r.cfg.model.method)
     if r.best["state"] is None:
         raise RunFileError(r.ckpt_path, "holds no validated epoch to evaluate; resume with a larger --epochs")
     (load_full_state_dict if r.expert_parallel else nn.Module.load_state_dict)(r.model, r.best["state"])
     num_experts = r.cfg.model.num_experts if method.sparse_moe else None
-    with peer_failures("the test evaluation"):
-        test = evaluate_subsets(r.model, r.test_set, num_experts=num_experts, ctx=r.ctx, precision=r.cfg.precision)
+    split = r.test_set if r.evaluate == "test" else r.val_set
+    with peer_failures(f"the {'test' if r.evaluate == 'test' else 'validation'} evaluation"):
+        test = evaluate_subsets(r.model, split, num_experts=num_experts, ctx=r.ctx, precision=r.cfg.precision)
     agreement = None
     if method.residual_router:
-        agreement = router_agreement(r.model, r.test_set, r.protocol, r.cfg.seed, r.cfg.precision)
+        agreement = router_agreement(r.model, split, r.protocol, r.cfg.seed, r.cfg.precision)
     return test, agreement
 
 
 def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
     """Step 5: the summary; rank 0 writes results.csv, summary.json and usage.pt
-    and, when it replaces an existing run, swaps the new directory in."""
-    cfg = r.cfg
+    and, when it replaces an existing run, swaps the new directory in. With
+    ``evaluate="val"`` the evaluated split is the validation set: the summary
+    has ``val_by_size`` (and no test key)."""
+    cfg, s = r.cfg, r.evaluate
     summary = {
         "method": cfg.model.method, "data": cfg.data, "seed": cfg.seed, "best_epoch": r.best["epoch"],
         "router_agreement": agreement,
         "specialisation_nmi": test.get("specialisation_nmi"),
-        "masks_per_step": cfg.masks_per_step,
-        "val_mean": r.best["score"], "test_mean": test["mean"], "test_by_size": test["by_size"],
-        **{f"test_{m}": test[f"{m}_mean"] for m in ("miou", "acer") if f"{m}_mean" in test},
+        "masks_per_step": cfg.masks_per_step, "evaluated": s,
+        "val_mean": r.best["score"], **({"test_mean": test["mean"]} if s == "test" else {}),
+        f"{s}_by_size": test["by_size"],
+        **{f"{s}_{m}": test[f"{m}_mean"] for m in ("miou", "acer") if f"{m}_mean" in test},
         "train_seconds": time.time() - r.t_start,
         "parameters": sum(r.best["state"][name].numel() for name, _ in r.model.named_parameters()),  # full, not a shard
         "world_size": r.ctx.world,
     }
     if r.main:
         _write_results(r.dir, summary, test, r.test_set)
+        if r.finish is not None:  # e.g. the plots: part of the run before it replaces an old one
+            r.finish(r.dir, {"summary": summary, "test": test})
         if r.out is not None:
             r.out.commit()
     r.ctx.barrier()
@@ -668,9 +747,14 @@ def _write_run(r: _Run, test: dict, agreement: float | None) -> dict:
 
 def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           data=None, log=print, ctx: DistContext | None = None, overwrite: bool = False,
-          epochs: int | None = None, device: str | None = None) -> dict:
+          epochs: int | None = None, device: str | None = None, evaluate: str = "test",
+          finish: Callable | None = None) -> dict:
     """Train, evaluate on every modality subset, write the run directory; returns
     {"summary", "test", "model", "modalities", "run_dir"}.
+
+    ``evaluate="val"`` evaluates the best epoch on the validation split instead
+    of the test split ("test" in the result is then the validation results),
+    so that choosing options never reads the test split.
 
     A new run needs ``run_dir`` not to exist or to be empty; ``overwrite=True``
     replaces an existing run directory, atomically once the new run is
@@ -682,13 +766,26 @@ def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool =
     resume it moves the run to that device (saved in ``config.json``). A
     device this machine does not have is a :class:`ConfigError` of ``device``.
 
+    One writer per run directory: the run holds its lock (:class:`mars.rundir.RunLock`,
+    also on the directory it replaces) from the start to the end; a directory
+    another process holds is :class:`mars.rundir.RunInUseError`. ``finish(dir,
+    {"summary", "test"})`` runs on rank 0 once the results are written, under
+    the lock and before a replacement is committed (``mars train`` draws the
+    plots there). A new run records its data as an absolute path
+    (:func:`mars.data.resolve_source`) and, in its checkpoint, the data's
+    fingerprint; ``--resume`` refuses data that does not match it.
+
     Under ``torchrun`` (or with an explicit ``ctx``) the run is data-parallel
     (see :mod:`mars.distributed`); only rank 0 writes files and shows progress,
     and every rank returns the same summary. The ranks share ``run_dir``."""
     if ctx is None:  # the process group's device, under torchrun
         ctx = context_from_env(requested_device(cfg, run_dir, resume=resume, device=device)
                                if world_from_env() > 1 else "cpu")
+    if evaluate not in ("test", "val"):
+        raise ValueError(f"evaluate must be 'test' or 'val', got {evaluate!r}")
     r = _set_up_run(cfg, run_dir, resume, progress, log, ctx, overwrite, epochs, device)
+    r.evaluate = evaluate
+    r.finish = finish
     try:
         _build_state(r, data)
         _epoch_loop(r)
@@ -703,6 +800,8 @@ def train(cfg: TrainConfig | None, run_dir: str | os.PathLike, *, resume: bool =
         if isinstance(e, Exception):
             out.discard()
         raise
+    finally:
+        r.release()
     final = r.out.path if r.out is not None else r.dir
     return {"summary": summary, "test": test, "model": r.model, "modalities": r.test_set.modalities,
             "run_dir": str(final)}

@@ -11,7 +11,7 @@ Layout: :mod:`mars_kernels.ops` (one module per op family), :mod:`mars_kernels.l
 from . import backend, reference
 from .backend import extension_available
 from .expert_parallel import ShardedExperts, expert_parallel, gather_experts, shard_experts, shard_range
-from .layers import Experts, MarsMoE, MarsRouter, NoisyTopKRouter, Routing, SparseMoE, TopKRouter
+from .layers import Experts, MarsConfig, MarsMoE, MarsRouter, NoisyTopKRouter, Routing, SparseMoE, TopKRouter
 from .ops import (
     MoEMeta,
     apply_capacity,
@@ -43,6 +43,7 @@ __all__ = [
     "Routing",
     "TopKRouter",
     "NoisyTopKRouter",
+    "MarsConfig",
     "MarsRouter",
     "MarsMoE",
     "Experts",

@@ -117,17 +117,27 @@ def positive_int(v, name: str) -> int:
     return integer(v, name, 1)
 
 
-def nonnegative_float(v, name: str, finite: bool = True) -> float:
+# A Python number, or the symbolic number torch.compile(dynamic=True) passes
+# for one (a SymFloat has no math.isfinite: finiteness is checked by
+# comparisons, which trace as guards).
+_REAL = (int, float, torch.SymInt, torch.SymFloat)
+
+
+def _finite(v) -> bool:
+    return v == v and v != math.inf and v != -math.inf
+
+
+def nonnegative_float(v, name: str, finite: bool = True):
     """A real number >= 0 (not a bool), finite unless ``finite=False``."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or (finite and not math.isfinite(v)):
+    if isinstance(v, bool) or not isinstance(v, _REAL) or not v >= 0 or (finite and not _finite(v)):
         raise ValueError(f"{name} must be a {'finite ' if finite else ''}number >= 0, got {v!r}")
-    return float(v)
+    return v if isinstance(v, torch.SymFloat) else float(v)
 
 
-def positive_float(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+def positive_float(v, name: str):
+    if isinstance(v, bool) or not isinstance(v, _REAL) or not _finite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return float(v)
+    return v if isinstance(v, torch.SymFloat) else float(v)
 
 
 def flag(v, name: str) -> bool:

@@ -143,8 +143,10 @@ class ShardedExperts(nn.Module):
             send_index[r, : stop - start] = torch.arange(start, stop)
         self.register_buffer("_send_index", send_index, persistent=False)
         self.register_buffer("_rank_bounds", torch.tensor([s for s, _ in ranges] + [E]), persistent=False)
-        # Received rows come grouped by (source rank, local expert): their local ids.
-        self.register_buffer("_recv_pattern", torch.arange(self.num_local_experts).repeat(P), persistent=False)
+        # Received rows come grouped by (source rank, local expert slot of the widest shard): their local ids
+        # (slots past this rank's own experts receive no rows). The same on every rank, like the tables above:
+        # a wrapper that broadcasts buffers (DistributedDataParallel) must not see rank-dependent shapes.
+        self.register_buffer("_recv_pattern", torch.arange(widest).repeat(P), persistent=False)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -179,10 +181,9 @@ class ShardedExperts(nn.Module):
     def _forward_exchanged(self, x, weights, meta, name: str, block: int) -> torch.Tensor:
         P, n_local = self.world_size, self.num_local_experts
         counts = torch.cat([meta.counts, meta.counts.new_zeros(1)])
-        recv_counts = exchange_counts(counts[self._send_index], self.group)  # [P, widest]
-        recv_local = recv_counts[:, :n_local]
+        recv_counts = exchange_counts(counts[self._send_index], self.group)  # [P, widest], 0 past n_local
         # One device-to-host copy for all split sizes (all_to_all_single wants them on the host).
-        host = torch.cat([meta.offsets[self._rank_bounds], recv_local.sum(1)]).tolist()
+        host = torch.cat([meta.offsets[self._rank_bounds], recv_counts.sum(1)]).tolist()
         bounds, recv_splits = host[: P + 1], host[P + 1 :]
         send_splits = [bounds[r + 1] - bounds[r] for r in range(P)]
         kept, received = bounds[P], sum(recv_splits)
@@ -191,7 +192,7 @@ class ShardedExperts(nn.Module):
         x_sorted = permute(x, meta, backend=name)
         x_recv = all_to_all_rows(x_sorted[:kept], recv_splits, send_splits, self.group, anchor)
 
-        local_ids = torch.repeat_interleave(self._recv_pattern, recv_local.reshape(-1), output_size=received)
+        local_ids = torch.repeat_interleave(self._recv_pattern, recv_counts.reshape(-1), output_size=received)
         local_meta = moe_align(local_ids.unsqueeze(1), n_local, block, backend=name)
         unit_gates = x_recv.new_ones(received, 1)
         y_recv = moe_mlp(

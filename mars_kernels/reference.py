@@ -9,7 +9,7 @@ backward kernels are checked against an independent derivation. Works in
 float64, which is what ``gradcheck`` uses. Production code never routes
 through this module.
 
-Shared semantics (DESIGN section 2):
+Shared semantics (docs/design.md section 2):
 
 * Routing math runs in float32 (float64 for float64 input); weights come back in
   that dtype, indices as int64.

@@ -28,12 +28,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def pytest_terminal_summary(terminalreporter):
-    """The HF coverage table, when the integration tier ran."""
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: two workers at most (one per core of the CI machine; the
+    kernels' own threads use the rest of a larger machine)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+_HF_COVERAGE: dict = {}
+
+
+def _hf_coverage() -> dict:
     import sys
 
     module = sys.modules.get("test_hf_transformers")
-    coverage = getattr(module, "COVERAGE", None)
+    return dict(getattr(module, "COVERAGE", None) or {})
+
+
+def pytest_sessionfinish(session):
+    """In an xdist worker: hand the HF coverage table to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["hf_coverage"] = _hf_coverage()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """In the xdist controller: gather the workers' HF coverage tables."""
+    _HF_COVERAGE.update(getattr(node, "workeroutput", {}).get("hf_coverage", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The HF coverage table, when the integration tier ran."""
+    coverage = {**_hf_coverage(), **_HF_COVERAGE}
     if coverage:
         terminalreporter.section("HF experts classes with experts_implementation='mars_kernels'")
         native = sorted(n for n, how in coverage.items() if how.startswith("native"))

@@ -83,3 +83,21 @@ def train_interrupted(make_config, epochs: int, stop_after: int, root, data):
     cfg["epochs"] = epochs
     (part / "config.json").write_text(json.dumps(cfg))
     return full, train(None, part, resume=True, data=data, progress=False), part
+
+
+def model_config(method: str = "mars", **options):
+    """A ``mars.config.ModelConfig`` of ``method`` from flat keyword options
+    spelled like the command line's (``experts``/``num_experts``, ``mix``,
+    ``residual_input``, ``retriever_k``, ``mce_teacher_epochs``...); options
+    the method does not read are left out, so one set of options can serve
+    several methods."""
+    from mars.options import config_for, flag_paths
+
+    paths = flag_paths()
+    paths.setdefault("num_experts", "model.num_experts")
+    values = {}
+    for name, value in options.items():
+        if name not in paths:
+            raise TypeError(f"model_config: unknown option {name!r}")
+        values[paths[name]] = value
+    return config_for(method, values, strict=False).model

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import model_config
 from mars.data import DataFormatError, MultimodalDataset, load_data, read_feature_dir, write_feature_dir
 from mars.data.benchmarks import BENCHMARKS, benchmark_spec
 from mars.evaluate import evaluate_subsets
-from mars.model import ModelConfig, Output
+from mars.config import ModelConfig
+from mars.interface import Output
 from mars.train import TrainConfig, train
 
 SPLIT_SIZES = {"train": 40, "val": 12, "test": 12}
@@ -58,7 +60,7 @@ def test_each_benchmark_loads_and_trains_one_epoch(tmp_path, name):
     assert train_set.modalities == list(spec.modalities) and train_set.num_classes == spec.num_classes
     assert train_set.bona_fide_class == spec.bona_fide_class
     cfg = TrainConfig(data=f"{name}:{path}", epochs=1, batch_size=16,
-                      model=ModelConfig(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2))
+                      model=model_config(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2))
     summary = train(cfg, tmp_path / "run", progress=False, data=(train_set, val_set, test_set))["summary"]
     assert 0.0 <= summary["test_mean"] <= 1.0
     if spec.task == "segmentation":

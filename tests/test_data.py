@@ -410,7 +410,7 @@ def test_feature_dir_without_splits_and_segmentation(tmp_path):
     got = load_feature_dir(tmp_path / "c", seed=3, standardize=False)
     want = split_dataset(d, seed=3)
     assert all(torch.equal(g.labels, w.labels) and torch.equal(g.features["a"], w.features["a"]) for g, w in zip(got, want))
-    assert torch.equal(load_data(tmp_path / "c", seed=3)[1].labels, got[1].labels)
+    assert torch.equal(load_data(tmp_path / "c", seed=3, test_split="per-seed")[1].labels, got[1].labels)
 
     seg = generate_segmentation(n=30, size=8, num_modalities=2, num_classes=3, seed=0, ignore_index=255, unavailable_rate=0.2)
     write_feature_dir(tmp_path / "s", seg, splits={"train": list(range(20)), "val": [20, 21], "test": list(range(22, 30))})
@@ -420,7 +420,7 @@ def test_feature_dir_without_splits_and_segmentation(tmp_path):
     tr, va, te = load_feature_dir(tmp_path / "s")
     assert (len(tr), len(va), len(te)) == (20, 2, 8)
 
-    arrays = {"features": {"rgb": np.random.rand(12, 3, 4, 4).astype(np.float64), "depth": np.random.rand(12, 7)},
+    arrays = {"features": {"rgb": np.random.rand(12, 3, 4, 4).astype(np.float64), "depth": np.random.rand(12, 1, 4, 4)},
               "labels": np.arange(12) % 2, "num_classes": 2}
     write_feature_dir(tmp_path / "m", arrays)
     raw, _ = read_feature_dir(tmp_path / "m")
@@ -465,7 +465,7 @@ MALFORMED = {
     "modality 3-D": ("a.npy", r"shape \[20, 5, 2\]", lambda r: np.save(r / "a.npy", np.zeros((20, 5, 2), dtype=np.float32))),
     "modality N": ("b.npy", "19 samples; expected N = 20", lambda r: np.save(r / "b.npy", np.zeros((19, 3), dtype=np.float32))),
     "modality nan": ("a.npy", "NaN", lambda r: np.save(r / "a.npy", np.full((20, 5), np.nan, dtype=np.float32))),
-    "modality object": ("a.npy", "not a readable", lambda r: np.save(r / "a.npy", np.array([{}, 1], dtype=object), allow_pickle=True)),
+    "modality object": ("a.npy", "holds Python objects", lambda r: np.save(r / "a.npy", np.array([{}, 1], dtype=object), allow_pickle=True)),
     "modality maps differ": ("b.npy", "like a.npy", lambda r: (np.save(r / "a.npy", np.zeros((20, 2, 4, 4), np.float32)), np.save(r / "b.npy", np.zeros((20, 2, 5, 5), np.float32)))),
     "labels missing": ("labels.npy", "not found", lambda r: os.remove(r / "labels.npy")),
     "labels float": ("labels.npy", "must be integers", lambda r: np.save(r / "labels.npy", np.zeros(20))),
@@ -481,8 +481,28 @@ MALFORMED = {
     "splits overlap": ("splits.json", 'in both "train" and "test"', lambda r: _splits(r, {"train": [0, 1], "val": [2], "test": [1]})),
     "splits duplicate": ("splits.json", 'twice in "val"', lambda r: _splits(r, {"train": [0], "val": [2, 2], "test": []})),
     "splits not ints": ("splits.json", "list of integer indices", lambda r: _splits(r, {"train": [0.5], "val": [], "test": []})),
+    "meta nested deeply": ("meta.json", "nested too deeply", lambda r: (r / "meta.json").write_text("[" * 10**5 + "]" * 10**5)),
+    "meta huge classes": ("meta.json", r'"num_classes" must be an integer in \[1, 2\*\*62\]',
+                          lambda r: (r / "meta.json").write_text((r / "meta.json").read_text().replace('"num_classes": 4', '"num_classes": 1' + "0" * 400))),
+    "meta classes digits": ("meta.json", "invalid JSON", lambda r: (r / "meta.json").write_text('{"num_classes": ' + "9" * 5000 + "}")),
+    "meta benchmark list": ("meta.json", '"benchmark" must be a string', lambda r: _meta(r, benchmark=["crema-d"])),
+    "meta fifo": ("meta.json", "not a regular file", lambda r: (os.remove(r / "meta.json"), os.mkfifo(r / "meta.json"))),
+    "splits nested deeply": ("splits.json", "nested too deeply", lambda r: (r / "splits.json").write_text('{"train": ' + "[" * 10**5 + "]" * 10**5 + "}")),
+    "labels header lies": ("labels.npy", r"header declares shape \(100000000000,\) of dtype int64 \(800,000,000,000 bytes",
+                           lambda r: _npy_header_only(r / "labels.npy", "<i8", (10**11,))),
+    "labels truncated": ("labels.npy", r"declares shape \(20,\).*holds 80 bytes",
+                         lambda r: (r / "labels.npy").write_bytes((r / "labels.npy").read_bytes()[:-80])),
+    "modality negative shape": ("a.npy", "bad header|declares shape", lambda r: _npy_header_only(r / "a.npy", "<f4", (-1, 5))),
+    "modality vector and map": ("b.npy", "is a feature map .*but a.npy holds vectors", lambda r: np.save(r / "b.npy", np.zeros((20, 3, 2, 2), np.float32))),
     "splits empty train": ("splits.json", '"train" is empty', lambda r: _splits(r, {"train": [], "val": [1], "test": []})),
 }
+
+
+def _npy_header_only(path, descr, shape):
+    """A .npy file that is only a (valid-looking) header: no data behind it."""
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}"
+    header += " " * (127 - (10 + len(header)) % 64) + "\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
@@ -505,10 +525,165 @@ def test_load_data_sources(monkeypatch):
     from mars.data import sources
 
     calls = []
-    monkeypatch.setattr(sources, "load_mfeat", lambda **kw: calls.append(("mfeat", kw)))
-    monkeypatch.setattr(sources, "make_segmentation", lambda **kw: calls.append(("seg", kw)))
+    monkeypatch.setattr(sources, "load_mfeat", lambda **kw: calls.append(("mfeat", kw)) or ("tr", "va", "te"))
+    monkeypatch.setattr(sources, "make_segmentation", lambda **kw: calls.append(("seg", kw)) or ("tr", "va", "te"))
+    monkeypatch.setattr(sources, "standardize_splits", lambda *splits: calls.append(("standardize", splits)) or splits)
     load_data("mfeat", seed=2)
-    load_data("synthetic-seg", standardize=False)
-    assert calls == [("mfeat", {"seed": 2, "standardize": True}), ("seg", {"seed": 0, "standardize": False})]
+    load_data("synthetic-seg", standardize=False, test_split="per-seed")
+    # the loaders give unstandardised splits; load_data standardises them once (on train)
+    assert calls == [("mfeat", {"seed": 2, "standardize": False, "test_seed": 0}), ("standardize", ("tr", "va", "te")),
+                     ("seg", {"seed": 0, "standardize": False, "test_seed": None})]
     with pytest.raises(ValueError, match="unknown data source"):
         load_data("no-such-thing")
+
+
+def test_features_near_the_float32_limit_standardise_in_range(tmp_path):
+    """Finite values near +-3e38 overflowed in x - mean and were reported as "NaN/inf features"."""
+    d = _toy(n=20)
+    d.features["a"][:10] = 3e38
+    d.features["a"][10:] = -3e38
+    root = write_feature_dir(tmp_path / "big", d)
+    tr, va, te = load_feature_dir(root)
+    for split in (tr, va, te):
+        assert bool(torch.isfinite(split.features["a"]).all()) and float(split.features["a"].abs().max()) < 10
+    # a value no float32 standardisation can hold (constant training feature: std 1): a clear error naming the
+    # directory and the modality, not "NaN/inf features"
+    far = _toy(n=20)
+    far.features["a"][:] = -2e38
+    far.features["a"][19] = 2e38
+    root = write_feature_dir(tmp_path / "far", far, splits={"train": list(range(12)), "val": [12], "test": [19]})
+    with pytest.raises(DataFormatError, match="modality 'a': sample 0 .*too far from the training mean") as info:
+        load_feature_dir(root)
+    assert info.value.path == str(root) and "NaN" not in str(info.value)
+
+
+# ------------------------------------------------------------------ fuzz: hostile feature directories
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+_names = st.sampled_from(["a", "b", "audio.v2", "x-y_z", "labels", ".", "..", "a/b", "", "é", "a\n", "A" * 300]) | \
+    st.text(alphabet="ab.-_/\\ %\x00", max_size=5)
+_dtypes = st.sampled_from(["<f4", "<f8", "<f2", ">f4", "<i8", "<i4", "|u1", "|b1", "<c8", "|V4", "<U3"])
+_shape = st.lists(st.integers(0, 4), min_size=0, max_size=5).map(tuple)
+_raw_text = st.sampled_from(["", "{", "[" * 5000 + "]" * 5000, '{"a": ' * 3000 + "1" + "}" * 3000, "\xff\xfe",
+                             '{"num_classes": ' + "9" * 5000 + "}", "NaN", "null"])
+
+
+@st.composite
+def _npy_file(draw, n: int, kind: str, task: str, maps: bool):
+    """Bytes of an .npy-ish file: usually a well-formed array of the kind (features, labels, available), else a
+    random array (dtype, shape, odd values), a header without or with the wrong amount of data, a truncated
+    file, random bytes, or nothing."""
+    how = draw(st.sampled_from(["good"] * 10 + ["array", "header", "truncated", "bytes", "absent"]))
+    if how == "absent":
+        return None
+    if how in ("good", "truncated"):
+        hw = (2, 2) if task == "segmentation" or maps else ()
+        if kind == "labels":
+            dtype, shape, pool = draw(st.sampled_from(["<i8", "|u1", "<i4"])), (n, *hw[: 2 if task == "segmentation" else 0]), [0, 1, 2]
+        elif kind == "available":
+            dtype, shape, pool = "|b1", (n, draw(st.sampled_from([2, 2, 3]))), [1, 1, 0]
+        else:
+            dtype, shape, pool = draw(st.sampled_from(["<f4", "<f8", "<f2"])), (n, draw(st.integers(1, 3)), *hw), \
+                [0.5, -1.0, 2.0, 0.0]
+    else:
+        dtype, shape = draw(_dtypes), draw(_shape)
+        pool = [0, 1, 2, -1, 255, 0.5, 3e38, -3e38, np.inf, np.nan, 1e-40, 2**40]
+    if how != "header" and how != "bytes":
+        count = int(np.prod(shape))
+        values = draw(st.lists(st.sampled_from(pool), min_size=count, max_size=count)) if count <= 64 else [0] * count
+        with np.errstate(all="ignore"):
+            try:
+                arr = np.array(values, dtype=np.float64).astype(dtype).reshape(shape)
+            except (TypeError, ValueError):
+                arr = np.zeros(shape, dtype=dtype)
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        data = buf.getvalue()
+        return data[: draw(st.integers(0, len(data) - 1))] if how == "truncated" else data
+    if how == "header":
+        descr = draw(_dtypes | st.sampled_from(["|O", "garbage", "<f4"]))
+        shape = draw(_shape | st.sampled_from([(10**11,), (2**62, 2**62), (-1,), (n,)]))
+        header = f"{{'descr': '{descr}', 'fortran_order': {draw(st.booleans())}, 'shape': {shape!r}, }}"
+        header += " " * (127 - (10 + len(header)) % 64) + "\n"
+        return (b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+                + draw(st.binary(max_size=16)))
+    return draw(st.binary(max_size=64))
+
+
+@st.composite
+def _feature_dirs(draw):
+    n = draw(st.sampled_from([0, 1, 3, 12, 12, 12]))
+    mods = draw(st.lists(_names, min_size=0, max_size=3)) if not draw(st.integers(0, 4)) else \
+        draw(st.sampled_from([["a", "b"], ["a"], ["audio.v2", "x-y_z", "b"]]))
+    task = draw(st.sampled_from(["classification"] * 3 + ["segmentation"]))
+    meta = {"task": task, "modalities": mods,
+            "num_classes": 3 if draw(st.integers(0, 3)) else draw(st.sampled_from([1, 2, 10**400, 0, 2**62]))}
+    if task == "segmentation" and draw(st.booleans()):
+        meta["ignore_index"] = 255
+    if not draw(st.integers(0, 4)):
+        key = draw(st.sampled_from(["task", "modalities", "num_classes", "ignore_index", "bona_fide_class",
+                                    "benchmark", "name", "class_names", "other"]))
+        meta[key] = draw(_json)
+    meta_text = json.dumps(meta) if draw(st.integers(0, 7)) else draw(_raw_text)
+    files = {"meta.json": meta_text.encode("utf-8", "surrogatepass")}
+    maps = draw(st.booleans())
+    for m in mods:
+        if _SAFE_NAME(m):
+            files[f"{m}.npy"] = draw(_npy_file(n, "features", task, maps))
+    files["labels.npy"] = draw(_npy_file(n, "labels", task, maps))
+    files["available.npy"] = draw(_npy_file(n, "available", task, maps)) if draw(st.booleans()) else None
+    splits = draw(st.sampled_from(["none", "none", "good", "json", "raw"]))
+    if splits == "good":
+        idx = list(range(n))
+        files["splits.json"] = json.dumps({"train": idx[: n // 2], "val": [], "test": idx[n // 2:]}).encode()
+    elif splits == "json":
+        files["splits.json"] = json.dumps({"train": draw(_json), "val": [], "test": draw(_json)}).encode()
+    elif splits == "raw":
+        files["splits.json"] = draw(_raw_text).encode("utf-8", "surrogatepass")
+    return draw(st.sampled_from(["single", "single", "split"])), files
+
+
+def _SAFE_NAME(m: str) -> bool:  # names the test can create as files (the reader must refuse the others itself)
+    return bool(m) and "/" not in m and "\x00" not in m and m not in (".", "..") and len(m) < 200
+
+
+_fuzz_dirs = itertools.count()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=_feature_dirs())
+def test_fuzz_hostile_feature_directories_give_data_or_an_error_naming_the_file(tmp_path, case):
+    """Random meta.json / splits.json / .npy headers, names, nesting and dtypes, in one folder or split folders:
+    the reader returns splits that the run accepts, or raises DataFormatError naming a file of the directory
+    (``mars: error: FILE: ...``), never another exception (a traceback for the user)."""
+    from mars.config import ConfigError, ModelConfig, TrainConfig
+    from mars.train import check_setup, make_model
+
+    layout, files = case
+    root = tmp_path / f"d{next(_fuzz_dirs)}"
+    folders = [root] if layout == "single" else [root / "train", root / "test"]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    (root / "meta.json").write_bytes(files.pop("meta.json"))
+    for name, data in files.items():
+        if data is None or (layout == "split" and name == "splits.json"):
+            continue
+        for folder in folders:
+            (folder / name).write_bytes(data)
+    cfg = TrainConfig(data=str(root), epochs=1, model=ModelConfig(d_model=8, d_hidden=8, num_experts=2))
+    try:
+        splits = load_data(str(root), seed=0)
+        check_setup(cfg, splits)
+        make_model(cfg, splits[0])
+    except DataFormatError as e:
+        assert e.path is not None and os.path.abspath(e.path).startswith(str(root)), e
+        assert str(e).startswith(e.path + ": "), e
+    except (ConfigError, ValueError) as e:  # refused by the run's checks: the message names the data directory
+        assert not isinstance(e, DataFormatError)
+        assert str(root) in str(e), repr(e)

@@ -140,3 +140,52 @@ def test_expert_parallel_training_matches_one_process_and_saves_a_single_process
     resumed = _torchrun(["--resume", str(tmp_path / "ep")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["epoch"] for r in _metrics(tmp_path / "ep")] == [1, 2, 3]
+
+
+def _tiny_dir(root: Path) -> Path:
+    import torch
+
+    from mars.data import write_feature_dir
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(48) % 3
+    feats = {m: torch.randn(48, 4, generator=g) + labels[:, None].float() for m in ("a", "b")}
+    return Path(write_feature_dir(root, {"features": feats, "labels": labels, "num_classes": 3}))
+
+
+@pytest.mark.parametrize("experts", [3, 5])
+def test_expert_parallel_with_an_expert_count_the_world_size_does_not_divide(tmp_path, experts):
+    # The ranks own 2 + 1 (E = 3) or 3 + 2 (E = 5) experts: their routing tables differ in length, and DDP used
+    # to broadcast them (a collective mismatch that aborted rank 1, also on --resume).
+    data = _tiny_dir(tmp_path / "d")
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--method", "vanilla-moe", "--experts", str(experts), "--k", "1", "--epochs", "1",
+            "--d-model", "8", "--d-hidden", "8", "--batch-size", "16", "--quiet", "--device", "cpu", "--expert-parallel"]
+    first = _torchrun([*args, "--out", str(run)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    if experts == 3:
+        resumed = _torchrun(["--resume", str(run), "--epochs", "2"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+
+
+def test_expert_parallel_with_fewer_experts_than_processes_is_refused_before_writing(tmp_path):
+    # checked before any collective and before --out is touched (no process group needed to see it)
+    from mars.config import ConfigError, ModelConfig, TrainConfig
+    from mars.distributed import DistContext
+    from mars.train import train
+
+    data = _tiny_dir(tmp_path / "d")
+    cfg = TrainConfig(data=str(data), epochs=1, expert_parallel=True,
+                      model=ModelConfig(method="moe", d_model=8, d_hidden=8, num_experts=1, k=1))
+    with pytest.raises(ConfigError) as info:
+        train(cfg, tmp_path / "run", progress=False, ctx=DistContext(rank=0, world=2))
+    assert info.value.field == "model.num_experts", info.value
+    assert "over 2 processes needs at least 2 experts" in info.value.message
+    assert not (tmp_path / "run").exists()
+    # a method without one set of experts: refused by the configuration itself
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(data=str(data), epochs=1, expert_parallel=True,
+                    model=ModelConfig(method="late_fusion", d_model=8, d_hidden=8))
+    assert info.value.field == "expert_parallel" and "shards the experts of mars, vanilla-moe" in info.value.message
+    assert not (tmp_path / "run").exists()

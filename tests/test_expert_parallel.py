@@ -192,6 +192,19 @@ def _misc_on_rank(rank: int) -> dict:
     with torch.no_grad():
         y_eval = sharded(x, w, i)
     out["no_grad"] = (y.detach(), y_eval, y_eval.requires_grad)
+    # E = 3 over 2 ranks (2 + 1 experts): the routing tables (buffers) have the same shapes on every rank, so
+    # DistributedDataParallel, which broadcasts buffers, wraps the layer (it aborted with a collective mismatch).
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(5)
+    moe = mk.expert_parallel(mk.SparseMoE(D, H, 3, k=1))
+    out["buffer_shapes_E3"] = {n: tuple(b.shape) for n, b in moe.named_buffers()}
+    DDP._set_params_and_buffers_to_ignore_for_model(moe, [f"experts.{n}" for n, _ in moe.experts.named_parameters()])
+    ddp = DDP(moe)
+    for _ in range(2):
+        y, _aux = ddp(torch.randn(4 + rank, D))
+        y.sum().backward()
+    out["ddp_E3_grad"] = moe.router.proj.weight.grad.clone()
     return out
 
 
@@ -335,6 +348,13 @@ def test_distributed_errors_are_raised_on_every_rank(dist_results):
     for res in dist_results:
         assert "num_experts=1" in res["misc"]["too_few_experts"]
         assert "same k" in res["misc"]["k_mismatch"]
+
+
+def test_routing_tables_are_rank_independent_and_ddp_wraps_an_uneven_shard(dist_results):
+    shapes = [r["misc"]["buffer_shapes_E3"] for r in dist_results]
+    assert shapes[0] == shapes[1] and shapes[0], shapes
+    grads = [r["misc"]["ddp_E3_grad"] for r in dist_results]
+    assert torch.equal(grads[0], grads[1])  # DDP's all-reduce ran: the router replicas agree
 
 
 def test_comm_timer_and_no_grad(dist_results):

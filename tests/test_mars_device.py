@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import model_config
 from mars import cli, devices, rundir
 from mars import train as train_mod
 from mars.config import ConfigError, ModelConfig, TrainConfig
@@ -26,6 +27,7 @@ from mars.data import MissingnessProtocol, load_feature_dir, load_mfeat, write_f
 from mars.train import Progress, on_device, to_cpu, train
 
 MODEL = ["--d-model", "8", "--d-hidden", "8", "--experts", "2", "--batch-size", "16", "--quiet"]
+MODEL_ANY = ["--d-model", "8", "--d-hidden", "8", "--batch-size", "16", "--quiet"]  # options every method reads
 
 
 def _tiny_data(n: int = 48, seed: int = 0) -> dict:
@@ -137,7 +139,8 @@ def test_unavailable_device_is_a_clear_error_before_anything_is_written(command,
         assert {p.name: p.read_bytes() for p in base_run.iterdir()} == before
     else:
         extra = ["--seeds", "1", "--methods", "late-fusion"] if command == "compare" else []
-        code, err = mars(command, "--data", data_dir, "--epochs", "1", *MODEL, *extra, "--device", device,
+        code, err = mars(command, "--data", data_dir, "--epochs", "1", *(MODEL_ANY if extra else MODEL), *extra,
+                         "--device", device,
                          "--out", tmp_path / "out")
         assert not (tmp_path / "out").exists()
     assert_error(code, err, "mars: error: --device: ", expected)
@@ -165,11 +168,12 @@ def test_torchrun_with_cuda_and_no_gpu_stops_before_the_process_group(data_dir, 
 
 # ------------------------------------------------------------ configuration
 def test_config_round_trip_and_config_files_from_before_the_device_keys(tmp_path):
-    cfg = TrainConfig(device="cuda:01", precision="bf16", model=ModelConfig(d_model=8, fusion_heads=2))
+    cfg = TrainConfig(device="cuda:01", precision="bf16", model=model_config(d_model=8, fusion_heads=2))
     assert cfg.device == "cuda:1"
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    old = TrainConfig().to_dict()
-    del old["device"], old["precision"]
+    old = TrainConfig().to_dict()  # a version-1 config.json: flat model keys, no device or precision
+    del old["device"], old["precision"], old["version"], old["model"]["mars"], old["model"]["research"]
+    del old["test_split"], old["train_missing"]
     assert (TrainConfig.from_dict(old).device, TrainConfig.from_dict(old).precision) == ("cpu", "fp32")
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert rundir.read_config(tmp_path).device == "cpu"
@@ -192,7 +196,7 @@ def test_the_device_may_differ_from_the_checkpoint_but_not_the_precision(run):
 
 # ------------------------------------------------------------ bf16 on the CPU
 def _cfg(precision: str, epochs: int = 3, method: str = "mars") -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=32, device="cpu", precision=precision, model=ModelConfig(
+    return TrainConfig(epochs=epochs, batch_size=32, device="cpu", precision=precision, model=model_config(
         method=method, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, dropout=0.0, backend="cpu",
         mce_teacher_epochs=1, retriever_candidates=2, retriever_shared=1, retriever_k=2))
 
@@ -317,7 +321,7 @@ def test_resume_on_cpu_is_bit_identical(tmp_path, data_dir):
     """Resumed with --device cpu, or a run from before the device keys (its
     config.json and checkpoint without them): the same metrics and results as
     the uninterrupted run, bit for bit (dropout and routing noise included)."""
-    cfg = lambda epochs: TrainConfig(epochs=epochs, batch_size=16, model=ModelConfig(  # noqa: E731
+    cfg = lambda epochs: TrainConfig(epochs=epochs, batch_size=16, model=model_config(  # noqa: E731
         d_model=8, d_hidden=8, num_experts=2, fusion_heads=2, backend="cpu"))
     quiet = dict(data=load_feature_dir(data_dir), progress=False, log=lambda *a, **k: None)
     full = train(cfg(3), tmp_path / "full", **quiet)
@@ -413,7 +417,7 @@ def _ep_bf16(rank, world, root):
 
     train_set, val_set, test_set = load_mfeat(seed=0)
     data = (train_set.subset(torch.arange(64)), val_set.subset(torch.arange(16)), test_set.subset(torch.arange(16)))
-    cfg = TrainConfig(epochs=1, batch_size=16, expert_parallel=True, precision="bf16", model=ModelConfig(
+    cfg = TrainConfig(epochs=1, batch_size=16, expert_parallel=True, precision="bf16", model=model_config(
         d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, backend="cpu"))
     result = train(cfg, root, data=data, progress=False, log=lambda *a, **k: None,
                    ctx=DistContext(rank=rank, world=world))

@@ -6,10 +6,11 @@ import torch
 
 from mars import cli
 from mars.data import load_mfeat, make_segmentation
-from mars.model import ModelConfig, build_model
+from mars.config import ModelConfig
+from mars.methods import build_model
 from mars.train import TrainConfig, TrainingDiverged, train
 
-from helpers import cpu_backends, train_interrupted
+from helpers import cpu_backends, train_interrupted, model_config
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def _shapes(d):
 def test_modes_and_shapes(method, dataset, mfeat_small, seg_small):
     data = (mfeat_small if dataset == "vectors" else seg_small)[0]
     model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
-                        ModelConfig(method=method, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, backend="cpu"))
+                        model_config(method=method, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, backend="cpu"))
     idx = torch.arange(6)
     feats = {m: data.features[m][idx] for m in data.modalities}
     M = data.num_modalities
@@ -58,7 +59,7 @@ def test_modes_and_shapes(method, dataset, mfeat_small, seg_small):
 def test_eval_uses_only_observed_modalities(mfeat_small):
     data = mfeat_small[0]
     model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
-                        ModelConfig(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2)).eval()
+                        model_config(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2)).eval()
     idx = torch.arange(5)
     feats = {m: data.features[m][idx] for m in data.modalities}
     observed = torch.zeros(5, 6, dtype=torch.bool)
@@ -69,14 +70,14 @@ def test_eval_uses_only_observed_modalities(mfeat_small):
 
 def test_oracle_needs_complete_modalities(mfeat_small):
     data = mfeat_small[0]
-    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, ModelConfig(d_model=16, fusion_heads=2))
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, model_config(d_model=16, fusion_heads=2))
     feats = {m: data.features[m][:3] for m in data.modalities}
     with pytest.raises(ValueError, match="needs `available`"):
         model(feats, torch.ones(3, 6, dtype=torch.bool), mode="oracle")
 
 
 def _tiny(epochs, method="mars"):
-    return TrainConfig(epochs=epochs, batch_size=32, model=ModelConfig(method=method, d_model=16, d_hidden=16,
+    return TrainConfig(epochs=epochs, batch_size=32, model=model_config(method=method, d_model=16, d_hidden=16,
                                                                         num_experts=4, fusion_heads=2, backend="cpu"))
 
 
@@ -146,7 +147,7 @@ def test_cli_reports_bad_data_clearly(tmp_path, capsys):
 def test_fusion_is_multihead_attention_on_every_backend():
     """The fusion op path equals nn.MultiheadAttention across the modality axis
     (then LayerNorm and the mean) on the masked tokens, whatever the backend."""
-    from mars.model import ModalityAttentionFusion
+    from mars.components import ModalityAttentionFusion
 
     from helpers import assert_close
 
@@ -168,7 +169,7 @@ def test_fusion_is_multihead_attention_on_every_backend():
 
 def test_backends_agree_on_a_training_step(seg_small):
     data = seg_small[0]
-    cfg = ModelConfig(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, dropout=0.0)
+    cfg = model_config(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, dropout=0.0)
     model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, cfg)
     idx = torch.arange(8)
     feats = {m: data.features[m][idx] for m in data.modalities}
@@ -197,24 +198,28 @@ def test_backends_agree_on_a_training_step(seg_small):
 
 def test_state_dict_from_before_the_router_module_loads(mfeat_small):
     """Checkpoints written before MarsRouter have feature_router.* and
-    residual_router.* at the top of the model; they load into router.*, and
-    the parameter order (the optimiser state's layout) is unchanged."""
+    residual_router.* at the top of the model, and before the MoE became
+    one submodule router.* and experts.*; both load into moe.*, and the
+    parameter order (the optimiser state's layout) is unchanged."""
     data = mfeat_small[0]
-    cfg = ModelConfig(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, router_mlp=True)
+    cfg = model_config(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, router_mlp=True)
     torch.manual_seed(0)
     source = build_model(data.modalities, _shapes(data), data.num_classes, data.task, cfg).eval()
-    old_style = {k.removeprefix("router."): v for k, v in source.state_dict().items()}
-    assert any(k.startswith("feature_router.") for k in old_style) and any(k.startswith("residual_router.") for k in old_style)
-    blocks = [n.removeprefix("router.").split(".")[0] for n, _ in source.named_parameters()]
-    assert list(dict.fromkeys(blocks)) == ["encode", "fuse", "feature_router", "residual_router", "experts", "head"]
-    torch.manual_seed(1)
-    target = build_model(data.modalities, _shapes(data), data.num_classes, data.task, cfg).eval()
-    target.load_state_dict(old_style)  # strict
-    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
-        assert torch.equal(a, b), name
-    feats = {m: data.features[m][:5] for m in data.modalities}
-    observed = torch.ones(5, 6, dtype=torch.bool)
-    torch.testing.assert_close(target(feats, observed).logits, source(feats, observed).logits, rtol=0, atol=0)
+    oldest = {k.removeprefix("moe.").removeprefix("router."): v for k, v in source.state_dict().items()}
+    older = {k.removeprefix("moe."): v for k, v in source.state_dict().items()}
+    assert any(k.startswith("feature_router.") for k in oldest) and any(k.startswith("residual_router.") for k in oldest)
+    blocks = [n.removeprefix("moe.").removeprefix("router.").split(".")[0] for n, _ in source.named_parameters()]
+    assert list(dict.fromkeys(blocks)) == ["encode", "fuse", "feature_router", "residual_router", "experts", "head",
+                                           "unimodal_heads"]
+    for old_style in (oldest, older):
+        torch.manual_seed(1)
+        target = build_model(data.modalities, _shapes(data), data.num_classes, data.task, cfg).eval()
+        target.load_state_dict(old_style)  # strict
+        for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
+            assert torch.equal(a, b), name
+        feats = {m: data.features[m][:5] for m in data.modalities}
+        observed = torch.ones(5, 6, dtype=torch.bool)
+        torch.testing.assert_close(target(feats, observed).logits, source(feats, observed).logits, rtol=0, atol=0)
 
 
 def test_method_registry_builds_every_method(mfeat_small):
@@ -227,7 +232,7 @@ def test_method_registry_builds_every_method(mfeat_small):
         for spelling in method.spellings:
             assert methods.canonical(spelling) == method.name
         model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
-                            ModelConfig(method=method.cli_name, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2))
+                            model_config(method=method.cli_name, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2))
         assert isinstance(model, TrainableModel)
         assert model.config.method == method.name
         skips[method.name] = model.may_skip_parameters
@@ -235,7 +240,7 @@ def test_method_registry_builds_every_method(mfeat_small):
                      "backbone": False}
     assert cli.METHOD_CHOICES == methods.cli_names()
     with pytest.raises(ValueError, match="method must be one of"):
-        ModelConfig(method="foo")
+        model_config(method="foo")
 
 
 @pytest.mark.parametrize("routing,skips", [("residual", False), ("feature", True), ("random", True)])
@@ -243,7 +248,7 @@ def test_routing_ablations_declare_unused_parameters(routing, skips, mfeat_small
     """A step's parameters without gradient are exactly what may_skip_parameters announces."""
     data = mfeat_small[0]
     model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
-                        ModelConfig(routing=routing, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2))
+                        model_config(routing=routing, d_model=16, d_hidden=16, num_experts=4, fusion_heads=2))
     assert model.may_skip_parameters == skips
     idx = torch.arange(8)
     feats = {m: data.features[m][idx] for m in data.modalities}
@@ -252,7 +257,7 @@ def test_routing_ablations_declare_unused_parameters(routing, skips, mfeat_small
     loss.backward()
     unused = sorted(n for n, p in model.named_parameters() if p.grad is None)
     assert bool(unused) == skips
-    assert all(n.startswith("router.") for n in unused)
+    assert all(n.startswith("moe.router.") for n in unused)
 
 
 def _ddp_random_routing(rank, world, root):
@@ -261,7 +266,7 @@ def _ddp_random_routing(rank, world, root):
 
     train_set, val_set, test_set = load_mfeat(seed=0)
     data = (train_set.subset(torch.arange(64)), val_set.subset(torch.arange(16)), test_set.subset(torch.arange(16)))
-    cfg = TrainConfig(epochs=1, batch_size=16, model=ModelConfig(routing="random", d_model=16, d_hidden=16,
+    cfg = TrainConfig(epochs=1, batch_size=16, model=model_config(routing="random", d_model=16, d_hidden=16,
                                                                   num_experts=4, fusion_heads=2, backend="cpu"))
     return train(cfg, root, data=data, progress=False, ctx=DistContext(rank=rank, world=world))["summary"]["best_epoch"]
 

@@ -1,18 +1,21 @@
-"""MarsMoE (MARS as a layer on any backbone) and the MarsRouter options that
-narrow the train-test router gap: the observed mask for the feature router,
-the bottleneck residual, mixed routing, top-k cross-entropy imitation."""
+"""MarsMoE (MARS as a layer on any backbone): the layer, its defaults (the
+MARS of the results tables), mixed routing, and the router inputs under study
+(:mod:`mars.research.router_inputs`) plugged into it."""
 import pytest
 import torch
 
 import mars_kernels as mk
 from helpers import assert_close
+from mars.research.router_inputs import PatternResidual, TokensAndMask, pattern_mean
 
 D, H, E, K, M = 12, 16, 5, 2, 3
 
 
-def _moe(**kw):
+def _moe(*, backend="reference", residual_input=None, feature_input=None, **kw):
+    """A layer with MarsConfig(**kw); mix "none" (the pure residual gate) unless asked."""
     torch.manual_seed(0)
-    return mk.MarsMoE(D, H, E, K, backend=kw.pop("backend", "reference"), **kw)
+    return mk.MarsMoE(D, H, E, K, mk.MarsConfig(**{"mix": "none", **kw}), backend=backend,
+                      residual_input=residual_input, feature_input=feature_input)
 
 
 def _inputs(P=2, T=7, seed=1):
@@ -34,10 +37,36 @@ def test_layer_is_router_plus_experts_with_a_skip_connection():
     assert_close(y, want, torch.float32, "y")
     assert torch.equal(aux["indices"], r.indices)
     assert_close(aux["loss"], 5.0 * r.aux["imitation_loss"] + 0.01 * r.aux["balance_loss"], torch.float32, "loss")
-    no_skip = _moe(residual=False, lambda_imit=2.0, lambda_balance=0.5)
-    y2, aux2 = no_skip(z_i, z_c, mode="train", noise=noise)
-    assert_close(y2, want - z_i, torch.float32, "no skip")
+    weighted = _moe(lambda_imit=2.0, lambda_balance=0.5)
+    _, aux2 = weighted(z_i, z_c, mode="train", noise=noise)
     assert_close(aux2["loss"], 2.0 * aux2["imitation_loss"] + 0.5 * aux2["balance_loss"], torch.float32, "lambdas")
+
+
+def test_no_argument_layer_is_the_mars_that_mars_train_builds():
+    """MarsMoE(d, h, E, k) with no options is the MARS of the results tables:
+    its configuration is the one `mars train` (no options) gives its model."""
+    from mars.cli import _config
+    from mars.config import default_config
+    from mars.data import load_data
+    from mars.train import make_model
+
+    layer = mk.MarsMoE(D, H, E, K)
+    assert layer.config == mk.MarsConfig() == default_config("mars").model.mars
+    assert layer.config.mix == "prob" and layer.config.lambda_imit == 5.0 and layer.config.routing == "residual"
+    assert type(layer.router.residual_input).__name__ == "ConcatResidual"
+    assert type(layer.router.feature_input).__name__ == "IncompleteTokens"
+    import argparse
+
+    from mars.cli import _train_args
+    parser = argparse.ArgumentParser()
+    _train_args(parser)
+    cfg = _config(parser.parse_args([]))  # `mars train` with no option
+    assert cfg == default_config("mars")
+    train_set, _, _ = load_data("synthetic-missing", seed=0)
+    built = make_model(cfg, train_set).moe
+    assert built.config == layer.config
+    assert type(built.router.residual_input) is type(layer.router.residual_input)
+    assert type(built.router.feature_input) is type(layer.router.feature_input)
 
 
 def test_one_complete_pass_serves_several_incomplete_ones():
@@ -69,7 +98,7 @@ def test_inference_needs_the_incomplete_tokens_only_and_ignores_z_c():
 
 
 def test_mask_router_reads_the_mask_at_test_time():
-    moe = _moe(num_modalities=M, mask_router=True).eval()
+    moe = _moe(feature_input=TokensAndMask(M)).eval()
     z_i, _, observed = _inputs()
     y, aux = moe(z_i, observed=observed)
     flipped = observed.clone()
@@ -88,58 +117,11 @@ def test_mask_router_reads_the_mask_at_test_time():
         moe(z_i, observed=observed[..., :2])
 
 
-def test_mask_experts_shift_the_expert_input_only():
-    moe = _moe(num_modalities=M, mask_experts=True).eval()
-    z_i, _, observed = _inputs()
-    y0, aux0 = moe(z_i, observed=observed)
-    with torch.no_grad():
-        moe.mask_embed.weight.copy_(torch.randn(D, M))
-    y1, aux1 = moe(z_i, observed=observed)
-    assert torch.equal(aux0["indices"], aux1["indices"])  # the router does not read the mask
-    x = z_i + observed.float() @ moe.mask_embed.weight.T
-    want = z_i + moe.experts(x.reshape(-1, D), aux1["weights"].reshape(-1, K), aux1["indices"].reshape(-1, K)).reshape(z_i.shape)
-    assert_close(y1, want, torch.float32, "mask experts")
-    assert not torch.allclose(y0, y1)
-    moe.train()
-    z_i, z_c, observed = _inputs()
-    y, aux = moe(z_i, z_c, observed, mode="train")
-    (y.square().sum() + aux["loss"]).backward()
-    assert moe.mask_embed.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="num_modalities"):
-        mk.MarsMoE(D, H, E, K, mask_experts=True)
-
-
-def test_bottleneck_residual_router():
-    router = mk.MarsRouter(D, E, K, residual_input="bottleneck", residual_dim=3, backend="reference")
-    assert router.residual_router[0].weight.shape == (3, D)
-    z_i, z_c, _ = _inputs()
-    noise = torch.randn(14, E, generator=torch.Generator().manual_seed(3))
-    r = router(z_i, z_c, mode="train", noise=noise)
-    l_r = router.residual_router((z_c - z_i).detach().reshape(-1, D))
-    l_f = router.feature_router(z_i.reshape(-1, D))
-    w, idx, *_ = mk.mars_routing(l_r, l_f, K, sigma_0=1.0, sigma_max=1.0, noise=noise, backend="reference")
-    assert torch.equal(r.indices.reshape(-1, K), idx)
-
-
-def test_topk_ce_imitation():
-    router = mk.MarsRouter(D, E, K, imitation="topk_ce", backend="reference")
-    z_i, z_c, _ = _inputs()
-    r = router(z_i, z_c, mode="train")
-    l_r = router.residual_router(router.residual(z_i, z_c).reshape(-1, 2 * D))
-    l_f = router.feature_router(z_i.reshape(-1, D))
-    top = l_r.topk(K, dim=1).indices
-    want = -torch.log_softmax(l_f, 1).gather(1, top).mean()
-    assert_close(r.aux["imitation_loss"], want, torch.float32, "topk ce")
-    r.aux["imitation_loss"].backward()
-    assert router.feature_router.weight.grad.abs().sum() > 0
-    assert router.residual_router.weight.grad is None
-
-
 def test_mix_prob_hands_disagreeing_tokens_to_the_feature_router():
     z_i, z_c, _ = _inputs(T=200)
     l = {}
     for scale in (0.0, 1e6):
-        router = mk.MarsRouter(D, E, K, mix="prob", mix_scale=scale, noise="none", backend="reference")
+        router = mk.MarsRouter(D, E, K, mk.MarsConfig(mix="prob", mix_scale=scale, noise="none"), backend="reference")
         with torch.no_grad():
             router.residual_router.weight.mul_(20)  # routers that disagree
         r = router(z_i, z_c, mode="train", generator=torch.Generator().manual_seed(0))
@@ -152,66 +134,10 @@ def test_mix_prob_hands_disagreeing_tokens_to_the_feature_router():
     assert torch.equal(r1.indices.reshape(-1, K), f_idx) and float(r1.aux["feature_share"]) == 1.0
 
 
-def test_mix_blend_is_the_mixture_of_the_two_distributions():
-    z_i, z_c, _ = _inputs()
-    router = mk.MarsRouter(D, E, K, mix="blend", mix_scale=0.7, sigma_0=0.5, sigma_max=2.0, backend="reference")
-    noise = torch.randn(14, E, generator=torch.Generator().manual_seed(3))
-    r = router(z_i, z_c, mode="train", noise=noise)
-    l_r, l_f = router.residual_logits(z_i, z_c), router.feature_logits(z_i)
-    p_r, p_f = torch.softmax(l_r, 1), torch.softmax(l_f, 1)
-    d = (p_r * (p_r.log() - p_f.log())).sum(1)
-    a = 1 - torch.exp(-0.7 * d)
-    sigma = torch.clamp(0.5 * d, max=2.0)
-    p = (1 - a)[:, None] * torch.softmax(l_r + sigma[:, None] * noise, 1) + a[:, None] * p_f
-    top = p.topk(K, dim=1)
-    assert torch.equal(r.indices.reshape(-1, K), top.indices)
-    assert_close(r.weights.reshape(-1, K), top.values / top.values.sum(1, keepdim=True), torch.float32, "blend")
-    assert_close(r.aux["feature_share"], a.mean(), torch.float32, "share")
-
-
-def test_alignment_pulls_the_residual_router_towards_the_feature_router():
-    router = mk.MarsRouter(D, E, K, alignment=True, backend="reference")
-    z_i, z_c, _ = _inputs()
-    r = router(z_i, z_c, mode="train")
-    l_r = router.residual_router(router.residual(z_i, z_c).reshape(-1, 2 * D))
-    l_f = router.feature_router(z_i.reshape(-1, D))
-    p_f = l_f.softmax(1)
-    want = (p_f * (p_f.log() - l_r.log_softmax(1))).sum(1).mean()
-    assert_close(r.aux["alignment_loss"], want, torch.float32, "alignment")
-    r.aux["alignment_loss"].backward()
-    assert router.residual_router.weight.grad.abs().sum() > 0
-    assert router.feature_router.weight.grad is None  # p_f is the target, not moved
-    assert "alignment_loss" not in mk.MarsRouter(D, E, K, backend="reference")(z_i, z_c, mode="train").aux
-    # MarsMoE: lambda_align weighs it into the layer's loss
-    moe0, moe1 = _moe(), _moe(lambda_align=2.0)
-    _, a0 = moe0(z_i, z_c, mode="train", noise=torch.zeros(2 * 7, E))
-    _, a1 = moe1(z_i, z_c, mode="train", noise=torch.zeros(2 * 7, E))
-    assert_close(a1["loss"], a0["loss"] + 2.0 * a1["alignment_loss"], torch.float32, "layer loss")
-
-
-def test_reconstruction_pulls_the_output_towards_the_detached_complete_tokens():
-    z_i, z_c, _ = _inputs()
-    z_c = z_c.clone().requires_grad_(True)
-    noise = torch.zeros(2 * 7, E)
-    moe0, moe1 = _moe(), _moe(lambda_recon=0.5)
-    y0, a0 = moe0(z_i, z_c, mode="train", noise=noise)
-    y1, a1 = moe1(z_i, z_c, mode="train", noise=noise)
-    assert "reconstruction_loss" not in a0
-    want = (y1 - z_c.unsqueeze(0)).abs().mean()  # one complete pass shared by the P = 2 incomplete ones
-    assert_close(a1["reconstruction_loss"], want, torch.float32, "reconstruction")
-    assert_close(a1["loss"], a0["loss"] + 0.5 * want, torch.float32, "layer loss")
-    a1["reconstruction_loss"].backward()
-    assert z_c.grad is None  # the complete pass is the target, not moved
-    assert moe1.experts.w1.grad.abs().sum() > 0 and z_i.grad.abs().sum() > 0
-    moe1.eval()
-    assert "reconstruction_loss" not in moe1(z_i, z_c)[1]  # inference: no loss
-
-
 def test_pattern_residual_is_the_per_pattern_mean_of_the_residual(monkeypatch):
-    from mars_kernels.layers.mars_router import pattern_mean
     z_i, z_c, observed = _inputs()
-    router = mk.MarsRouter(D, E, K, residual_input="pattern", backend="reference")
-    r = router.residual(z_i, z_c, observed)
+    router = mk.MarsRouter(D, E, K, residual_input=PatternResidual(), backend="reference")
+    r = router.residual_input(z_i, z_c, observed)
     assert r.shape == z_i.shape and not r.requires_grad
     diff = (z_c - z_i).detach().reshape(-1, D)
     m = observed.reshape(-1, M)
@@ -223,7 +149,7 @@ def test_pattern_residual_is_the_per_pattern_mean_of_the_residual(monkeypatch):
     ob = torch.tensor([[1, 0, 1], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool).unsqueeze(1)
     assert torch.equal(pattern_mean(zc - zi, ob), pattern_mean(zc - zi, ob.expand(4, 3, M)))
     # masks up to 62 wide are grouped by an int64 code, wider ones by their rows: the same means either way
-    import mars_kernels.layers.mars_router as mars_router
+    import mars.research.router_inputs as mars_router
     for width in (62, 63):
         obs = torch.rand(6, 5, width) > 0.5
         obs[3:] = obs[0]  # repeated patterns
@@ -238,9 +164,9 @@ def test_pattern_residual_is_the_per_pattern_mean_of_the_residual(monkeypatch):
             same = (flat_obs == flat_obs[t]).all(dim=1)
             assert_close(got.reshape(-1, D)[t], flat_r[same].mean(dim=0), torch.float32, f"width {width} token {t}")
     with pytest.raises(ValueError, match="pattern"):
-        router.residual(z_i, z_c)
+        router.residual_input(z_i, z_c)
     # the layer hands the mask to the residual router; training, oracle and agreement run
-    moe = _moe(residual_input="pattern")
+    moe = _moe(residual_input=PatternResidual())
     y, aux = moe(z_i, z_c, observed, mode="train")
     aux["loss"].backward()
     assert moe.router.residual_router.weight.grad is not None
@@ -251,27 +177,23 @@ def test_pattern_residual_is_the_per_pattern_mean_of_the_residual(monkeypatch):
 
 
 def test_options_are_validated():
-    for kw, match in ((dict(mix="sometimes"), "mix must be"), (dict(imitation="mse"), "imitation must be"),
-                      (dict(mask_dim=-1), "mask_dim"), (dict(residual_dim=0), "residual_dim"),
-                      (dict(residual_input="bottleneck2"), "residual_input"), (dict(mix_scale=-1.0), "mix_scale")):
+    for kw, match in ((dict(mix="sometimes"), "mix must be"), (dict(mix_scale=-1.0), "mix_scale"),
+                      (dict(lambda_imit=float("nan")), "lambda_imit"), (dict(lambda_balance=float("inf")), "lambda_balance")):
         with pytest.raises(ValueError, match=match):
-            mk.MarsRouter(D, E, K, **kw)
-    with pytest.raises(ValueError, match="lambda_imit"):
-        mk.MarsMoE(D, H, E, K, lambda_imit=float("nan"))
-    with pytest.raises(ValueError, match="lambda_align"):
-        mk.MarsMoE(D, H, E, K, lambda_align=-1.0)
-    with pytest.raises(ValueError, match="lambda_recon"):
-        mk.MarsMoE(D, H, E, K, lambda_recon=float("inf"))
+            mk.MarsMoE(D, H, E, K, mk.MarsConfig(**kw))
+    with pytest.raises(ValueError, match="activation"):
+        mk.MarsMoE(D, H, E, K, activation="tanh2")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_backends_agree_and_bf16_autocast_runs(backend):
     z_i, z_c, observed = _inputs()
-    kw = dict(num_modalities=M, mask_router=True, mask_experts=True, mix="prob")
-    ref, _ = _moe(**kw)(z_i, z_c, observed, mode="train", generator=torch.Generator().manual_seed(0))
-    out, _ = _moe(backend=backend, **kw)(z_i, z_c, observed, mode="train", generator=torch.Generator().manual_seed(0))
+    ref, _ = _moe(feature_input=TokensAndMask(M), mix="prob")(z_i, z_c, observed, mode="train",
+                                                             generator=torch.Generator().manual_seed(0))
+    out, _ = _moe(backend=backend, feature_input=TokensAndMask(M), mix="prob")(
+        z_i, z_c, observed, mode="train", generator=torch.Generator().manual_seed(0))
     assert_close(out, ref, torch.float32, backend)
-    moe = _moe(backend=backend, **kw)
+    moe = _moe(backend=backend, feature_input=TokensAndMask(M), mix="prob")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, aux = moe(z_i.bfloat16(), z_c.bfloat16(), observed, mode="train")
     assert y.dtype == torch.bfloat16 and torch.isfinite(aux["loss"])

@@ -1,7 +1,8 @@
-"""The options of the MARS research issue: several masks per step for every
-method, the fusion backbones and the backbone alone, the complete-pass
-distillation, the synthetic-missing dataset, the comparison statistics
-(paired intervals, specialisation NMI, heatmap order) and the CLI around them."""
+"""The MARS model layer's options: several masks per step for every method,
+the fusion backbones and the backbone alone, the per-modality heads and their
+vote, the method defaults, the synthetic-missing dataset, the comparison
+statistics (paired intervals, specialisation NMI, heatmap order) and the CLI
+around them."""
 import json
 import math
 
@@ -11,9 +12,11 @@ import torch
 from mars import cli
 from mars.config import ConfigError, ModelConfig, TrainConfig
 from mars.data import generate_missing, load_data, load_mfeat, make_missing, missing_shift
-from mars.model import BackboneModel, MarsModel, build_model, distillation, unimodal_loss, unimodal_vote
+from mars.methods import build_model
+from mars.model import BackboneModel, MarsModel, unimodal_loss, unimodal_vote
 from mars.stats import paired_interval, specialisation_nmi, t_quantile, usage_order
 from mars.train import train
+from helpers import model_config
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +29,10 @@ def _shapes(d):
     return {m: tuple(d.features[m].shape[1:]) for m in d.modalities}
 
 
-def _cfg(**kw):
+def _cfg(method="mars", **kw):
     base = dict(d_model=16, d_hidden=16, num_experts=4, fusion_heads=2, backend="cpu", dropout=0.0)
     base.update(kw)
-    return ModelConfig(**base)
+    return model_config(method, **base)
 
 
 def _batch(data, n=6, P=3, seed=0):
@@ -139,14 +142,9 @@ def test_cosine_lr_schedule_decays_per_step_to_zero(tmp_path, mfeat_small, monke
     with pytest.raises(ConfigError) as e:
         TrainConfig(lr_schedule="linear")
     assert e.value.field == "lr_schedule"
-    old = TrainConfig().to_dict()
-    del old["lr_schedule"]
-    assert TrainConfig.from_dict(old).lr_schedule == "constant"  # an older config.json
-    import argparse
-    p = argparse.ArgumentParser()
-    cli._train_args(p)
-    assert cli._config(p.parse_args([])).lr_schedule == "constant"
-    assert cli._config(p.parse_args(["--lr-schedule", "cosine"])).lr_schedule == "cosine"
+    assert TrainConfig.from_dict({"model": {"method": "mars"}}).lr_schedule == "constant"  # a version-1 config.json
+    assert cli.config_from_args([]).lr_schedule == "constant"
+    assert cli.config_from_args(["--lr-schedule", "cosine"]).lr_schedule == "cosine"
 
 
 # ------------------------------------------------------------------ backbones
@@ -171,7 +169,7 @@ def test_mars_on_every_backbone_trains_and_has_its_oracle(mfeat_small, backbone)
     out = model(feats, observed, avail, mode="train")
     loss, parts = model.loss(out, data.labels[:6])
     loss.backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("router.residual")), \
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("moe.router.residual")), \
         [n for n, p in model.named_parameters() if p.grad is None]
     model.eval()
     assert model(feats, observed[0], avail, mode="oracle").logits.shape == (6, data.num_classes)
@@ -183,33 +181,30 @@ def test_mars_on_every_backbone_trains_and_has_its_oracle(mfeat_small, backbone)
         bb(feats, observed[0], avail, mode="oracle")
 
 
-def test_marsmodel_is_one_marsmoe_with_the_earlier_parameter_names(mfeat_small):
+def test_marsmodel_is_one_marsmoe_and_loads_earlier_parameter_names(mfeat_small):
     data = mfeat_small[0]
     model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
-                        _cfg(mask_router=True, mask_experts=True))
+                        _cfg(feature_input="tokens+mask"))
     import mars_kernels as mk
-    assert isinstance(model.moe, mk.MarsMoE)
-    assert model.moe.router is model.router and model.moe.experts is model.experts
+    assert isinstance(model.moe, mk.MarsMoE) and model.moe.config == mk.MarsConfig()
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
-    assert names == {"encode", "fuse", "router", "experts", "mask_embed", "head"}
-    assert model.router.feature_router.weight.shape[1] == 16 + data.num_modalities
-    replacement = mk.Experts(16, 16, 4)
-    model.experts = replacement  # as expert parallelism does
-    assert model.moe.experts is replacement
-
-
-def test_distillation_part(mfeat_small):
-    data = mfeat_small[0]
-    feats, observed, avail = _batch(data)
-    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, _cfg(lambda_distill=2.0))
-    out = model(feats, observed, avail, mode="train")
-    _, parts = model.loss(out, data.labels[:6])
-    teacher = torch.softmax(out.aux["complete_logits"], 1).repeat(3, 1)
-    want = (teacher * (teacher.log() - torch.log_softmax(out.logits, 1))).sum(1).mean()
-    assert parts["distill"] == pytest.approx(2.0 * float(want.detach()), rel=1e-5)
-    assert float(distillation(out.aux["complete_logits"], out.aux["complete_logits"]).detach()) == pytest.approx(0.0, abs=1e-6)
-    _, parts0 = build_model(data.modalities, _shapes(data), data.num_classes, data.task, _cfg()).loss(out, data.labels[:6])
-    assert "distill" not in parts0
+    assert names == {"encode", "fuse", "moe", "head", "unimodal_heads"}
+    assert model.moe.router.feature_router.weight.shape[1] == 16 + data.num_modalities
+    # a state dict of an earlier release: the MoE's submodules at the top (and earlier still, the routers)
+    state = model.state_dict()
+    for prefix in ("router.", "feature_router."):
+        old = {(k.replace("moe.router.feature_router.", "feature_router.") if prefix == "feature_router."
+                else k.replace("moe.", "", 1)) if k.startswith("moe.") else k: v for k, v in state.items()}
+        old = {(k.replace("moe.", "", 1) if k.startswith("moe.") else k): v for k, v in old.items()}
+        assert any(k.startswith(prefix) for k in old)
+        fresh = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                            _cfg(feature_input="tokens+mask"))
+        fresh.load_state_dict(old)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    # parameters in the order of the earlier models (the optimiser state of a checkpoint depends on it)
+    order = [n for n, _ in model.named_parameters()]
+    assert order.index("moe.router.feature_router.weight") < order.index("moe.router.residual_router.weight") \
+        < order.index("moe.experts.w1") < order.index("head.weight")
 
 
 @pytest.mark.parametrize("method", ["mars", "moe"])
@@ -248,7 +243,8 @@ def test_unimodal_heads_classify_each_available_modality_alone(mfeat_small, meth
                         for b, m, i, j in keep]).mean()
     torch.testing.assert_close(unimodal_loss(lg, w, lab, ignore_index=-1), want)
     # off: no heads, no part; inference needs no heads' output
-    plain = build_model(data.modalities, _shapes(data), data.num_classes, data.task, _cfg(method=method))
+    plain = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                        _cfg(method=method, lambda_unimodal=0.0))
     assert not hasattr(plain, "unimodal_heads")
     assert "unimodal" not in plain.loss(plain(feats, observed, avail, mode="train"), labels)[1]
     model.eval()
@@ -256,13 +252,13 @@ def test_unimodal_heads_classify_each_available_modality_alone(mfeat_small, meth
 
 
 def test_new_options_are_validated():
-    for kw, field in ((dict(backbone="cnn"), "backbone"), (dict(mix="x"), "mix"), (dict(imitation="x"), "imitation"),
-                      (dict(lambda_distill=-1.0), "lambda_distill"), (dict(residual_dim=0), "residual_dim"),
-                      (dict(mix_scale=float("inf")), "mix_scale"), (dict(lambda_recon=-0.5), "lambda_recon"),
-                      (dict(lambda_unimodal=float("nan")), "lambda_unimodal"),
-                      (dict(lambda_unimodal=0.3, unimodal_vote=-1.0), "unimodal_vote"),
-                      (dict(lambda_unimodal=0.3, unimodal_vote=float("inf")), "unimodal_vote"),
-                      (dict(unimodal_vote=2.0), "unimodal_vote")):  # a vote without heads
+    for kw, field in ((dict(backbone="cnn"), "model.backbone"), (dict(lambda_unimodal=float("nan")), "model.lambda_unimodal"),
+                      (dict(lambda_unimodal=0.3, unimodal_vote=-1.0), "model.unimodal_vote"),
+                      (dict(lambda_unimodal=0.3, unimodal_vote=float("inf")), "model.unimodal_vote"),
+                      (dict(lambda_unimodal=0.3, unimodal_vote=1e300), "model.unimodal_vote"),  # bounded
+                      (dict(lambda_unimodal=0.0, unimodal_vote=2.0), "model.unimodal_vote"),  # a vote without heads
+                      (dict(mars={"mix": "x"}), "model.mars.mix"), (dict(mars={"mix_scale": float("inf")}), "model.mars.mix_scale"),
+                      (dict(research={"residual_input": "bottleneck"}), "model.research.residual_input")):
         with pytest.raises(ConfigError) as e:
             ModelConfig(**kw)
         assert e.value.field == field
@@ -270,9 +266,6 @@ def test_new_options_are_validated():
         with pytest.raises(ConfigError) as e:
             TrainConfig(masks_per_step=P)
         assert e.value.field == "masks_per_step"
-    old = TrainConfig().to_dict()
-    del old["masks_per_step"], old["model"]["backbone"], old["model"]["lambda_distill"]
-    assert TrainConfig.from_dict(old).masks_per_step == 1  # a config.json from before the options
 
 
 # ------------------------------------------------------------------ synthetic-missing data
@@ -286,7 +279,7 @@ def test_synthetic_missing_is_deterministic_balanced_and_complete():
     tr, va, te = make_missing(seed=1)
     assert (len(tr), len(va), len(te)) == (1440, 480, 480)
     assert abs(float(tr.features["m2"].mean())) < 1e-4  # standardised on train
-    tr0, _, _ = load_data("synthetic-missing", seed=1)
+    tr0, _, _ = load_data("synthetic-missing", seed=1, test_split="per-seed")
     assert torch.equal(tr0.features["m1"], tr.features["m1"])
     shift = missing_shift(torch.tensor([[True, False, True, False]]))
     assert shift.tolist() == [[False] * 4 + [True] * 4 + [False] * 4 + [True] * 4]
@@ -373,10 +366,11 @@ def statistics_mean(v):
 def test_cli_masks_backbones_eval_split_and_compare(tmp_path, capsys, monkeypatch):
     small = ["--epochs", "1", "--batch-size", "64", "--d-model", "16", "--d-hidden", "16", "--experts", "4",
              "--quiet", "--data", "synthetic-missing"]
-    assert cli.main(["train", *small, "--masks-per-step", "2", "--mask-router", "--lambda-distill", "1",
+    assert cli.main(["train", *small, "--masks-per-step", "2", "--feature-input", "tokens+mask",
                      "--backbone", "late", "--out", str(tmp_path / "run")]) == 0
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["masks_per_step"] == 2 and cfg["model"]["mask_router"] and cfg["model"]["backbone"] == "late"
+    assert cfg["masks_per_step"] == 2 and cfg["model"]["research"]["feature_input"] == "tokens+mask"
+    assert cfg["model"]["backbone"] == "late"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["specialisation_nmi"] <= 1.0
     capsys.readouterr()
@@ -395,16 +389,12 @@ def test_cli_masks_backbones_eval_split_and_compare(tmp_path, capsys, monkeypatc
 
 
 def test_masks_per_step_default_is_the_methods_own():
-    import argparse
-    p = argparse.ArgumentParser()
-    cli._train_args(p)
     for method, want in (("mars", 8), ("vanilla-moe", 1), ("late-fusion", 1), ("mce", 1), ("moe-retriever", 1)):
-        assert cli._config(p.parse_args(["--method", method])).masks_per_step == want, method
-        assert cli._config(p.parse_args(["--method", method, "--masks-per-step", "3"])).masks_per_step == 3
-    # mars compare: every row at its method's default, or all at the P given
-    a = p.parse_args([])
-    assert [cli._config(a, method=m).masks_per_step for m in ("mars", "moe", "late_fusion")] == [8, 1, 1]
-    assert TrainConfig().masks_per_step == 1  # the API default (and an older config.json's)
+        assert cli.config_from_args(["--method", method]).masks_per_step == want, method
+        assert cli.config_from_args(["--method", method, "--masks-per-step", "3"]).masks_per_step == 3
+    assert TrainConfig().masks_per_step == 8  # the API's default is MARS's
+    assert TrainConfig(model=ModelConfig(method="mce")).masks_per_step == 1  # and each method's its own
+    assert TrainConfig.from_dict({"model": {"method": "mars"}}).masks_per_step == 1  # a version-1 config.json
 
 
 def test_unimodal_heads_on_feature_maps_give_one_logit_map_per_modality():
@@ -427,18 +417,15 @@ def test_unimodal_heads_on_feature_maps_give_one_logit_map_per_modality():
 
 
 def test_lambda_unimodal_default_is_the_methods_own():
-    import argparse
-    p = argparse.ArgumentParser()
-    cli._train_args(p)
-    for method, want in (("mars", 0.3), ("vanilla-moe", 0.0), ("late-fusion", 0.0), ("mce", 0.0)):
-        assert cli._config(p.parse_args(["--method", method])).model.lambda_unimodal == want, method
-        assert cli._config(p.parse_args(["--method", method, "--lambda-unimodal", "0.7"])).model.lambda_unimodal == 0.7
-    a = p.parse_args([])
-    assert [cli._config(a, method=m).model.lambda_unimodal for m in ("mars", "moe")] == [0.3, 0.0]
-    assert ModelConfig().lambda_unimodal == 0.0  # the API default (and an older config.json's)
-    old = TrainConfig().to_dict()
-    del old["model"]["lambda_unimodal"]
-    assert TrainConfig.from_dict(old).model.lambda_unimodal == 0.0
+    for method, want in (("mars", 0.3), ("vanilla-moe", 0.0)):
+        assert cli.config_from_args(["--method", method]).model.lambda_unimodal == want, method
+        assert cli.config_from_args(["--method", method, "--lambda-unimodal", "0.7"]).model.lambda_unimodal == 0.7
+    for method in ("late-fusion", "mce"):  # a method without the heads refuses the option by name
+        with pytest.raises(ConfigError) as e:
+            cli.config_from_args(["--method", method, "--lambda-unimodal", "0.7"])
+        assert e.value.field == "model.lambda_unimodal" and "not used by" in e.value.message
+    assert ModelConfig().lambda_unimodal == 0.3 and ModelConfig(method="moe").lambda_unimodal == 0.0
+    assert TrainConfig.from_dict({"model": {"method": "mars"}}).model.lambda_unimodal == 0.0  # version 1
 
 
 @pytest.mark.parametrize("method", ["mars", "moe"])
@@ -452,7 +439,7 @@ def test_unimodal_vote_adds_the_observed_modalities_heads_at_inference(mfeat_sma
     model = build_model(data.modalities, _shapes(data), data.num_classes, data.task, cfg)
     torch.manual_seed(0)
     plain = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
-                        _cfg(method=method, lambda_unimodal=0.3))
+                        _cfg(method=method, lambda_unimodal=0.3, unimodal_vote=0.0))
     plain.load_state_dict(model.state_dict())
     model.eval(), plain.eval()
     h = model.encode(feats)  # [B, 1, M, D]
@@ -484,22 +471,21 @@ def test_unimodal_vote_adds_the_observed_modalities_heads_at_inference(mfeat_sma
 
 
 def test_unimodal_vote_default_is_the_methods_own_when_its_heads_are_on():
-    import argparse
-    p = argparse.ArgumentParser()
-    cli._train_args(p)
-    got = lambda *args: cli._config(p.parse_args(list(args))).model.unimodal_vote  # noqa: E731
+    got = lambda *args: cli.config_from_args(list(args)).model.unimodal_vote  # noqa: E731
     assert got() == 2.0 and got("--method", "mars") == 2.0
-    assert got("--method", "vanilla-moe") == 0.0 and got("--method", "mce") == 0.0
+    assert got("--method", "vanilla-moe") == 0.0
     assert got("--lambda-unimodal", "0") == 0.0  # the default vote follows the heads
     assert got("--unimodal-vote", "0.5") == 0.5
     assert got("--method", "vanilla-moe", "--lambda-unimodal", "0.3", "--unimodal-vote", "1") == 1.0
     with pytest.raises(ConfigError) as e:
-        cli._config(p.parse_args(["--lambda-unimodal", "0", "--unimodal-vote", "1"]))
-    assert e.value.field == "unimodal_vote"
-    assert ModelConfig().unimodal_vote == 0.0  # the API default (and an older config.json's)
-    old = TrainConfig(model=ModelConfig(lambda_unimodal=0.3)).to_dict()
-    del old["model"]["unimodal_vote"]
-    assert TrainConfig.from_dict(old).model.unimodal_vote == 0.0
+        cli.config_from_args(["--lambda-unimodal", "0", "--unimodal-vote", "1"])
+    assert e.value.field == "model.unimodal_vote"
+    with pytest.raises(ConfigError) as e:
+        cli.config_from_args(["--method", "mce", "--unimodal-vote", "1"])
+    assert e.value.field == "model.unimodal_vote"
+    assert ModelConfig().unimodal_vote == 2.0 and ModelConfig(lambda_unimodal=0.0).unimodal_vote == 0.0
+    v1 = {"model": {"method": "mars", "lambda_unimodal": 0.3}}
+    assert TrainConfig.from_dict(v1).model.unimodal_vote == 0.0  # a version-1 config.json meant no vote
 
 
 def test_the_backbone_example_runs():
@@ -518,11 +504,11 @@ def test_the_backbone_example_runs():
 
 
 def test_merge_compare_pairs_rows_from_several_directories(tmp_path):
-    """benchmarks/merge_compare.py: baselines and MARS from two compare runs -> one paired table."""
+    """experiments/merge_compare.py: baselines and MARS from two compare runs -> one paired table."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_compare.py"
+    path = Path(__file__).resolve().parents[1] / "experiments" / "merge_compare.py"
     spec = importlib.util.spec_from_file_location("merge_compare", path)
     merge = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(merge)
@@ -556,3 +542,62 @@ def test_merge_compare_pairs_rows_from_several_directories(tmp_path):
     (tmp_path / "b" / "compare.json").write_text(json.dumps({**head, "protocol": "fixed:0.5", "rows": {}, "command": ""}))
     with pytest.raises(SystemExit):
         merge.main([str(tmp_path / "out2.json"), str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def _research_script(name: str):
+    """A research script by file name (benchmarks/ now, experiments/ once they move)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = next(p for p in (root / d / f"{name}.py" for d in ("benchmarks", "experiments")) if p.exists())
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mars_screen_never_deletes_what_it_did_not_create(tmp_path):
+    """mars_screen.py NAME used to rmtree runs/screen/NAME/seedS unchecked: an absolute NAME or one with ..
+    deleted any folder named seed0. Names are one path component; an earlier run is replaced like --overwrite."""
+    from mars.data import write_feature_dir
+    from mars.rundir import RunFileError
+
+    screen = _research_script("mars_screen")
+    victim = tmp_path / "elsewhere" / "seed0"
+    victim.mkdir(parents=True)
+    (victim / "thesis.tex").write_text("keep")
+    for name in (str(tmp_path / "elsewhere"), "../../elsewhere", "a/b", ".hidden", "..", ""):
+        with pytest.raises(SystemExit, match="not a screen name"):
+            screen.main([name, "--seeds", "0", "--", "--epochs", "1"])
+    assert (victim / "thesis.tex").read_text() == "keep"
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(24) % 3
+    data = write_feature_dir(tmp_path / "d", {"features": {m: torch.randn(24, 4, generator=g) for m in "ab"},
+                                              "labels": labels, "num_classes": 3})
+    args = ["--data", str(data), "--epochs", "1", "--d-model", "8", "--d-hidden", "8", "--experts", "2",
+            "--batch-size", "16"]
+    with pytest.raises(RunFileError, match="not a mars run directory"):
+        screen.screen_seed(args, 0, victim)
+    assert sorted(p.name for p in victim.iterdir()) == ["thesis.tex"]
+    run = tmp_path / "runs" / "screen" / "x" / "seed0"
+    first = screen.screen_seed(args, 0, run)
+    again = screen.screen_seed(args, 0, run)  # an earlier screen's run: replaced
+    assert first["val_mean"] == again["val_mean"] and sorted(p.name for p in run.parent.iterdir()) == ["seed0"]
+
+
+def test_merge_compare_replaces_only_its_own_output(tmp_path):
+    merge = _research_script("merge_compare")
+    summary = {"seed": 0, "test_mean": 0.8, "test_by_size": {"1": 0.7, "2": 0.9}, "train_seconds": 1.0,
+               "parameters": 10, "method": "mars", "masks_per_step": 8}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "compare.json").write_text(json.dumps(
+        {"data": "mfeat", "protocol": "uniform", "epochs": 1, "rows": {"mars": [summary]}, "command": "mars a"}))
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    with pytest.raises(SystemExit):
+        merge.main([str(notes), str(tmp_path / "a")])
+    assert notes.read_text() == '{"mine": 1}'
+    out = tmp_path / "out.json"
+    assert merge.main([str(out), str(tmp_path / "a")]) == 0
+    assert merge.main([str(out), str(tmp_path / "a")]) == 0  # its own earlier table: replaced

@@ -6,13 +6,17 @@ import torch
 
 import mars_kernels as mk
 from helpers import assert_close
+from mars.research.router_inputs import DiffResidual
 
 D, E, K = 12, 5, 2
 
 
-def _router(**kw):
+def _router(*, backend="reference", residual_router=True, residual_input=None, **kw):
+    """A router with MarsConfig(**kw); mix "none" (the pure residual gate)
+    unless a test asks for another."""
     torch.manual_seed(0)
-    return mk.MarsRouter(D, E, K, backend=kw.pop("backend", "reference"), **kw)
+    return mk.MarsRouter(D, E, K, mk.MarsConfig(**{"mix": "none", **kw}), backend=backend,
+                         residual_router=residual_router, residual_input=residual_input)
 
 
 def _tokens(lead=(3, 4), seed=1):
@@ -39,7 +43,7 @@ def test_shapes_and_aux_keys(mode, routing):
 
 
 def test_residual_training_is_the_fused_op_on_the_routers_logits():
-    router = _router(residual_input="concat", noise="adaptive", sigma_0=0.7, sigma_max=0.9)
+    router = _router(noise="adaptive", sigma_0=0.7, sigma_max=0.9)
     z_i, z_c = _tokens()
     noise = torch.randn(12, E, generator=torch.Generator().manual_seed(5))
     r = router(z_i, z_c, mode="train", noise=noise)
@@ -58,12 +62,12 @@ def test_residual_training_is_the_fused_op_on_the_routers_logits():
 @pytest.mark.parametrize("noise,sigmas", [("adaptive", (0.7, 0.0)), ("constant", (0.0, 0.4)), ("none", (0.0, 0.0))])
 def test_noise_modes_pass_their_sigmas(noise, sigmas):
     router = _router(noise=noise, sigma_0=0.7, sigma_const=0.4)
-    assert router.sigmas() == sigmas
+    assert router.config.sigmas() == sigmas
     z_i, z_c = _tokens()
     eps = torch.randn(12, E, generator=torch.Generator().manual_seed(5))
     r = router(z_i, z_c, mode="train", noise=eps)
     l_f = router.feature_router(z_i.reshape(-1, D))
-    l_r = router.residual_router(router.residual(z_i, z_c).reshape(12, -1))
+    l_r = router.residual_router(router.residual_input(z_i, z_c).reshape(12, -1))
     _, idx, *_ = mk.mars_routing(l_r, l_f, K, sigma_0=sigmas[0], sigma_const=sigmas[1], sigma_max=1.0, noise=eps,
                                  backend="reference")
     assert torch.equal(r.indices.reshape(-1, K), idx)
@@ -140,19 +144,27 @@ def test_may_skip_parameters_and_feature_only_router():
         vanilla(z_i, z_c, mode="oracle")
     with pytest.raises(ValueError, match="routing must be 'feature'"):
         mk.MarsRouter(D, E, K, residual_router=False)
+    assert [n for n, _ in mk.MarsRouter(D, E, K, mk.MarsConfig(routing="feature"), residual_router=False)
+            .named_parameters()] == ["feature_router.weight", "feature_router.bias"]
 
 
 def test_options_and_validation():
-    mlp = _router(mlp=True, residual_input="diff")
+    mlp = _router(router_mlp=True, residual_input=DiffResidual())
     assert isinstance(mlp.feature_router, torch.nn.Sequential)
     assert mlp.residual_router[0].in_features == D  # diff: width D
     z_i, z_c = _tokens()
     assert mlp(z_i, z_c, mode="train").weights.shape == (3, 4, K)
-    for kw, match in ((dict(k=0), "k must be"), (dict(routing="x"), "routing must be"), (dict(noise="x"), "noise must be"),
-                      (dict(residual_input="x"), "residual_input must be"), (dict(sigma_0=-1.0), "sigma_0")):
-        args = dict(d_model=D, num_experts=E, k=K) | kw
+    with pytest.raises(ValueError, match="k must be"):
+        mk.MarsRouter(D, E, 0)
+    for kw, match in ((dict(routing="x"), "routing must be"), (dict(noise="x"), "noise must be"),
+                      (dict(mix="blend"), "mix must be"), (dict(sigma_0=-1.0), "sigma_0"),
+                      (dict(lambda_imit=float("nan")), "lambda_imit"), (dict(router_mlp=1), "router_mlp")):
         with pytest.raises(ValueError, match=match):
-            mk.MarsRouter(args.pop("d_model"), args.pop("num_experts"), args.pop("k"), **args)
+            mk.MarsConfig(**kw)
+    with pytest.raises(TypeError, match="config must be a MarsConfig"):
+        mk.MarsRouter(D, E, K, dict(routing="feature"))
+    with pytest.raises(TypeError, match="residual_input must be a mars_kernels RouterInput"):
+        mk.MarsRouter(D, E, K, residual_input="diff")
     with pytest.raises(ValueError, match="mode must be"):
         _router()(z_i, z_c, mode="test")
     with pytest.raises(ValueError, match="z_i must be"):
@@ -160,7 +172,7 @@ def test_options_and_validation():
 
 
 def test_agreement():
-    router = _router(residual_input="concat")
+    router = _router()
     with torch.no_grad():  # the residual router reads z_i exactly like the feature router: full agreement
         router.residual_router.weight.zero_()
         router.residual_router.weight[:, :D] = router.feature_router.weight

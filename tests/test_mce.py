@@ -12,10 +12,11 @@ from mars.baselines import mce as mce_mod
 from mars.baselines.shapley import batch_factors, shapley_matrix
 from mars.baselines.subsets import proper_subset_pairs, subset_table
 from mars.data import MissingnessProtocol, all_subsets, load_mfeat, make_segmentation
-from mars.model import ModelConfig, build_model
+from mars.config import ModelConfig
+from mars.methods import build_model
 from mars.train import TrainConfig
 
-from helpers import train_interrupted
+from helpers import train_interrupted, model_config
 
 
 def _subsets(M):
@@ -96,7 +97,7 @@ def _tiny_maps(seed=0, B=5):
 
 def _model(mods, shapes, task, **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(**{"method": "mce", "d_model": 8, "d_hidden": 16, "fusion_heads": 2, "dropout": 0.0, **kw})
+    cfg = model_config(**{"method": "mce", "d_model": 8, "d_hidden": 16, "fusion_heads": 2, "dropout": 0.0, **kw})
     return build_model(mods, shapes, 4, task, cfg)
 
 
@@ -179,8 +180,8 @@ def _looped_reference(model, feats, observed, labels, ignore_index, variant):
     task = F.cross_entropy(readout_batch(model, h, observed, maps), labels, ignore_index=ii)
     w = torch.tensor([a * bm for a, bm in zip(model.dataset_factor.tolist(), b_factor)])
     cfg = model.config
-    parts = {"task": task, "sub": cfg.lambda_sub * sub, "sep": cfg.lambda_sep * (w * sep).mean(),
-             "com": cfg.lambda_com * (w * com).sum()}
+    parts = {"task": task, "sub": cfg.mce.lambda_sub * sub, "sep": cfg.mce.lambda_sep * (w * sep).mean(),
+             "com": cfg.mce.lambda_com * (w * com).sum()}
     return sub_logits, parts, torch.tensor(b_factor), torch.tensor(phi)
 
 
@@ -312,7 +313,7 @@ def test_prepare_trains_teachers_caches_scores_and_keeps_the_global_rng(mfeat_sm
     shapes = {m: tuple(data.features[m].shape[1:]) for m in data.modalities}
     torch.manual_seed(0)
     model = build_model(data.modalities, shapes, data.num_classes, data.task,
-                        ModelConfig(method="mce", d_model=16, d_hidden=16, fusion_heads=2, mce_teacher_epochs=2))
+                        model_config(method="mce", d_model=16, d_hidden=16, fusion_heads=2, mce_teacher_epochs=2))
     before = [t.head.weight.clone() for t in model.teachers]
     rng = torch.get_rng_state()
     protocol = MissingnessProtocol.parse("rates:0.1,0.2,0.3,0.4,0.5,0.6")
@@ -332,7 +333,7 @@ def test_prepare_trains_teachers_caches_scores_and_keeps_the_global_rng(mfeat_sm
     fly = model.loss(model(feats, observed, mode="train"), data.labels[idx])[1]
     assert cached == fly
     # resume: only the cache is rebuilt, a_m off when mce_use_a is False
-    model.config.mce_use_a = False
+    model.config.mce.use_a = False
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     model.prepare(data, protocol=protocol, seed=3, resume=True, log=lambda *a: None)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items() if k != "dataset_factor")
@@ -340,7 +341,7 @@ def test_prepare_trains_teachers_caches_scores_and_keeps_the_global_rng(mfeat_sm
 
 
 def _tiny_run(epochs):
-    return TrainConfig(epochs=epochs, batch_size=32, model=ModelConfig(method="mce", d_model=16, d_hidden=16,
+    return TrainConfig(epochs=epochs, batch_size=32, model=model_config(method="mce", d_model=16, d_hidden=16,
                                                                         fusion_heads=2, mce_teacher_epochs=1))
 
 
@@ -360,7 +361,7 @@ def test_segmentation_feature_maps_train_step():
     shapes = {m: tuple(train_set.features[m].shape[1:]) for m in train_set.modalities}
     torch.manual_seed(0)
     model = build_model(train_set.modalities, shapes, 4, "segmentation",
-                        ModelConfig(method="mce", d_model=8, d_hidden=16, fusion_heads=2, mce_teacher_epochs=1))
+                        model_config(method="mce", d_model=8, d_hidden=16, fusion_heads=2, mce_teacher_epochs=1))
     model.prepare(train_set, protocol=MissingnessProtocol.parse("uniform"), seed=0, resume=False, log=lambda *a: None)
     idx = torch.arange(6)
     feats = {m: train_set.features[m][idx] for m in train_set.modalities}
@@ -376,4 +377,4 @@ def test_segmentation_feature_maps_train_step():
     model.eval()
     assert model(feats, observed).logits.shape == (6, 4, 8, 8)
     with pytest.raises(ValueError, match="segmentation"):
-        build_model(["a"], {"a": (5,)}, 4, "segmentation", ModelConfig(method="mce", d_model=8, fusion_heads=2))
+        build_model(["a"], {"a": (5,)}, 4, "segmentation", model_config(method="mce", d_model=8, fusion_heads=2))

@@ -9,10 +9,11 @@ import torch
 from mars.baselines.moe_retriever import MoERetrieverModel, RestrictedSMoE, allowed_experts
 from mars.baselines.supporting import ELIGIBLE, NONE, TARGET_ONLY, sample_supporting
 from mars.data import MultimodalDataset, load_mfeat, make_segmentation
-from mars.model import ModelConfig, build_model
+from mars.config import ModelConfig
+from mars.methods import build_model
 from mars.train import TrainConfig
 
-from helpers import train_interrupted
+from helpers import train_interrupted, model_config
 
 
 # ---------------------------------------------------------------- helpers
@@ -20,7 +21,7 @@ def _config(**kw):
     base = dict(method="moe_retriever", d_model=16, d_hidden=32, fusion_heads=2, dropout=0.0, backend="cpu",
                 retriever_candidates=3, retriever_shared=2, retriever_k=2)
     base.update(kw)
-    return ModelConfig(**base)
+    return model_config(**base)
 
 
 def _incomplete_data(n=60, M=5, maps=False, seed=0):
@@ -177,7 +178,7 @@ def test_full_k_without_noise_is_the_dense_softmax_mixture():
 def _looped_logits(model, feats, observed, groups):
     """The paper variant one (sample, target) pair at a time, eval mode."""
     cfg, r = model.config, model.retriever
-    alpha = cfg.retriever_alpha
+    alpha = cfg.retriever.alpha
     h = model.encode.with_missing(model.encode(feats), observed)  # [B, N, M, D]
     b_all, t_all = model.missing_pairs(observed)
     allowed = r.smoe.allowed
@@ -194,7 +195,7 @@ def _looped_logits(model, feats, observed, groups):
             seq = x[:, n][None]  # [1, S, D]
             normed = r.norm(seq)
             z = (seq + r.attn(normed, normed, normed, need_weights=False)[0])[0]  # [S, D]
-            top = (z @ r.smoe.w_gate[:, allowed[t]]).topk(cfg.retriever_k, dim=1)
+            top = (z @ r.smoe.w_gate[:, allowed[t]]).topk(cfg.retriever.k, dim=1)
             gates = torch.softmax(top.values, dim=1)  # [S, k]
             ones = torch.ones(len(z), 1)
             dense = torch.stack([r.smoe.experts(z, ones, e.expand(len(z), 1)) for e in allowed[t]], 1)  # [S, A, D]

@@ -83,9 +83,13 @@ def test_gradcheck_float64(backend):
     x, wg, wn, noise = _inputs(9, 4, 6, torch.float64, "cpu", seed=2)
     for t in (x, wg, wn):
         t.requires_grad_(True)
+    # Under the Triton interpreter every call is slow: the fast gradcheck (random
+    # projections of the Jacobian) checks the same backward kernels at k = 1, 2, E.
+    fast = backend == "triton"
     for k in (1, 2, 6):
         f = lambda a, b, c: mk.noisy_topk_gating(a, b, c, k, training=True, noise=noise, backend=backend)  # noqa: E731
-        assert torch.autograd.gradcheck(lambda a, b, c: tuple(f(a, b, c)[j] for j in (0, 2, 3)), (x, wg, wn))
+        assert torch.autograd.gradcheck(lambda a, b, c: tuple(f(a, b, c)[j] for j in (0, 2, 3)), (x, wg, wn),
+                                        fast_mode=fast)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

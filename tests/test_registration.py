@@ -221,3 +221,32 @@ def test_torch_compile_fullgraph_triton_backend():
     torch.testing.assert_close(y2, y)
     for p, g in zip(layer.parameters(), grads):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_torch_compile_dynamic_fullgraph_of_the_noisy_ops_and_layers():
+    """dynamic=True passes float arguments as symbolic numbers and sizes as
+    symbols: the argument checks (no math.isfinite on a SymFloat) and the
+    random draws (randn/rand with symbolic sizes) must trace. (aot_eager:
+    Dynamo's full-graph capture and the fake/autograd tracing are what is
+    tested; inductor's code generation is tested elsewhere.)"""
+    torch.manual_seed(0)
+    x, wg, wn = torch.randn(16, 8), torch.randn(8, 4, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    noisy = torch.compile(lambda x, wg, wn, eps: mk.noisy_topk_gating(x, wg, wn, 2, training=True, noise_eps=eps),
+                          dynamic=True, fullgraph=True, backend="aot_eager")
+    w, idx, importance, load = noisy(x, wg, wn, 0.01)
+    assert w.shape == (16, 2) and idx.shape == (16, 2) and importance.shape == (4,)
+    (w.sum() + load.sum()).backward()
+    assert wg.grad is not None
+    routing = torch.compile(lambda a, b, s: mk.mars_routing(a, b, 2, sigma_0=s, sigma_max=1.0),
+                            dynamic=True, fullgraph=True, backend="aot_eager")
+    assert routing(torch.randn(16, 4), torch.randn(16, 4), 0.5)[0].shape == (16, 2)
+    moe = torch.compile(mk.SparseMoE(8, 16, 4, 2, router="noisy").train(), dynamic=True, fullgraph=True, backend="aot_eager")
+    for n in (5, 7):  # a second size: the symbolic shape is reused
+        y, aux = moe(torch.randn(3, n, 8))
+        assert y.shape == (3, n, 8)
+    mars = torch.compile(mk.MarsMoE(8, 16, 4, 2).train(), dynamic=True, fullgraph=True, backend="aot_eager")
+    for n in (5, 9):
+        y, aux = mars(torch.randn(n, 8), torch.randn(n, 8))
+        assert y.shape == (n, 8) and torch.isfinite(aux["loss"])
+    with pytest.raises(ValueError, match="noise_eps must be a finite number > 0"):
+        mk.noisy_topk_gating(x, wg, wn, 2, training=True, noise_eps=float("inf"))

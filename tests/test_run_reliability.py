@@ -22,13 +22,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import model_config
 from mars import cli, rundir
 from mars import train as train_mod
 from mars.config import ConfigError, ModelConfig, TrainConfig
 from mars.data import load_feature_dir, read_feature_dir, write_feature_dir
-from mars.train import train
+from mars.train import run_data, train
 
 MODEL = ["--d-model", "8", "--d-hidden", "8", "--experts", "2", "--batch-size", "16", "--quiet"]
+MODEL_ANY = ["--d-model", "8", "--d-hidden", "8", "--batch-size", "16", "--quiet"]  # options every method reads
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -117,11 +119,11 @@ def test_malicious_checkpoint_runs_nothing_on_eval_or_resume(run, tmp_path, wher
 
 
 def test_usage_file_and_checkpoints_of_every_method_load_with_weights_only(data_dir, tmp_path):
-    splits = load_feature_dir(data_dir)
     for method in ("mars", "moe", "late_fusion", "moe_retriever", "mce"):
-        cfg = TrainConfig(data=str(data_dir), epochs=1, batch_size=16, model=ModelConfig(
+        cfg = TrainConfig(data=str(data_dir), epochs=1, batch_size=16, model=model_config(
             method=method, d_model=8, d_hidden=8, num_experts=2, fusion_heads=2, mce_teacher_epochs=1,
             retriever_candidates=2, retriever_shared=1, retriever_k=2))
+        splits = run_data(cfg)  # the data `mars eval` loads for the run
         out = tmp_path / method
         train(cfg, out, data=splits, progress=False, log=lambda *a, **k: None)
         state = rundir.load_checkpoint(out / "checkpoint.pt", resume=True)
@@ -157,7 +159,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(run, data_dir
         real_loop(r)
 
     monkeypatch.setattr(train_mod, "_epoch_loop", loop)
-    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--method", "late-fusion", *MODEL, "--out", run,
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--method", "late-fusion", *MODEL_ANY, "--out", run,
                      "--overwrite")
     assert code == 0, err
     assert seen["old intact"] and seen["building in"].parent == run.parent and seen["building in"] != run
@@ -205,7 +207,7 @@ def test_out_must_be_a_usable_new_directory(tmp_path, data_dir, monkeypatch):
 
 def test_compare_refuses_an_existing_out_unless_overwrite(tmp_path, data_dir):
     out = tmp_path / "cmp"
-    args = ["compare", "--data", data_dir, "--epochs", "1", *MODEL, "--seeds", "1", "--methods", "late-fusion",
+    args = ["compare", "--data", data_dir, "--epochs", "1", *MODEL_ANY, "--seeds", "1", "--methods", "late-fusion",
             "--out", out]
     code, err = mars(*args)
     assert code == 0, err
@@ -222,7 +224,7 @@ def test_compare_refuses_an_existing_out_unless_overwrite(tmp_path, data_dir):
 def _ddp_onto_existing_run(rank, world, root, overwrite):
     from mars.distributed import DistContext
 
-    cfg = TrainConfig(data=str(Path(root) / "d"), epochs=1, batch_size=16, model=ModelConfig(
+    cfg = TrainConfig(data=str(Path(root) / "d"), epochs=1, batch_size=16, model=model_config(
         method="late_fusion", d_model=8, d_hidden=8, num_experts=2))
     try:
         result = train(cfg, Path(root) / "run", progress=False, log=lambda *a, **k: None,
@@ -289,7 +291,7 @@ def test_empty_test_split_is_refused_before_training(tmp_path):
 
 def test_train_refuses_empty_splits_given_in_memory(tmp_path, data_dir):
     tr, va, te = load_feature_dir(data_dir)
-    cfg = TrainConfig(epochs=1, model=ModelConfig(d_model=8, d_hidden=8, num_experts=2))
+    cfg = TrainConfig(epochs=1, model=model_config(d_model=8, d_hidden=8, num_experts=2))
     with pytest.raises(ValueError, match="the validation split is empty"):
         train(cfg, tmp_path / "run", data=(tr, va.subset(torch.arange(0)), te), progress=False)
     assert not (tmp_path / "run").exists()
@@ -322,7 +324,9 @@ CORRUPTIONS = {
     "config invalid JSON": ("config.json", lambda p: p.write_text('{"epochs": 1,'), "invalid JSON"),
     "config wrong type": ("config.json", _config_edit(epochs="1"), "epochs: expected int"),
     "config out of range": ("config.json", _config_edit(lr=-1.0), "lr: must be a finite number > 0"),
-    "config other method": ("config.json", _config_edit(method="late_fusion"), "model.method: 'late_fusion' here"),
+    "config other method": ("config.json", _config_edit(method="late_fusion"),
+                            "model.num_experts: is not used by late-fusion"),
+    "config other precision": ("config.json", _config_edit(precision="bf16"), "precision: 'bf16' here"),
     "config unknown key": ("config.json", _config_edit(colour="blue"), "unknown keys ['colour']"),
     "config deleted": ("config.json", lambda p: p.unlink(), "file not found"),
     "config binary": ("config.json", lambda p: p.write_bytes(b"\xff\xfe\x00"), "not UTF-8"),
@@ -423,11 +427,14 @@ def test_resume_refuses_other_options_and_extends_with_epochs(run, capsys):
     (dict(weight_decay=float("nan")), "weight_decay"), (dict(weight_decay=-1.0), "weight_decay"),
     (dict(seed=-1), "seed"), (dict(seed=2**70), "seed"), (dict(epochs=True), "epochs"),
     (dict(model=dict(dropout=float("nan"))), "model.dropout"), (dict(model=dict(dropout=1.0)), "model.dropout"),
-    (dict(model=dict(lambda_imit=float("inf"))), "model.lambda_imit"),
-    (dict(model=dict(lambda_balance=-5.0)), "model.lambda_balance"),
-    (dict(model=dict(lambda_gate=float("nan"))), "model.lambda_gate"),
-    (dict(model=dict(sigma_0=float("inf"))), "model.sigma_0"), (dict(model=dict(sigma_max=-1.0)), "model.sigma_max"),
-    (dict(model=dict(sigma_const=float("nan"))), "model.sigma_const"),
+    (dict(model=dict(mars=dict(lambda_imit=float("inf")))), "model.mars.lambda_imit"),
+    (dict(model=dict(mars=dict(lambda_balance=-5.0))), "model.mars.lambda_balance"),
+    (dict(model=dict(method="moe_retriever", retriever=dict(lambda_gate=float("nan")))), "model.retriever.lambda_gate"),
+    (dict(model=dict(mars=dict(sigma_0=float("inf")))), "model.mars.sigma_0"),
+    (dict(model=dict(mars=dict(sigma_max=-1.0))), "model.mars.sigma_max"),
+    (dict(model=dict(mars=dict(sigma_const=float("nan")))), "model.mars.sigma_const"),
+    (dict(model=dict(lambda_unimodal=10**400)), "model.lambda_unimodal"),
+    (dict(model=dict(method="mce", mars=dict(sigma_0=2.0))), "model.mars.sigma_0"),  # an option mce does not read
     (dict(model=dict(num_experts=0)), "model.num_experts"), (dict(model=dict(fusion_heads=0)), "model.fusion_heads"),
 ])
 def test_config_values_must_be_finite_and_in_range(kwargs, field):
@@ -594,3 +601,319 @@ def test_fuzz_damaged_run_directories_never_give_a_traceback(base_run, tmp_path,
                 assert_error(code, err)
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+# -------------------------------------------------- 12. hostile data for every method
+def _tiny(method: str) -> list[str]:
+    """The small-run options that ``method`` reads (an option it does not read is refused)."""
+    extra = {"mars": ["--experts", "2"], "vanilla-moe": ["--experts", "2"], "mce": ["--mce-teacher-epochs", "1"],
+             "moe-retriever": ["--retriever-candidates", "2", "--retriever-shared", "1", "--retriever-k", "2"]}
+    return MODEL_ANY + extra.get(method, [])
+ALL_METHODS = ("mars", "vanilla-moe", "late-fusion", "moe-retriever", "mce", "backbone")
+
+
+def test_a_modality_name_with_a_dot_trains_and_evaluates_with_every_method(tmp_path):
+    data = _tiny_data(n=24)
+    data["features"] = {"audio.v2": data["features"]["a"], "audio_v2": data["features"]["b"]}
+    d = Path(write_feature_dir(tmp_path / "d", data))
+    for method in ALL_METHODS:
+        out = tmp_path / method
+        code, err = mars("train", "--data", d, "--epochs", "1", *_tiny(method), "--method", method, "--out", out)
+        assert code == 0, (method, err)
+        state = rundir.load_checkpoint(out / "checkpoint.pt", resume=False)
+        assert any("audio%2Ev2" in k for k in state["best"]["state"]), method  # the escaped module name
+        code, err = mars("eval", out)
+        assert code == 0, (method, err)
+
+
+def test_a_segmentation_batch_with_only_ignored_pixels_adds_zero_loss(tmp_path):
+    from mars.components import cross_entropy
+
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    ignored = torch.full((2, 4, 4), 255)
+    loss = cross_entropy(logits, ignored, 255)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    some = ignored.clone()
+    some[0, :2] = 1
+    expected = torch.nn.functional.cross_entropy(logits, some, ignore_index=255)
+    assert torch.allclose(cross_entropy(logits, some, 255), expected)  # the mean over labelled pixels, as before
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.arange(24) % 3)[:, None, None].repeat(1, 4, 4)
+    labels[::2] = 255  # half the samples have no labelled pixel: batch size 1 meets them
+    d = Path(write_feature_dir(tmp_path / "seg", {
+        "features": {m: torch.randn(24, 2, 4, 4, generator=g) for m in ("a", "b")}, "labels": labels,
+        "num_classes": 3, "task": "segmentation", "ignore_index": 255}))
+    for method in ("mars", "mce"):
+        code, err = mars("train", "--data", d, "--epochs", "1", *_tiny(method), "--batch-size", "1", "--method", method,
+                         "--out", tmp_path / method)
+        assert code == 0, (method, err)
+
+
+# -------------------------------------------------- 13. limits checked up front, bounded plots
+def _many_modalities(root: Path, M: int) -> Path:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(24) % 3
+    feats = {f"m{i}": torch.randn(24, 2, generator=g) + labels[:, None].float() for i in range(M)}
+    return Path(write_feature_dir(root, {"features": feats, "labels": labels, "num_classes": 3}))
+
+
+def test_too_many_modalities_are_refused_before_anything_is_written(tmp_path):
+    d = _many_modalities(tmp_path / "d21", 21)
+    code, err = mars("train", "--data", d, "--epochs", "1", *MODEL, "--out", tmp_path / "run")
+    assert_error(code, err, str(d), "21 modalities", "at most 20")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_expert_usage_heatmap_is_bounded_for_many_missing_patterns(tmp_path):
+    import struct
+    import time
+
+    from mars.plots import MAX_USAGE_ROWS, plot_usage
+
+    patterns = 2**14 - 1  # 14 modalities
+    g = torch.Generator().manual_seed(0)
+    counts = (torch.rand(patterns, 8, generator=g) * 10).round()
+    counts[123] = 1000  # the pattern with the most tokens is shown
+    usage = (counts / counts.sum(1, keepdim=True).clamp(min=1)).tolist()
+    names = [f"p{i}" for i in range(patterns)]
+    start = time.time()
+    plot_usage(usage, names, tmp_path / "u.png", title="t", counts=counts.tolist())
+    assert time.time() - start < 20
+    width, height = struct.unpack(">II", (tmp_path / "u.png").read_bytes()[16:24])  # the PNG's IHDR
+    assert height <= 120 * (0.14 * MAX_USAGE_ROWS + 2) and width < 2000
+    plot_usage(usage[:5], names[:5], tmp_path / "small.png")  # few patterns: all shown, as before
+
+
+# -------------------------------------------------- 14. output that is not UTF-8
+def test_a_non_utf8_data_path_prints_on_a_strict_utf8_stdout(tmp_path, data_dir, monkeypatch):
+    name = os.fsdecode(b"d\xffata")  # a surrogate escape, as sys.argv holds it
+    shutil.copytree(data_dir, tmp_path / name)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdout", stdout)
+    code = cli.main(["train", "--data", str(tmp_path / name), "--epochs", "1", *MODEL, "--out", str(tmp_path / "run")])
+    assert code == 0
+    stdout.flush()
+    assert b"d\\udcffata" in stdout.buffer.getvalue() and b"run directory:" in stdout.buffer.getvalue()
+    assert (tmp_path / "run" / "score_by_observed.png").exists() and (tmp_path / "run" / "expert_usage.png").exists()
+
+
+# -------------------------------------------------- 15. one writer per run directory
+def test_a_second_writer_is_refused_with_the_holders_pid(run, data_dir, tmp_path):
+    before = snapshot(run)
+    held = rundir.RunLock.acquire(run)  # another writer (a second open file description: flock conflicts)
+    try:
+        for args in (["train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", run, "--overwrite"],
+                     ["train", "--resume", run, "--epochs", "2", "--quiet"]):
+            code, err = mars(*args)
+            assert_error(code, err, f"mars: error: {run} is in use by process {os.getpid()}")
+        assert snapshot(run) == before and siblings(run) == []
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        held_empty = rundir.RunLock.acquire(empty)  # a new run starting there
+        code, err = mars("train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", empty)
+        assert_error(code, err, f"{empty} is in use by process {os.getpid()}")
+        held_empty.release()
+    finally:
+        held.release()
+    code, err = mars("train", "--resume", run, "--epochs", "2", "--quiet")
+    assert code == 0, err
+    assert rundir.load_checkpoint(run / "checkpoint.pt", resume=True)["epoch"] == 2
+
+
+def test_concurrent_train_and_overwrite_and_a_killed_writers_lock(data_dir, tmp_path):
+    """The reliability issue's repro: a run training in another process; --overwrite (and --resume) of it
+    are refused with its PID instead of mixing two runs' files; once it is killed, its lock blocks nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "ow"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mars.cli", "train", "--data", str(data_dir), "--epochs", "100000",
+                             *MODEL, "--out", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not (run / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.1)
+        code, err = mars("train", "--data", data_dir, "--epochs", "2", "--seed", "5", *MODEL, "--out", run, "--overwrite")
+        assert_error(code, err, f"{run} is in use by process {proc.pid}")
+        code, err = mars("train", "--resume", run, "--quiet")
+        assert_error(code, err, f"{run} is in use by process {proc.pid}")
+        assert json.loads((run / "config.json").read_text())["seed"] == 0 and siblings(run) == []
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    done = rundir.load_checkpoint(run / "checkpoint.pt", resume=True)["epoch"]
+    code, err = mars("train", "--resume", run, "--epochs", done + 1, "--quiet")  # the dead process's lock: no block
+    assert code == 0, err
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--seed", "5", *MODEL, "--out", run, "--overwrite")
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["seed"] == 5 and siblings(run) == []
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_overwrite_is_one_atomic_exchange(run, data_dir, monkeypatch):
+    calls = []
+    real = rundir._exchange
+
+    def exchange(a, b):
+        calls.append((a.parent, b))
+        return real(a, b)
+
+    monkeypatch.setattr(rundir, "_exchange", exchange)
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--seed", "3", *MODEL, "--out", run, "--overwrite")
+    assert code == 0, err
+    assert calls == [(run.parent, run)]
+    assert json.loads((run / "config.json").read_text())["seed"] == 3 and siblings(run) == []
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL between the two renames (no handler runs for it)."""
+
+
+@pytest.mark.parametrize("next_command", ["eval", "resume", "overwrite"])
+def test_an_overwrite_killed_between_its_renames_is_completed_by_the_next_command(run, data_dir, monkeypatch,
+                                                                                  next_command):
+    # where renameat2(RENAME_EXCHANGE) is unavailable the swap is two renames under a journal
+    monkeypatch.setattr(rundir, "_exchange", lambda a, b: False)
+    real_rename, seen = os.rename, []
+
+    def rename(src, dst):
+        seen.append(Path(dst))
+        if len(seen) == 3:  # 1: the journal into place, 2: the old run aside, 3: the new run in
+            raise _Killed()
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(rundir.os, "rename", rename)
+    with pytest.raises(_Killed):
+        mars("train", "--data", data_dir, "--epochs", "1", "--seed", "7", *MODEL, "--out", run, "--overwrite")
+    monkeypatch.setattr(rundir.os, "rename", real_rename)
+    assert not run.exists()  # no run at --out: both runs only in hidden siblings, and the journal
+    assert any(n.startswith(".run.old-") for n in siblings(run)) and ".run.swap" in siblings(run)
+    args = {"eval": ["eval", run], "resume": ["train", "--resume", run, "--epochs", "2", "--quiet"],
+            "overwrite": ["train", "--data", data_dir, "--epochs", "1", "--seed", "8", *MODEL, "--out", run,
+                          "--overwrite"]}[next_command]
+    code, err = mars(*args)
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["seed"] == (8 if next_command == "overwrite" else 7)
+    assert siblings(run) == []
+
+
+def test_recovery_of_every_interrupted_swap_state(tmp_path):
+    def make(state):
+        root = tmp_path / state
+        root.mkdir()
+        target, old, new = root / "run", root / ".run.old-0000000a", root / ".run.new-0000000b"
+        for d, seed in ((target, 0), (old, 0), (new, 1)):
+            d.mkdir()
+            (d / "config.json").write_text(json.dumps({"seed": seed}))
+        (root / ".run.swap").write_text(json.dumps({"target": "run", "old": old.name, "new": new.name}))
+        return root, target, old, new
+
+    cases = {"before the first rename": lambda t, o, n: shutil.rmtree(o),
+             "between the renames": lambda t, o, n: shutil.rmtree(t),
+             "after the second rename": lambda t, o, n: (shutil.rmtree(t), n.rename(t)),
+             "the new run gone": lambda t, o, n: (shutil.rmtree(t), shutil.rmtree(n))}
+    for state, damage in cases.items():
+        root, target, old, new = make(state.replace(" ", "_"))
+        damage(target, old, new)
+        assert rundir.recover_interrupted_swap(target)
+        want = 0 if state == "the new run gone" else 1
+        assert json.loads((target / "config.json").read_text())["seed"] == want, state
+        assert sorted(os.listdir(root)) == ["run"], state
+    # a journal naming anything but the run's own siblings is refused, not followed
+    root, target, old, new = make("hostile")
+    (root / ".run.swap").write_text(json.dumps({"target": "run", "old": "../../etc", "new": new.name}))
+    with pytest.raises(rundir.RunFileError, match="not a replacement journal"):
+        rundir.recover_interrupted_swap(target)
+    assert old.exists() and new.exists()
+
+
+def test_out_through_a_symlink_writes_at_its_target_and_keeps_the_link(base_run, data_dir, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    shutil.copytree(base_run, real / "run")
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "run"
+    link.symlink_to(real / "run")
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", "--seed", "4", *MODEL, "--out", link, "--overwrite")
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(real / "run")
+    assert json.loads((real / "run" / "config.json").read_text())["seed"] == 4
+    assert sorted(os.listdir(real)) == ["run"] and sorted(os.listdir(tmp_path / "links")) == ["run"]
+    (real / "fresh").mkdir()
+    (tmp_path / "links" / "fresh").symlink_to(real / "fresh")
+    code, err = mars("train", "--data", data_dir, "--epochs", "1", *MODEL, "--out", tmp_path / "links" / "fresh")
+    assert code == 0, err
+    assert (real / "fresh" / "checkpoint.pt").exists() and (tmp_path / "links" / "fresh").is_symlink()
+
+
+def test_compare_overwrite_accepts_its_own_expert_usage_plots(tmp_path, data_dir):
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", data_dir, "--epochs", "1", *MODEL, "--seeds", "1", "--methods", "mars", "--out", out]
+    code, err = mars(*args)
+    assert code == 0, err
+    assert (out / "expert_usage_mars.png").exists()
+    code, err = mars(*args, "--overwrite")
+    assert code == 0, err
+    assert (out / "expert_usage_mars.png").exists() and siblings(out) == []
+    (out / "expert_usage_notes.txt").write_text("mine")  # not a compare file: still refused
+    code, err = mars(*args, "--overwrite")
+    assert_error(code, err, str(out), "not a mars compare directory")
+
+
+# -------------------------------------------------- 16. the run's data: absolute, fingerprinted
+def test_eval_and_resume_read_the_runs_data_from_any_directory_and_refuse_changed_data(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_feature_dir(a / "data", _tiny_data(seed=0))
+    write_feature_dir(b / "data", _tiny_data(seed=1))  # another folder's data/
+    monkeypatch.chdir(a)
+    code, err = mars("train", "--data", "data", "--epochs", "1", *MODEL, "--out", "run")
+    assert code == 0, err
+    assert json.loads((a / "run" / "config.json").read_text())["data"] == str(a / "data")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["eval", "run"]) == 0
+    here = out.getvalue().splitlines()[0].split(" mean over subsets ")[1]
+    monkeypatch.chdir(b)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["eval", str(a / "run")]) == 0
+    assert out.getvalue().splitlines()[0].split(" mean over subsets ")[1] == here  # a's data, not b's
+    # the data changed after training: eval and resume refuse it, naming the data
+    x = np.load(a / "data" / "a.npy")
+    x[0, 0] += 1e-3
+    np.save(a / "data" / "a.npy", x)
+    for args in (["eval", a / "run"], ["train", "--resume", a / "run", "--epochs", "2", "--quiet"]):
+        code, err = mars(*args)
+        assert_error(code, err, f"{a / 'data'}: is not the data the run", "fingerprint")
+
+
+def test_a_run_without_a_fingerprint_is_checked_by_its_standardisation(run, data_dir, tmp_path, monkeypatch):
+    # a run from before fingerprints: a relative --data in config.json, no fingerprint in the checkpoint
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["data_fingerprint"]
+    config = json.loads((run / "config.json").read_text())
+    config["data"] = state["config"]["data"] = "data"
+    torch.save(state, run / "checkpoint.pt")
+    (run / "config.json").write_text(json.dumps(config))
+    shutil.copytree(data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    code, err = mars("eval", run)
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "data")
+    write_feature_dir(tmp_path / "data", _tiny_data(seed=3))  # another data/ in this folder
+    for args in (["eval", run], ["train", "--resume", run, "--epochs", "2", "--quiet"]):
+        code, err = mars(*args)
+        assert_error(code, err, "data: is not the data the run", "differs")
+
+
+def test_resume_of_a_folder_that_is_no_run_leaves_no_lock_file(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
+    code, err = mars("train", "--resume", tmp_path / "notes", "--quiet")
+    assert_error(code, err, str(tmp_path / "notes" / "config.json"), "file not found")
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]

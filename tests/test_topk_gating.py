@@ -5,7 +5,7 @@ import torch
 import mars_kernels as mk
 from helpers import ALL_DTYPES, assert_close, backend_params, make_logits, cpu_backends
 
-# (T, E, k): DESIGN 5 edge shapes: T = 0 and 1, T off the block size, E = 1,
+# (T, E, k): the edge shapes of docs/design.md section 5: T = 0 and 1, T off the block size, E = 1,
 # prime E, E = 160 and 257, k = 1 and k = E.
 SHAPES = [
     (0, 8, 2),

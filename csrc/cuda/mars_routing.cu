@@ -1,4 +1,4 @@
-// MARS training-time routing CUDA kernels (DESIGN 2.3), forward and backward.
+// MARS training-time routing CUDA kernels (docs/design.md section 2.3), forward and backward.
 //
 // CUDA runtime only (no torch headers): compiles with a plain `nvcc -c`. The
 // torch-facing glue is mars_routing_binding.cpp; the op contract is beside the

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 class LateFusion(MethodModel):
     """Late-fusion baseline: the same encoders and missing-modality embeddings,
     one classifier per modality, logits averaged over the M modalities (missing
-    ones through their learned embedding). No MoE.
+    ones through their learned embedding; ``config.late_fusion.average="all"``)
+    or over the observed ones only (``"observed"``). No MoE.
 
     forward(features {m: [B, d_m] or [B, C_m, H, W]}, observed [B, M] bool,
     available=None (unused), mode="train" | "eval" (the same computation)) ->
@@ -52,7 +53,12 @@ class LateFusion(MethodModel):
             h = self.encode.with_missing(h.repeat(P, 1, 1, 1), observed.reshape(-1, observed.shape[-1]))
         else:
             h = self.encode.with_missing(h, observed)  # [B, N, M, D]
-        logits = torch.stack([head(h[:, :, m]) for m, head in enumerate(self.heads)], dim=2).mean(dim=2)
+        per_modality = torch.stack([head(h[:, :, m]) for m, head in enumerate(self.heads)], dim=2)  # [B', N, M, K]
+        if self.config.late_fusion.average == "observed":
+            w = observed.reshape(-1, observed.shape[-1]).to(per_modality.dtype)[:, None, :, None]  # [B', 1, M, 1]
+            logits = (per_modality * w).sum(dim=2) / w.sum(dim=2).clamp(min=1)
+        else:
+            logits = per_modality.mean(dim=2)
         B, N, K = logits.shape
         if self.map_size is None:
             return Output(logits.mean(dim=1), {})

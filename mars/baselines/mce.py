@@ -172,7 +172,7 @@ class MCEModel(MethodModel):
         masks, column_of_code = subset_table(M)
         self.register_buffer("subset_masks", masks, persistent=False)
         self.register_buffer("column_of_code", column_of_code, persistent=False)
-        self.register_buffer("shapley_weights", shapley_matrix(M, config.mce_shapley).float(), persistent=False)
+        self.register_buffer("shapley_weights", shapley_matrix(M, config.mce.shapley).float(), persistent=False)
         self.register_buffer("dataset_factor", torch.ones(M))  # a_m, set by prepare
         self.register_buffer("teacher_correct", torch.zeros(0, M), persistent=False)  # [N_train, M], set by prepare
 
@@ -239,7 +239,9 @@ class MCEModel(MethodModel):
         if mode == "eval":
             return Output(logits, {})
         sample, column = proper_subset_pairs(observed, self.subset_masks)
-        sub_completed = self.complete(self.tokens(h[sample], self.subset_masks[column]))  # [P, N, M, D]
+        # index_select, not h[sample]: the backward of advanced indexing with repeated
+        # indices accumulates with atomics on CPU threads (bitwise run-to-run noise)
+        sub_completed = self.complete(self.tokens(h.index_select(0, sample), self.subset_masks[column]))  # [P, N, M, D]
         aux = {
             "observed": observed, "completed": completed, "sub_sample": sample, "sub_column": column,
             "sub_completed": sub_completed, "sub_logits": self.readout(sub_completed),
@@ -288,7 +290,7 @@ class MCEModel(MethodModel):
             t_logits = aux["teacher_logits"]
             teacher = per_sample_score(t_logits.flatten(0, 1), labels.repeat_interleave(M, dim=0), ignore_index).view(B, M)
         lce = batch_factors(correct, observed, teacher, self.shapley_weights)
-        if not self.config.mce_use_b:
+        if not self.config.mce.use_b:
             lce["b"] = torch.ones_like(lce["b"])
         return {"task": task, "sub": sub, "sep": sep, "com": com, "a": self.dataset_factor, **lce}
 
@@ -298,8 +300,8 @@ class MCEModel(MethodModel):
         lambda_sub * L_sub with w_m = a_m * b_m (no gradient)."""
         cfg = self.config
         w = (terms["a"] * terms["b"]).detach().to(terms["sep"].dtype)
-        return {"task": terms["task"], "sub": cfg.lambda_sub * terms["sub"],
-                "sep": cfg.lambda_sep * (w * terms["sep"]).mean(), "com": cfg.lambda_com * (w * terms["com"]).sum()}
+        return {"task": terms["task"], "sub": cfg.mce.lambda_sub * terms["sub"],
+                "sep": cfg.mce.lambda_sep * (w * terms["sep"]).mean(), "com": cfg.mce.lambda_com * (w * terms["com"]).sum()}
 
     def loss(self, out: Output, labels: Tensor, ignore_index: int | None = None) -> tuple[Tensor, dict]:
         """Total loss and its parts (floats). Eval outputs give the task CE only."""
@@ -319,7 +321,7 @@ class MCEModel(MethodModel):
         if list(train_set.modalities) != self.modalities:
             raise ValueError(f"train_set modalities {list(train_set.modalities)} differ from the model's {self.modalities}")
         M = len(self.modalities)
-        if self.config.mce_use_a:
+        if self.config.mce.use_a:
             rates = torch.tensor(protocol.expected_missing_rates(M), dtype=torch.float64)
             self.dataset_factor.copy_((1.0 / (1.0 - rates)).to(self.dataset_factor.dtype))
         else:
@@ -349,7 +351,7 @@ class MCEModel(MethodModel):
                     continue
                 teacher.requires_grad_(True).train()
                 opt = torch.optim.Adam(teacher.parameters(), lr=TEACHER_LR)
-                for _ in range(self.config.mce_teacher_epochs):
+                for _ in range(self.config.mce.teacher_epochs):
                     perm = rows[torch.randperm(rows.numel(), generator=gen)]
                     for start in range(0, perm.numel(), TEACHER_BATCH):
                         idx = perm[start : start + TEACHER_BATCH]

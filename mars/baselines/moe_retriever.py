@@ -132,8 +132,8 @@ class ContextRetriever(nn.Module):
         d = config.d_model
         self.norm = nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, config.fusion_heads, dropout=config.dropout, batch_first=True)
-        self.smoe = RestrictedSMoE(d, config.d_hidden, num_modalities, config.retriever_candidates,
-                                   config.retriever_shared, config.retriever_k, config.activation, config.backend)
+        self.smoe = RestrictedSMoE(d, config.d_hidden, num_modalities, config.retriever.candidates,
+                                   config.retriever.shared, config.retriever.k, config.activation, config.backend)
 
     def forward(self, intra, intra_valid, inter, inter_valid, target, alpha: float, training: bool,
                 noise: Tensor | None = None):
@@ -180,7 +180,7 @@ class MoERetrieverModel(MethodModel):
         d = config.d_model
         self.encode = ModalityEncoders(modalities, shapes, d, config.dropout)
         self.fuse = ModalityAttentionFusion(d, config.fusion_heads, config.dropout, config.backend)
-        self.retriever = ContextRetriever(config, len(modalities)) if config.retriever_variant == "paper" else None
+        self.retriever = ContextRetriever(config, len(modalities)) if config.retriever.variant == "paper" else None
         self.head = nn.Linear(d, num_classes)
         self.map_size = self.encode.map_size
         self.shapes = {m: tuple(shapes[m]) for m in modalities}
@@ -237,7 +237,7 @@ class MoERetrieverModel(MethodModel):
     @property
     def retrieving(self) -> bool:
         epoch = int(self.epoch)
-        return epoch < 0 or epoch >= self.config.retriever_warmup
+        return epoch < 0 or epoch >= self.config.retriever.warmup
 
     # ------------------------------------------------------------- pieces
     def _encode_modality(self, m: int, x: Tensor) -> Tensor:
@@ -327,7 +327,7 @@ class MoERetrieverModel(MethodModel):
         if self.retriever is None:
             intra_mean = intra.sum(1) / groups.valid.sum(1).clamp(min=1)[:, None, None]
             inter_mean = (inter * inter_valid[:, :, None, None]).sum(1) / inter_valid.sum(1)[:, None, None]
-            retrieved = (1 - cfg.retriever_alpha) * intra_mean + cfg.retriever_alpha * inter_mean
+            retrieved = (1 - cfg.retriever.alpha) * intra_mean + cfg.retriever.alpha * inter_mean
         else:
             retrieved, balance, indices = self._run_retriever(intra, groups.valid, inter, inter_valid, t, mode, gate_noise)
             if mode == "train":
@@ -338,7 +338,7 @@ class MoERetrieverModel(MethodModel):
         return flat.reshape(B, M, N, D).transpose(1, 2), aux
 
     def _run_retriever(self, intra, intra_valid, inter, inter_valid, target, mode, gate_noise):
-        alpha, training = self.config.retriever_alpha, mode == "train"
+        alpha, training = self.config.retriever.alpha, mode == "train"
         if training:
             return self.retriever(intra, intra_valid, inter, inter_valid, target, alpha, True, gate_noise)
         if gate_noise is not None:
@@ -369,5 +369,5 @@ class MoERetrieverModel(MethodModel):
         """CE + lambda_gate * balance (paper variant) and its parts as floats."""
         parts = {"task": cross_entropy(out.logits, labels, ignore_index)}
         if "balance" in out.aux:
-            parts["balance"] = self.config.lambda_gate * out.aux["balance"]
+            parts["balance"] = self.config.retriever.lambda_gate * out.aux["balance"]
         return total_and_parts(parts)

@@ -14,7 +14,7 @@ from .missingness import (
     subset_masks,
     subset_name,
 )
-from .sources import BUILTIN_SOURCES, load_data
+from .sources import BUILTIN_SOURCES, data_fingerprint, load_data, resolve_source
 from .splits import (
     DEFAULT_FRACTIONS,
     Standardizer,
@@ -30,7 +30,7 @@ from .synthetic_missing import generate_missing, make_missing, missing_shift
 __all__ = [
     "BUILTIN_SOURCES", "DEFAULT_FRACTIONS", "MFEAT_VIEWS", "PROTOCOL_NAMES",
     "DataFormatError", "MissingnessProtocol", "MultimodalDataset", "Standardizer",
-    "all_subsets", "concat_datasets", "generate_missing", "generate_segmentation", "load_data", "load_feature_dir",
+    "all_subsets", "concat_datasets", "data_fingerprint", "resolve_source", "generate_missing", "generate_segmentation", "load_data", "load_feature_dir",
     "load_mfeat", "make_missing", "make_segmentation", "missing_shift", "parse_protocol", "read_feature_dir", "read_meta",
     "read_mfeat", "split_dataset", "split_sizes", "standardize_splits", "stratified_split",
     "stratify_keys", "subset_masks", "subset_name", "write_feature_dir",

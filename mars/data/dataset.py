@@ -257,6 +257,15 @@ class MultimodalDataset:
             available=self.available[idx],
         )
 
+    def with_available(self, available: Tensor) -> "MultimodalDataset":
+        """A copy in which only ``available`` [N, M] bool (a subset of the
+        current availability) is available; the other entries' features
+        become 0 (checked like a new dataset)."""
+        available = torch.as_tensor(available, dtype=torch.bool, device=self.available.device)
+        if available.shape != self.available.shape:
+            raise ValueError(f"available must have shape {list(self.available.shape)}, got {list(available.shape)}")
+        return replace(self, features=dict(self.features), available=available & self.available)
+
     def to(self, device: torch.device | str) -> "MultimodalDataset":
         """A copy with every tensor on ``device`` (the standardizer stays as is)."""
         return replace(

@@ -43,7 +43,8 @@ or with one folder per split, each holding one array file per modality::
 
 ``<modality>.npy``: float array (any float dtype; read as float32) of shape
 ``[N, d]`` (a feature vector per sample, e.g. pooled encoder features) or
-``[N, C, H, W]`` (a feature map). All map modalities share ``H, W``; for
+``[N, C, H, W]`` (a feature map); either every modality is a vector or every
+one is a map (the model fuses them token by token). All maps share ``H, W``; for
 segmentation every modality is a map of the label maps' ``H, W``. Values of
 unavailable entries are ignored (NaN allowed there) and set to 0. In the
 split-folder layout N is the split's size and the per-sample shapes agree
@@ -79,7 +80,11 @@ and MCubeS (4 modalities, 20 materials) as downsampled feature maps with
 Every error raised while reading (missing/unreadable/malformed file, wrong
 shape or dtype, N mismatch, bad JSON, bad split indices) is a
 ``DataFormatError`` whose message starts with the offending file's path and
-says what was expected.
+says what was expected. Hostile files are read safely: JSON nested too deeply,
+an integer of more digits than Python converts, a ``.npy`` header whose shape
+and dtype do not match the bytes after it (checked before anything is
+allocated), an object array (never unpickled), a FIFO or directory named like
+a data file are all such errors.
 """
 from __future__ import annotations
 
@@ -95,7 +100,7 @@ import torch
 from .dataset import MultimodalDataset, concat_datasets
 from .errors import DataFormatError
 from .benchmarks import benchmark_spec, check_meta_against_benchmark
-from .splits import DEFAULT_FRACTIONS, SPLIT_NAMES, standardize_splits, stratified_split, stratify_keys
+from .splits import DEFAULT_FRACTIONS, SPLIT_NAMES, split_indices, standardize_splits, stratified_split, stratify_keys
 
 META_FILE = "meta.json"
 LABELS_FILE = "labels.npy"
@@ -103,14 +108,31 @@ AVAILABLE_FILE = "available.npy"
 SPLITS_FILE = "splits.json"
 REQUIRED_META = ("task", "modalities", "num_classes")
 OPTIONAL_META = ("ignore_index", "bona_fide_class", "benchmark", "name", "description", "class_names")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 _RESERVED = {"labels", "available", "meta", "splits"}
+MAX_NUM_CLASSES = 2**62  # labels are int64; a model that large is refused later by the memory check
+MAX_NPY_HEADER = 10000  # bytes, numpy's own default limit
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    """``repr(x)`` cut to ``limit`` characters (values from hostile files can be huge)."""
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _regular_file(path: str, what: str) -> None:
+    """``path`` is an existing regular file (a directory, FIFO or device named
+    like a data file is refused: reading a FIFO would block)."""
+    if os.path.isfile(path):
+        return
+    if os.path.lexists(path):
+        raise DataFormatError(f"is not a regular file (a directory, FIFO, device or broken link); expected {what}", path)
+    raise DataFormatError(f"file not found; expected {what}", path)
 
 
 # ---------------------------------------------------------------- reading
 def _read_json(path: str, what: str) -> Any:
-    if not os.path.isfile(path):
-        raise DataFormatError(f"file not found; expected {what}", path)
+    _regular_file(path, what)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -118,19 +140,66 @@ def _read_json(path: str, what: str) -> Any:
         raise DataFormatError(f"invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected {what}", path) from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataFormatError(f"cannot read ({e}); expected {what}", path) from None
+    except RecursionError:
+        raise DataFormatError(f"JSON nested too deeply to read; expected {what}", path) from None
+    except (ValueError, MemoryError) as e:  # e.g. an integer of more digits than Python converts
+        raise DataFormatError(f"invalid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              f"expected {what}", path) from None
+
+
+def _check_npy_header(path: str, what: str) -> None:
+    """The .npy header's shape and dtype describe exactly the bytes the file
+    holds after it, checked before anything is allocated (a 128-byte file
+    whose header claims 10^11 elements would otherwise ask for 745 GiB). An
+    .npz archive (a zip file) is left to ``np.load``, which reports it."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if f.read(2) == b"PK":
+                return
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=MAX_NPY_HEADER)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=MAX_NPY_HEADER)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            offset = f.tell()
+    except OSError as e:
+        raise DataFormatError(f"cannot read ({e.strerror or e}); expected {what}", path) from None
+    except Exception as e:  # noqa: BLE001 - any malformed header (ValueError, SyntaxError, RecursionError ...)
+        text = str(e).strip().splitlines()
+        raise DataFormatError(f"not a readable .npy array (bad header: {text[0][:200] if text else type(e).__name__}); "
+                              f"expected {what}", path) from None
+    if dtype.hasobject:
+        raise DataFormatError(f"holds Python objects (dtype {dtype}), which are never loaded; expected {what}", path)
+    count = 1
+    for d in shape:
+        count *= d
+    need, have = count * dtype.itemsize, size - offset
+    if any(d < 0 for d in shape) or need != have:
+        raise DataFormatError(f"its header declares shape {_short(tuple(shape))} of dtype {dtype} ({need:,} bytes of "
+                              f"data), but the file holds {have:,} bytes after the header; truncated or corrupt? "
+                              f"expected {what}", path)
 
 
 def _read_npy(path: str, what: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise DataFormatError(f"file not found; expected {what}", path)
+    _regular_file(path, what)
+    _check_npy_header(path, what)
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataFormatError(f"not a readable .npy array ({e}); expected {what}", path) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, MemoryError) as e:
+        raise DataFormatError(f"not a readable .npy array ({_first(e)}); expected {what}", path) from None
     if not isinstance(arr, np.ndarray):  # an .npz archive renamed to .npy
         arr.close()
         raise DataFormatError(f"is an .npz archive, not a single .npy array; expected {what}", path)
     return arr
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def _is_int(x: Any) -> bool:
@@ -153,36 +222,44 @@ def read_meta(path: str | os.PathLike, benchmark: str | None = None) -> dict:
     if unknown:
         raise DataFormatError(f"unknown key {unknown[0]!r}; allowed keys: {', '.join(REQUIRED_META + OPTIONAL_META)}", file)
     if meta["task"] not in ("classification", "segmentation"):
-        raise DataFormatError(f'"task" must be "classification" or "segmentation", got {meta["task"]!r}', file)
+        raise DataFormatError(f'"task" must be "classification" or "segmentation", got {_short(meta["task"])}', file)
     mods = meta["modalities"]
     if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
-        raise DataFormatError(f'"modalities" must be a non-empty list of names, got {mods!r}', file)
+        raise DataFormatError(f'"modalities" must be a non-empty list of names, got {_short(mods)}', file)
     for m in mods:
-        if not _NAME_RE.match(m) or m in _RESERVED:
+        if not _NAME_RE.fullmatch(m) or m in _RESERVED or m in (".", ".."):
             raise DataFormatError(
-                f'modality name {m!r} is not usable as a file name <modality>.npy; use letters, digits, "_", ".", "-" '
-                f"and none of {sorted(_RESERVED)}", file)
+                f'modality name {_short(m)} is not usable as a file name <modality>.npy; use letters, digits, "_", '
+                f'".", "-" and none of {sorted(_RESERVED)}', file)
     if len(set(mods)) != len(mods):
-        raise DataFormatError(f'"modalities" must be unique, got {mods}', file)
-    if not _is_int(meta["num_classes"]) or meta["num_classes"] < 1:
-        raise DataFormatError(f'"num_classes" must be an integer >= 1, got {meta["num_classes"]!r}', file)
+        raise DataFormatError(f'"modalities" must be unique, got {_short(mods)}', file)
+    if not _is_int(meta["num_classes"]) or not 1 <= meta["num_classes"] <= MAX_NUM_CLASSES:
+        raise DataFormatError(f'"num_classes" must be an integer in [1, 2**62], got {_short(meta["num_classes"])}', file)
     ign = meta.get("ignore_index")
     if ign is not None:
         if meta["task"] != "segmentation":
             raise DataFormatError('"ignore_index" is only allowed for "task": "segmentation"', file)
-        if not _is_int(ign) or 0 <= ign < meta["num_classes"]:
-            raise DataFormatError(f'"ignore_index" must be an integer outside [0, {meta["num_classes"]}), got {ign!r}', file)
+        if not _is_int(ign) or 0 <= ign < meta["num_classes"] or not -2**63 <= ign < 2**63:
+            raise DataFormatError(f'"ignore_index" must be an int64 outside [0, {meta["num_classes"]}), got '
+                                  f'{_short(ign)}', file)
     names = meta.get("class_names")
     if names is not None and (not isinstance(names, list) or len(names) != meta["num_classes"] or not all(isinstance(s, str) for s in names)):
         raise DataFormatError(f'"class_names" must be a list of {meta["num_classes"]} strings', file)
     bona = meta.get("bona_fide_class")
     if bona is not None and (meta["task"] != "classification" or meta["num_classes"] != 2 or bona not in (0, 1)
                              or not _is_int(bona)):
-        raise DataFormatError(f'"bona_fide_class" must be 0 or 1 for a 2-class classification task, got {bona!r}', file)
+        raise DataFormatError(f'"bona_fide_class" must be 0 or 1 for a 2-class classification task, got {_short(bona)}', file)
+    for key in ("benchmark", "name", "description"):
+        if key in meta and not isinstance(meta[key], str):
+            raise DataFormatError(f'"{key}" must be a string, got {_short(meta[key])}', file)
     if benchmark is not None:
         declared = meta.setdefault("benchmark", benchmark)
-        if benchmark_spec(declared) != benchmark_spec(benchmark):
-            raise DataFormatError(f'"benchmark" is {declared!r}, but the data was loaded as {benchmark!r}', file)
+        try:
+            same = benchmark_spec(declared) == benchmark_spec(benchmark)
+        except ValueError as e:
+            raise DataFormatError(f'"benchmark": {e}', file) from None
+        if not same:
+            raise DataFormatError(f'"benchmark" is {_short(declared)}, but the data was loaded as {benchmark!r}', file)
     if "benchmark" in meta:
         spec = check_meta_against_benchmark(meta, file)
         if spec.bona_fide_class is not None:
@@ -196,7 +273,7 @@ def _read_splits(file: str, n: int) -> tuple[list[int], list[int], list[int]]:
     if not isinstance(obj, dict):
         raise DataFormatError(f"expected {what}, got a JSON {type(obj).__name__}", file)
     if set(obj) != set(SPLIT_NAMES):
-        raise DataFormatError(f"expected exactly the keys train, val, test, got {sorted(obj)}", file)
+        raise DataFormatError(f"expected exactly the keys train, val, test, got {_short(sorted(obj))}", file)
     seen: dict[int, str] = {}
     out = []
     for s in SPLIT_NAMES:
@@ -205,7 +282,7 @@ def _read_splits(file: str, n: int) -> tuple[list[int], list[int], list[int]]:
             raise DataFormatError(f'"{s}" must be a list of integer indices', file)
         for i in idx:
             if not 0 <= i < n:
-                raise DataFormatError(f'"{s}" has index {i}, out of range: expected indices in [0, {n}) (N from {LABELS_FILE})', file)
+                raise DataFormatError(f'"{s}" has index {_short(i)}, out of range: expected indices in [0, {n}) (N from {LABELS_FILE})', file)
             if i in seen:
                 where = "twice in" if seen[i] == s else f'in both "{seen[i]}" and'
                 raise DataFormatError(f'index {i} appears {where} "{s}"; expected every index in at most one split, once', file)
@@ -274,7 +351,7 @@ def _read_available(folder: str, n: int, mods: list[str]) -> torch.Tensor | None
 def _read_features(folder: str, meta: dict, labels: np.ndarray, avail: torch.Tensor | None) -> dict[str, torch.Tensor]:
     task, n = meta["task"], labels.shape[0]
     features = {}
-    spatial = None
+    spatial = kind = None
     for j, m in enumerate(meta["modalities"]):
         f = os.path.join(folder, f"{m}.npy")
         want = "float [N, C, H, W]" if task == "segmentation" else "float [N, d] or [N, C, H, W]"
@@ -285,6 +362,13 @@ def _read_features(folder: str, meta: dict, labels: np.ndarray, avail: torch.Ten
             raise DataFormatError(f"shape {list(x.shape)}; expected {want}", f)
         if x.shape[0] != n:
             raise DataFormatError(f"{x.shape[0]} samples; expected N = {n} (from labels.npy)", f)
+        if kind is not None and (x.ndim == 4) != (kind[1] == 4):
+            this, other = ("a feature map [N, C, H, W]", "vectors [N, d]") if x.ndim == 4 else \
+                ("vectors [N, d]", "feature maps [N, C, H, W]")
+            raise DataFormatError(f"shape {list(x.shape)} is {this}, but {kind[0]}.npy holds {other}; expected every "
+                                  "modality to be vectors or every one feature maps (the model fuses them token by "
+                                  "token)", f)
+        kind = kind or (m, x.ndim)
         if x.ndim == 4:
             hw = tuple(x.shape[2:])
             if task == "segmentation" and hw != tuple(labels.shape[1:]):
@@ -377,23 +461,28 @@ def _read_split_folders(root: str, meta: dict, name: str, seed: int):
 
 def load_feature_dir(
     path: str | os.PathLike, seed: int = 0, standardize: bool = True, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    benchmark: str | None = None,
+    benchmark: str | None = None, test_seed: int | None = None,
 ) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
     """(train, val, test) from a feature directory: its split folders or
-    ``splits.json`` if present, else ``stratified_split(fractions, seed)``;
+    ``splits.json`` if present, else ``split_indices(fractions, seed,
+    test_seed)`` (the test split fixed by ``test_seed`` unless None);
     with ``standardize``, per-modality standardisation fitted on train.
     ``benchmark`` checks the directory against that benchmark's spec."""
     data, idx = read_feature_dir(path, seed=seed, benchmark=benchmark)
     if idx is None:
         file = os.path.join(os.fspath(path), LABELS_FILE)
-        idx = [t.tolist() for t in stratified_split(stratify_keys(data.labels, data.ignore_index), fractions, seed)]
+        idx = [t.tolist() for t in split_indices(stratify_keys(data.labels, data.ignore_index), fractions, seed,
+                                                 test_seed)]
         if not idx[2]:
             raise DataFormatError(f"{len(data)} samples are too few for a train/val/test split of {tuple(fractions)}: the "
                                   f"test split would be empty; expected more samples or a {SPLITS_FILE}", file)
         idx = _with_val(data.labels, data.ignore_index, idx, seed, file)
     splits = tuple(data.subset(torch.as_tensor(i, dtype=torch.long)) for i in idx)
     if standardize:
-        splits = standardize_splits(*splits)
+        try:
+            splits = standardize_splits(*splits)
+        except DataFormatError as e:  # values that do not standardise: name the directory
+            raise DataFormatError(str(e), path) from None
     return splits  # type: ignore[return-value]
 
 

@@ -66,12 +66,15 @@ def _read_mfeat(path: str) -> MultimodalDataset:
 
 
 def load_mfeat(
-    seed: int = 0, standardize: bool = True, fractions: Sequence[float] = DEFAULT_FRACTIONS
+    seed: int = 0, standardize: bool = True, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    test_seed: int | None = None,
 ) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
-    """(train, val, test) of mfeat: stratified 1200/400/400 split fixed by
-    ``seed``; with ``standardize``, per-feature standardisation fitted on train
-    (the ``Standardizer`` is in each split's ``.standardizer``)."""
-    splits = split_dataset(read_mfeat(), fractions, seed)
+    """(train, val, test) of mfeat: stratified 1200/400/400 split
+    (:func:`mars.data.splits.split_indices`: the test split fixed by
+    ``test_seed``, or with None drawn by ``seed`` too); with ``standardize``,
+    per-feature standardisation fitted on train (the ``Standardizer`` is in
+    each split's ``.standardizer``)."""
+    splits = split_dataset(read_mfeat(), fractions, seed, test_seed)
     if standardize:
         splits = standardize_splits(*splits)
     return splits  # type: ignore[return-value]

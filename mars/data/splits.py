@@ -154,11 +154,41 @@ def stratified_split(
     return out  # type: ignore[return-value]
 
 
+def fixed_test_split(
+    keys: Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0, test_seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Like :func:`stratified_split`, but the test split is fixed by
+    ``test_seed`` whatever ``seed`` is: the test samples are drawn first
+    (stratified, ``test_seed``), then the rest is split into train and val
+    (stratified, ``seed``). Every seed of a run then meets the same test
+    samples, and its validation samples are never another seed's test ones."""
+    keys = torch.as_tensor(keys).long().cpu().flatten()
+    n = keys.numel()
+    sizes = split_sizes(n, fractions)  # the sizes of stratified_split, whatever the seeds
+    if n == 0 or sizes[0] + sizes[1] == 0:
+        return stratified_split(keys, fractions, test_seed)
+    pool, _, test = stratified_split(keys, ((n - sizes[2]) / n, 0.0, sizes[2] / n), test_seed)
+    share = sizes[0] / (sizes[0] + sizes[1])
+    tr, va, _ = stratified_split(keys[pool], (share, 1.0 - share, 0.0), seed)
+    return pool[tr], pool[va], test
+
+
+def split_indices(keys: Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+                  test_seed: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(train, val, test) indices: :func:`fixed_test_split` with ``test_seed``,
+    or with None the split of earlier releases, all three drawn by ``seed``
+    (:func:`stratified_split`)."""
+    if test_seed is None:
+        return stratified_split(keys, fractions, seed)
+    return fixed_test_split(keys, fractions, seed, test_seed)
+
+
 def split_dataset(
-    data: MultimodalDataset, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0
+    data: MultimodalDataset, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+    test_seed: int | None = None,
 ) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
-    """``stratified_split`` of a dataset into (train, val, test) datasets."""
-    idx = stratified_split(stratify_keys(data.labels, data.ignore_index), fractions, seed)
+    """:func:`split_indices` of a dataset into (train, val, test) datasets."""
+    idx = split_indices(stratify_keys(data.labels, data.ignore_index), fractions, seed, test_seed)
     return tuple(data.subset(i) for i in idx)  # type: ignore[return-value]
 
 
@@ -221,6 +251,17 @@ class Standardizer:
             mean = self.mean[m].to(x.device, x.dtype).view(shape)
             std = self.std[m].to(x.device, x.dtype).view(shape)
             y = (x - mean) / std
+            if not bool(torch.isfinite(y).all()):  # x - mean overflowed (finite values near the dtype's limit)
+                y = ((x.double() - self.mean[m].to(x.device).double().view(shape))
+                     / self.std[m].to(x.device).double().view(shape)).to(x.dtype)
+                bad = ~torch.isfinite(y).flatten(1).all(dim=1) & torch.isfinite(x).flatten(1).all(dim=1)
+                if bool(bad.any()):
+                    i = int(bad.nonzero()[0])
+                    raise DataFormatError(
+                        f"{data.name + ': ' if data.name else ''}modality {m!r}: sample {i} (of {int(bad.sum())}) is "
+                        f"too far from the training mean to standardise in {x.dtype} (its values reach "
+                        f"{float(x[i].abs().max()):.3g}, the training split's std is as small as "
+                        f"{float(self.std[m].min()):.3g}); expected features on a scale the training split shares")
             keep = data.available[:, j].view(-1, *([1] * (x.dim() - 1)))
             feats[m] = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
         return replace(data, features=feats, standardizer=self)

@@ -140,14 +140,19 @@ def make_segmentation(
     *,
     standardize: bool = True,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    test_seed: int | None = None,
     **kwargs,
 ) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
     """(train, val, test) of ``generate_segmentation(n, size, num_modalities,
-    num_classes, seed, **kwargs)``, split by ``stratified_split`` on each map's
-    dominant class with the same ``seed``, per-channel standardised on train
-    when ``standardize``."""
-    data = generate_segmentation(n, size, num_modalities, num_classes, seed, **kwargs)
-    splits = split_dataset(data, fractions, seed)
+    num_classes, data seed, **kwargs)``, split on each map's dominant class by
+    ``seed`` (:func:`mars.data.splits.split_indices`), per-channel
+    standardised on train when ``standardize``. With ``test_seed`` None (the
+    earlier releases) the data themselves are drawn by ``seed`` too; with a
+    ``test_seed`` they are drawn by it, so every seed meets the same data and
+    the same test split."""
+    data = generate_segmentation(n, size, num_modalities, num_classes, seed if test_seed is None else test_seed,
+                                 **kwargs)
+    splits = split_dataset(data, fractions, seed, test_seed)
     if standardize:
         splits = standardize_splits(*splits)
     return splits  # type: ignore[return-value]

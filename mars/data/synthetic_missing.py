@@ -122,14 +122,16 @@ def make_missing(
     data_seed: int = 0,
     standardize: bool = True,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    test_seed: int | None = None,
     **kwargs,
 ) -> tuple[MultimodalDataset, MultimodalDataset, MultimodalDataset]:
     """(train, val, test) of ``generate_missing(n, num_modalities, num_classes,
     data_seed, **kwargs)``: the same data for every run (like the embedded
-    mfeat), split stratified by ``seed`` (the run's seed), standardised per
-    feature on train when ``standardize``."""
+    mfeat), split stratified by ``seed`` (the run's seed; the test split
+    fixed by ``test_seed`` unless None, :func:`mars.data.splits.split_indices`),
+    standardised per feature on train when ``standardize``."""
     data = generate_missing(n, num_modalities, num_classes, data_seed, **kwargs)
-    splits = split_dataset(data, fractions, seed)
+    splits = split_dataset(data, fractions, seed, test_seed)
     if standardize:
         splits = standardize_splits(*splits)
     return splits  # type: ignore[return-value]

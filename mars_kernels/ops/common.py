@@ -1,11 +1,11 @@
-"""Rules every op shares, written once: the dtype routing math runs in and the
-selection order of top-k. Used by the pure-PyTorch twins, the fake
-implementations and the Triton launchers alike."""
+"""Rules every op shares, written once: the dtype routing math runs in, the
+selection order of top-k, and how random draws are made. Used by the
+pure-PyTorch twins, the fake implementations and the Triton launchers alike."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_dtype", "topk_order"]
+__all__ = ["compute_dtype", "topk_order", "randn", "rand"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -21,3 +21,19 @@ def topk_order(values: torch.Tensor, m: int) -> torch.Tensor:
     """
     key = torch.where(torch.isnan(values), torch.full_like(values, float("inf")), values)
     return torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :m]
+
+
+def _generator(generator: torch.Generator | None) -> dict:
+    # Passed only when given: under torch.compile(dynamic=True) the generator
+    # overload of randn/rand (even with None) needs concrete sizes.
+    return {} if generator is None else {"generator": generator}
+
+
+def randn(*size, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    """``torch.randn(*size, generator=generator, **kwargs)``, traceable with symbolic sizes."""
+    return torch.randn(*size, **_generator(generator), **kwargs)
+
+
+def rand(*size, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    """``torch.rand(*size, generator=generator, **kwargs)``, traceable with symbolic sizes."""
+    return torch.rand(*size, **_generator(generator), **kwargs)

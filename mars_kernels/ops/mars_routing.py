@@ -1,4 +1,4 @@
-"""MARS training-time routing, fused (DESIGN 2.3): the residual router gates
+"""MARS training-time routing, fused (docs/design.md section 2.3): the residual router gates
 the experts with discrepancy-aware noise, and the feature router learns to
 imitate it.
 
@@ -21,7 +21,7 @@ import torch
 from .. import backend as _backend
 from .. import checks as check
 from .. import library
-from .common import compute_dtype, topk_order
+from .common import compute_dtype, randn, topk_order
 
 __all__ = ["mars_routing", "mars_routing_torch"]
 
@@ -78,7 +78,7 @@ def mars_routing(
         return mars_routing_torch(residual_logits, feature_logits, k, noise=noise, generator=generator, **sigmas)
     ct = compute_dtype(residual_logits.dtype)
     if noise is None:
-        noise = torch.randn(T, E, generator=generator, device=residual_logits.device, dtype=ct)
+        noise = randn(T, E, generator=generator, device=residual_logits.device, dtype=ct)
     out = library.namespace(impl).mars_routing_fwd(
         residual_logits.contiguous(), feature_logits.contiguous(), noise.to(ct).contiguous(), k,
         sigmas["sigma_0"], sigmas["sigma_const"], sigmas["sigma_max"],
@@ -117,7 +117,7 @@ def mars_routing_torch(
     divergence = (pr * (log_pr - log_pf)).sum(-1).detach()
     sigma = torch.clamp(sigma_0 * divergence + sigma_const, max=sigma_max)
     if noise is None:
-        noise = torch.randn(lr.shape, generator=generator, device=lr.device, dtype=ct)
+        noise = randn(lr.shape, generator=generator, device=lr.device, dtype=ct)
     noisy = lr + sigma.unsqueeze(-1) * noise.to(ct)
     indices = topk_order(noisy.detach(), k)
     weights = torch.softmax(noisy.gather(1, indices), dim=-1)

@@ -1,5 +1,5 @@
 """Modality attention: self-attention across the modality axis at every token
-position, the fusion of MARS (DESIGN 3), as one op.
+position, the fusion of MARS (docs/design.md section 3), as one op.
 
 Shapes: T positions, M modalities, D model width, H heads of D / H columns.
 ``nn.MultiheadAttention`` on ``[T, M, D]`` does the same maths through head
@@ -22,7 +22,7 @@ import torch
 from .. import backend as _backend
 from .. import checks as check
 from .. import library
-from .common import compute_dtype
+from .common import compute_dtype, rand
 
 __all__ = ["modality_attention", "modality_attention_torch", "attention_keep_mask"]
 
@@ -125,7 +125,7 @@ def attention_keep_mask(
     if p == 0:
         return None
     shape = (positions, num_heads, num_modalities, num_modalities)
-    draw = torch.rand(shape, device=device, generator=generator)
+    draw = rand(shape, device=device, generator=generator)
     return (draw >= p).to(dtype) / (1 - p)
 
 

@@ -19,7 +19,7 @@ import torch
 from .. import backend as _backend
 from .. import checks as check
 from .. import library
-from .common import compute_dtype, topk_order
+from .common import compute_dtype, randn, topk_order
 from .gating import topk_gating
 from .losses import expert_counts
 
@@ -90,7 +90,7 @@ def noisy_topk_gating(
         importance = torch.zeros(T, E, dtype=weights.dtype, device=x.device).scatter(1, indices, weights).sum(0)
         return weights, indices, importance, expert_counts(indices, E, ct)
     if noise is None:
-        noise = torch.randn(T, E, generator=generator, device=x.device, dtype=ct)
+        noise = randn(T, E, generator=generator, device=x.device, dtype=ct)
     raw = x @ w_noise
     weights, indices, _, importance, load = library.namespace(impl).noisy_topk_gating_fwd(
         clean.contiguous(), raw.contiguous(), noise.to(ct).contiguous(), k, noise_eps
@@ -125,7 +125,7 @@ def noisy_topk_gating_torch(
     if training:
         std = torch.nn.functional.softplus((x @ w_noise).to(ct)) + noise_eps
         if noise is None:
-            noise = torch.randn(T, E, generator=generator, device=x.device, dtype=ct)
+            noise = randn(T, E, generator=generator, device=x.device, dtype=ct)
         noisy = clean + noise.to(ct) * std
     else:
         noisy = clean

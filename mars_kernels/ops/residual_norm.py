@@ -1,5 +1,5 @@
 """Residual + LayerNorm + mean over modalities, the end of the MARS fusion
-(DESIGN 3), as one op.
+(docs/design.md section 3), as one op.
 
 After the modality attention and its out-projection y, the fusion adds the
 (missing-filled) tokens, applies a LayerNorm and averages over the M

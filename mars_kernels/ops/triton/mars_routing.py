@@ -1,4 +1,4 @@
-"""Triton launchers for MARS training-time routing (DESIGN 2.3; ops module
+"""Triton launchers for MARS training-time routing (docs/design.md section 2.3; ops module
 :mod:`mars_kernels.ops.mars_routing`, kernels in ``_mars_routing_kernels.py``).
 
 Same contract as the ``torch.ops.mars_kernels.mars_routing_fwd`` / ``_bwd`` ops

@@ -1,4 +1,4 @@
-"""Triton launchers for modality attention (the MARS fusion, DESIGN 3; ops module
+"""Triton launchers for modality attention (the MARS fusion, docs/design.md section 3; ops module
 :mod:`mars_kernels.ops.modality_attention`, kernels in ``_modality_attention_kernels.py``).
 
 Same contract as ``torch.ops.mars_kernels.modality_attention_fwd`` / ``_bwd``

@@ -1,5 +1,5 @@
 """Triton launchers for residual + LayerNorm + mean over modalities (the end of
-the MARS fusion, DESIGN 3; ops module :mod:`mars_kernels.ops.residual_norm`,
+the MARS fusion, docs/design.md section 3; ops module :mod:`mars_kernels.ops.residual_norm`,
 kernels in ``_residual_norm_kernels.py``).
 
 Same contract as ``torch.ops.mars_kernels.residual_norm_mean_fwd`` / ``_bwd``

@@ -2,7 +2,7 @@
 one table (the rows paired with MARS seed by seed), e.g. the baselines run once
 and MARS run again after a change of its defaults:
 
-    python benchmarks/merge_compare.py OUT.json DIR_A DIR_B [...] [--note TEXT]
+    python experiments/merge_compare.py OUT.json DIR_A DIR_B [...] [--note TEXT]
 
 A directory given as ``DIR=LABEL`` has LABEL appended to its row names
 ("mars" -> "mars (pattern)" for ``DIR=(pattern)``): another configuration of
@@ -25,14 +25,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mars import methods  # noqa: E402
 from mars.cli import PAIRED_NOTE, compare_table  # noqa: E402
+from mars.config import default_config  # noqa: E402
+from mars.rundir import write_json  # noqa: E402
 
 
 def _row_name(row: str, summaries: list[dict]) -> str:
     P = summaries[0].get("masks_per_step", 1)
     method = summaries[0].get("method", row.partition("@")[0])
-    return row if P == methods.get(method).masks_per_step else f"{row} (P={P})"
+    return row if P == default_config(method).masks_per_step else f"{row} (P={P})"
 
 
 def main(argv=None) -> int:
@@ -42,6 +43,13 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="")
     p.add_argument("--machine", default="")
     a = p.parse_args(argv)
+    if a.out.exists():  # replace only an earlier merge (never a file this script did not write)
+        try:
+            earlier = json.loads(a.out.read_text())
+        except (OSError, ValueError, RecursionError):
+            earlier = None
+        if a.out.is_dir() or not (isinstance(earlier, dict) and {"paired_note", "commands", "table"} <= set(earlier)):
+            p.error(f"{a.out}: exists and is not a table written by merge_compare.py; choose another OUT")
     parts, labels, dirs = [], [], []
     for given in a.dirs:
         d, _, label = str(given).partition("=")
@@ -76,7 +84,7 @@ def main(argv=None) -> int:
     out["seeds"] = {row: [s["seed"] for s in summaries] for row, summaries in rows.items()}
     out.update(rows=rows, table=table, commands=[q["command"] for q in parts], note=a.note, machine=a.machine,
                paired_note=PAIRED_NOTE, markdown=text)
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(a.out, out)  # atomic
     return 0
 
 

@@ -1,7 +1,7 @@
 """Screen one configuration on the VALIDATION split (the MARS research log,
 docs/mars_research.md).
 
-    python benchmarks/mars_screen.py NAME --seeds 0 1 2 [--ref OTHER] -- <mars train options>
+    python experiments/mars_screen.py NAME --seeds 0 1 2 [--ref OTHER] -- <mars train options>
 
 trains ``mars train <options> --seed S`` for each seed (run directories under
 ``runs/screen/NAME/``) and reports, on the validation split only: the mean
@@ -14,16 +14,16 @@ methods the specialisation NMI (missing pattern vs expert). Test scores are
 neither read nor printed. With ``--ref OTHER`` also the per-seed paired
 difference to the screen OTHER (same seeds) with a 95% paired-t interval.
 
-Writes docs/research/NAME.json (command, per-seed values, means and standard
+Writes experiments/results/screens/NAME.json (command, per-seed values, means and standard
 deviations, seconds per epoch) and prints one line.
 
-    python benchmarks/mars_screen.py --table NAME ...
+    python experiments/mars_screen.py --table NAME ...
 
 prints the markdown table of the named screens (the log's tables).
 
-    python benchmarks/mars_screen.py --pool NEW:REF [NEW:REF ...]
+    python experiments/mars_screen.py --pool NEW:REF [NEW:REF ...]
 
-pairs each screen NEW with REF seed by seed (docs/research/*.json) and prints
+pairs each screen NEW with REF seed by seed (experiments/results/screens/*.json) and prints
 every paired difference and their pooled mean with a 95% paired-t interval
 (e.g. one variant over several data sets and seed ranges).
 """
@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,16 +46,22 @@ sys.path.insert(0, str(ROOT))
 from mars import cli, methods  # noqa: E402
 from mars.data import MissingnessProtocol  # noqa: E402
 from mars.evaluate import evaluate_subsets, router_agreement  # noqa: E402
+from mars.rundir import write_json  # noqa: E402
 from mars.stats import paired_interval  # noqa: E402
 from mars.train import train  # noqa: E402
 
-OUT = ROOT / "docs" / "research"
+OUT = ROOT / "experiments" / "results" / "screens"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 
 
-def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mars train")
-    cli._train_args(p)
-    return p
+def check_name(name: str, what: str = "NAME") -> str:
+    """A screen name is one plain path component (it names runs/screen/NAME/
+    and experiments/results/screens/NAME.json): letters, digits and ``_ . + = -``, not
+    starting with a dot; no ``/``, ``..`` or absolute path."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise SystemExit(f"mars_screen: error: {what}: {name!r} is not a screen name; expected letters, digits and "
+                         "_ . + = - (one path component, not starting with a dot)")
+    return name
 
 
 def _mean_sd(values):
@@ -64,17 +71,19 @@ def _mean_sd(values):
     return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
 
-def screen_seed(args: argparse.Namespace, seed: int, run_dir: Path) -> dict:
-    cfg = cli._config(args, seed=seed)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+def screen_seed(train_argv: list[str], seed: int, run_dir: Path) -> dict:
+    """Train one seed into ``run_dir``. An earlier run there is replaced the
+    way ``mars train --overwrite`` replaces one (atomically, once the new run
+    is complete, under the run's lock); a directory holding anything else is
+    refused, never deleted."""
+    cfg = replace(cli.config_from_args(train_argv), seed=seed)
     t0 = time.time()
-    res = train(cfg, run_dir, progress=False, log=lambda *a, **k: None)
+    res = train(cfg, run_dir, progress=False, log=lambda *a, **k: None, overwrite=True)
     seconds = time.time() - t0
     model, summary = res["model"], res["summary"]
-    from mars.data import load_data
+    from mars.train import run_data
 
-    _, val_set, _ = load_data(cfg.data, seed=cfg.seed)
+    _, val_set, _ = run_data(cfg)
     method = methods.get(cfg.model.method)
     num_experts = cfg.model.num_experts if method.sparse_moe else None
     val = evaluate_subsets(model, val_set, num_experts=num_experts)
@@ -90,14 +99,14 @@ def screen_seed(args: argparse.Namespace, seed: int, run_dir: Path) -> dict:
 
 
 def table(names: list[str]) -> str:
-    """Markdown rows of the screens ``names`` (docs/research/NAME.json)."""
+    """Markdown rows of the screens ``names`` (experiments/results/screens/NAME.json)."""
     def f(v, d=4):
         return "-" if v is None else f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
 
     lines = ["| screen | options | val mean over subsets | one modality | all | oracle (val) | router agreement (val) "
              "| NMI (val) | paired diff. [95% CI] | s / epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        r = json.loads((OUT / f"{name}.json").read_text())
+        r = json.loads((OUT / f"{check_name(name)}.json").read_text())
         opts = r["command"].split(" -- ", 1)[1] if " -- " in r["command"] else ""
         pv = r.get("paired_vs")
         diff = "-" if not pv else (f"{pv['mean']:+.4f} [{pv['low']:+.4f}, {pv['high']:+.4f}]"
@@ -146,18 +155,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ref", default=None, help="a screen to pair with (docs/research/REF.json)")
+    p.add_argument("--ref", default=None, help="a screen to pair with (experiments/results/screens/REF.json)")
     p.add_argument("--note", default="", help="what the variant tests")
     a = p.parse_args(ours)
-    targs = _train_parser().parse_args(theirs + ["--quiet"])
+    check_name(a.name)
+    if a.ref is not None:
+        check_name(a.ref, "--ref")
+    targs = theirs
     torch.set_num_threads(torch.get_num_threads())
     rows = [screen_seed(targs, s, ROOT / "runs" / "screen" / a.name / f"seed{s}") for s in a.seeds]
     sizes = sorted({int(k) for r in rows for k in r["val_by_size"]})
     result = {
         "name": a.name, "note": a.note, "split": "val",
-        "command": f"python benchmarks/mars_screen.py {a.name} --seeds {' '.join(map(str, a.seeds))} -- "
+        "command": f"python experiments/mars_screen.py {a.name} --seeds {' '.join(map(str, a.seeds))} -- "
                    + " ".join(theirs),
-        "config": cli._config(targs, seed=a.seeds[0]).to_dict(),
+        "config": replace(cli.config_from_args(targs), seed=a.seeds[0]).to_dict(),
         "seeds": rows,
         "val_mean": _mean_sd([r["val_mean"] for r in rows]),
         "val_one": _mean_sd([r["val_by_size"][sizes[0]] for r in rows]),
@@ -173,7 +185,7 @@ def main(argv=None) -> int:
         diffs = [r["val_mean"] - ref_by_seed[r["seed"]] for r in rows if r["seed"] in ref_by_seed]
         result["paired_vs"] = {"ref": a.ref, **paired_interval(diffs)} if diffs else None
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{a.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(OUT / f"{a.name}.json", result)  # atomic: an interrupted write leaves the previous screen
 
     def f(v, d=4):
         return "-" if v is None else f"{v[0]:.{d}f}±{v[1]:.{d}f}"

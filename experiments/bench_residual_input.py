@@ -7,17 +7,17 @@ modalities, a batch of 64 samples, P masks drawn uniformly):
 
 * ``concat``: the default residual input [z_i, z_c];
 * ``pattern``: the per-pattern mean of z_c - z_i, patterns grouped by an
-  int64 code per mask (:func:`mars_kernels.layers.mars_router.pattern_mean`);
+  int64 code per mask (:func:`mars.research.router_inputs.pattern_mean`);
 * ``pattern-rows``: the same, grouped by ``torch.unique(dim=0)`` on the mask
   rows (the path for masks wider than 62 modalities, and the earlier
   implementation).
 
 Prints the median step time of each and its ratio to ``concat``, plus the
 ``pattern_mean`` call alone (code vs rows); writes JSON to
-benchmarks/results/.
+experiments/results/ (``common.write_results`` of benchmarks/, given --out).
 
-    python benchmarks/bench_residual_input.py
-    python benchmarks/bench_residual_input.py --batch 128 --masks 16 --rounds 31
+    python experiments/bench_residual_input.py
+    python experiments/bench_residual_input.py --batch 128 --masks 16 --rounds 31
 """
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 
-import mars_kernels.layers.mars_router as mars_router  # noqa: E402
+import mars.research.router_inputs as mars_router  # noqa: E402
+from mars.config import ModelConfig  # noqa: E402
 from mars.data import MissingnessProtocol, load_mfeat  # noqa: E402
-from mars.model import ModelConfig, build_model  # noqa: E402
+from mars.methods import build_model  # noqa: E402
 
 
 def main(argv=None):
@@ -40,7 +42,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--masks", type=int, default=8, help="masks per sample per step (P)")
     p.add_argument("--rounds", type=int, default=21)
-    p.add_argument("--out", help="JSON path (default: benchmarks/results/bench_residual_input_cpu.json)")
+    p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "bench_residual_input_cpu.json"),
+                   help="JSON path (default: experiments/results/bench_residual_input_cpu.json)")
     a = p.parse_args(argv)
     if a.batch < 1 or a.masks < 1 or a.rounds < 1:
         p.error("--batch, --masks and --rounds must be >= 1")
@@ -60,7 +63,7 @@ def main(argv=None):
     def step_for(residual_input: str, code_bits: int):
         torch.manual_seed(0)
         model = build_model(train_set.modalities, shapes, train_set.num_classes, train_set.task,
-                            ModelConfig(residual_input=residual_input, mix="prob"))
+                            ModelConfig(research={"residual_input": residual_input}))
         model.train()
 
         def step():

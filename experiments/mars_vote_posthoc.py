@@ -1,10 +1,10 @@
 """Would the per-modality heads' vote help the other models too? (the MARS
 research log, docs/mars_research.md, round 4; VALIDATION split only)
 
-    python benchmarks/mars_vote_posthoc.py SCREEN [SCREEN ...] [--weights 0 0.5 1 2 3 5]
+    python experiments/mars_vote_posthoc.py SCREEN [SCREEN ...] [--weights 0 0.5 1 2 3 5]
 
 takes the best checkpoints of screens already trained by
-``benchmarks/mars_screen.py`` (``runs/screen/SCREEN/seed*``) and scores them
+``experiments/mars_screen.py`` (``runs/screen/SCREEN/seed*``) and scores them
 on the validation split with the prediction
 
     log_softmax(logits) + W * mean over the observed modalities of log_softmax(head_m)
@@ -16,7 +16,7 @@ is the model as trained. The checkpoints' best epochs were chosen without
 the vote, so this is a post-hoc check: the screens with ``--unimodal-vote``
 choose their epoch with it. Test scores are neither read nor printed.
 
-Writes docs/research/vote-posthoc.json and prints one line per screen (the
+Writes experiments/results/screens/vote-posthoc.json and prints one line per screen (the
 mean over seeds for each W, and the per-seed gain at W = 2).
 """
 from __future__ import annotations
@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mars.data import load_data  # noqa: E402
+from mars.train import run_data  # noqa: E402
 from mars.evaluate import evaluate_subsets  # noqa: E402
 from mars.rundir import CHECKPOINT_FILE, load_checkpoint, read_config  # noqa: E402
 from mars.train import load_weights, make_model, prepare_model  # noqa: E402
 
-OUT = ROOT / "docs" / "research"
+OUT = ROOT / "experiments" / "results" / "screens"
 
 
 class _Voting(torch.nn.Module):
@@ -67,7 +67,7 @@ def _score(run: Path, weights: list[float]) -> dict[float, float]:
     if not mce and cfg.model.lambda_unimodal == 0:
         raise SystemExit(f"{run}: trained without per-modality heads (--lambda-unimodal 0)")
     state = load_checkpoint(run / CHECKPOINT_FILE, resume=False)
-    train_set, val_set, _ = load_data(cfg.data, seed=cfg.seed)
+    train_set, val_set, _ = run_data(cfg)
     model = make_model(cfg, val_set)
     load_weights(model, state["best"]["state"], run / CHECKPOINT_FILE)
     prepare_model(model, cfg, train_set, resume=True)
@@ -89,12 +89,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if 0.0 not in a.weights or 2.0 not in a.weights:
         raise SystemExit("--weights must include 0 (the model as trained) and 2 (the per-seed gains)")
-    result = {"command": "python benchmarks/mars_vote_posthoc.py " + " ".join(a.screens) + " --weights "
+    result = {"command": "python experiments/mars_vote_posthoc.py " + " ".join(a.screens) + " --weights "
                          + " ".join(f"{w:g}" for w in a.weights), "split": "val", "screens": {}}
     for name in a.screens:
         runs = sorted((ROOT / "runs" / "screen" / name).glob("seed*"), key=lambda r: int(r.name[4:]))
         if not runs:
-            raise SystemExit(f"{name}: no runs under runs/screen/{name} (train it with benchmarks/mars_screen.py)")
+            raise SystemExit(f"{name}: no runs under runs/screen/{name} (train it with experiments/mars_screen.py)")
         per_seed = {int(r.name[4:]): _score(r, a.weights) for r in runs}
         mean = {w: statistics.mean(s[w] for s in per_seed.values()) for w in a.weights}
         gain = {seed: s[2.0] - s[0.0] for seed, s in per_seed.items()}

@@ -1,19 +1,20 @@
 """How much the experts contribute in trained runs, on the VALIDATION split
 (the MARS research log, docs/mars_research.md):
 
-    python benchmarks/mars_moe_share.py NAME SCREEN [SCREEN ...]
+    python experiments/mars_moe_share.py NAME SCREEN [SCREEN ...]
 
 For each seed run of each screen (``runs/screen/SCREEN/seed*``, written by
-benchmarks/mars_screen.py) it evaluates the best checkpoint on validation as
+experiments/mars_screen.py) it evaluates the best checkpoint on validation as
 deployed (feature router), and again with the experts' output dropped
 (y = z_i: the backbone and the head alone), and measures the mean norm of the
-experts' output relative to z_i. Writes docs/research/NAME.json and prints a
+experts' output relative to z_i. Writes experiments/results/screens/NAME.json and prints a
 line per screen. Test scores are neither read nor printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mars.data import load_data  # noqa: E402
+from mars.train import run_data  # noqa: E402
 from mars.evaluate import evaluate_subsets  # noqa: E402
 from mars.rundir import load_checkpoint, read_config  # noqa: E402
 from mars.train import load_weights, make_model  # noqa: E402
@@ -32,7 +33,7 @@ from mars.train import load_weights, make_model  # noqa: E402
 def measure(run: Path) -> dict:
     cfg = read_config(run)
     state = load_checkpoint(run / "checkpoint.pt", resume=False)
-    _, val, _ = load_data(cfg.data, seed=cfg.seed)
+    _, val, _ = run_data(cfg)
     model = make_model(cfg, val)
     load_weights(model, state["best"]["state"], run / "checkpoint.pt")
     model.eval()
@@ -63,13 +64,16 @@ def main(argv=None) -> int:
     p.add_argument("name")
     p.add_argument("screens", nargs="+")
     a = p.parse_args(argv)
+    for name in (a.name, *a.screens):  # one path component each: docs/research/NAME.json, runs/screen/SCREEN
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", name) or ".." in name:
+            p.error(f"{name!r} is not a screen name; expected letters, digits and _ . + = - (one path component)")
     torch.set_num_threads(1)
-    out = {"name": a.name, "split": "val", "command": "python benchmarks/mars_moe_share.py " + " ".join(sys.argv[1:]),
+    out = {"name": a.name, "split": "val", "command": "python experiments/mars_moe_share.py " + " ".join(sys.argv[1:]),
            "screens": {}}
     for screen in a.screens:
         runs = sorted((ROOT / "runs" / "screen" / screen).glob("seed*"))
         if not runs:
-            p.error(f"no runs under runs/screen/{screen}: run benchmarks/mars_screen.py {screen} first")
+            p.error(f"no runs under runs/screen/{screen}: run experiments/mars_screen.py {screen} first")
         rows = [measure(r) for r in runs]
         drop = [r["val_mean_without_experts"] - r["val_mean"] for r in rows]
         out["screens"][screen] = {"runs": rows, "mean_change_without_experts": statistics.mean(drop),
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
               f"{statistics.mean(r['val_mean_without_experts'] for r in rows):.4f} "
               f"(change {statistics.mean(drop):+.4f}, per seed {', '.join(f'{d:+.4f}' for d in drop)}), "
               f"|experts' output| / |z_i| {out['screens'][screen]['mean_norm_ratio']:.2f}")
-    (ROOT / "docs" / "research" / f"{a.name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (ROOT / "experiments" / "results" / "screens" / f"{a.name}.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 
