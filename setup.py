@@ -79,6 +79,8 @@ def _extension():
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]  # -march is added at build time (in place or not)
     if not _flag("MARS_KERNELS_NO_OPENMP"):
         cxx.append("-fopenmp")
+    if _flag("MARS_KERNELS_PHASE_PROFILE"):  # per-phase CPU-time profile (csrc/cpu/phase_profile.h), development only
+        cxx.append("-DMARS_KERNELS_PHASE_PROFILE")
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("MARS_KERNELS_NO_CUDA")
     common = dict(
         name="mars_kernels._C",

@@ -120,7 +120,33 @@ def environment(device: torch.device) -> dict:
         env["cuda"] = torch.version.cuda
     else:
         env["device"] = f"cpu ({os.cpu_count()} cores visible, {torch.get_num_threads()} threads)"
+    env.update(cpu_identity())
     return env
+
+
+#: The CPU flags that decide which GEMM and vector code paths run (recorded
+#: next to every figure: machines of one name differ in these).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def cpu_identity() -> dict:
+    """The CPU's model name and its ISA flags from ISA_FLAGS (Linux: from
+    /proc/cpuinfo; elsewhere what platform reports, flags unknown)."""
+    model, flags = platform.processor() or platform.machine(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.processor() or platform.machine()):
+                    model = value.strip()
+                elif key == "flags" and flags is None:
+                    present = set(value.split())
+                    flags = [flag for flag in ISA_FLAGS if flag in present]
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_flags": flags}
 
 
 def write_results(name: str, env: dict, rows: list[dict], out: str | None = None) -> Path:

@@ -33,18 +33,34 @@ What runs natively, read from each experts module (:func:`plan`):
 Anything else (another custom ``_apply_gate``, ``has_post_expert_norm``, an
 activation without a fused kernel) falls back to HF's own ``grouped_mm``
 implementation, with one warning naming the class.
+
+The router too: where a family's router is softmax + top-k (+ renormalise),
+the same math as :func:`mars_kernels.topk_gating`, its forward runs on that
+fused op whenever the model's experts implementation is ``"mars_kernels"``
+(:data:`FUSED_ROUTERS` lists them). Every other router (sigmoid scores,
+correction biases, grouped or hashed selection, extra scaling, a softmax in
+the input's precision) stays HF's. A router's forward is replaced only if its
+source is the one checked here (a fingerprint per router): a transformers
+release that changes a router keeps HF's. Routers are linked to their
+model's config when they are built, so this applies to models built or
+loaded after ``import mars_kernels.transformers``.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib
+import inspect
+import re
 import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import backend as _backend
-from .ops import moe_align, moe_mlp
+from .ops import moe_align, moe_mlp, topk_gating
 
 try:
     from transformers.integrations import moe as _hf_moe
@@ -56,7 +72,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 if not hasattr(_hf_moe, "ALL_EXPERTS_FUNCTIONS"):  # pragma: no cover
     raise ImportError("mars_kernels.transformers needs transformers >= 5.20 (no experts interface found)")
 
-__all__ = ["NAME", "Plan", "plan", "experts_forward", "register", "decorated_experts_classes"]
+__all__ = ["NAME", "FUSED_ROUTERS", "Plan", "plan", "experts_forward", "register", "decorated_experts_classes",
+           "fused_router_classes", "router_fingerprint"]
 
 #: The name to pass as ``experts_implementation``.
 NAME = "mars_kernels"
@@ -200,10 +217,162 @@ def experts_forward(
     return y.to(hidden_states.dtype)
 
 
+# --------------------------------------------------------------------------- routers on topk_gating
+
+@dataclass(frozen=True)
+class _Router:
+    """How a router's forward maps onto topk_gating (name: a label for the rule).
+
+    logits: how the router forms its logits from hidden_states h --
+        "linear"        F.linear(h.reshape(-1, hidden_dim), weight)
+        "linear_any"    F.linear(h, weight) (any leading shape)
+        "linear_float"  F.linear(h.reshape(-1, hidden_dim).float(), weight.float())
+        "linear_any_float"  F.linear(h, weight).float() (any leading shape)
+        "wg"            h.reshape(-1, D), as float when wg's weight is float32, then wg(h)
+    mode: topk_gating's mode (softmax over all E then top-k, or top-k logits then softmax).
+    renormalize: "always", "never" or "norm_topk_prob" (the router's attribute).
+    weights: the dtype of the returned weights: "logits", "hidden" or "float32".
+    fingerprints: sha256 prefixes of the normalised forward sources checked against this rule.
+    """
+
+    name: str
+    logits: str
+    mode: str
+    renormalize: str
+    weights: str
+    fingerprints: tuple[str, ...]
+    condition: str | None = None  # an attribute that must equal "softmax" (Cohere2's expert_selection_fn)
+    flat_only: bool = False  # HF's forward is this rule only for [T, D] input (a softmax over dim 1)
+
+
+_SOFTMAX_TOPK_QWEN = _Router("qwen", "linear", "softmax_topk", "norm_topk_prob", "logits", ("217f7068448531cf",))
+_SOFTMAX_TOPK_QWEN35 = _Router("qwen3_5", "linear", "softmax_topk", "always", "logits", ("2a5edbb09368e93e",))
+_SOFTMAX_TOPK_MIXTRAL = _Router("mixtral", "linear", "softmax_topk", "always", "float32", ("c97ef63ea84be7bd",))
+_TOPK_SOFTMAX_GRANITE = _Router("granite", "linear_any_float", "topk_softmax", "always", "hidden", ("fb098cbd018abf0f",))
+_SOFTMAX_TOPK_JAMBA = _Router("jamba", "linear_any", "softmax_topk", "never", "hidden", ("7d48cb7418da0b85",))
+_SOFTMAX_TOPK_HUNYUAN = _Router("hunyuan", "wg", "softmax_topk", "always", "logits", ("a7559b6517f52c2b",))
+_SOFTMAX_TOPK_LARA = _Router("lara_mini", "linear_float", "softmax_topk", "norm_topk_prob", "hidden", ("fb2ad9e78df55322",))
+# Cohere2's softmax branch (top-k logits, softmax over them, then an optional
+# division by their sum, which is 1): topk_softmax. Its sigmoid branch stays HF's.
+_TOPK_SOFTMAX_COHERE2 = _Router("cohere2", "linear_any", "topk_softmax", "always", "hidden", ("730ed8deeda7505b",),
+                                condition="expert_selection_fn", flat_only=True)
+
+#: Router classes whose forward runs on :func:`mars_kernels.topk_gating` under
+#: ``experts_implementation="mars_kernels"``: class name -> (modeling module's
+#: family, rule). The rule's fingerprints are those of the forwards read and
+#: checked (tests/test_hf_transformers.py runs each router both ways); any
+#: other source keeps HF's forward.
+FUSED_ROUTERS: dict[str, tuple[str, _Router]] = {
+    **{cls: (fam, _SOFTMAX_TOPK_QWEN) for cls, fam in (
+        ("Qwen3MoeTopKRouter", "qwen3_moe"), ("Qwen2MoeTopKRouter", "qwen2_moe"), ("OlmoeTopKRouter", "olmoe"),
+        ("FlexOlmoTopKRouter", "flex_olmo"), ("MellumTopKRouter", "mellum"), ("Qwen3NextTopKRouter", "qwen3_next"),
+        ("Qwen3OmniMoeThinkerTextTopKRouter", "qwen3_omni_moe"), ("Qwen3OmniMoeTalkerTextTopKRouter", "qwen3_omni_moe"),
+        ("Qwen4ExpTextTopKRouter", "qwen4_exp"))},
+    **{cls: (fam, _SOFTMAX_TOPK_QWEN35) for cls, fam in (
+        ("Qwen3_5MoeTopKRouter", "qwen3_5_moe"), ("Qwen3OmniMoeTextTopKRouter", "qwen3_omni_moe"),
+        ("Qwen3VLMoeTextTopKRouter", "qwen3_vl_moe"))},
+    "MixtralTopKRouter": ("mixtral", _SOFTMAX_TOPK_MIXTRAL),
+    "MiniMaxTopKRouter": ("minimax", _SOFTMAX_TOPK_MIXTRAL),
+    **{cls: (fam, _TOPK_SOFTMAX_GRANITE) for cls, fam in (
+        ("GraniteMoeTopKRouter", "granitemoe"), ("GraniteMoeSWATopKRouter", "granitemoe_swa"),
+        ("GraniteMoeHybridTopKRouter", "granitemoehybrid"), ("GraniteMoeSharedTopKRouter", "granitemoeshared"))},
+    "JambaTopKRouter": ("jamba", _SOFTMAX_TOPK_JAMBA),
+    "HunYuanMoEV1Gate": ("hunyuan_v1_moe", _SOFTMAX_TOPK_HUNYUAN),
+    "LaraMiniTopKRouter": ("lara_mini", _SOFTMAX_TOPK_LARA),
+    "Cohere2MoeTopKRouter": ("cohere2_moe", _TOPK_SOFTMAX_COHERE2),
+}
+
+
+def _normalised_source(fn) -> str:
+    lines = inspect.getsource(fn).splitlines()
+    code = "\n".join(line.split("#", 1)[0] for line in lines)
+    return re.sub(r"\s+", " ", code).strip()
+
+
+def router_fingerprint(cls: type) -> str:
+    """The fingerprint of a router class's forward: sha256 (16 hex digits) of
+    its source without comments and with whitespace collapsed."""
+    return hashlib.sha256(_normalised_source(cls.forward).encode()).hexdigest()[:16]
+
+
+def _router_logits(self, hidden_states: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "linear":
+        return F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    if how == "linear_float":
+        return F.linear(hidden_states.reshape(-1, self.hidden_dim).float(), self.weight.float())
+    if how == "linear_any":
+        return F.linear(hidden_states, self.weight)
+    if how == "linear_any_float":
+        return F.linear(hidden_states, self.weight).float()
+    h = hidden_states.reshape(-1, hidden_states.shape[-1])  # "wg"
+    return self.wg(h.float() if self.wg.weight.dtype == torch.float32 else h)
+
+
+def _fused_router_forward(self, hidden_states: torch.Tensor, rule: _Router):
+    """The router's (logits, weights, indices), with the selection and weights from topk_gating."""
+    logits = _router_logits(self, hidden_states, rule.logits)
+    renormalize = rule.renormalize == "always" or (rule.renormalize == "norm_topk_prob" and bool(self.norm_topk_prob))
+    weights, indices = topk_gating(logits.reshape(-1, logits.shape[-1]), self.top_k, mode=rule.mode,
+                                   renormalize=renormalize)
+    lead = logits.shape[:-1]
+    dtype = {"logits": logits.dtype, "hidden": hidden_states.dtype, "float32": torch.float32}[rule.weights]
+    return logits, weights.reshape(*lead, -1).to(dtype), indices.reshape(*lead, -1)
+
+
+def _patch_router(cls: type, rule: _Router) -> None:
+    """Make cls keep its config (to read the experts implementation at each
+    call) and run _fused_router_forward when that is "mars_kernels"."""
+    if "_mars_kernels_rule" in cls.__dict__:
+        return
+    original_init, original_forward = cls.__init__, cls.forward
+
+    @functools.wraps(original_init)
+    def __init__(self, config, *args, **kwargs):
+        original_init(self, config, *args, **kwargs)
+        self.__dict__["_mars_kernels_config"] = config
+
+    @functools.wraps(original_forward)
+    def forward(self, hidden_states, *args, **kwargs):
+        config = self.__dict__.get("_mars_kernels_config")
+        if (args or kwargs or config is None or getattr(config, "_experts_implementation", None) != NAME
+                or (rule.condition is not None and getattr(self, rule.condition) != "softmax")
+                or (rule.flat_only and hidden_states.dim() != 2)):
+            return original_forward(self, hidden_states, *args, **kwargs)
+        return _fused_router_forward(self, hidden_states, rule)
+
+    cls.__init__, cls.forward = __init__, forward
+    cls._mars_kernels_rule = rule
+    cls._mars_kernels_original_forward = original_forward
+
+
+@functools.cache
+def fused_router_classes() -> dict[str, type]:
+    """Patch the routers of :data:`FUSED_ROUTERS` whose forward has a checked
+    fingerprint (done on import) -> {class name: class}. A family whose
+    modeling module does not import here, or whose router source differs, is
+    left alone."""
+    out: dict[str, type] = {}
+    for name, (family, rule) in FUSED_ROUTERS.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except Exception:  # noqa: BLE001 - a family missing from this transformers, or its optional dependencies
+            continue
+        cls = getattr(module, name, None)
+        if cls is None:
+            continue
+        if "_mars_kernels_rule" not in cls.__dict__ and router_fingerprint(cls) not in rule.fingerprints:
+            continue
+        _patch_router(cls, rule)
+        out[name] = cls
+    return out
+
+
 def register() -> None:
     """Register :func:`experts_forward` as ``experts_implementation="mars_kernels"``
-    (done on import; calling it again changes nothing)."""
+    and put the routers of :data:`FUSED_ROUTERS` on topk_gating (done on
+    import; calling it again changes nothing)."""
     _hf_moe.ALL_EXPERTS_FUNCTIONS.register(NAME, experts_forward)
+    fused_router_classes()
 
 
 @functools.cache

@@ -304,26 +304,53 @@ def test_gpu_large_moe(backend, dtype):
         assert float((a.float() - r).abs().max() / scale) < (2e-2 if dtype != torch.bfloat16 else 8e-2), name
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+def test_cpu_bf16_few_rows_per_expert(transposed, rows):
+    # Decode-sized GEMMs (a few rows per expert) run on a kernel of their own
+    # in bfloat16 on CPUs with AVX512-BF16: weights in either layout (HF's
+    # [E, out, in] transposed, or [E, in, out]), a K that is not a multiple of
+    # 32, experts with 1..5 rows, against the float32 loop.
+    E, D, H, k = 6, 72, 40, 2
+    T = rows * E // k
+    idx = torch.arange(T * k).view(T, k) % E
+    w = torch.rand(T, k, generator=torch.Generator().manual_seed(2))
+    params = _expert_params(E, D, H, "swiglu", torch.float32, "cpu")
+    if transposed:  # the same values, stored [E, out, in] and seen through a transposed view
+        params = [p if p is None or p.dim() != 3 else p.transpose(1, 2).contiguous().transpose(1, 2) for p in params]
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(3))
+    want = ref.moe_loop(x, w, idx, *params, "swiglu")
+    meta = mk.moe_align(idx, E, mk.backend.EXPERT_BLOCK_SIZE["cpu"], backend="cpu")
+    bf = [None if p is None else p.bfloat16() for p in params]
+    got = mk.moe_mlp(x.bfloat16(), w, meta, *bf, "swiglu", backend="cpu")
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 2e-2
+
+
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_cpu_experts_larger_than_one_row_tile(monkeypatch, activation):
     # Tiles of 256 rows: 1300 tokens on mostly one expert cross several tiles,
     # with a partial last one (the weight gradients are summed over tiles).
     monkeypatch.setenv("MARS_KERNELS_CPU_ROW_TILE", "256")
-    monkeypatch.setenv("MARS_KERNELS_CPU_TOKEN_GROUPS", "1")
+    monkeypatch.setenv("MARS_KERNELS_CPU_PARTS", "1")
     run = _moe_case("cpu", "cpu", 1300, 16, 12, 3, 2, activation, torch.float32, one_expert=True)
     for name, a, r in zip(NAMES, run("cpu"), run("loop")):
         assert_close(a, r, torch.float32, name)
 
 
-@pytest.mark.parametrize("groups", ["1", "2", "3", "7"])
+@pytest.mark.parametrize("parts,chunk_rows", [("1", None), ("2", None), ("3", "37"), ("7", None), ("2", "16")])
 @pytest.mark.parametrize("routing", ["spread", "one_expert", "few_experts", "dropped"])
-def test_cpu_token_groups_match_loop(monkeypatch, groups, routing):
-    # The CPU kernel can cut the tokens into groups, each running every expert
-    # on its own rows (one group per thread when experts are small). Any number
-    # of groups, more than the threads included, with row tiles inside a group
-    # and groups that own no row of an expert, gives the loop's results, and
+def test_cpu_parts_match_loop(monkeypatch, parts, chunk_rows, routing):
+    # The CPU kernel runs the expert-sorted rows in chunks of whole experts
+    # (an expert larger than a chunk is cut), and cuts each chunk into one
+    # contiguous range per thread ("part"); an expert can straddle parts and
+    # chunks (its weight gradients are then summed from partials). Any number
+    # of parts, more than the threads included, small chunks, row tiles inside
+    # a part and experts cut in several pieces, gives the loop's results, and
     # the same bits on every run.
-    monkeypatch.setenv("MARS_KERNELS_CPU_TOKEN_GROUPS", groups)
+    monkeypatch.setenv("MARS_KERNELS_CPU_PARTS", parts)
+    if chunk_rows:
+        monkeypatch.setenv("MARS_KERNELS_CPU_CHUNK_ROWS", chunk_rows)
     monkeypatch.setenv("MARS_KERNELS_CPU_ROW_TILE", "16")
     T, D, H, E, k = 151, 12, 20, 9, 3
     if routing == "dropped":

@@ -3,9 +3,12 @@ experts_implementation="mars_kernels" against HF's eager experts loop.
 
 For each family whose tiny random model builds on CPU in a moment (odd expert
 counts, k = 1..3): logits, loss and every parameter gradient of one training
-step equal eager's (fp32, tight tolerance), and greedy generate() gives the
-same tokens. The coverage table (which decorated experts classes run natively,
-which fall back and why) is printed at the end of the test session.
+step equal eager's (fp32, tight tolerance; bf16 at bf16 tolerances), and greedy
+generate() gives the same tokens. Under "mars_kernels" the routers of
+mars_kernels.transformers.FUSED_ROUTERS run on topk_gating; each of them is
+also checked on its own against HF's forward. The coverage table (which
+decorated experts classes run natively, which fall back and why, and which
+routers run fused) is printed at the end of the test session.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ transformers = pytest.importorskip("transformers", minversion="5.20")
 
 import mars_kernels as mk  # noqa: E402
 import mars_kernels.transformers as mt  # noqa: E402
+from helpers import TOLERANCES  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 COVERAGE: dict[str, str] = {}
@@ -93,8 +97,26 @@ def _step(model, impl: str, ids: torch.Tensor):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+def _routers(model):
+    return [m for m in model.modules() if type(m).__name__ in mt.FUSED_ROUTERS]
+
+
+class _CountFused:
+    """Counts the calls of topk_gating made by fused routers while active."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = mt.topk_gating
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(mt, "topk_gating", counting)
+
+
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_family_matches_eager(model_type):
+def test_family_matches_eager(model_type, monkeypatch):
     overrides, what = FAMILIES[model_type]
     model = _model(model_type, overrides)
     experts = _experts_modules(model)
@@ -103,11 +125,16 @@ def test_family_matches_eager(model_type):
     plan = mt.plan(experts[0])
     COVERAGE[type(experts[0]).__name__] = (f"native ({plan.activation})" if plan.native
                                           else f"falls back to grouped_mm: {plan.reason}")
+    routers = _routers(model)
+    COVERAGE[type(experts[0]).__name__] += (f"; router {type(routers[0]).__name__} on topk_gating" if routers
+                                           else "; HF's router")
     ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(1))
     logits, loss, grads = _step(model, "eager", ids)
+    fused = _CountFused(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         logits2, loss2, grads2 = _step(model, mt.NAME, ids)
+    assert fused.calls == (len(routers) if routers else 0)
     torch.testing.assert_close(logits2, logits, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(loss2, loss, atol=1e-6, rtol=1e-6)
     assert grads2.keys() == grads.keys()
@@ -121,6 +148,136 @@ def test_family_matches_eager(model_type):
         warnings.simplefilter("ignore", RuntimeWarning)
         ours = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_matches_eager_bf16(model_type):
+    """The same training step with the whole model in bfloat16. bf16 eager is
+    itself far from exact (HF's eager and grouped_mm differ by several percent
+    of a tensor's scale), so each implementation is measured against the
+    float32 step on the same (bf16-rounded) weights: our logits, loss and
+    every gradient are no further from it than eager's (relative error in
+    norm), up to a factor 2 plus the bf16 tolerance (3 where eager's own
+    error exceeds three tolerances). The routers get weights
+    of scale 0.3 (logits of order 1, against HF's initial 0.02), so that no
+    token sits on a near-tie that rounding alone would send to another expert
+    in one implementation and not the other."""
+    import copy
+
+    overrides, _ = FAMILIES[model_type]
+    model = _model(model_type, overrides)
+    if not _experts_modules(model):
+        pytest.skip(f"{model_type}: no decorated experts module in the tiny model")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for module in model.modules():
+            if type(module).__name__ in mt.FUSED_ROUTERS or "Router" in type(module).__name__:
+                for p in module.parameters(recurse=False):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = model.to(torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    truth = _step(reference, "eager", ids)
+    eager = _step(model, "eager", ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ours = _step(model, mt.NAME, ids)
+    assert ours[2].keys() == eager[2].keys() == truth[2].keys()
+    atol, _ = TOLERANCES[torch.bfloat16]
+
+    def err(a, b):  # relative error in norm: the max of a few elements is too noisy to compare
+        return float((a.float() - b).norm() / b.norm().clamp(min=1e-12))
+
+    pairs = [("logits", ours[0], eager[0], truth[0]), ("loss", ours[1], eager[1], truth[1])]
+    pairs += [(name, ours[2][name], eager[2][name], truth[2][name]) for name in truth[2]]
+    for name, a, e, t in pairs:
+        # A gradient that bf16 rounding already moves by several tolerances in
+        # eager (a scale summed over every position, with cancellation) is
+        # rounding noise in both: a factor 3 there.
+        factor = 3 if err(e, t) > 3 * atol else 2
+        assert err(a, t) <= factor * err(e, t) + atol, (
+            f"{model_type} {name}: {err(a, t):.4f} from float32, eager bf16 {err(e, t):.4f}")
+
+
+def _router_config(cls):
+    """A config the router class builds from: its family's default config or
+    one of its sub-configs, with 12 experts, k = 3 and hidden size 48."""
+    family = mt.FUSED_ROUTERS[cls.__name__][0]
+    root = AutoConfig.for_model(family)
+    candidates = [root] + [getattr(root, a) for a in dir(root) if a.endswith("_config")
+                           and isinstance(getattr(root, a, None), transformers.PretrainedConfig)]
+    for sub in list(candidates):
+        candidates += [getattr(sub, a) for a in dir(sub) if a.endswith("_config")
+                       and isinstance(getattr(sub, a, None), transformers.PretrainedConfig)]
+    for cfg in candidates:
+        for key, value in dict(hidden_size=48, num_experts=12, num_local_experts=12, num_experts_per_tok=3,
+                               moe_topk=3, norm_topk_prob=True, expert_selection_fn="softmax").items():
+            if hasattr(cfg, key):
+                setattr(cfg, key, value)
+        try:
+            router = cls(cfg)
+        except Exception:  # noqa: BLE001 - not this router's config
+            continue
+        return cfg, router
+    pytest.skip(f"{cls.__name__}: no config of {family} builds it")
+
+
+@pytest.mark.parametrize("name", sorted(mt.FUSED_ROUTERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_router_matches_hf(name, dtype):
+    """Each fused router, on its own: HF's forward (experts implementation
+    "eager") and the fused one ("mars_kernels") give the same logits and
+    indices, weights of the same dtype within the dtype's tolerance, and the
+    same gradients for the router's weight and its input."""
+    classes = mt.fused_router_classes()
+    if name not in classes:
+        pytest.skip(f"{name}: not in this transformers, or its forward changed (HF's router is kept)")
+    cls = classes[name]
+    cfg, router = _router_config(cls)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    router = router.to(dtype)
+    x = torch.randn(26, 48, generator=g).to(dtype)  # [T, D], as the MoE blocks call their routers
+    outs = {}
+    for impl in ("eager", mt.NAME):
+        cfg._experts_implementation = impl
+        router.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        logits, weights, indices = router(xi)
+        (weights.float() * torch.linspace(-1, 1, weights.numel()).view_as(weights)).sum().backward()
+        outs[impl] = (logits.detach(), weights.detach(), indices, xi.grad, [p.grad for p in router.parameters()])
+    (l0, w0, i0, gx0, gp0), (l1, w1, i1, gx1, gp1) = outs["eager"], outs[mt.NAME]
+    assert torch.equal(l1, l0) and torch.equal(i1, i0)
+    assert w1.dtype == w0.dtype and w1.shape == w0.shape
+    atol, rtol = TOLERANCES[w0.dtype]
+    torch.testing.assert_close(w1, w0, atol=atol, rtol=rtol)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(gx1, gx0, atol=atol, rtol=rtol)
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def test_routers_left_to_hf_are_not_patched():
+    """Routers with other math (sigmoid scores, correction biases, a softmax in
+    the input's precision) keep HF's forward."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    mt.fused_router_classes()
+    for cls in (DeepseekV3TopkRouter, GptOssTopKRouter):
+        assert "_mars_kernels_rule" not in cls.__dict__
+
+
+def test_a_changed_router_keeps_hf_forward():
+    """A router whose source does not match a checked fingerprint is left alone."""
+    class FakeTopKRouter(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states  # not the checked source
+
+    family, rule = mt.FUSED_ROUTERS["Qwen3MoeTopKRouter"]
+    assert mt.router_fingerprint(FakeTopKRouter) not in rule.fingerprints
 
 
 def test_every_decorated_class_has_a_plan():

@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -26,8 +28,13 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include "activation_math.h"
 #include "cpu_common.h"
+#include "phase_profile.h"
 
 namespace mars_kernels {
 namespace cpu {
@@ -132,6 +139,31 @@ inline void with_activation(const Act& act, F&& f) {
   return by_fn(bool_constant<true>{}, bool_constant<false>{}, bool_constant<false>{});
 }
 
+// Element conversions between the storage dtype and the math dtype, written so
+// that loops over a row vectorise: bfloat16 converts with shifts and a
+// branch-free round-to-nearest-even (c10::BFloat16's own conversion branches
+// on NaN, which keeps GCC from vectorising the activation loops, so bfloat16
+// rows ran one element at a time). Same values as static_cast (NaN -> 0x7FC0).
+template <typename acc_t, typename scalar_t>
+inline acc_t ld(scalar_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline scalar_t st(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    const uint32_t u = std::bit_cast<uint32_t>(v);
+    const uint32_t r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : r), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+
 // Runs f(scalar_t, acc_t) for the tensor's dtype (acc_t: the float type math is done in).
 template <typename F>
 inline void dispatch_float_types(const at::Tensor& t, F&& f) {
@@ -145,7 +177,7 @@ template <typename scalar_t, typename acc_t>
 inline acc_t dot_row(const scalar_t* a, const scalar_t* b, int64_t m) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < m; ++j) s += static_cast<acc_t>(a[j]) * static_cast<acc_t>(b[j]);
+  for (int64_t j = 0; j < m; ++j) s += ld<acc_t>(a[j]) * ld<acc_t>(b[j]);
   return s;
 }
 
@@ -191,26 +223,26 @@ inline void bias_activation_rows(const Act& act, at::Tensor& h, const c10::optio
           scalar_t* ar = Ap + i * H;
           if (B)  // h is stored rounded to scalar_t, and the activation reads it so, as the backward will
             for (int64_t j = 0; j < H1; ++j)
-              hr[j] = static_cast<scalar_t>(static_cast<acc_t>(hr[j]) + static_cast<acc_t>(B[j]));
+              hr[j] = st<scalar_t>(ld<acc_t>(hr[j]) + ld<acc_t>(B[j]));
           if constexpr (!gated) {
 #pragma omp simd
             for (int64_t j = 0; j < H; ++j) {
               acc_t v, dv;
-              act_and_grad<F, acc_t>(static_cast<acc_t>(hr[j]), alpha, v, dv);
-              ar[j] = static_cast<scalar_t>(v);
+              act_and_grad<F, acc_t>(ld<acc_t>(hr[j]), alpha, v, dv);
+              ar[j] = st<scalar_t>(v);
             }
           } else {
 #pragma omp simd
             for (int64_t j = 0; j < H; ++j) {
-              acc_t g = static_cast<acc_t>(hr[interleaved ? 2 * j : j]);
-              acc_t u = static_cast<acc_t>(hr[interleaved ? 2 * j + 1 : H + j]);
+              acc_t g = ld<acc_t>(hr[interleaved ? 2 * j : j]);
+              acc_t u = ld<acc_t>(hr[interleaved ? 2 * j + 1 : H + j]);
               if constexpr (clamp) {
                 g = std::min(g, limit);
                 u = std::max(std::min(u, limit), -limit) + offset;
               }
               acc_t v, dv;
               act_and_grad<F, acc_t>(g, alpha, v, dv);
-              ar[j] = static_cast<scalar_t>(v * u);
+              ar[j] = st<scalar_t>(v * u);
             }
           }
         }
@@ -221,7 +253,9 @@ inline void bias_activation_rows(const Act& act, at::Tensor& h, const c10::optio
 
 // The backward through a = act(h), one pass per row, given G = dy W2^T [n, H]
 // and the rows' gate weights w ([n], acc dtype; undefined: 1):
-//   a [n, H]   = act(h)              (recomputed rather than saved)
+//   a [n, H]   = w * act(h)          (recomputed rather than saved, and scaled
+//                                     here so that the second weight gradient
+//                                     a^T dy needs no pass of its own)
 //   dh [n, H1] = w * act'(h) * G     (the gradient at the first GEMM's output;
 //                                     0 where a clamp cut the input, as torch.clamp)
 //   dots [n]   = <G, act(h)>         (acc dtype, optional: d loss / d w)
@@ -252,17 +286,17 @@ inline void activation_grad_rows(const Act& act, const at::Tensor& h, const at::
 #pragma omp simd reduction(+ : s)
             for (int64_t j = 0; j < H; ++j) {
               acc_t v, dv;
-              act_and_grad<F, acc_t>(static_cast<acc_t>(hr[j]), alpha, v, dv);
-              const acc_t gj = static_cast<acc_t>(g[j]);
+              act_and_grad<F, acc_t>(ld<acc_t>(hr[j]), alpha, v, dv);
+              const acc_t gj = ld<acc_t>(g[j]);
               s += gj * v;
-              a[j] = static_cast<scalar_t>(v);
-              d[j] = static_cast<scalar_t>(wi * dv * gj);
+              a[j] = st<scalar_t>(wi * v);
+              d[j] = st<scalar_t>(wi * dv * gj);
             }
           } else {
 #pragma omp simd reduction(+ : s)
             for (int64_t j = 0; j < H; ++j) {
               const int64_t gi = interleaved ? 2 * j : j, ui = interleaved ? 2 * j + 1 : H + j;
-              acc_t gate = static_cast<acc_t>(hr[gi]), up = static_cast<acc_t>(hr[ui]);
+              acc_t gate = ld<acc_t>(hr[gi]), up = ld<acc_t>(hr[ui]);
               acc_t pass_gate = 1, pass_up = 1;
               if constexpr (clamp) {
                 pass_gate = gate <= limit ? acc_t(1) : acc_t(0);
@@ -272,11 +306,11 @@ inline void activation_grad_rows(const Act& act, const at::Tensor& h, const at::
               }
               acc_t v, dv;
               act_and_grad<F, acc_t>(gate, alpha, v, dv);
-              const acc_t gj = static_cast<acc_t>(g[j]);
+              const acc_t gj = ld<acc_t>(g[j]);
               s += gj * v * up;
-              a[j] = static_cast<scalar_t>(v * up);
-              d[gi] = static_cast<scalar_t>(wi * gj * up * dv * pass_gate);  // d gate
-              d[ui] = static_cast<scalar_t>(wi * gj * v * pass_up);          // d up
+              a[j] = st<scalar_t>(wi * (v * up));
+              d[gi] = st<scalar_t>(wi * gj * up * dv * pass_gate);  // d gate
+              d[ui] = st<scalar_t>(wi * gj * v * pass_up);          // d up
             }
           }
           if (D) D[i] = s;
@@ -284,6 +318,125 @@ inline void activation_grad_rows(const Act& act, const at::Tensor& h, const at::
       });
     });
   });
+}
+
+// dst [cols, rows] = src [rows, cols]^T (src row stride ld), in 32 x 32 blocks
+// that stay in L1 (bit copies: any 2- or 4-byte element type).
+template <typename T>
+void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
+  constexpr int64_t kB = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += kB)
+    for (int64_t j0 = 0; j0 < cols; j0 += kB) {
+      const int64_t i1 = std::min(i0 + kB, rows), j1 = std::min(j0 + kB, cols);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = src[i * ld + j];
+    }
+}
+
+// out = src^T for a contiguous [n, m] src and a contiguous [m, n] out.
+inline void transpose(const at::Tensor& src, at::Tensor& out) {
+  const int64_t n = src.size(0), m = src.size(1);
+  if (src.element_size() == 2)
+    transpose_into(static_cast<const uint16_t*>(src.const_data_ptr()), n, m, m, static_cast<uint16_t*>(out.data_ptr()));
+  else if (src.element_size() == 4)
+    transpose_into(static_cast<const uint32_t*>(src.const_data_ptr()), n, m, m, static_cast<uint32_t*>(out.data_ptr()));
+  else
+    out.copy_(src.t());
+}
+
+// sums (+)= sum_i w[i] * rows[i] (w: acc dtype [n]), added in row order in double.
+void weighted_column_sums(const at::Tensor& rows, const at::Tensor& w, at::Tensor& sums, bool accumulate) {
+  const int64_t n = rows.size(0), D = rows.size(1);
+  dispatch_float_types(rows, [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
+    const scalar_t* R = rows.const_data_ptr<scalar_t>();
+    scalar_t* S = sums.data_ptr<scalar_t>();
+    const acc_t* W = w.const_data_ptr<acc_t>();
+    std::vector<double> col(D);
+    for (int64_t j = 0; j < D; ++j) col[j] = accumulate ? static_cast<double>(S[j]) : 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* r = R + i * D;
+      const double wi = static_cast<double>(W[i]);
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) col[j] += wi * static_cast<double>(ld<acc_t>(r[j]));
+    }
+    for (int64_t j = 0; j < D; ++j) S[j] = static_cast<scalar_t>(col[j]);
+  });
+}
+
+// GEMMs of a few rows (decode: one or two tokens per expert) are bound by
+// reading the weights, and the library's bfloat16 GEMM repacks the whole
+// weight matrix for every call, so they cost more in bfloat16 than in float32.
+// On CPUs with AVX512-BF16 (in a build for them) they run here instead: one
+// pass over the weights in their own layout, products summed in float32 by
+// vdpbf16ps, one rounding per output. Up to kSmallRows rows when the weights
+// are stored transposed (HF's [out, in]: each output is a dot product with a
+// contiguous weight row), one row otherwise (a sum of scaled weight rows);
+// beyond that the library's AMX kernels are faster.
+constexpr int kSmallRows = 4;
+
+inline bool small_gemm(const at::Tensor& x, const at::Tensor& w) {
+#if defined(__AVX512BF16__)
+  return x.scalar_type() == at::kBFloat16 && x.size(0) <= (w.stride(0) == 1 ? kSmallRows : 1);
+#else
+  (void)x, (void)w;
+  return false;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+// out [n, N] = x [n, K] @ w [K, N] in bfloat16 for small_gemm's shapes (x and out contiguous).
+void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w) {
+  using bf16 = c10::BFloat16;
+  const int64_t n = x.size(0), K = x.size(1), N = w.size(1), sk = w.stride(0), sn = w.stride(1);
+  const bf16* X = x.const_data_ptr<bf16>();
+  const bf16* W = w.const_data_ptr<bf16>();
+  bf16* O = out.data_ptr<bf16>();
+  if (sk == 1) {  // all rows' dot products with one weight row at a time, 32 products per instruction
+    auto columns = [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      for (int64_t j = 0; j < N; ++j) {
+        const bf16* wj = W + j * sn;
+        __m512 v[R];
+        for (int m = 0; m < R; ++m) v[m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+          const __m512bh wk = (__m512bh)_mm512_maskz_loadu_epi16(mask, wj + k);
+          for (int m = 0; m < R; ++m)
+            v[m] = _mm512_dpbf16_ps(v[m], (__m512bh)_mm512_maskz_loadu_epi16(mask, X + m * K + k), wk);
+        }
+        for (int m = 0; m < R; ++m) {
+          alignas(64) float lanes[16];
+          _mm512_store_ps(lanes, v[m]);
+          float sum = 0.0f;
+          for (float l : lanes) sum += l;
+          O[m * N + j] = st<bf16>(sum);
+        }
+      }
+    };
+    [&]<int... R>(std::integer_sequence<int, R...>) {
+      ((n == R + 1 ? columns(std::integral_constant<int, R + 1>{}) : void()), ...);
+    }(std::make_integer_sequence<int, kSmallRows>{});
+  } else if (n == 1) {  // the weight rows scaled by x's entries and added
+    std::vector<float> acc(N, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float xk = ld<float>(X[k]);
+      const bf16* wk = W + k * sk;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) acc[j] += xk * ld<float>(wk[j * sn]);
+    }
+    for (int64_t j = 0; j < N; ++j) O[j] = st<bf16>(acc[j]);
+  }
+}
+#endif
+
+// out = x @ w: the library's GEMM, or small_mm_out for a few bfloat16 rows.
+inline void expert_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w) {
+#if defined(__AVX512BF16__)
+  if (small_gemm(x, w)) return small_mm_out(out, x, w);
+#endif
+  at::mm_out(out, x, w);
 }
 
 // The most rows any expert has: offsets [E + 1] (int64 data).
@@ -388,11 +541,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_m
 // ---------------------------------------------------------------------------
 
 // Rows per tile: an expert's rows are processed in tiles whose intermediates
-// (gathered rows, activations, expert outputs and their gradients) fit a fixed
-// workspace budget. Larger tiles make fewer, larger GEMMs, which run at a
-// higher rate; the budget keeps the workspace below what a per-expert loop
-// materialises. MARS_KERNELS_CPU_ROW_TILE overrides it
-// (read per call, like MARS_KERNELS_CPU_TOKEN_GROUPS below, so tests can set it).
+// (gathered rows, activations and their gradients) fit a fixed workspace
+// budget. Larger tiles make fewer, larger GEMMs, which run at a higher rate;
+// the budget keeps the workspace below what a per-expert loop materialises.
+// MARS_KERNELS_CPU_ROW_TILE overrides it (read per call, like
+// MARS_KERNELS_CPU_PARTS and MARS_KERNELS_CPU_CHUNK_ROWS below, so tests can
+// set them).
 constexpr int64_t kWorkspaceBytes = int64_t{48} << 20;
 constexpr int64_t kMinTile = 256, kMaxTile = 16384;
 
@@ -402,22 +556,20 @@ int64_t env_int(const char* name) {
   return v > 0 ? v : int64_t{0};
 }
 
-// The token groups below share the budget (each has its own buffers).
-int64_t row_tile(const Shapes& sh, int64_t elem_bytes, int64_t groups) {
+// The parts below share the budget (each has its own buffers).
+int64_t row_tile(const Shapes& sh, int64_t elem_bytes, int64_t parts) {
   const int64_t forced = env_int("MARS_KERNELS_CPU_ROW_TILE");
   if (forced > 0) return forced;
-  const int64_t row_bytes = (3 * sh.D + 2 * sh.H + sh.H1) * elem_bytes;  // the backward's per-row buffers
-  return std::clamp(kWorkspaceBytes / groups / std::max<int64_t>(row_bytes, 1), kMinTile, kMaxTile);
+  const int64_t row_bytes = (2 * sh.D + 2 * sh.H + sh.H1) * elem_bytes;  // the backward's per-row buffers
+  return std::clamp(kWorkspaceBytes / parts / std::max<int64_t>(row_bytes, 1), kMinTile, kMaxTile);
 }
 
 // The routing in expert order, gathered once per call (not per expert, where
 // small ATen ops would cost more than the work): for the first `valid` sorted
 // slots s, the token slot s reads (permutation[s] / k) and its gate weight.
-// `token_sorted`: within each expert the tokens ascend (the align is stable).
 struct SortedRouting {
   at::Tensor tokens;   // [valid] int64
   at::Tensor weights;  // [valid] in the weights' dtype (float32 / float64)
-  bool token_sorted;
 };
 
 SortedRouting sort_routing(const at::Tensor& perm, const at::Tensor& weights, int64_t top_k, const int64_t* off,
@@ -435,66 +587,88 @@ SortedRouting sort_routing(const at::Tensor& perm, const at::Tensor& weights, in
       out[s] = W[P[s]];
     }
   });
-  bool sorted = true;
-  for (int64_t e = 0; e < E && sorted; ++e)
-    for (int64_t s = off[e] + 1; s < off[e + 1]; ++s)
-      if (P[s] < P[s - 1]) {
-        sorted = false;
-        break;
-      }
-  return {tokens, w, sorted};
+  return {tokens, w};
 }
 
-// How the work is shared between threads. With few, large experts, ATen shares
-// each GEMM and row pass between the threads. With many small experts that is
-// a fork/join per small GEMM, so instead the tokens are cut into one contiguous
-// range per thread ("token group") and each thread runs every expert on its
-// rows of that range with single-threaded GEMMs. Within an expert the rows are
-// sorted by token, so a group's rows of an expert are one contiguous slice;
-// groups write disjoint output rows and each token still sums its experts in
-// expert order. The load stays balanced however skewed the routing is, and
-// the step no longer depends on the latency of hundreds of small fork/joins
-// (the README's benchmark section has the figures).
-// The backward keeps one weight-gradient partial per extra group, summed in
-// group order, so it is split only while those partials fit a budget.
-// MARS_KERNELS_CPU_TOKEN_GROUPS=1 turns the split off (N > 1 forces N groups).
-constexpr int64_t kGroupRowsPerExpert = 2048;  // split below this many rows per expert and thread
-constexpr int64_t kPartialBytes = int64_t{64} << 20;
-
-int64_t token_groups(const Shapes& sh, int64_t T, int64_t valid, const SortedRouting& route, int64_t partial_bytes) {
-  const int64_t forced = env_int("MARS_KERNELS_CPU_TOKEN_GROUPS");
-  const int64_t threads = at::get_num_threads();
-  if (!route.token_sorted || at::in_parallel_region()) return 1;
-  if (forced > 0) return std::min(forced, std::max<int64_t>(T, 1));
-  if (threads <= 1 || T < 2 * threads) return 1;
-  if (valid > kGroupRowsPerExpert * threads * sh.E) return 1;
-  if (partial_bytes * (threads - 1) > kPartialBytes) return 1;
-  return threads;
+// How the work is shared between threads: the sorted rows are processed in
+// chunks of whole experts (below), and each chunk's rows are cut into one
+// contiguous range per thread ("part") of equal size; each part runs its
+// experts' rows with single-threaded GEMMs: a fork/join per chunk instead of
+// one per GEMM and row pass, and a load that stays balanced however skewed the
+// routing is. Each expert's rows are one contiguous slice, so a part's GEMMs
+// take all of an expert's rows at once (up to the row tile) and the weights
+// are packed once per expert and part; only an expert that straddles a part
+// boundary is cut in two. The weight gradients of such an expert are the
+// owner's (the part holding its first row) plus one partial per later part,
+// added in part order.
+// MARS_KERNELS_CPU_PARTS=N forces N parts (any N >= 1; N = 1: ATen shares
+// each GEMM and row pass between the threads instead).
+int64_t num_parts(int64_t valid) {
+  const int64_t forced = env_int("MARS_KERNELS_CPU_PARTS");
+  if (forced > 0) return std::max<int64_t>(1, std::min(forced, valid));
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), valid));
 }
 
-// Runs f(g) for each group g, one group per thread. The workers take the
+// Runs f(p) for each part p, one part per thread. The workers take the
 // caller's thread-local state (grad mode, dispatch exclusions), or ATen calls
 // on them would see autograd and refuse the out= GEMMs on parameters.
 template <typename F>
-void for_each_group(int64_t groups, const F& f) {
-  if (groups == 1) return f(0);
+void for_each_part(int64_t parts, const F& f) {
+  if (parts == 1) return f(0);
   const at::ThreadLocalState caller;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     at::ThreadLocalStateGuard guard(caller);
-    for (int64_t g = g0; g < g1; ++g) f(g);
+    for (int64_t p = p0; p < p1; ++p) f(p);
   });
 }
 
-// The slots [begin, end) of expert e that belong to group g of `groups`.
-std::pair<int64_t, int64_t> group_slots(const SortedRouting& route, const int64_t* off, int64_t e, int64_t T,
-                                        int64_t g, int64_t groups) {
-  if (groups == 1) return {off[e], off[e + 1]};
-  const int64_t* tok = route.tokens.const_data_ptr<int64_t>();
-  const int64_t* first = tok + off[e];
-  const int64_t* last = tok + off[e + 1];
-  const int64_t* lo = std::lower_bound(first, last, T * g / groups);
-  const int64_t* hi = std::lower_bound(lo, last, T * (g + 1) / groups);
-  return {lo - tok, hi - tok};
+// Calls f(e, lo, hi) for each expert e with rows [lo, hi) in part p's share
+// [r0 + n * p / parts, r0 + n * (p + 1) / parts) of the rows [r0, r0 + n), in
+// expert order.
+template <typename F>
+void for_each_segment(const int64_t* off, int64_t E, int64_t r0, int64_t n, int64_t p, int64_t parts, const F& f) {
+  const int64_t b0 = r0 + n * p / parts, b1 = r0 + n * (p + 1) / parts;
+  const int64_t first = std::upper_bound(off, off + E + 1, b0) - off - 1;  // the expert holding row b0
+  for (int64_t e = std::max<int64_t>(first, 0); e < E && off[e] < b1; ++e) {
+    const int64_t lo = std::max(off[e], b0), hi = std::min(off[e + 1], b1);
+    if (lo < hi) f(e, lo, hi);
+  }
+}
+
+// The expert outputs (forward) and input gradients (backward) of the sorted
+// rows are written chunk by chunk into a buffer that is reused, and each chunk
+// is added into the token-order result right away: the buffer stays small and
+// warm instead of holding all T*k rows (k times the output). Chunks are whole
+// experts, up to kChunkBytes of rows (an expert larger than that is cut into
+// chunks of its own). MARS_KERNELS_CPU_CHUNK_ROWS overrides the rows per chunk.
+constexpr int64_t kChunkBytes = int64_t{16} << 20;
+
+// [begin, end) row ranges of the chunks over the sorted rows [0, off[E]).
+std::vector<std::pair<int64_t, int64_t>> row_chunks(const int64_t* off, int64_t E, int64_t row_bytes) {
+  const int64_t forced = env_int("MARS_KERNELS_CPU_CHUNK_ROWS");
+  const int64_t budget = forced > 0 ? forced : std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(row_bytes, 1));
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  int64_t begin = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (off[e + 1] - begin > budget && off[e] > begin) {  // close the chunk before expert e
+      chunks.emplace_back(begin, off[e]);
+      begin = off[e];
+    }
+    while (off[e + 1] - begin > budget) {  // expert e alone is larger than a chunk
+      chunks.emplace_back(begin, begin + budget);
+      begin += budget;
+    }
+  }
+  if (off[E] > begin) chunks.emplace_back(begin, off[E]);
+  return chunks;
+}
+
+// The number of rows of the largest chunk.
+inline int64_t largest_chunk(const std::vector<std::pair<int64_t, int64_t>>& chunks) {
+  int64_t most = 0;
+  for (const auto& [b, e] : chunks) most = std::max(most, e - b);
+  return most;
 }
 
 // Columns per task of the column-split row passes: at least 64, and enough
@@ -504,13 +678,13 @@ inline int64_t column_grain(int64_t n) {
   return std::max<int64_t>(64, (int64_t{16384} + n - 1) / std::max<int64_t>(n, 1));
 }
 
-// acc[tokens[i]] += scale[i] * (rows[i] + bias), with scale (acc dtype) and
-// bias ([D]) optional. Threads split the columns, so repeated tokens are safe
-// and the order is fixed.
-void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const at::Tensor& tokens, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& bias = c10::nullopt) {
+// acc[tokens[i]] += scale[i] * (rows[i] + bias[expert of row r0 + i]) for the
+// rows of a chunk (sorted rows r0 .. r0 + n), in row order, with scale (acc
+// dtype) and bias ([E, D]) optional. Threads split the columns, so a token
+// seen twice is safe, and each token sums its rows in sorted (expert) order.
+void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const int64_t* tokens, const int64_t* off, int64_t E,
+                     int64_t r0, const at::Tensor& scale, const c10::optional<at::Tensor>& bias = c10::nullopt) {
   const int64_t n = rows.size(0), D = rows.size(1);
-  const int64_t* tok = tokens.const_data_ptr<int64_t>();
   dispatch_float_types(rows, [&](auto s_tag, auto a_tag) {
     using scalar_t = decltype(s_tag);
     using acc_t = decltype(a_tag);
@@ -519,43 +693,23 @@ void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const at::Tensor& 
     acc_t* A = acc.data_ptr<acc_t>();
     const acc_t* W = scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, D, column_grain(n), [&](int64_t d0, int64_t d1) {
+      int64_t e = std::upper_bound(off, off + E + 1, r0) - off - 1;  // advanced as the rows pass expert ends
       for (int64_t i = 0; i < n; ++i) {
         const acc_t w = W ? W[i] : acc_t(1);
-        acc_t* a = A + tok[i] * D;
+        acc_t* a = A + tokens[i] * D;
         const scalar_t* r = R + i * D;
-        if (B)
-          for (int64_t d = d0; d < d1; ++d) a[d] += w * (static_cast<acc_t>(r[d]) + static_cast<acc_t>(B[d]));
-        else
-          for (int64_t d = d0; d < d1; ++d) a[d] += w * static_cast<acc_t>(r[d]);
-      }
-    });
-  });
-}
-
-// rows[i] *= scale[i] (acc dtype [n]) in place, and sums (+)= the column sums
-// of the scaled rows, added in row order in double. Threads split the columns.
-void scale_rows_and_sum(at::Tensor& rows, const at::Tensor& scale, at::Tensor& sums, bool accumulate) {
-  const int64_t n = rows.size(0), D = rows.size(1);
-  dispatch_float_types(rows, [&](auto s_tag, auto a_tag) {
-    using scalar_t = decltype(s_tag);
-    using acc_t = decltype(a_tag);
-    scalar_t* R = rows.data_ptr<scalar_t>();
-    scalar_t* S = sums.data_ptr<scalar_t>();
-    const acc_t* W = scale.const_data_ptr<acc_t>();
-    at::parallel_for(0, D, column_grain(n), [&](int64_t d0, int64_t d1) {
-      double col[64];
-      for (int64_t d = d0; d < d1; d += 64) {
-        const int64_t m = std::min<int64_t>(64, d1 - d);
-        for (int64_t j = 0; j < m; ++j) col[j] = accumulate ? static_cast<double>(S[d + j]) : 0.0;
-        for (int64_t i = 0; i < n; ++i) {
-          scalar_t* r = R + i * D + d;
-          const acc_t w = W[i];
-          for (int64_t j = 0; j < m; ++j) {
-            r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) * w);
-            col[j] += static_cast<double>(r[j]);
-          }
+        if (B) {
+          while (off[e + 1] <= r0 + i) ++e;
+          const scalar_t* b = B + e * D;
+#pragma omp simd
+          for (int64_t d = d0; d < d1; ++d) a[d] += w * (ld<acc_t>(r[d]) + ld<acc_t>(b[d]));
+        } else if (W) {
+#pragma omp simd
+          for (int64_t d = d0; d < d1; ++d) a[d] += w * ld<acc_t>(r[d]);
+        } else {
+#pragma omp simd
+          for (int64_t d = d0; d < d1; ++d) a[d] += ld<acc_t>(r[d]);
         }
-        for (int64_t j = 0; j < m; ++j) S[d + j] = static_cast<scalar_t>(col[j]);
       }
     });
   });
@@ -588,32 +742,54 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
   const int64_t T = x.size(0), S = T * top_k;
   const at::Tensor offs = offsets.contiguous(), perm = permutation.contiguous();
   const int64_t* off = offs.const_data_ptr<int64_t>();
+  const int64_t valid = off[sh.E];
   const SortedRouting route = sort_routing(perm, weights, top_k, off, sh.E);
-  const int64_t groups = token_groups(sh, T, off[sh.E], route, 0);
-  const int64_t tile = std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size(), groups));
+  const int64_t parts = num_parts(valid);
+  const auto chunks = row_chunks(off, sh.E, sh.D * x.element_size());
+  const int64_t tile = std::max<int64_t>(
+      1, std::min({largest_expert(off, sh.E), largest_chunk(chunks), row_tile(sh, x.element_size(), parts)}));
   const auto opts = x.options();
+  at::Tensor h = save_h ? at::empty({S, sh.H1}, opts) : at::empty({parts, tile, sh.H1}, opts);
+  if (save_h) h.narrow(0, valid, S - valid).zero_();
+  at::Tensor xg = at::empty({parts, tile, sh.D}, opts), a = at::empty({parts, tile, sh.H}, opts);
+  at::Tensor ys = at::empty({largest_chunk(chunks), sh.D}, opts);  // a chunk's expert outputs, without b2
   at::Tensor acc = at::zeros({T, sh.D}, opts.dtype(routing_dtype(x)));
-  at::Tensor h = save_h ? at::empty({S, sh.H1}, opts) : at::empty({groups, tile, sh.H1}, opts);
-  if (save_h) h.narrow(0, off[sh.E], S - off[sh.E]).zero_();
-  at::Tensor xg = at::empty({groups, tile, sh.D}, opts), a = at::empty({groups, tile, sh.H}, opts);
-  at::Tensor ye = at::empty({groups, tile, sh.D}, opts);
-  for_each_group(groups, [&](int64_t g) {
-    for (int64_t e = 0; e < sh.E; ++e) {
-      const auto [lo, hi] = group_slots(route, off, e, T, g, groups);
-      for (int64_t r0 = lo; r0 < hi; r0 += tile) {
-        const int64_t n = std::min(tile, hi - r0);
-        const at::Tensor tokens = route.tokens.narrow(0, r0, n);
-        at::Tensor xe = xg[g].narrow(0, 0, n), he = save_h ? h.narrow(0, r0, n) : h[g].narrow(0, 0, n);
-        at::Tensor ae = a[g].narrow(0, 0, n), y_e = ye[g].narrow(0, 0, n);
-        gather_rows(x, tokens, xe);
-        at::mm_out(he, xe, w1[e]);
-        bias_activation_rows(act, he, expert_bias(b1, e), ae);
-        at::mm_out(y_e, ae, w2[e]);
-        accumulate_rows(acc, y_e, tokens, route.weights.narrow(0, r0, n), expert_bias(b2, e));
-      }
-    }
-  });
-  at::Tensor y = acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
+  const int64_t* tok = route.tokens.const_data_ptr<int64_t>();
+  for (const auto& [c0, c1] : chunks) {
+    for_each_part(parts, [&](int64_t p) {
+      for_each_segment(off, sh.E, c0, c1 - c0, p, parts, [&](int64_t e, int64_t lo, int64_t hi) {
+        for (int64_t r0 = lo; r0 < hi; r0 += tile) {
+          const int64_t n = std::min(tile, hi - r0);
+          at::Tensor xe = xg[p].narrow(0, 0, n), he = save_h ? h.narrow(0, r0, n) : h[p].narrow(0, 0, n);
+          at::Tensor ae = a[p].narrow(0, 0, n), y_e = ys.narrow(0, r0 - c0, n);
+          {
+            MK_PHASE("fwd.gather_x");
+            gather_rows(x, route.tokens.narrow(0, r0, n), xe);
+          }
+          {
+            MK_PHASE("fwd.gemm_h=xW1");
+            expert_mm_out(he, xe, w1[e]);
+          }
+          {
+            MK_PHASE("fwd.activation");
+            bias_activation_rows(act, he, expert_bias(b1, e), ae);
+          }
+          {
+            MK_PHASE("fwd.gemm_y=aW2");
+            expert_mm_out(y_e, ae, w2[e]);
+          }
+        }
+      });
+    });
+    MK_PHASE("fwd.combine");
+    accumulate_rows(acc, ys.narrow(0, 0, c1 - c0), tok + c0, off, sh.E, c0, route.weights.narrow(0, c0, c1 - c0), b2);
+  }
+  at::Tensor y;
+  {
+    MK_PHASE("fwd.combine");
+    y = acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
+  }
+  MK_PHASE_REPORT();
   return {y, save_h ? h : at::empty({0, sh.H1}, opts)};
 }
 
@@ -628,83 +804,156 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_routing(x, weights, permutation, top_k);
   const int64_t T = x.size(0);
   TORCH_CHECK(h.size(0) == T * top_k && h.size(1) == sh.H1, "h must be the [S, H1] tensor saved by moe_mlp_fwd");
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "grad_y must have x's shape ", x.sizes(), ", got ", grad_y.sizes());
   const at::Tensor dy = grad_y.contiguous(), offs = offsets.contiguous(), perm = permutation.contiguous();
   const int64_t* off = offs.const_data_ptr<int64_t>();
   const int64_t valid = off[sh.E];
   const SortedRouting route = sort_routing(perm, weights, top_k, off, sh.E);
-  const int64_t weight_grad_bytes = (w1.numel() + w2.numel() + sh.E * (sh.H1 + sh.D)) * w1.element_size();
-  const int64_t groups = token_groups(sh, T, valid, route, weight_grad_bytes);
-  const int64_t tile = std::min(largest_expert(off, sh.E), row_tile(sh, x.element_size(), groups));
+  const int64_t parts = num_parts(valid);
+  const auto chunks = row_chunks(off, sh.E, sh.D * x.element_size());
+  const int64_t tile = std::max<int64_t>(
+      1, std::min({largest_expert(off, sh.E), largest_chunk(chunks), row_tile(sh, x.element_size(), parts)}));
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(routing_dtype(x));
-  at::Tensor dx_acc = at::zeros({T, sh.D}, acc_opts);
-  at::Tensor grad_w = at::zeros({T, top_k}, acc_opts);
-  // Group 0 writes the weight gradients themselves and group g > 0 its partial
-  // [g - 1]. Each group's first row tile of an expert overwrites; a group with
-  // no rows of an expert zeroes that expert's slices.
+  // The part holding an expert's first row writes its weight gradients; a part
+  // whose first segment continues an expert begun before its rows (by an
+  // earlier part, or an earlier chunk) writes that expert's partial [p],
+  // added after the chunk in part order. The first row tile of a segment
+  // overwrites, later ones add.
   at::Tensor dw1 = at::empty_like(w1), dw2 = at::empty_like(w2);
   at::Tensor db1 = at::empty({sh.E, sh.H1}, w1.options()), db2 = at::empty({sh.E, sh.D}, w2.options());
-  at::Tensor part_w1, part_w2, part_b1, part_b2;
-  if (groups > 1) {
-    part_w1 = at::empty({groups - 1, sh.E, sh.D, sh.H1}, w1.options());
-    part_w2 = at::empty({groups - 1, sh.E, sh.H, sh.D}, w2.options());
-    part_b1 = at::empty({groups - 1, sh.E, sh.H1}, w1.options());
-    part_b2 = at::empty({groups - 1, sh.E, sh.D}, w2.options());
-  }
-  at::Tensor xg = at::empty({groups, tile, sh.D}, opts), dg = at::empty({groups, tile, sh.D}, opts);
-  at::Tensor a = at::empty({groups, tile, sh.H}, opts), G = at::empty({groups, tile, sh.H}, opts);
-  at::Tensor dh = at::empty({groups, tile, sh.H1}, opts), dxg = at::empty({groups, tile, sh.D}, opts);
+  std::vector<at::Tensor> part_w1(parts), part_w2(parts), part_b1(parts), part_b2(parts);
+  std::vector<int64_t> continued(parts, -1);  // per chunk: the expert part p continues, or -1
+  // With bfloat16 / half the GEMM library runs a weight-gradient GEMM about
+  // twice as fast when its first operand and its output are both row-major (no
+  // transposed view for it to copy), so the tile's rows are transposed here,
+  // in cache, and the product is taken in whichever orientation writes the
+  // gradient in the weights' own layout: dW = X^T Y, or dW^T = Y^T X for
+  // weights stored transposed (HF's [E, out, in]).
+  const bool low_precision = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  const bool w1_rows = w1.stride(2) == 1, w1_cols = w1.stride(1) == 1 && !w1_rows;
+  const bool w2_rows = w2.stride(2) == 1, w2_cols = w2.stride(1) == 1 && !w2_rows;
+  const int64_t t_cols = low_precision ? std::max({sh.D, sh.H, sh.H1}) : 0;
+  at::Tensor dg = at::empty({parts, tile, sh.D}, opts), xg = at::empty({parts, tile, sh.D}, opts);
+  at::Tensor a = at::empty({parts, tile, sh.H}, opts), G = at::empty({parts, tile, sh.H}, opts);
+  at::Tensor dh = at::empty({parts, tile, sh.H1}, opts), tr = at::empty({parts, t_cols * tile}, opts);
+  at::Tensor dxs = at::empty({largest_chunk(chunks), sh.D}, opts);  // a chunk's input gradients
+  at::Tensor dx_acc = at::zeros({T, sh.D}, acc_opts);
   // d weight of each sorted slot = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>.
   at::Tensor dots = at::empty({valid}, acc_opts), bias_dots = at::zeros({valid}, acc_opts);
-  for_each_group(groups, [&](int64_t g) {
-    const bool own = g == 0;
-    for (int64_t e = 0; e < sh.E; ++e) {
-      at::Tensor dw2e = own ? dw2[e] : part_w2[g - 1][e], db2e = own ? db2[e] : part_b2[g - 1][e];
-      at::Tensor dw1e = own ? dw1[e] : part_w1[g - 1][e], db1e = own ? db1[e] : part_b1[g - 1][e];
-      const auto [lo, hi] = group_slots(route, off, e, T, g, groups);
-      if (lo == hi)
-        for (at::Tensor* t : {&dw2e, &db2e, &dw1e, &db1e}) t->zero_();
-      for (int64_t r0 = lo; r0 < hi; r0 += tile) {
-        const int64_t n = std::min(tile, hi - r0);
-        const bool first = r0 == lo;
-        const at::Tensor tokens = route.tokens.narrow(0, r0, n), w_rows = route.weights.narrow(0, r0, n);
-        const at::Tensor he = h.narrow(0, r0, n);
-        at::Tensor xe = xg[g].narrow(0, 0, n), dge = dg[g].narrow(0, 0, n), ae = a[g].narrow(0, 0, n);
-        at::Tensor Ge = G[g].narrow(0, 0, n), dhe = dh[g].narrow(0, 0, n), dxe = dxg[g].narrow(0, 0, n);
-        at::Tensor dots_e = dots.narrow(0, r0, n), bd = bias_dots.narrow(0, r0, n);
-        gather_rows(dy, tokens, dge, expert_bias(b2, e), &bd);
-        at::mm_out(Ge, dge, w2[e].t());
-        activation_grad_rows(act, he, Ge, w_rows, ae, dhe, &dots_e);  // ae = act(h), dhe = d h
-        // Weight gradients summed over row tiles in tile order (deterministic).
-        scale_rows_and_sum(dge, w_rows, db2e, !first);  // dge: now the gradient of this expert's output rows
-        if (first) at::mm_out(dw2e, ae.t(), dge);
-        else dw2e.addmm_(ae.t(), dge);
-        gather_rows(x, tokens, xe);
-        if (first) {
-          at::mm_out(dw1e, xe.t(), dhe);
-          at::sum_out(db1e, dhe, {0});
-        } else {
-          dw1e.addmm_(xe.t(), dhe);
-          db1e.add_(dhe.sum(0));
-        }
-        at::mm_out(dxe, dhe, w1[e].t());
-        accumulate_rows(dx_acc, dxe, tokens, at::Tensor());
+  const int64_t* tok = route.tokens.const_data_ptr<int64_t>();
+  for (const auto& [c0, c1] : chunks) {
+    for (int64_t p = 0; p < parts; ++p) {
+      const int64_t b0 = c0 + (c1 - c0) * p / parts;
+      const int64_t e = std::upper_bound(off, off + sh.E + 1, b0) - off - 1;
+      continued[p] = b0 < c0 + (c1 - c0) * (p + 1) / parts && off[e] < b0 ? e : -1;
+      if (continued[p] >= 0 && !part_w1[p].defined()) {
+        part_w1[p] = at::empty_like(w1[0]), part_w2[p] = at::empty_like(w2[0]);
+        part_b1[p] = at::empty({sh.H1}, w1.options()), part_b2[p] = at::empty({sh.D}, w2.options());
       }
     }
-  });
-  for (int64_t g = 1; g < groups; ++g) {
-    dw1.add_(part_w1[g - 1]);
-    dw2.add_(part_w2[g - 1]);
-    db1.add_(part_b1[g - 1]);
-    db2.add_(part_b2[g - 1]);
+    for_each_part(parts, [&](int64_t p) {
+      for_each_segment(off, sh.E, c0, c1 - c0, p, parts, [&](int64_t e, int64_t lo, int64_t hi) {
+        const bool own = lo == off[e];
+        at::Tensor dw2e = own ? dw2[e] : part_w2[p], db2e = own ? db2[e] : part_b2[p];
+        at::Tensor dw1e = own ? dw1[e] : part_w1[p], db1e = own ? db1[e] : part_b1[p];
+        for (int64_t r0 = lo; r0 < hi; r0 += tile) {
+          const int64_t n = std::min(tile, hi - r0);
+          const bool first = r0 == lo;
+          const at::Tensor tokens = route.tokens.narrow(0, r0, n), w_rows = route.weights.narrow(0, r0, n);
+          const at::Tensor he = h.narrow(0, r0, n);
+          at::Tensor xe = xg[p].narrow(0, 0, n), dge = dg[p].narrow(0, 0, n), ae = a[p].narrow(0, 0, n);
+          at::Tensor Ge = G[p].narrow(0, 0, n), dhe = dh[p].narrow(0, 0, n);
+          at::Tensor dots_e = dots.narrow(0, r0, n), bd = bias_dots.narrow(0, r0, n);
+          // The weight gradients, summed over a segment's row tiles in tile order (deterministic):
+          // dst (+)= lhs @ rhs.
+          auto wgrad = [&](at::Tensor dst, const at::Tensor& lhs, const at::Tensor& rhs) {
+            if (first) at::mm_out(dst, lhs, rhs);
+            else dst.addmm_(lhs, rhs);
+          };
+          // rows^T as a row-major [m, n] view of this part's transpose buffer.
+          auto transposed = [&](const at::Tensor& rows) {
+            at::Tensor t = tr[p].narrow(0, 0, rows.size(1) * n).view({rows.size(1), n});
+            MK_PHASE("bwd.transpose");
+            transpose(rows, t);
+            return t;
+          };
+          {
+            MK_PHASE("bwd.gather_dy");
+            gather_rows(dy, tokens, dge, expert_bias(b2, e), &bd);
+          }
+          {
+            MK_PHASE("bwd.gemm_G=dyW2^T");
+            at::mm_out(Ge, dge, w2[e].t());
+          }
+          {
+            MK_PHASE("bwd.activation_grad");
+            activation_grad_rows(act, he, Ge, w_rows, ae, dhe, &dots_e);  // ae = w act(h), dhe = d h
+          }
+          if (b2.has_value()) {
+            MK_PHASE("bwd.db2");
+            weighted_column_sums(dge, w_rows, db2e, !first);
+          }
+          {  // dW2 = (w act(h))^T dy
+            auto [dst, lhs, rhs] = low_precision && w2_cols ? std::tuple(dw2e.t(), transposed(dge), ae)
+                                   : low_precision && w2_rows ? std::tuple(dw2e, transposed(ae), dge)
+                                                              : std::tuple(dw2e, ae.t(), dge);
+            MK_PHASE("bwd.gemm_dW2=a^Tdy");
+            wgrad(dst, lhs, rhs);
+          }
+          {
+            MK_PHASE("bwd.gather_x");
+            gather_rows(x, tokens, xe);
+          }
+          {  // dW1 = x^T dh
+            auto [dst, lhs, rhs] = low_precision && w1_cols ? std::tuple(dw1e.t(), transposed(dhe), xe)
+                                   : low_precision && w1_rows ? std::tuple(dw1e, transposed(xe), dhe)
+                                                              : std::tuple(dw1e, xe.t(), dhe);
+            MK_PHASE("bwd.gemm_dW1=x^Tdh");
+            wgrad(dst, lhs, rhs);
+          }
+          {
+            MK_PHASE("bwd.db1");
+            if (first) at::sum_out(db1e, dhe, {0});
+            else db1e.add_(dhe.sum(0));
+          }
+          {
+            MK_PHASE("bwd.gemm_dX=dhW1^T");
+            at::Tensor dxe = dxs.narrow(0, r0 - c0, n);
+            at::mm_out(dxe, dhe, w1[e].t());
+          }
+        }
+      });
+    });
+    {
+      MK_PHASE("bwd.partials_combine_dx");
+      for (int64_t p = 0; p < parts; ++p) {
+        const int64_t e = continued[p];
+        if (e < 0) continue;
+        dw1[e].add_(part_w1[p]);
+        dw2[e].add_(part_w2[p]);
+        db1[e].add_(part_b1[p]);
+        if (b2.has_value()) db2[e].add_(part_b2[p]);
+      }
+      accumulate_rows(dx_acc, dxs.narrow(0, 0, c1 - c0), tok + c0, off, sh.E, c0, at::Tensor());
+    }
   }
-  AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "moe_mlp_bwd_grad_w", [&] {
-    const int64_t* P = perm.const_data_ptr<int64_t>();
-    const scalar_t *Dt = dots.const_data_ptr<scalar_t>(), *Bd = bias_dots.const_data_ptr<scalar_t>();
-    scalar_t* GW = grad_w.data_ptr<scalar_t>();
-    for (int64_t s = 0; s < valid; ++s) GW[P[s]] = Dt[s] + Bd[s];
-  });
-  at::Tensor dx = dx_acc.scalar_type() == x.scalar_type() ? dx_acc : dx_acc.to(x.scalar_type());
+  at::Tensor grad_w = at::zeros({T, top_k}, acc_opts), dx;
+  {
+    MK_PHASE("bwd.grad_w_dx");
+    if (!b2.has_value()) db2.zero_();  // not computed: the caller has no b2
+    for (int64_t e = 0; e < sh.E; ++e)
+      if (off[e] == off[e + 1])
+        for (at::Tensor t : {dw1[e], dw2[e], db1[e], db2[e]}) t.zero_();
+    AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "moe_mlp_bwd_grad_w", [&] {
+      const int64_t* P = perm.const_data_ptr<int64_t>();
+      const scalar_t *Dt = dots.const_data_ptr<scalar_t>(), *Bd = bias_dots.const_data_ptr<scalar_t>();
+      scalar_t* GW = grad_w.data_ptr<scalar_t>();
+      for (int64_t s = 0; s < valid; ++s) GW[P[s]] = Dt[s] + Bd[s];
+    });
+    dx = dx_acc.scalar_type() == x.scalar_type() ? dx_acc : dx_acc.to(x.scalar_type());
+  }
+  MK_PHASE_REPORT();
   return {dx, grad_w, dw1, db1, dw2, db2};
 }
 
