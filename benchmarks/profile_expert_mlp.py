@@ -63,7 +63,7 @@ def main() -> int:
             y = mk.moe_mlp(x, weights.to(dtype), meta, w1, None, w2, None, "swiglu", backend="cpu")
             y.float().square().mean().backward()
 
-        step()  # warm-up (its phases are dropped)
+        _captured(step)  # warm-up (its phases are dropped)
         text = _captured(lambda: [step() for _ in range(a.steps)])
         totals = collections.Counter()
         for line in text.splitlines():
