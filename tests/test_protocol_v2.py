@@ -210,3 +210,10 @@ def test_the_preregistered_decision_rule_and_holm_families():
     # MARS below the mask router: criterion 1 fails whatever eta says
     cell["oracle:g+pattern"], cell["moe:mask-router"] = rows(0.78), rows(0.80, 0.01)
     assert not p.decide({p.PRIMARY_CELL: cell}, "final")["primary"]["criterion_1"]
+
+
+def test_the_report_gives_each_regime_cell_its_bayes_accuracy():
+    p = _protocol_script()
+    assert p.bayes_of_cell("mfeat/a") is None
+    full, blind = p.bayes_of_cell("synthetic-regimes/a"), p.bayes_of_cell("synthetic-regimes-kappa0/a")
+    assert 0.5 < blind < full < 1.0  # without a modality that reveals the regime, less can be known
