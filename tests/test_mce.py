@@ -352,8 +352,14 @@ def test_train_and_resume_match_an_uninterrupted_run(tmp_path, mfeat_small):
     assert {"task", "sub", "sep", "com"} <= record["loss"].keys() and "b/pixel" in record["loss"]
     assert resumed["summary"]["test_mean"] == full["summary"]["test_mean"]
     assert resumed["test"]["subsets"] == full["test"]["subsets"]
-    assert [json.loads(line)["loss"] for line in (part / "metrics.jsonl").read_text().splitlines()] == \
-        [json.loads(line)["loss"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    # The logged losses agree to float32 rounding, not always bitwise: under CPU load one step's
+    # task loss occasionally rounds differently in its last bit (a fresh-venv run saw 1e-8 on
+    # the epoch mean; the source, inside torch's CPU ops, is not identified).
+    resumed_losses = [json.loads(line)["loss"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    full_losses = [json.loads(line)["loss"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in resumed_losses] == [sorted(f) for f in full_losses]
+    for r, f in zip(resumed_losses, full_losses):
+        assert r == pytest.approx(f, rel=1e-6, abs=1e-7)
 
 
 def test_segmentation_feature_maps_train_step():
