@@ -338,6 +338,35 @@ def test_cpu_experts_larger_than_one_row_tile(monkeypatch, activation):
         assert_close(a, r, torch.float32, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("parts", ["1", "2", "3"])
+def test_cpu_low_precision_chunks_match_the_loop(monkeypatch, dtype, parts):
+    # In bfloat16 / half, each token's sum over its k rows is kept in float32
+    # between chunks and rounded once, on the last chunk, straight into the
+    # output. Cut into chunks of 16 or 37 rows (experts cut too), the results
+    # are the same on every run, and match the unchunked kernel and the
+    # float32 loop to 2% of each result's largest value (the dtype's rounding
+    # of inputs and products; the GEMMs' row blocks and an expert's weight-
+    # gradient partials change with the cuts, so bits may differ between cuts).
+    monkeypatch.setenv("MARS_KERNELS_CPU_PARTS", parts)
+    monkeypatch.setenv("MARS_KERNELS_CPU_ROW_TILE", "16")
+    case = (151, 24, 20, 9, 3, "swiglu")
+    run = _moe_case("cpu", "cpu", *case, dtype, few_experts=True)
+    whole, loop = run("cpu"), _moe_case("cpu", "cpu", *case, torch.float32, few_experts=True)("loop")
+    def near(a, r, what):
+        assert float((a.float() - r.float()).abs().max()) <= 2e-2 * float(r.float().abs().max()), what
+
+    for name, a, r in zip(NAMES, whole, loop):
+        assert a.dtype == (dtype if name != "dweights" else torch.float32), name
+        near(a, r, name)
+    for chunk_rows in ("16", "37"):
+        monkeypatch.setenv("MARS_KERNELS_CPU_CHUNK_ROWS", chunk_rows)
+        first, second = run("cpu"), run("cpu")
+        for name, a, b, w in zip(NAMES, first, second, whole):
+            assert torch.equal(a, b), (name, chunk_rows)
+            near(a, w, f"{name}, chunks of {chunk_rows}")
+
+
 @pytest.mark.parametrize("parts,chunk_rows", [("1", None), ("2", None), ("3", "37"), ("7", None), ("2", "16")])
 @pytest.mark.parametrize("routing", ["spread", "one_expert", "few_experts", "dropped"])
 def test_cpu_parts_match_loop(monkeypatch, parts, chunk_rows, routing):

@@ -678,37 +678,94 @@ inline int64_t column_grain(int64_t n) {
   return std::max<int64_t>(64, (int64_t{16384} + n - 1) / std::max<int64_t>(n, 1));
 }
 
-// acc[tokens[i]] += scale[i] * (rows[i] + bias[expert of row r0 + i]) for the
-// rows of a chunk (sorted rows r0 .. r0 + n), in row order, with scale (acc
-// dtype) and bias ([E, D]) optional. Threads split the columns, so a token
-// seen twice is safe, and each token sums its rows in sorted (expert) order.
-void accumulate_rows(at::Tensor& acc, const at::Tensor& rows, const int64_t* tokens, const int64_t* off, int64_t E,
-                     int64_t r0, const at::Tensor& scale, const c10::optional<at::Tensor>& bias = c10::nullopt) {
-  const int64_t n = rows.size(0), D = rows.size(1);
+// Each token's sorted rows, ascending: [T, k] int64, row s of the sorted
+// order for the token's slots that reached an expert, then -1s. The combines
+// below walk it so that every token sums its rows in sorted (expert) order
+// whichever chunk holds them: deterministic, independent of the thread count.
+at::Tensor token_rows(const at::Tensor& perm, int64_t valid, int64_t T, int64_t top_k) {
+  at::Tensor rows = at::full({T, top_k}, -1, perm.options());
+  const int64_t* P = perm.const_data_ptr<int64_t>();
+  int64_t* R = rows.data_ptr<int64_t>();
+  for (int64_t s = 0; s < valid; ++s) R[P[s]] = s;
+  for (int64_t t = 0; t < T; ++t) {  // k is small: an insertion sort, -1s last
+    int64_t* r = R + t * top_k;
+    for (int64_t j = 1; j < top_k; ++j) {
+      const int64_t v = r[j];
+      int64_t i = j;
+      for (; i > 0 && (r[i - 1] < 0 || (v >= 0 && r[i - 1] > v)); --i) r[i] = r[i - 1];
+      r[i] = v;
+    }
+  }
+  return rows;
+}
+
+// The token-order combine of the chunk of sorted rows [c0, c1): for each token
+// t, its rows s in the chunk (ascending) are summed in acc_t onto what the
+// earlier chunks left in acc[t] (none for the first chunk: `from_acc` false):
+//   sum = acc[t] + sum_s scale[s] * (rows[s - c0] + bias[expert of s])
+// with scale ([valid], acc dtype) and bias ([E, D]) optional; the last chunk
+// writes sum to out[t] in out's dtype (one rounding, no float32 copy of the
+// result), the others to acc[t]. Threads split the tokens: each writes whole
+// rows of its own, and reads whole rows.
+void combine_rows(at::Tensor& out, const at::Tensor& acc, const at::Tensor& rows, const at::Tensor& by_token,
+                  int64_t c0, int64_t c1, bool from_acc, bool last, const int64_t* off, int64_t E,
+                  const at::Tensor& scale, const c10::optional<at::Tensor>& bias = c10::nullopt) {
+  const int64_t T = by_token.size(0), k = by_token.size(1), D = out.size(1);
+  const int64_t* TR = by_token.const_data_ptr<int64_t>();
+  constexpr int64_t kBlock = 512;  // columns summed in registers / L1 at a time
   dispatch_float_types(rows, [&](auto s_tag, auto a_tag) {
     using scalar_t = decltype(s_tag);
     using acc_t = decltype(a_tag);
     const scalar_t* R = rows.const_data_ptr<scalar_t>();
     const scalar_t* B = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
-    acc_t* A = acc.data_ptr<acc_t>();
     const acc_t* W = scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, D, column_grain(n), [&](int64_t d0, int64_t d1) {
-      int64_t e = std::upper_bound(off, off + E + 1, r0) - off - 1;  // advanced as the rows pass expert ends
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t w = W ? W[i] : acc_t(1);
-        acc_t* a = A + tokens[i] * D;
-        const scalar_t* r = R + i * D;
-        if (B) {
-          while (off[e + 1] <= r0 + i) ++e;
-          const scalar_t* b = B + e * D;
+    scalar_t* O = last ? out.data_ptr<scalar_t>() : nullptr;
+    acc_t* A = acc.defined() ? acc.data_ptr<acc_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, int64_t{16384} / std::max<int64_t>(k * D, 1));
+    at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+      acc_t buf[kBlock];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t* s_of = TR + t * k;
+        int64_t j0 = 0, j1 = 0;  // the token's rows in this chunk: s_of[j0 .. j1)
+        while (j0 < k && s_of[j0] >= 0 && s_of[j0] < c0) ++j0;
+        for (j1 = j0; j1 < k && s_of[j1] >= 0 && s_of[j1] < c1;) ++j1;
+        if (j0 == j1 && !last && from_acc) continue;  // nothing to add
+        for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
+          const int64_t m = std::min(kBlock, D - d0);
+          if (from_acc) {
+            const acc_t* a = A + t * D + d0;
 #pragma omp simd
-          for (int64_t d = d0; d < d1; ++d) a[d] += w * (ld<acc_t>(r[d]) + ld<acc_t>(b[d]));
-        } else if (W) {
+            for (int64_t d = 0; d < m; ++d) buf[d] = a[d];
+          } else {
 #pragma omp simd
-          for (int64_t d = d0; d < d1; ++d) a[d] += w * ld<acc_t>(r[d]);
-        } else {
+            for (int64_t d = 0; d < m; ++d) buf[d] = acc_t(0);
+          }
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t s = s_of[j];
+            const scalar_t* r = R + (s - c0) * D + d0;
+            const acc_t w = W ? W[s] : acc_t(1);
+            if (B) {
+              const int64_t e = std::upper_bound(off, off + E + 1, s) - off - 1;
+              const scalar_t* b = B + e * D + d0;
 #pragma omp simd
-          for (int64_t d = d0; d < d1; ++d) a[d] += ld<acc_t>(r[d]);
+              for (int64_t d = 0; d < m; ++d) buf[d] += w * (ld<acc_t>(r[d]) + ld<acc_t>(b[d]));
+            } else if (W) {
+#pragma omp simd
+              for (int64_t d = 0; d < m; ++d) buf[d] += w * ld<acc_t>(r[d]);
+            } else {
+#pragma omp simd
+              for (int64_t d = 0; d < m; ++d) buf[d] += ld<acc_t>(r[d]);
+            }
+          }
+          if (last) {
+            scalar_t* o = O + t * D + d0;
+#pragma omp simd
+            for (int64_t d = 0; d < m; ++d) o[d] = st<scalar_t>(buf[d]);
+          } else {
+            acc_t* a = A + t * D + d0;
+#pragma omp simd
+            for (int64_t d = 0; d < m; ++d) a[d] = buf[d];
+          }
         }
       }
     });
@@ -753,9 +810,14 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
   if (save_h) h.narrow(0, valid, S - valid).zero_();
   at::Tensor xg = at::empty({parts, tile, sh.D}, opts), a = at::empty({parts, tile, sh.H}, opts);
   at::Tensor ys = at::empty({largest_chunk(chunks), sh.D}, opts);  // a chunk's expert outputs, without b2
-  at::Tensor acc = at::zeros({T, sh.D}, opts.dtype(routing_dtype(x)));
-  const int64_t* tok = route.tokens.const_data_ptr<int64_t>();
-  for (const auto& [c0, c1] : chunks) {
+  // The result, and (more than one chunk) the sums of the chunks so far in the math dtype.
+  at::Tensor y = at::empty({T, sh.D}, opts);
+  const auto acc_type = routing_dtype(x);
+  const at::Tensor acc = chunks.size() < 2 ? at::Tensor()
+                         : acc_type == x.scalar_type() ? y : at::empty({T, sh.D}, opts.dtype(acc_type));
+  const at::Tensor by_token = token_rows(perm, valid, T, top_k);
+  for (size_t c = 0; c < std::max<size_t>(chunks.size(), 1); ++c) {
+    const auto [c0, c1] = c < chunks.size() ? chunks[c] : std::pair<int64_t, int64_t>(0, 0);
     for_each_part(parts, [&](int64_t p) {
       for_each_segment(off, sh.E, c0, c1 - c0, p, parts, [&](int64_t e, int64_t lo, int64_t hi) {
         for (int64_t r0 = lo; r0 < hi; r0 += tile) {
@@ -782,12 +844,7 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_fwd(const at::Tensor& x, const at::Te
       });
     });
     MK_PHASE("fwd.combine");
-    accumulate_rows(acc, ys.narrow(0, 0, c1 - c0), tok + c0, off, sh.E, c0, route.weights.narrow(0, c0, c1 - c0), b2);
-  }
-  at::Tensor y;
-  {
-    MK_PHASE("fwd.combine");
-    y = acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
+    combine_rows(y, acc, ys, by_token, c0, c1, c > 0, c + 1 >= chunks.size(), off, sh.E, route.weights, b2);
   }
   MK_PHASE_REPORT();
   return {y, save_h ? h : at::empty({0, sh.H1}, opts)};
@@ -838,11 +895,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor a = at::empty({parts, tile, sh.H}, opts), G = at::empty({parts, tile, sh.H}, opts);
   at::Tensor dh = at::empty({parts, tile, sh.H1}, opts), tr = at::empty({parts, t_cols * tile}, opts);
   at::Tensor dxs = at::empty({largest_chunk(chunks), sh.D}, opts);  // a chunk's input gradients
-  at::Tensor dx_acc = at::zeros({T, sh.D}, acc_opts);
+  // dx, and (more than one chunk) the sums of the chunks so far in the math dtype.
+  at::Tensor dx = at::empty({T, sh.D}, opts);
+  const at::Tensor dx_acc = chunks.size() < 2 ? at::Tensor()
+                            : acc_opts.dtype() == opts.dtype() ? dx : at::empty({T, sh.D}, acc_opts);
+  const at::Tensor by_token = token_rows(perm, valid, T, top_k);
   // d weight of each sorted slot = <grad_y[t], act(h) W2 + b2> = <G, act(h)> + <grad_y[t], b2>.
   at::Tensor dots = at::empty({valid}, acc_opts), bias_dots = at::zeros({valid}, acc_opts);
-  const int64_t* tok = route.tokens.const_data_ptr<int64_t>();
-  for (const auto& [c0, c1] : chunks) {
+  for (size_t c = 0; c < std::max<size_t>(chunks.size(), 1); ++c) {
+    const auto [c0, c1] = c < chunks.size() ? chunks[c] : std::pair<int64_t, int64_t>(0, 0);
     for (int64_t p = 0; p < parts; ++p) {
       const int64_t b0 = c0 + (c1 - c0) * p / parts;
       const int64_t e = std::upper_bound(off, off + sh.E + 1, b0) - off - 1;
@@ -935,10 +996,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         db1[e].add_(part_b1[p]);
         if (b2.has_value()) db2[e].add_(part_b2[p]);
       }
-      accumulate_rows(dx_acc, dxs.narrow(0, 0, c1 - c0), tok + c0, off, sh.E, c0, at::Tensor());
+      combine_rows(dx, dx_acc, dxs, by_token, c0, c1, c > 0, c + 1 >= chunks.size(), off, sh.E, at::Tensor());
     }
   }
-  at::Tensor grad_w = at::zeros({T, top_k}, acc_opts), dx;
+  at::Tensor grad_w = at::zeros({T, top_k}, acc_opts);
   {
     MK_PHASE("bwd.grad_w_dx");
     if (!b2.has_value()) db2.zero_();  // not computed: the caller has no b2
@@ -951,7 +1012,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       scalar_t* GW = grad_w.data_ptr<scalar_t>();
       for (int64_t s = 0; s < valid; ++s) GW[P[s]] = Dt[s] + Bd[s];
     });
-    dx = dx_acc.scalar_type() == x.scalar_type() ? dx_acc : dx_acc.to(x.scalar_type());
   }
   MK_PHASE_REPORT();
   return {dx, grad_w, dw1, db1, dw2, db2};
