@@ -151,8 +151,19 @@ for _method, _name, _own in (
         SCREEN_ARMS[f"{_name}:{_label}"] = (_method, _opts)
 
 
+#: Research after the pre-registration (validation only, ``dev`` stage; not
+#: in FINAL_PLAN): silent missingness (``mars.research.silent_missing``), each
+#: arm under the flagged default and silent.
+SILENT_ARMS: dict[str, tuple[str, dict]] = {
+    f"{signal}:{name}": (method, dict(opts, missing_signal=signal))
+    for signal in ("flag", "silent")
+    for name, (method, opts) in (("mars", ("mars", {})), ("moe:same-budget", SAME_BUDGET_ARMS["moe:same-budget"]),
+                                 ("mars:routing=random", ABLATION_ARMS["mars:routing=random"]))
+}
+
+
 def arm_table() -> dict[str, tuple[str, dict]]:
-    return {**ARMS, **REGIME_ARMS, **SCREEN_ARMS}
+    return {**ARMS, **REGIME_ARMS, **SCREEN_ARMS, **SILENT_ARMS}
 
 
 def run_plan(plan, jobs: int) -> int:

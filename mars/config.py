@@ -39,6 +39,7 @@ from . import methods
 from .data import MissingnessProtocol
 from .data.sources import TEST_SPLITS
 from .research.router_inputs import FEATURE_INPUTS, RESIDUAL_INPUTS
+from .research.silent_missing import MISSING_SIGNALS
 
 __all__ = [
     "ConfigError", "TrainConfig", "ModelConfig", "MarsConfig", "ResearchConfig", "RetrieverConfig", "MCEConfig",
@@ -181,6 +182,10 @@ class ResearchConfig:
     feature_input: str = opt("tokens", "the feature router reads z_i (tokens), z_i and the observed mask "
                              "(tokens+mask) or the mask only (mask: a router by missing pattern)",
                              choices=tuple(FEATURE_INPUTS), advanced=True)
+    missing_signal: str = opt("flag", "how a missing modality reaches the model: flagged (flag: missing embeddings, "
+                              "masked attention), or silent (research: its tokens replaced by noise of their own "
+                              "statistics and no mask given, mars.research.silent_missing)",
+                              choices=MISSING_SIGNALS, advanced=True)
 
     def __post_init__(self):
         _check_fields(self, "model.research.")
@@ -465,6 +470,7 @@ USED_BY: dict[str, tuple[str, ...]] = {
     "model.mars.router_mlp": ("mars", "moe"),
     "model.mars.lambda_balance": ("mars", "moe"),
     "model.research.feature_input": ("mars", "moe"),
+    "model.research.missing_signal": ("mars", "moe"),
     "expert_parallel": tuple(m.name for m in methods.REGISTRY.values() if m.sparse_moe),
 }
 #: Options of the kernel package's MarsConfig (which has no say in the

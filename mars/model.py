@@ -42,6 +42,7 @@ from .components import ModalityEncoders, ModalityHeads, ce_sum_count, cross_ent
 from .config import ModelConfig
 from .interface import MethodModel, Output
 from .research.router_inputs import feature_input, residual_input
+from .research.silent_missing import SilentNoise
 
 __all__ = ["MarsModel", "BackboneModel", "unimodal_vote", "unimodal_loss"]
 
@@ -126,6 +127,7 @@ class MarsModel(MethodModel):
         self.modalities = list(modalities)
         d = config.d_model
         self.encode = ModalityEncoders(modalities, shapes, d, config.dropout)
+        self.silent_noise = SilentNoise() if config.research.missing_signal == "silent" else None
         self.fuse = make_fusion(config.backbone, len(modalities), d, config.fusion_heads, config.d_hidden,
                                 config.dropout, config.backend)
         M = len(modalities)
@@ -192,6 +194,8 @@ class MarsModel(MethodModel):
                                       else torch.ones(B, M, dtype=torch.bool, device=h.device))
         if need_complete:
             aux["complete_logits"] = self.readout(z_c)
+        if silent_missing(self):  # the model is not told the pattern
+            observed = torch.ones_like(observed)
         token_mask = observed.unsqueeze(-2)  # [(P,) B, 1, M]: every token of a sample has its mask
         y, moe_aux = self.moe(z_i, z_c, token_mask, mode=mode)
         for ours, theirs in (("imitation", "imitation_loss"), ("divergence", "divergence"),
@@ -285,10 +289,25 @@ def _encode_and_fuse(model, features, observed: torch.Tensor, available: torch.T
     stack = observed if observed.dim() == 3 else observed.unsqueeze(0)
     P = stack.shape[0]
     masks = stack if available is None else torch.cat([stack, available.unsqueeze(0).to(stack.device)])
-    z = model.fuse.fuse_stack(h, model.encode.missing, masks)
+    if silent_missing(model):
+        # every pass fuses its own corrupted tokens, with every modality marked present
+        hs = model.silent_noise(h, masks)  # [P(+1), B, N, M, D]
+        Q, B = hs.shape[0], h.shape[0]
+        z = model.fuse.fuse_stack(hs.flatten(0, 1), model.encode.missing,
+                                  torch.ones(1, Q * B, masks.shape[-1], dtype=torch.bool, device=h.device))
+        z = z[0].unflatten(0, (Q, B))
+        if observed.dim() == 2:  # an inference pass: the heads' vote sees the corrupted tokens too
+            h = hs[0]
+    else:
+        z = model.fuse.fuse_stack(h, model.encode.missing, masks)
     z_i = z[:P] if observed.dim() == 3 else z[0]
     z_c = z[P] if available is not None else None
     return (z_i, z_c, h) if return_tokens else (z_i, z_c)
+
+
+def silent_missing(model) -> bool:
+    """Whether the model is run under silent missingness (:mod:`mars.research.silent_missing`)."""
+    return getattr(model, "silent_noise", None) is not None
 
 
 class BackboneModel(MethodModel):
@@ -310,6 +329,7 @@ class BackboneModel(MethodModel):
         self.modalities = list(modalities)
         d = config.d_model
         self.encode = ModalityEncoders(modalities, shapes, d, config.dropout)
+        self.silent_noise = SilentNoise() if config.research.missing_signal == "silent" else None
         self.fuse = make_fusion(config.backbone, len(modalities), d, config.fusion_heads, config.d_hidden,
                                 config.dropout, config.backend)
         self.head = nn.Linear(d, num_classes)

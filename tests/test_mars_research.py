@@ -604,3 +604,59 @@ def test_merge_compare_replaces_only_its_own_output(tmp_path):
     out = tmp_path / "out.json"
     assert merge.main([str(out), str(tmp_path / "a")]) == 0
     assert merge.main([str(out), str(tmp_path / "a")]) == 0  # its own earlier table: replaced
+
+
+# ------------------------------------------------------------------ silent missingness (research)
+def test_silent_noise_keeps_observed_tokens_and_draws_from_the_running_statistics():
+    from mars.research.silent_missing import SilentNoise
+
+    torch.manual_seed(0)
+    noise = SilentNoise(momentum=1.0).train()
+    h = 3.0 + 2.0 * torch.randn(4096, 1, 2, 4)  # [B, N, M, D]
+    masks = torch.ones(2, 4096, 2, dtype=torch.bool)
+    masks[0, :, 1] = False
+    out = noise(h, masks)
+    assert out.shape == (2, 4096, 1, 2, 4)
+    assert torch.equal(out[1], h) and torch.equal(out[0, :, :, 0], h[:, :, 0])
+    fake = out[0, :, :, 1]
+    assert not torch.allclose(fake, h[:, :, 1])
+    assert float((fake.mean(0) - 3.0).abs().max()) < 0.15 and float((fake.std(0) - 2.0).abs().max()) < 0.15
+    noise.eval()
+    assert torch.equal(noise(h, masks), noise(h, masks))  # evaluation: the same draw on every call
+    with pytest.raises(ValueError, match=r"h \[B, N, M, D\] and masks \[P, B, M\]"):
+        noise(h, masks[:, :10])
+    with pytest.raises(RuntimeError, match="train the model first"):
+        SilentNoise().eval()(h, masks)
+
+
+@pytest.mark.parametrize("method", ["mars", "moe"])
+def test_silent_missingness_hides_the_pattern_and_the_missing_values(mfeat_small, method):
+    """Under ``missing_signal=silent`` an evaluation pass sees neither the
+    missing modality's values (changing them changes nothing) nor the mask:
+    the missing embeddings are never used and the result differs from the
+    flagged model's with the same parameters. The token statistics are saved
+    and restored with the parameters."""
+    data = mfeat_small[0]
+    feats, observed, avail = _batch(data, n=8)
+    torch.manual_seed(0)
+    model = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                        _cfg(method=method, missing_signal="silent")).train()
+    model(feats, observed, avail, mode="train").logits.sum().backward()  # sets the token statistics
+    assert model.encode.missing.grad is None or not model.encode.missing.grad.any()
+    model.eval()
+    one = torch.ones(8, data.num_modalities, dtype=torch.bool)
+    one[:, 2] = False
+    other = dict(feats)
+    other[data.modalities[2]] = torch.randn_like(feats[data.modalities[2]]) * 10
+    with torch.no_grad():
+        got = model(feats, one).logits
+        assert torch.equal(got, model(other, one).logits)
+        assert not torch.allclose(got, model(feats, torch.ones_like(one)).logits)
+        flagged = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                              _cfg(method=method)).eval()
+        flagged.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("silent_noise")})
+        assert not torch.allclose(got, flagged(feats, one).logits)
+        again = build_model(data.modalities, _shapes(data), data.num_classes, data.task,
+                            _cfg(method=method, missing_signal="silent")).eval()
+        again.load_state_dict(model.state_dict())
+        assert torch.equal(got, again(feats, one).logits)
