@@ -194,7 +194,7 @@ class MarsModel(MethodModel):
                                       else torch.ones(B, M, dtype=torch.bool, device=h.device))
         if need_complete:
             aux["complete_logits"] = self.readout(z_c)
-        if silent_missing(self):  # the model is not told the pattern
+        if self.silent_noise is not None:  # silent missingness: the model is not told the pattern
             observed = torch.ones_like(observed)
         token_mask = observed.unsqueeze(-2)  # [(P,) B, 1, M]: every token of a sample has its mask
         y, moe_aux = self.moe(z_i, z_c, token_mask, mode=mode)
@@ -289,8 +289,9 @@ def _encode_and_fuse(model, features, observed: torch.Tensor, available: torch.T
     stack = observed if observed.dim() == 3 else observed.unsqueeze(0)
     P = stack.shape[0]
     masks = stack if available is None else torch.cat([stack, available.unsqueeze(0).to(stack.device)])
-    if silent_missing(model):
-        # every pass fuses its own corrupted tokens, with every modality marked present
+    if model.silent_noise is not None:
+        # silent missingness (mars.research.silent_missing): every pass fuses its own corrupted tokens,
+        # with every modality marked present
         hs = model.silent_noise(h, masks)  # [P(+1), B, N, M, D]
         Q, B = hs.shape[0], h.shape[0]
         z = model.fuse.fuse_stack(hs.flatten(0, 1), model.encode.missing,
@@ -303,11 +304,6 @@ def _encode_and_fuse(model, features, observed: torch.Tensor, available: torch.T
     z_i = z[:P] if observed.dim() == 3 else z[0]
     z_c = z[P] if available is not None else None
     return (z_i, z_c, h) if return_tokens else (z_i, z_c)
-
-
-def silent_missing(model) -> bool:
-    """Whether the model is run under silent missingness (:mod:`mars.research.silent_missing`)."""
-    return getattr(model, "silent_noise", None) is not None
 
 
 class BackboneModel(MethodModel):
